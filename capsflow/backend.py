@@ -1,0 +1,92 @@
+"""Array backends: the one place where NumPy and CuPy differ.
+
+Everything else in capsflow calls ``xp.<function>`` on the module returned here, so
+NumPy and CuPy run the same op code (the Chainer idiom).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendError
+
+BACKENDS = ("numpy", "cupy")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    xp: ModuleType
+
+    def asarray(self, a: Any, dtype: Any = None):
+        """Host or device array -> contiguous array of this backend."""
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+
+    def synchronize(self) -> None:
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Any backend array (or scalar) -> NumPy array on the host."""
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+_cache: dict[str, Backend] = {}
+
+
+def get_backend(name: str = "numpy") -> Backend:
+    """Return the backend called ``name`` ("numpy" or "cupy"), or raise one clear line."""
+    if name in _cache:
+        return _cache[name]
+    if name == "numpy":
+        backend = Backend("numpy", np)
+    elif name == "cupy":
+        backend = Backend("cupy", _import_cupy())
+    else:
+        raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join(BACKENDS)}")
+    _cache[name] = backend
+    return backend
+
+
+def _import_cupy() -> ModuleType:
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        raise BackendError("backend 'cupy' needs CuPy: pip install 'capsflow[cuda12]' "
+                           "(or [cuda13]) on a machine with an NVIDIA GPU") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise BackendError(f"backend 'cupy': no usable CUDA device ({exc})") from None
+    if count < 1:
+        raise BackendError("backend 'cupy': CuPy is installed but no CUDA device was found")
+    return cupy
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """NumPy or CuPy, whichever owns the arrays (NumPy for plain Python values)."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return importlib.import_module("cupy")
+    return np
+
+
+def sliding_windows(xp: ModuleType, x, kh: int, kw: int, stride: int):
+    """View (N, C, OH, OW, kh, kw) of all conv windows of x (N, C, H, W); no copy.
+
+    ``as_strided`` exists in both NumPy and CuPy, ``sliding_window_view`` not in all
+    CuPy versions, hence this helper.
+    """
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    sn, sc, sh, sw = x.strides
+    return xp.lib.stride_tricks.as_strided(
+        x, shape=(n, c, oh, ow, kh, kw),
+        strides=(sn, sc, sh * stride, sw * stride, sh, sw))

@@ -1,0 +1,159 @@
+"""The compiled graph: what ``capsflow.compile`` returns."""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from .backend import get_backend
+from .compiler import build_dag, topological_order
+from .errors import CapsflowError
+from .executor import RunResult, execute
+from .memory import LiveBytes
+from .schedule import Plan, make_plan
+from .spec import Spec, load_spec
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class Graph:
+    spec: Spec
+    dag: nx.DiGraph
+    order: list
+
+    # -- parameters ------------------------------------------------------------------
+    @property
+    def param_specs(self) -> dict:
+        return self.spec.params
+
+    def param_count(self, names: list | None = None) -> int:
+        specs = self.spec.params.values()
+        return sum(int(np.prod(p.shape)) for p in specs if names is None or p.name in names)
+
+    def init_params(self, seed: int = 0, dtype: str = "float32") -> dict:
+        """Fresh parameters as NumPy arrays. Each parameter draws from its own stream
+        (seeded by ``seed`` and its name), so adding a parameter changes no other."""
+        _check_dtype(dtype)
+        params = {}
+        for p in self.spec.params.values():
+            rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
+            params[p.name] = _initialise(rng, p.init, p.shape).astype(dtype)
+        return params
+
+    def check_params(self, params: dict) -> None:
+        """One clear line if ``params`` do not match the spec (names or shapes)."""
+        missing = [n for n in self.spec.params if n not in params]
+        if missing:
+            raise CapsflowError(f"parameter '{missing[0]}' is missing "
+                                f"({len(missing)} of {len(self.spec.params)} missing)")
+        for name, p in self.spec.params.items():
+            if tuple(params[name].shape) != p.shape:
+                raise CapsflowError(f"parameter '{name}' has shape {tuple(params[name].shape)}, "
+                                    f"the spec says {p.shape}")
+
+    # -- running ---------------------------------------------------------------------
+    def plan(self, given: set, outputs: list | None = None, loss: str | None = None,
+             wrt: list | None = None) -> Plan:
+        chosen = self._choose_outputs(given, outputs)
+        return make_plan(self.dag, self.order, given, chosen,
+                         self.spec.outputs[loss] if loss else None, wrt)
+
+    def run(self, params: dict, inputs: dict, backend: str = "numpy",
+            outputs: list | None = None, return_peak: bool = False) -> Any:
+        """Forward pass -> {output name: backend array}. ``outputs=None``: every output
+        computable from the given inputs (``loss`` needs ``y``)."""
+        result = self._execute(params, inputs, backend, outputs, loss=None)
+        return (result.outputs, result.peak_bytes) if return_peak else result.outputs
+
+    def value_and_grad(self, params: dict, inputs: dict, backend: str = "numpy",
+                       loss: str = "loss", outputs: list | None = None,
+                       return_peak: bool = False) -> Any:
+        """Forward + reverse pass -> (outputs, {param name: gradient})."""
+        if loss not in self.spec.outputs:
+            raise CapsflowError(f"the graph has no output '{loss}' to differentiate; "
+                                f"outputs: {', '.join(self.spec.outputs)}")
+        result = self._execute(params, inputs, backend, outputs, loss=loss)
+        xp = get_backend(backend).xp
+        grads = {n: g if g is not None else xp.zeros_like(_value(params[n], xp))
+                 for n, g in result.grads.items()}
+        return (result.outputs, grads, result.peak_bytes) if return_peak else (result.outputs, grads)
+
+    def _execute(self, params, inputs, backend, outputs, loss) -> RunResult:
+        be = get_backend(backend)
+        self.check_params(params)
+        unknown = sorted(set(inputs) - set(self.spec.inputs))
+        if unknown:
+            raise CapsflowError(f"unknown input '{unknown[0]}'; the graph's inputs are "
+                                f"{', '.join(self.spec.inputs)}")
+        given = {k for k, v in inputs.items() if v is not None}
+        plan = self.plan(given, outputs, loss)
+        dtype = _value(params[next(iter(params))], be.xp).dtype if params else np.float32
+        values = {n: be.asarray(params[n], dtype=dtype) for n in self.spec.params}
+        for name in given:
+            values[name] = be.asarray(inputs[name], dtype=dtype)
+            self._check_input(name, values[name].shape)
+        return execute(self.dag, plan, values, be.xp, LiveBytes())
+
+    def _choose_outputs(self, given: set, outputs: list | None) -> dict:
+        names = list(self.spec.outputs) if outputs is None else list(outputs)
+        for n in names:
+            if n not in self.spec.outputs:
+                raise CapsflowError(f"unknown output '{n}'; the graph's outputs are "
+                                    f"{', '.join(self.spec.outputs)}")
+        chosen = {n: self.spec.outputs[n] for n in names}
+        if outputs is None:  # drop outputs whose required inputs were not given
+            absent = {n for n, d in self.dag.nodes(data=True)
+                      if d["kind"] == "input" and n not in given and d["optional"]}
+            chosen = {k: v for k, v in chosen.items()
+                      if not self._needs_any(v, absent)}
+        return chosen
+
+    def _needs_any(self, node: str, absent: set) -> bool:
+        try:
+            make_plan(self.dag, self.order, set(self.spec.inputs) - absent, {"o": node})
+        except CapsflowError:
+            return True
+        return False
+
+    def _check_input(self, name: str, shape: tuple) -> None:
+        declared = self.spec.inputs[name].shape
+        ok = len(shape) == len(declared) and all(
+            isinstance(d, str) or d == s for d, s in zip(declared, shape))
+        if not ok:
+            raise CapsflowError(f"input '{name}' has shape {tuple(shape)}, the graph expects "
+                                f"({', '.join(map(str, declared))})")
+
+
+def _value(a: Any, xp: Any) -> Any:
+    return a if hasattr(a, "dtype") else xp.asarray(a)
+
+
+def _check_dtype(dtype: str) -> None:
+    if str(np.dtype(dtype)) not in DTYPES:
+        raise CapsflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+
+
+def _initialise(rng: np.random.Generator, init: tuple, shape: tuple) -> np.ndarray:
+    kind, arg = init
+    if kind == "zeros":
+        return np.zeros(shape)
+    if kind == "ones":
+        return np.ones(shape)
+    if kind == "constant":
+        return np.full(shape, arg)
+    if kind == "normal":
+        return rng.normal(0.0, arg, size=shape)
+    bound = arg if kind == "uniform" else 1.0 / np.sqrt(arg)
+    return rng.uniform(-bound, bound, size=shape)
+
+
+def compile(path: str | Path, overrides: dict | None = None) -> Graph:  # noqa: A001
+    """YAML spec -> checked, compiled Graph (``graph.dag`` is the networkx DiGraph)."""
+    spec = load_spec(path, overrides)
+    dag = build_dag(spec)
+    return Graph(spec, dag, topological_order(dag))

@@ -1,0 +1,40 @@
+"""Live-bytes accounting: how much array memory the executor holds at each step."""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def _root(a: Any) -> Any:
+    """The array that owns the memory a view looks into (views must not count twice)."""
+    while getattr(a, "base", None) is not None and hasattr(a.base, "nbytes"):
+        a = a.base
+    return a
+
+
+def _arrays(obj: Any) -> Iterable[Any]:
+    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _arrays(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _arrays(v)
+
+
+class LiveBytes:
+    """Tracks the peak of distinct array bytes held in the given containers."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.current = 0
+
+    def sample(self, *containers: Any) -> int:
+        seen: dict = {}
+        for c in containers:
+            for a in _arrays(c):
+                root = _root(a)
+                seen[id(root)] = getattr(root, "nbytes", a.nbytes)
+        self.current = sum(seen.values())
+        self.peak = max(self.peak, self.current)
+        return self.current

@@ -1,0 +1,241 @@
+"""Optimizers and learning-rate schedules, written from scratch on NumPy/CuPy.
+
+Parameters live in a flat ``dict[str, array]`` (names such as ``"conv1.w"``)
+and are updated in place, so arrays already on the GPU stay where they are.
+Optimizer state is a plain dict that converts to and from a flat dict of
+host NumPy arrays for ``.npz`` checkpoints.
+
+The update rules match ``torch.optim.Adam`` and ``torch.optim.SGD`` (default
+options: no weight decay, no amsgrad, no nesterov, no dampening).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+from .errors import CapsflowError
+
+Array = Any  # numpy.ndarray or cupy.ndarray
+Params = Dict[str, Array]
+State = Dict[str, Any]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def get_xp(arr: Array) -> Any:
+    """Return the array module (``numpy`` or ``cupy``) that owns ``arr``."""
+    return get_array_module(arr)
+
+
+def to_host(arr: Array) -> np.ndarray:
+    """Copy ``arr`` to a NumPy array (CuPy arrays via ``.get()``)."""
+    return to_numpy(arr)
+
+
+class OptimizerError(CapsflowError, ValueError):
+    """A bad optimizer name or setting passed by the user."""
+
+
+def _check_same_keys(params: Params, grads: Params) -> None:
+    missing = sorted(set(params) - set(grads))
+    extra = sorted(set(grads) - set(params))
+    if missing or extra:
+        raise KeyError(
+            f"grads do not match params: missing {missing}, unexpected {extra}"
+        )
+
+
+class Adam:
+    """Adam (Kingma & Ba), same arithmetic as ``torch.optim.Adam``.
+
+    State: ``{"t": int, "m": {name: array}, "v": {name: array}}`` where each
+    moment array has the shape and dtype of its parameter.
+    """
+
+    name = "adam"
+
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if lr < 0:
+            raise OptimizerError(f"learning rate must be >= 0, got {lr}")
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise OptimizerError(f"betas must lie in [0, 1), got {betas}")
+        self.lr = float(lr)
+        self.betas = (float(b1), float(b2))
+        self.eps = float(eps)
+
+    def init_state(self, params: Params) -> State:
+        """Zero moments shaped like each parameter, step counter 0."""
+        return {
+            "t": 0,
+            "m": {k: get_xp(p).zeros_like(p) for k, p in params.items()},
+            "v": {k: get_xp(p).zeros_like(p) for k, p in params.items()},
+        }
+
+    def step(
+        self,
+        params: Params,
+        grads: Params,
+        state: State,
+        lr: Optional[float] = None,
+    ) -> None:
+        """Apply one Adam update to ``params`` and ``state`` in place.
+
+        ``grads[name]`` has the shape of ``params[name]``; ``lr`` overrides
+        ``self.lr`` for this step (e.g. from a schedule).
+        """
+        _check_same_keys(params, grads)
+        lr = self.lr if lr is None else float(lr)
+        b1, b2 = self.betas
+        state["t"] = int(state["t"]) + 1
+        t = state["t"]
+        # torch: step_size = lr / bc1; denom = sqrt(v) / sqrt(bc2) + eps
+        bias1 = 1.0 - b1 ** t
+        bias2_sqrt = (1.0 - b2 ** t) ** 0.5
+        step_size = lr / bias1
+        for name, p in params.items():
+            g = grads[name]
+            m = state["m"][name]
+            v = state["v"][name]
+            xp = get_xp(p)
+            # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
+            m += (g - m) * (1.0 - b1)
+            v *= b2
+            v += (1.0 - b2) * (g * g)
+            # out= keeps 0-d parameters as arrays (xp.sqrt would return a scalar)
+            denom = xp.sqrt(v, out=xp.empty_like(v))
+            denom /= bias2_sqrt
+            denom += self.eps
+            # p -= step_size * m / denom, reusing denom as the scratch buffer
+            xp.divide(m, denom, out=denom)
+            denom *= step_size
+            p -= denom
+
+
+class SGD:
+    """SGD with heavy-ball momentum, same arithmetic as ``torch.optim.SGD``.
+
+    ``buf = momentum * buf + g`` (``buf = g`` on the first step), then
+    ``p -= lr * buf``. With ``momentum == 0`` it is plain SGD.
+    State: ``{"t": int, "buf": {name: array}}``.
+    """
+
+    name = "sgd"
+
+    def __init__(self, lr: float = 1e-2, momentum: float = 0.9) -> None:
+        if lr < 0:
+            raise OptimizerError(f"learning rate must be >= 0, got {lr}")
+        if momentum < 0:
+            raise OptimizerError(f"momentum must be >= 0, got {momentum}")
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+
+    def init_state(self, params: Params) -> State:
+        """Momentum buffers shaped like each parameter, step counter 0."""
+        return {
+            "t": 0,
+            "buf": {k: get_xp(p).zeros_like(p) for k, p in params.items()},
+        }
+
+    def step(
+        self,
+        params: Params,
+        grads: Params,
+        state: State,
+        lr: Optional[float] = None,
+    ) -> None:
+        """Apply one SGD update to ``params`` and ``state`` in place."""
+        _check_same_keys(params, grads)
+        lr = self.lr if lr is None else float(lr)
+        first = int(state["t"]) == 0
+        state["t"] = int(state["t"]) + 1
+        for name, p in params.items():
+            g = grads[name]
+            if self.momentum == 0.0:
+                p -= lr * g
+                continue
+            buf = state["buf"][name]
+            if first:
+                buf[...] = g  # torch seeds the buffer with the first gradient
+            else:
+                buf *= self.momentum
+                buf += g
+            p -= lr * buf
+
+
+Optimizer = Union[Adam, SGD]
+
+
+def make_optimizer(name: str, lr: float) -> Optimizer:
+    """Build an optimizer by name (``"adam"`` or ``"sgd"``) with default options."""
+    key = name.strip().lower()
+    if key == "adam":
+        return Adam(lr=lr)
+    if key == "sgd":
+        return SGD(lr=lr)
+    raise OptimizerError(
+        f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}"
+    )
+
+
+class ExponentialDecay:
+    """Learning rate ``base_lr * factor_per_epoch ** epoch`` (epoch counts from 0)."""
+
+    def __init__(self, base_lr: float, factor_per_epoch: float) -> None:
+        if factor_per_epoch <= 0:
+            raise OptimizerError(
+                f"decay factor must be > 0, got {factor_per_epoch}"
+            )
+        self.base_lr = float(base_lr)
+        self.factor_per_epoch = float(factor_per_epoch)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate to use during ``epoch``."""
+        return self.base_lr * self.factor_per_epoch ** int(epoch)
+
+
+def state_to_flat(state: State) -> Dict[str, np.ndarray]:
+    """Flatten optimizer state to host arrays for ``np.savez``.
+
+    Keys: ``"t"`` (0-d int64) and ``"<slot>/<param name>"`` such as
+    ``"m/conv1.w"``; parameter names may contain dots but not ``/``
+    in the slot part, so the first ``/`` splits slot from name.
+    """
+    flat: Dict[str, np.ndarray] = {"t": np.asarray(int(state["t"]), dtype=np.int64)}
+    for slot, arrays in state.items():
+        if slot == "t":
+            continue
+        if "/" in slot:
+            raise OptimizerError(f"optimizer state slot name {slot!r} must not contain '/'")
+        for name, arr in arrays.items():
+            flat[f"{slot}/{name}"] = to_host(arr)
+    return flat
+
+
+def state_from_flat(flat: Dict[str, np.ndarray], xp: Any = np) -> State:
+    """Rebuild optimizer state from :func:`state_to_flat` output.
+
+    Arrays are moved onto ``xp`` (``numpy`` or ``cupy``) with their dtype kept.
+    """
+    if "t" not in flat:
+        raise OptimizerError(
+            "optimizer state has no step counter 't'; pass a dict from state_to_flat")
+    state: State = {"t": int(np.asarray(flat["t"]))}
+    for key, arr in flat.items():
+        if key == "t":
+            continue
+        slot, sep, name = key.partition("/")
+        if not sep or not name:
+            raise OptimizerError(
+                f"bad optimizer state key {key!r}; expected '<slot>/<param name>'"
+            )
+        state.setdefault(slot, {})[name] = xp.array(arr)
+    return state

@@ -1,0 +1,5 @@
+"""The op library. Importing this package registers every op in ``capsflow.opdef.OPS``.
+
+One module per op family; each op sits next to its shape rule, forward and VJP.
+"""
+from . import elementwise, reduce, shape, linalg, conv, caps, losses  # noqa: F401

@@ -1,0 +1,73 @@
+"""Element-wise ops. Binary ops broadcast like NumPy; the executor sums each gradient
+back to its input's shape, so the VJPs here return full broadcast-shaped gradients."""
+from capsflow.opdef import defop
+from capsflow.shapes import broadcast
+
+relu = defop("relu", inputs=("x",), saves=("out",), doc="max(x, 0)")
+
+
+@relu.shape
+def _(x):
+    return x
+
+
+@relu.forward
+def _(xp, x):
+    return xp.maximum(x, 0)
+
+
+@relu.vjp
+def _(xp, saved, g, needs):
+    return (g * (saved["out"] > 0),)
+
+
+sigmoid = defop("sigmoid", inputs=("x",), saves=("out",), doc="1 / (1 + exp(-x))")
+
+
+@sigmoid.shape
+def _(x):
+    return x
+
+
+@sigmoid.forward
+def _(xp, x):
+    # Split by sign so exp never overflows.
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@sigmoid.vjp
+def _(xp, saved, g, needs):
+    out = saved["out"]
+    return (g * out * (1 - out),)
+
+
+def _binary(name: str, doc: str, saves: tuple = ()):
+    op = defop(name, inputs=("a", "b"), saves=saves, doc=doc)
+    op.shape(lambda a, b: broadcast(a, b))
+    return op
+
+
+add = _binary("add", "a + b (broadcasting)")
+add.forward(lambda xp, a, b: a + b)
+add.vjp(lambda xp, saved, g, needs: (g, g))
+
+sub = _binary("sub", "a - b (broadcasting)")
+sub.forward(lambda xp, a, b: a - b)
+sub.vjp(lambda xp, saved, g, needs: (g, -g if needs[1] else None))
+
+mul = _binary("mul", "a * b (broadcasting)", saves=("a", "b"))
+mul.forward(lambda xp, a, b: a * b)
+mul.vjp(lambda xp, saved, g, needs: (g * saved["b"] if needs[0] else None,
+                                     g * saved["a"] if needs[1] else None))
+
+scale = defop("scale", inputs=("x",), attrs={"by": 1.0}, doc="x * by, a constant factor")
+scale.shape(lambda x, *, by: x)
+scale.forward(lambda xp, x, *, by: x * by)
+scale.vjp(lambda xp, saved, g, needs, *, by: (g * by,))
+
+stop_gradient = defop("stop_gradient", inputs=("x",), nondiff=("x",),
+                      doc="identity forward; no gradient flows back through it")
+stop_gradient.shape(lambda x: x)
+stop_gradient.forward(lambda xp, x: x)
+stop_gradient.vjp(lambda xp, saved, g, needs: (None,))

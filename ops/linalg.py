@@ -1,0 +1,120 @@
+"""Contractions: matmul, linear (fully connected) and two-operand einsum."""
+from capsflow.opdef import Attr, defop
+from capsflow.shapes import ShapeError, broadcast, fmt
+
+matmul = defop("matmul", inputs=("a", "b"), saves=("a", "b"),
+               doc="batched matrix product a @ b (batch axes broadcast)")
+
+
+@matmul.shape
+def _(a, b):
+    if len(a) < 2 or len(b) < 2:
+        raise ShapeError(f"matmul needs inputs of 2 or more axes, got {fmt(a)} and {fmt(b)}")
+    if a[-1] != b[-2]:
+        raise ShapeError(f"matmul inner sizes differ: {fmt(a)} @ {fmt(b)}")
+    return broadcast(a[:-2], b[:-2]) + (a[-2], b[-1])
+
+
+@matmul.forward
+def _(xp, a, b):
+    return xp.matmul(a, b)
+
+
+@matmul.vjp
+def _(xp, saved, g, needs):
+    a, b = saved["a"], saved["b"]
+    ga = xp.matmul(g, xp.swapaxes(b, -1, -2)) if needs[0] else None
+    gb = xp.matmul(xp.swapaxes(a, -1, -2), g) if needs[1] else None
+    return ga, gb
+
+
+linear = defop("linear", inputs=("x", "w", "b?"), saves=("x", "w"),
+               doc="x @ w + b with w of shape (in, out): a fully connected layer")
+
+
+@linear.shape
+def _(x, w, b=None):
+    if len(w) != 2 or x[-1] != w[0]:
+        raise ShapeError(f"linear: input {fmt(x)} does not fit weight {fmt(w)} (in, out)")
+    if b is not None and tuple(b) != (w[1],):
+        raise ShapeError(f"linear: bias {fmt(b)} should be ({w[1]},)")
+    return tuple(x[:-1]) + (w[1],)
+
+
+@linear.forward
+def _(xp, x, w, b=None):
+    out = x @ w
+    if b is not None:
+        out += b
+    return out
+
+
+@linear.vjp
+def _(xp, saved, g, needs):
+    x, w = saved["x"], saved["w"]
+    g2 = g.reshape(-1, g.shape[-1])
+    gx = g @ w.T if needs[0] else None
+    gw = x.reshape(-1, x.shape[-1]).T @ g2 if needs[1] else None
+    gb = g2.sum(axis=0) if len(needs) > 2 and needs[2] else None
+    return gx, gw, gb
+
+
+def parse_equation(eq: str, count: int) -> tuple[list[str], str]:
+    """'ijdk,nik->nijd' -> (['ijdk', 'nik'], 'nijd'), validated."""
+    if "->" not in eq or "." in eq:
+        raise ShapeError(f"einsum equation '{eq}' needs an explicit '->' output and no '...'")
+    lhs, out = eq.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    if len(subs) != count:
+        raise ShapeError(f"einsum equation '{eq}' names {len(subs)} operands, the node passes {count}")
+    for s in subs + [out]:
+        if len(set(s)) != len(s) or not s.isalpha() and s:
+            raise ShapeError(f"einsum term '{s}' in '{eq}' repeats an index or uses non-letters")
+    if set(out) - set("".join(subs)):
+        raise ShapeError(f"einsum output '{out}' has indices that no operand has")
+    return subs, out
+
+
+einsum = defop("einsum", inputs=("x*",), attrs={"eq": Attr(str)}, saves=("operands",),
+               doc="Einstein summation, e.g. eq: 'ijdk,nik->nijd' (explicit output, no '...')")
+
+
+@einsum.shape
+def _(*shapes, eq):
+    subs, out = parse_equation(eq, len(shapes))
+    sizes: dict = {}
+    for s, shape in zip(subs, shapes):
+        if len(s) != len(shape):
+            raise ShapeError(f"einsum term '{s}' has {len(s)} indices, its operand is {fmt(shape)}")
+        for index, dim in zip(s, shape):
+            if sizes.setdefault(index, dim) != dim:
+                raise ShapeError(f"einsum index '{index}' is {sizes[index]} in one operand "
+                                 f"and {dim} in another")
+    return tuple(sizes[i] for i in out)
+
+
+@einsum.forward
+def _(xp, *xs, eq):
+    return xp.einsum(eq, *xs, optimize=len(xs) > 1), {"operands": xs}
+
+
+@einsum.vjp
+def _(xp, saved, g, needs, *, eq):
+    xs = saved["operands"]
+    subs, out = parse_equation(eq, len(xs))
+    grads = []
+    for k, (sub, x) in enumerate(zip(subs, xs)):
+        if not needs[k]:
+            grads.append(None)
+            continue
+        others = [s for j, s in enumerate(subs) if j != k]
+        present = set(out).union(*others)
+        kept = "".join(i for i in sub if i in present)  # indices only x has are broadcast back
+        terms = ",".join([out] + others)
+        gk = xp.einsum(f"{terms}->{kept}", g, *[xs[j] for j in range(len(xs)) if j != k],
+                       optimize=True)
+        if kept != sub:
+            gk = xp.broadcast_to(gk.reshape([x.shape[sub.index(i)] if i in kept else 1
+                                             for i in sub]), x.shape)
+        grads.append(gk)
+    return tuple(grads)

@@ -1,0 +1,74 @@
+"""Reductions over one or more axes."""
+from capsflow.opdef import Attr, defop
+from capsflow.shapes import norm_axis
+
+AXIS = Attr((int, list, type(None)), None)
+
+
+def _axes(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = axis if isinstance(axis, list) else [axis]
+    return tuple(sorted(norm_axis(a, ndim) for a in axes))
+
+
+def _reduced_shape(x, axis, keepdims):
+    axes = _axes(axis, len(x))
+    if keepdims:
+        return tuple(1 if k in axes else d for k, d in enumerate(x))
+    return tuple(d for k, d in enumerate(x) if k not in axes)
+
+
+def _expand_back(xp, g, shape, axis, keepdims):
+    """Broadcast a reduced gradient back to the input's shape."""
+    if not keepdims:
+        g = xp.expand_dims(g, _axes(axis, len(shape)))
+    return xp.broadcast_to(g, shape)
+
+
+sum_ = defop("sum", inputs=("x",), attrs={"axis": AXIS, "keepdims": False}, saves=("shape",),
+             doc="sum over axis (an int, a list, or null for all)")
+sum_.shape(lambda x, *, axis, keepdims: _reduced_shape(x, axis, keepdims))
+
+
+@sum_.forward
+def _(xp, x, *, axis, keepdims):
+    return x.sum(axis=_axes(axis, x.ndim), keepdims=keepdims), {"shape": x.shape}
+
+
+@sum_.vjp
+def _(xp, saved, g, needs, *, axis, keepdims):
+    return (_expand_back(xp, g, saved["shape"], axis, keepdims),)
+
+mean = defop("mean", inputs=("x",), attrs={"axis": AXIS, "keepdims": False}, saves=("shape",),
+             doc="mean over axis (an int, a list, or null for all)")
+mean.shape(lambda x, *, axis, keepdims: _reduced_shape(x, axis, keepdims))
+
+
+@mean.forward
+def _(xp, x, *, axis, keepdims):
+    return x.mean(axis=_axes(axis, x.ndim), keepdims=keepdims), {"shape": x.shape}
+
+
+@mean.vjp
+def _(xp, saved, g, needs, *, axis, keepdims):
+    shape = saved["shape"]
+    count = 1
+    for k in _axes(axis, len(shape)):
+        count *= shape[k]
+    return (_expand_back(xp, g / count, shape, axis, keepdims),)
+
+
+norm = defop("norm", inputs=("x",), attrs={"axis": -1, "eps": 1e-7}, saves=("x", "out"),
+             doc="vector length sqrt(sum(x^2, axis) + eps); eps keeps the gradient finite at 0")
+norm.shape(lambda x, *, axis, eps: _reduced_shape(x, axis, False))
+
+
+@norm.forward
+def _(xp, x, *, axis, eps):
+    return xp.sqrt((x * x).sum(axis=axis) + eps)
+
+
+@norm.vjp
+def _(xp, saved, g, needs, *, axis, eps):
+    return (xp.expand_dims(g / saved["out"], axis) * saved["x"],)

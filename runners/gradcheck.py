@@ -1,0 +1,51 @@
+"""``capsflow gradcheck``: the whole graph's gradients against finite differences, float64."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.gradcheck import graph_gradcheck
+
+# Whole-graph finite differences cross ReLU kinks and hit round-off on tiny gradients,
+# so their bound is looser than the per-op one (1e-6); exactness is the PyTorch parity test's job.
+DEFAULT_TOLERANCE = 1e-4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_graph_arguments(parser)
+    parser.add_argument("--bs", type=int, default=2, help="batch size of the random batch (2)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOLERANCE,
+                        help=f"worst relative error allowed ({DEFAULT_TOLERANCE:g})")
+
+
+def random_batch(graph, batch: int, seed: int) -> dict:
+    """Inputs shaped like the graph's, pixels in [0, 1] and one-hot labels where the
+    input is called y (the convention of graphs/*.yaml)."""
+    rng = np.random.default_rng(seed)
+    batch_inputs = {}
+    for name, spec in graph.spec.inputs.items():
+        shape = tuple(batch if isinstance(d, str) else d for d in spec.shape)
+        if name == "y":
+            batch_inputs[name] = np.eye(shape[-1])[rng.integers(0, shape[-1], shape[0])]
+        else:
+            batch_inputs[name] = rng.random(shape)
+    return batch_inputs
+
+
+def main(args: argparse.Namespace) -> int:
+    graph = compile_from_args(args)
+    params = graph.init_params(args.seed, dtype="float64")
+    report = graph_gradcheck(graph, params, random_batch(graph, args.bs, args.seed),
+                             backend=args.backend, seed=args.seed)
+    width = max(len(n) for n in report)
+    print(f"{'parameter'.ljust(width)}  worst relative error")
+    for name, err in report.items():
+        print(f"{name.ljust(width)}  {err:.2e}{'  FAIL' if err > args.tol else ''}")
+    worst = max(report.values())
+    ok = worst <= args.tol
+    print(f"worst {worst:.2e} (tolerance {args.tol:g}): {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1

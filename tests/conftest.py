@@ -1,0 +1,23 @@
+"""Shared test helpers."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CAPSNET = REPO / "graphs" / "capsnet.yaml"
+# shared/ lies beside the repo, here and in CI's clean clone.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def capsnet():
+    import capsflow
+    return capsflow.compile(CAPSNET)
+
+
+@pytest.fixture
+def batch64():
+    """A float64 batch of 3 images and one-hot labels."""
+    rng = np.random.default_rng(7)
+    return rng.random((3, 1, 28, 28)), np.eye(10)[[1, 4, 9]]

@@ -1,0 +1,139 @@
+"""Spec language, compiler, scheduler and executor on CapsNet and on small graphs."""
+import textwrap
+
+import networkx as nx
+import numpy as np
+import pytest
+
+import capsflow
+from capsflow.errors import CapsflowError
+from conftest import CAPSNET
+
+
+def write(tmp_path, text, name="g.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("iters", [1, 3, 5])
+def test_routing_iters_unrolls_that_many_iterations(iters):
+    graph = capsflow.compile(CAPSNET, overrides={"routing_iters": iters})
+    softmaxes = [n for n, d in graph.dag.nodes(data=True) if d.get("op") == "softmax"]
+    assert softmaxes == [f"routing/{k}/c" for k in range(iters)]
+    # the agreement update is skipped in the last iteration, as in the paper
+    agreements = [n for n in graph.dag if n.endswith("/agreement")]
+    assert len(agreements) == iters - 1
+    assert graph.spec.outputs["digitcaps"] == f"routing/{iters - 1}/v"
+
+
+def test_capsnet_shapes_and_parameter_counts(capsnet):
+    shapes = {n: d["shape"] for n, d in capsnet.dag.nodes(data=True)}
+    assert shapes["conv1"] == ("N", 256, 20, 20)
+    assert shapes["primary_conv"] == ("N", 256, 6, 6)
+    assert shapes["u"] == ("N", 1152, 8)
+    assert shapes["u_hat"] == ("N", 1152, 10, 16)
+    assert shapes["routing/2/s"] == ("N", 10, 16)
+    assert shapes["lengths"] == ("N", 10) and shapes["recon"] == ("N", 784)
+    assert shapes["loss"] == ()
+    assert capsnet.param_count() == 8_215_568
+    from capsflow.runners.check import decoder_params
+    assert capsnet.param_count() - capsnet.param_count(decoder_params(capsnet)) == 6_804_224
+
+
+def test_dag_is_a_networkx_digraph_in_deterministic_order(capsnet):
+    assert isinstance(capsnet.dag, nx.DiGraph) and nx.is_directed_acyclic_graph(capsnet.dag)
+    again = capsflow.compile(CAPSNET)
+    assert again.order == capsnet.order
+    position = {n: k for k, n in enumerate(capsnet.order)}
+    assert all(position[u] < position[v] for u, v in capsnet.dag.edges)
+
+
+def test_u_hat_and_W_fan_out_to_every_routing_iteration(capsnet):
+    consumers = set(capsnet.dag.successors("u_hat"))
+    assert {f"routing/{k}/weighted" for k in range(3)} <= consumers
+    assert {f"routing/{k}/agreement" for k in range(2)} <= consumers
+
+
+def test_deep_unrolling_needs_no_recursion():
+    graph = capsflow.compile(CAPSNET, overrides={"routing_iters": 400})
+    assert len(graph.order) > 2800
+
+
+def test_run_and_value_and_grad_api(capsnet):
+    params = capsnet.init_params(seed=0)
+    assert params["digit.W"].dtype == np.float32 and params["digit.W"].shape == (1152, 10, 16, 8)
+    assert abs(params["digit.W"].std() - 0.01) < 1e-3
+    rng = np.random.default_rng(0)
+    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[[0, 1, 2, 3]]
+    outputs, grads, peak = capsnet.value_and_grad(params, {"x": x, "y": y}, return_peak=True)
+    assert outputs["lengths"].shape == (4, 10) and outputs["recon"].shape == (4, 784)
+    assert float(outputs["loss"]) > 0 and set(grads) == set(params)
+    assert all(grads[k].shape == params[k].shape for k in params)
+    assert peak > 0
+    inference = capsnet.run(params, {"x": x})
+    assert set(inference) == {"lengths", "recon", "digitcaps"}
+    with pytest.raises(CapsflowError, match="output 'loss' needs input 'y'"):
+        capsnet.run(params, {"x": x}, outputs=["loss"])
+    with pytest.raises(CapsflowError, match="input 'x' has shape"):
+        capsnet.run(params, {"x": x[:, :, :20]})
+    with pytest.raises(CapsflowError, match="parameter 'fc1.w' is missing"):
+        capsnet.run({k: v for k, v in params.items() if k != "fc1.w"}, {"x": x})
+
+
+def test_init_params_is_seeded_and_per_parameter(capsnet):
+    a, b = capsnet.init_params(seed=1), capsnet.init_params(seed=1)
+    c = capsnet.init_params(seed=2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["conv1.w"], c["conv1.w"])
+
+
+def test_save_and_load_params_round_trip(capsnet, tmp_path):
+    params = capsnet.init_params(seed=0)
+    capsflow.save_params(tmp_path / "p.npz", params)
+    loaded = capsflow.load_params(tmp_path / "p.npz")
+    assert set(loaded) == set(params) and all(np.array_equal(loaded[k], params[k]) for k in params)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip file")
+    with pytest.raises(CapsflowError, match="bad.npz is not a readable .npz"):
+        capsflow.load_params(tmp_path / "bad.npz")
+
+
+SMALL = """
+    vars: {k: 2.0}
+    inputs: {x: {shape: [N, 3]}}
+    params:
+      w: {shape: [3], init: {constant: 0.5}}
+    nodes:
+      - {id: a, op: mul, in: [x, w]}
+      - {id: frozen, op: stop_gradient, in: [a]}
+      - {id: twice, op: add, in: [a, a]}          # fan-out: a feeds twice (and frozen)
+      - {id: mixed, op: mul, in: [twice, frozen]}
+      - {id: total, op: sum, in: [mixed], attrs: {axis: null}}
+      - {id: loss, op: scale, in: [total], attrs: {by: "${k}"}}
+    outputs: {loss: loss}
+"""
+
+
+def test_fan_out_sums_and_stop_gradient_is_honoured(tmp_path):
+    graph = capsflow.compile(write(tmp_path, SMALL))
+    x = np.array([[1.0, 2.0, 3.0]])
+    params = graph.init_params(dtype="float64")
+    outputs, grads = graph.value_and_grad(params, {"x": x})
+    # loss = k * sum(2 a * stop(a)), a = x w: d/dw = k * 2 * x * a (only through `twice`)
+    a = x * 0.5
+    assert np.isclose(float(outputs["loss"]), 2.0 * np.sum(2 * a * a))
+    np.testing.assert_allclose(grads["w"], (2.0 * 2 * x * a).sum(0))
+    twice = capsflow.compile(write(tmp_path, SMALL), overrides={"k": 4.0})
+    assert np.isclose(float(twice.run(params, {"x": x})["loss"]), 2 * float(outputs["loss"]))
+
+
+def test_saved_activations_are_freed(capsnet):
+    """Peak live bytes of a forward-only run stay well below the value-and-grad peak."""
+    params = capsnet.init_params(seed=0)
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    y = np.eye(10, dtype=np.float32)[np.arange(8) % 10]
+    _, run_peak = capsnet.run(params, {"x": x, "y": y}, return_peak=True)
+    _, _, grad_peak = capsnet.value_and_grad(params, {"x": x, "y": y}, return_peak=True)
+    param_bytes = sum(p.nbytes for p in params.values())
+    assert param_bytes < run_peak < grad_peak

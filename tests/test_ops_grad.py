@@ -1,0 +1,91 @@
+"""Every op's VJP against central finite differences in float64 (relative error <= 1e-6)."""
+import numpy as np
+import pytest
+
+from capsflow.gradcheck import op_gradcheck
+from capsflow.opdef import OPS, get_op
+
+rng = np.random.default_rng(1)
+
+
+def R(*shape):
+    return rng.standard_normal(shape)
+
+
+def one_hot(rows, k):
+    return np.eye(k)[rows]
+
+
+CASES = [
+    ("relu", [R(3, 4)], {}),
+    ("sigmoid", [R(3, 4) * 4], {}),
+    ("add", [R(3, 4), R(4)], {}),
+    ("sub", [R(3, 1), R(3, 4)], {}),
+    ("mul", [R(2, 3, 1), R(3, 4)], {}),
+    ("scale", [R(3)], {"by": 0.3}),
+    ("stop_gradient", [R(3)], {}),
+    ("sum", [R(2, 3, 4)], {"axis": 1}),
+    ("sum", [R(2, 3, 4)], {"axis": [0, 2], "keepdims": True}),
+    ("mean", [R(2, 3, 4)], {"axis": None}),
+    ("mean", [R(2, 3, 4)], {"axis": -1}),
+    ("norm", [R(2, 3, 4)], {"axis": -1}),
+    ("reshape", [R(2, 6)], {"shape": [3, -1]}),
+    ("transpose", [R(2, 3, 4)], {"axes": [2, 0, 1]}),
+    ("expand_dims", [R(2, 3)], {"axis": -1}),
+    ("zeros", [R(2, 3, 4)], {"dims": [0, 2]}),
+    ("matmul", [R(2, 3, 4), R(4, 5)], {}),
+    ("linear", [R(3, 4), R(4, 5), R(5)], {}),
+    ("linear", [R(2, 3, 4), R(4, 5)], {}),
+    ("einsum", [R(3, 2, 4, 5), R(6, 3, 5)], {"eq": "ijdk,nik->nijd"}),
+    ("einsum", [R(2, 3, 4), R(2, 4)], {"eq": "nij,nj->ni"}),
+    ("einsum", [R(2, 3), R(3, 4)], {"eq": "ab,bc->a"}),
+    ("conv2d", [R(2, 3, 7, 7), R(4, 3, 3, 3), R(4)], {"stride": 2}),
+    ("conv2d", [R(1, 2, 5, 5), R(3, 2, 3, 3), R(3)], {"stride": 1, "padding": 1}),
+    ("conv2d", [R(2, 1, 6, 6), R(2, 1, 3, 3)], {}),
+    ("softmax", [R(2, 3, 4)], {"axis": 1}),
+    ("softmax", [R(2, 3) * 5], {"axis": -1}),
+    ("squash", [R(2, 3, 4)], {"axis": -1}),
+    ("squash", [R(2, 5, 3) * 0.05], {"axis": 1}),
+    ("label_or_argmax", [R(3, 4)], {}),
+    ("margin_loss", [rng.random((4, 5)), one_hot([0, 1, 2, 3], 5)], {}),
+    ("sum_squared_error", [R(3, 4), R(3, 4)], {}),
+]
+
+
+@pytest.mark.parametrize("name,args,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_vjp_matches_finite_differences(name, args, attrs):
+    errors = op_gradcheck(name, args, attrs)
+    checked = [e for e in errors if e is not None]
+    op = get_op(name)
+    if not op.nondiff or len(op.nondiff) < len(args):
+        assert checked, f"{name}: no input was checked"
+    for e in checked:
+        assert e <= 1e-6, f"{name}{attrs}: relative error {e:.2e}"
+
+
+def test_every_registered_op_has_a_gradient_case():
+    get_op("relu")
+    covered = {c[0] for c in CASES}
+    extra = getattr(pytest, "capsflow_extra_op_cases", set())
+    missing = sorted(set(OPS) - covered - extra)
+    assert not missing, f"ops without a finite-difference test: {missing}"
+
+
+def test_stop_gradient_and_mask_give_no_gradient():
+    assert op_gradcheck("stop_gradient", [R(3)]) == [None]
+    assert op_gradcheck("label_or_argmax", [R(3, 4), one_hot([0, 1, 2], 4)]) == [None, None]
+
+
+def test_softmax_is_max_subtracted():
+    from capsflow.gradcheck import apply_op
+    out, _, _ = apply_op("softmax", np, [np.array([[1000.0, 1001.0, 999.0]])], {"axis": -1})
+    assert np.isfinite(out).all() and np.isclose(out.sum(), 1.0)
+
+
+def test_squash_is_finite_at_zero():
+    from capsflow.gradcheck import apply_op
+    op = get_op("squash")
+    s = np.zeros((2, 4))
+    out, saved, attrs = apply_op("squash", np, [s], {"axis": -1})
+    (g,) = op.vjp_fn(np, saved, np.ones_like(s), (True,), **attrs)
+    assert np.all(out == 0) and np.isfinite(g).all()

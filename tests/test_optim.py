@@ -1,0 +1,163 @@
+"""Optimizers against torch.optim, state round trips, schedules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from capsflow.optim import (
+    SGD,
+    Adam,
+    ExponentialDecay,
+    make_optimizer,
+    state_from_flat,
+    state_to_flat,
+)
+
+torch = pytest.importorskip("torch")
+
+SHAPES = {"conv1.w": (4, 1, 3, 3), "conv1.b": (4,), "caps.W": (2, 3, 8, 16), "scale": ()}
+
+
+def _params(rng: np.random.Generator, dtype=np.float64) -> dict:
+    return {k: rng.standard_normal(s).astype(dtype) for k, s in SHAPES.items()}
+
+
+def _grad_sequence(rng: np.random.Generator, steps: int) -> list:
+    return [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(steps)]
+
+
+def _run_ours(opt, params: dict, grads_seq: list, lrs=None) -> tuple:
+    state = opt.init_state(params)
+    for i, grads in enumerate(grads_seq):
+        opt.step(params, grads, state, lr=None if lrs is None else lrs[i])
+    return params, state
+
+
+def _run_torch(make_opt, params: dict, grads_seq: list, lrs=None) -> dict:
+    tparams = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+               for k, v in params.items()}
+    opt = make_opt(list(tparams.values()))
+    for i, grads in enumerate(grads_seq):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group["lr"] = lrs[i]
+        for k, p in tparams.items():
+            p.grad = torch.tensor(grads[k], dtype=torch.float64)
+        opt.step()
+    return {k: p.detach().numpy() for k, p in tparams.items()}
+
+
+def _assert_close(ours: dict, ref: dict, rtol: float) -> None:
+    for k in ref:
+        scale = np.maximum(np.abs(ref[k]), 1e-12)
+        rel = np.max(np.abs(ours[k] - ref[k]) / scale)
+        assert rel <= rtol, f"{k}: relative error {rel}"
+
+
+def test_adam_matches_torch():
+    rng = np.random.default_rng(0)
+    start = _params(rng)
+    grads_seq = _grad_sequence(rng, 5)
+    ours, state = _run_ours(Adam(lr=0.01), {k: v.copy() for k, v in start.items()}, grads_seq)
+    ref = _run_torch(lambda ps: torch.optim.Adam(ps, lr=0.01, foreach=False), start, grads_seq)
+    _assert_close(ours, ref, 1e-10)
+    assert state["t"] == 5
+
+
+def test_adam_matches_torch_with_changing_lr_and_betas():
+    rng = np.random.default_rng(1)
+    start = _params(rng)
+    grads_seq = _grad_sequence(rng, 5)
+    lrs = [0.01 * 0.9 ** i for i in range(5)]
+    opt = Adam(lr=0.01, betas=(0.8, 0.99), eps=1e-6)
+    ours, _ = _run_ours(opt, {k: v.copy() for k, v in start.items()}, grads_seq, lrs)
+    ref = _run_torch(lambda ps: torch.optim.Adam(ps, lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+                     start, grads_seq, lrs)
+    _assert_close(ours, ref, 1e-10)
+
+
+def test_sgd_momentum_matches_torch():
+    rng = np.random.default_rng(2)
+    start = _params(rng)
+    grads_seq = _grad_sequence(rng, 5)
+    ours, _ = _run_ours(SGD(lr=0.05, momentum=0.9), {k: v.copy() for k, v in start.items()},
+                        grads_seq)
+    ref = _run_torch(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), start, grads_seq)
+    _assert_close(ours, ref, 1e-10)
+
+
+def test_sgd_without_momentum_matches_torch():
+    rng = np.random.default_rng(3)
+    start = _params(rng)
+    grads_seq = _grad_sequence(rng, 3)
+    ours, _ = _run_ours(SGD(lr=0.1, momentum=0.0), {k: v.copy() for k, v in start.items()},
+                        grads_seq)
+    ref = _run_torch(lambda ps: torch.optim.SGD(ps, lr=0.1), start, grads_seq)
+    _assert_close(ours, ref, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_step_updates_in_place_and_keeps_float32(name):
+    rng = np.random.default_rng(4)
+    params = _params(rng, np.float32)
+    ids = {k: id(v) for k, v in params.items()}
+    before = {k: v.copy() for k, v in params.items()}
+    opt = make_optimizer(name, 0.01)
+    state = opt.init_state(params)
+    grads = {k: v.astype(np.float32) for k, v in _grad_sequence(rng, 1)[0].items()}
+    opt.step(params, grads, state)
+    for k, p in params.items():
+        assert id(p) == ids[k]
+        assert p.dtype == np.float32
+        assert not np.array_equal(p, before[k])
+    for slot, arrays in state.items():
+        if slot != "t":
+            assert all(a.dtype == np.float32 for a in arrays.values())
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_flat_state_round_trip_resumes_exactly(name, tmp_path):
+    rng = np.random.default_rng(5)
+    params = _params(rng)
+    grads_seq = _grad_sequence(rng, 4)
+    opt = make_optimizer(name, 0.01)
+
+    straight = {k: v.copy() for k, v in params.items()}
+    _run_ours(opt, straight, grads_seq)
+
+    resumed = {k: v.copy() for k, v in params.items()}
+    _, state = _run_ours(opt, resumed, grads_seq[:2])
+    flat = state_to_flat(state)
+    assert flat["t"].shape == () and int(flat["t"]) == 2
+    assert all(isinstance(v, np.ndarray) for v in flat.values())
+    if name == "adam":
+        assert {"m/conv1.w", "v/conv1.w", "m/caps.W"} <= set(flat)
+    np.savez(tmp_path / "opt.npz", **flat)
+    with np.load(tmp_path / "opt.npz") as f:
+        state = state_from_flat(dict(f), np)
+    assert state["t"] == 2
+    for grads in grads_seq[2:]:
+        opt.step(resumed, grads, state)
+    for k in params:
+        np.testing.assert_array_equal(resumed[k], straight[k])
+
+
+def test_unknown_optimizer_lists_choices():
+    with pytest.raises(ValueError, match="adam, sgd") as info:
+        make_optimizer("rmsprop", 0.1)
+    assert "rmsprop" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_make_optimizer_types():
+    assert isinstance(make_optimizer("adam", 0.002), Adam)
+    assert make_optimizer("Adam", 0.002).lr == 0.002
+    assert isinstance(make_optimizer("sgd", 0.1), SGD)
+
+
+def test_exponential_decay():
+    decay = ExponentialDecay(0.001, 0.96)
+    assert decay.lr_at(0) == pytest.approx(0.001)
+    assert decay.lr_at(1) == pytest.approx(0.00096)
+    assert decay.lr_at(10) == pytest.approx(0.001 * 0.96 ** 10)
+    assert ExponentialDecay(0.5, 1.0).lr_at(100) == 0.5
