@@ -38,9 +38,14 @@ def unbroadcast(xp: Any, g: Any, shape: tuple) -> Any:
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes | None = None
-            ) -> RunResult:
-    """Evaluate ``plan`` given ``values`` (inputs and parameters as backend arrays)."""
+def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes | None = None,
+            grad_hook: Any = None) -> RunResult:
+    """Evaluate ``plan`` given ``values`` (inputs and parameters as backend arrays).
+
+    ``grad_hook(consumer, value, slot, gradient)``, if given, sees every gradient
+    contribution of the reverse pass (what flows along one DAG edge), e.g. to draw
+    gradient norms on the rendered graph.
+    """
     meter = meter or LiveBytes()
     values = dict(values)
     for name in plan.absent:
@@ -62,7 +67,7 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
     outputs = {k: values[v] for k, v in plan.outputs.items()}
     if plan.loss is None:
         return RunResult(outputs, peak_bytes=meter.peak)
-    grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values)
+    grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values, grad_hook)
     return RunResult(outputs, grads, meter.peak)
 
 
@@ -82,7 +87,8 @@ def _saves(op, node: dict, args: list, out: Any, extras: dict) -> dict:
     return kept
 
 
-def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, values) -> dict:
+def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, values,
+             grad_hook) -> dict:
     grads = {plan.loss: xp.ones_like(loss_value)}
     for name in plan.backward:
         node = dag.nodes[name]
@@ -99,6 +105,8 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
             if not needs[slot] or gk is None:
                 continue
             gk = unbroadcast(xp, gk, shapes[ref])
+            if grad_hook is not None:
+                grad_hook(name, ref, slot, gk)
             grads[ref] = gk if ref not in grads else grads[ref] + gk
         del contributions
         meter.sample(values, saved, grads)

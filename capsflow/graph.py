@@ -72,18 +72,21 @@ class Graph:
 
     def value_and_grad(self, params: dict, inputs: dict, backend: str = "numpy",
                        loss: str = "loss", outputs: list | None = None,
-                       return_peak: bool = False) -> Any:
-        """Forward + reverse pass -> (outputs, {param name: gradient})."""
+                       return_peak: bool = False, grad_hook: Any = None) -> Any:
+        """Forward + reverse pass -> (outputs, {param name: gradient}).
+
+        ``grad_hook(consumer, value, slot, gradient)`` sees each gradient contribution
+        (one per DAG edge of the reverse plan); see executor.execute."""
         if loss not in self.spec.outputs:
             raise CapsflowError(f"the graph has no output '{loss}' to differentiate; "
                                 f"outputs: {', '.join(self.spec.outputs)}")
-        result = self._execute(params, inputs, backend, outputs, loss=loss)
+        result = self._execute(params, inputs, backend, outputs, loss=loss, grad_hook=grad_hook)
         xp = get_backend(backend).xp
         grads = {n: g if g is not None else xp.zeros_like(_value(params[n], xp))
                  for n, g in result.grads.items()}
         return (result.outputs, grads, result.peak_bytes) if return_peak else (result.outputs, grads)
 
-    def _execute(self, params, inputs, backend, outputs, loss) -> RunResult:
+    def _execute(self, params, inputs, backend, outputs, loss, grad_hook=None) -> RunResult:
         be = get_backend(backend)
         self.check_params(params)
         unknown = sorted(set(inputs) - set(self.spec.inputs))
@@ -97,7 +100,7 @@ class Graph:
         for name in given:
             values[name] = be.asarray(inputs[name], dtype=dtype)
             self._check_input(name, values[name].shape)
-        return execute(self.dag, plan, values, be.xp, LiveBytes())
+        return execute(self.dag, plan, values, be.xp, LiveBytes(), grad_hook)
 
     def _choose_outputs(self, given: set, outputs: list | None) -> dict:
         names = list(self.spec.outputs) if outputs is None else list(outputs)
