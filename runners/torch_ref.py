@@ -267,6 +267,7 @@ def _leaf_params(
     _check_params(params_np)
     return {
         name: _to_tensor(params_np[name], device, dtype)
+        .detach()
         .clone()
         .requires_grad_(requires_grad)
         for name in PARAM_SHAPES
@@ -298,6 +299,8 @@ def reference_value_and_grad(
         "recon" (N,784), "v" (N,10,16); grads maps every parameter name to
         d loss / d param (same shape as the parameter).
     """
+    if y_np is None:
+        raise ValueError("reference_value_and_grad needs labels: the loss uses y")
     tdtype = _torch_dtype(dtype)
     params = _leaf_params(params_np, device, tdtype, requires_grad=True)
     x = _to_tensor(x_np, device, tdtype)

@@ -105,6 +105,8 @@ def test_bad_params_rejected(params64, batch):
         tr.reference_outputs(missing, x, y)
     with pytest.raises(TypeError):
         tr.reference_outputs(params64, x, y, routing_iter=2)  # typo
+    with pytest.raises(ValueError, match="labels"):
+        tr.reference_value_and_grad(params64, x, None)
 
 
 # --------------------------------------------------------------------------
@@ -341,9 +343,9 @@ def test_torch_step_adam_reduces_loss(batch):
     params = tr.init_params_like_capsnet(3)
     step = tr.TorchStep(params, device="cpu", dtype="float32", precision="tf32",
                         optimizer="adam", lr=1e-3)
-    losses = [float(step.step(torch.as_tensor(x), y)) for _ in range(4)]
+    losses = [float(step.step(torch.as_tensor(x), y)) for _ in range(3)]
     assert all(np.isfinite(losses))
-    assert losses[-1] < losses[0]
+    assert max(losses[1:]) < losses[0]
     new = step.params_numpy()
     assert new["conv1.w"].dtype == np.float32
     assert not np.array_equal(new["fc3.b"], params["fc3.b"])
