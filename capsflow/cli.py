@@ -14,6 +14,7 @@ from .errors import CapsflowError
 
 COMMANDS = {
     "check": ("check", "compile a graph and print its nodes, shapes and parameter counts"),
+    "ops": ("oplist", "list the op library: inputs, attributes, defaults"),
     "gradcheck": ("gradcheck", "whole-graph gradient check against finite differences (float64)"),
     "bench": ("bench", "time a training step against the PyTorch reference"),
     "train": ("train", "train a graph on MNIST or Fashion-MNIST"),
