@@ -47,32 +47,39 @@ def compile_from_args(args: argparse.Namespace):
     return compile_graph(args.graph, overrides)
 
 
-def build_parser(available: dict) -> argparse.ArgumentParser:
+def build_parser(chosen: str | None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only the chosen one's module is imported, so a
+    runner's optional dependencies (graphviz, tqdm, torch) never break the others."""
     parser = _Parser(prog="capsflow", description="Capsule Networks as a YAML computation graph.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for name, (module, help_text) in available.items():
+    for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(runner=module)
+        if name == chosen:
+            module = _import_runner(name, module_name)
+            module.add_arguments(p)
+            p.set_defaults(runner=module)
     return parser
 
 
-def _load_runners() -> dict:
-    available = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        try:
-            module = importlib.import_module(f"capsflow.runners.{module_name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"capsflow.runners.{module_name}":
-                continue  # that runner is not part of this installation
+def _import_runner(command: str, module_name: str):
+    try:
+        return importlib.import_module(f"capsflow.runners.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"capsflow.runners.{module_name}":
+            raise SystemExit(f"capsflow {command}: error: this installation has no "
+                             f"'{module_name}' runner") from None
+        if exc.name and exc.name.startswith("capsflow"):
             raise
-        available[name] = (module, help_text)
-    return available
+        missing = exc.name or str(exc)
+        raise SystemExit(f"capsflow {command}: error: needs the Python package '{missing}' "
+                         f"(pip install {missing}, or pip install 'capsflow[dev]')") from None
 
 
 def main(argv: list | None = None) -> int:
-    parser = build_parser(_load_runners())
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.runner.main(args) or 0)
