@@ -25,7 +25,7 @@ def build_dag(spec: Spec) -> nx.DiGraph:
         dag.add_node(inp.name, kind="input", shape=inp.shape, optional=inp.optional,
                      line=inp.line, order=order)
     for order, par in enumerate(spec.params.values(), start=len(dag)):
-        _claim_name(dag, par.name, spec.file, par.line)
+        _claim_name(dag, par.name, par.file or spec.file, par.line)
         dag.add_node(par.name, kind="param", shape=par.shape, trainable=par.trainable,
                      line=par.line, order=order)
     for order, node in enumerate(spec.nodes, start=len(dag)):

@@ -11,6 +11,7 @@ from typing import Any
 
 import networkx as nx
 
+from . import profile
 from .memory import LiveBytes
 from .opdef import OPS
 from .schedule import Plan
@@ -38,6 +39,13 @@ def unbroadcast(xp: Any, g: Any, shape: tuple) -> Any:
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
+def _call(prof, phase: str, name: str, op, fn, *args, **attrs) -> Any:
+    """``fn(*args, **attrs)``, timed into ``prof`` when profiling is on."""
+    if prof is None:
+        return fn(*args, **attrs)
+    return prof.call(phase, name, op.name, fn, *args, **attrs)
+
+
 def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes | None = None,
             grad_hook: Any = None) -> RunResult:
     """Evaluate ``plan`` given ``values`` (inputs and parameters as backend arrays).
@@ -47,6 +55,9 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
     gradient norms on the rendered graph.
     """
     meter = meter or LiveBytes()
+    prof = profile.active()
+    if prof is not None:
+        prof.steps += 1
     values = dict(values)
     for name in plan.absent:
         values[name] = None
@@ -56,7 +67,8 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
         node = dag.nodes[name]
         op = OPS[node["op"]]
         args = [values[ref] for ref in node["inputs"]]
-        out, extras = _split(op.forward_fn(xp, *args, **node["attrs"]))
+        out, extras = _split(_call(prof, "forward", name, op, op.forward_fn, xp, *args,
+                                   **node["attrs"]))
         values[name] = out
         if name in plan.needs:
             saved[name] = _saves(op, node, args, out, extras)
@@ -67,7 +79,8 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
     outputs = {k: values[v] for k, v in plan.outputs.items()}
     if plan.loss is None:
         return RunResult(outputs, peak_bytes=meter.peak)
-    grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values, grad_hook)
+    grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values, grad_hook,
+                     prof)
     return RunResult(outputs, grads, meter.peak)
 
 
@@ -88,7 +101,7 @@ def _saves(op, node: dict, args: list, out: Any, extras: dict) -> dict:
 
 
 def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, values,
-             grad_hook) -> dict:
+             grad_hook, prof=None) -> dict:
     grads = {plan.loss: xp.ones_like(loss_value)}
     for name in plan.backward:
         node = dag.nodes[name]
@@ -98,7 +111,8 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
             continue
         op = OPS[node["op"]]
         needs = plan.needs[name]
-        contributions = op.vjp_fn(xp, kept, g, needs, **node["attrs"])
+        contributions = _call(prof, "vjp", name, op, op.vjp_fn, xp, kept, g, needs,
+                              **node["attrs"])
         del kept, g
         for slot, ref in enumerate(node["inputs"]):
             gk = contributions[slot] if slot < len(contributions) else None

@@ -1,7 +1,8 @@
 """Graph spec: YAML -> variables substituted -> repeat blocks unrolled -> a flat list of
 named nodes. Plain data in, plain data out; the compiler turns it into a DAG.
 
-See docs/spec.md for the language. In short::
+See docs/spec.md for the language; capsflow/compose.py handles ``extends``, ``replace``
+and ``include``. In short::
 
     vars:    {routing_iters: 3}               # ${routing_iters}, overridable with --set
     inputs:  {x: {shape: [N, 1, 28, 28]}, y: {shape: [N, 10], optional: true}}
@@ -16,21 +17,20 @@ See docs/spec.md for the language. In short::
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .compose import VAR as _VAR
+from .compose import Document, compose
 from .errors import SpecError
-from .yamlio import LocDict, load_yaml
+from .yamlio import LocDict
 
-TOP_KEYS = {"name", "description", "vars", "inputs", "params", "nodes", "outputs"}
 NODE_KEYS = {"id", "op", "in", "attrs", "when", "doc"}
 REPEAT_KEYS = {"id", "repeat", "carry", "body", "doc"}
 STAGE_KEYS = {"stage", "nodes", "doc"}
 WHEN = ("always", "first", "not_first", "last", "not_last")
 INIT_KINDS = ("zeros", "ones", "normal", "uniform", "uniform_fan_in", "constant")
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ParamSpec:
     init: tuple  # (kind, argument), e.g. ("normal", 0.01)
     trainable: bool = True
     line: int | None = None
+    file: str | None = None   # where it was declared: the graph, a base or a fragment
 
 
 @dataclass
@@ -75,18 +76,19 @@ class Spec:
     aliases: dict = field(default_factory=dict)   # 'routing/v' -> 'routing/2/v'
     blocks: dict = field(default_factory=dict)    # repeat block id -> iteration count
     description: str = ""
+    sources: list = field(default_factory=list)   # files read: the graph, its bases, fragments
 
 
 def load_spec(path: str | Path, overrides: dict | None = None) -> Spec:
-    """Read a YAML graph spec, apply variable overrides and unroll repeats."""
+    """Read a YAML graph spec (following ``extends`` and ``include``), apply variable
+    overrides and unroll repeats."""
     path = str(path)
-    raw = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise SpecError("a graph spec must be a YAML mapping with 'nodes' and 'outputs'", file=path)
-    _check_keys(raw, TOP_KEYS, "top level", path)
-    variables = _resolve_vars(raw.get("vars") or {}, overrides or {}, path)
-    body = {k: v for k, v in raw.items() if k != "vars"}
-    body = _substitute(body, variables, path)
+    overrides = overrides or {}
+    doc = compose(path, overrides)
+    variables = _resolve_vars(doc, overrides, path)
+    body = {"name": doc.name, "description": doc.description, "inputs": doc.inputs,
+            "params": doc.params, "nodes": doc.nodes, "outputs": doc.outputs}
+    body = _substitute(body, variables, (path, None))
     for key in ("nodes", "outputs"):
         if not body.get(key):
             raise SpecError(f"the spec has no '{key}' section", file=path)
@@ -98,42 +100,43 @@ def load_spec(path: str | Path, overrides: dict | None = None) -> Spec:
         params=_parse_params(body.get("params") or {}, path),
         nodes=builder.nodes, outputs=_parse_outputs(body["outputs"], path),
         aliases=builder.aliases, blocks=builder.blocks,
-        description=str(body.get("description") or ""))
+        description=str(body.get("description") or ""), sources=doc.sources)
 
 
 # -- variables ---------------------------------------------------------------------
-def _resolve_vars(declared: Any, overrides: dict, path: str) -> dict:
-    if not isinstance(declared, dict):
-        raise SpecError("'vars' must be a mapping of name: value", file=path)
-    unknown = sorted(set(overrides) - set(declared))
+def _resolve_vars(doc: Document, overrides: dict, path: str) -> dict:
+    """Values of all variables, with ``${}`` references between them substituted."""
+    unknown = sorted(set(overrides) - doc.declared)
     if unknown:
-        known = ", ".join(sorted(declared)) or "none"
+        known = ", ".join(sorted(doc.declared)) or "none"
         raise SpecError(f"unknown variable '{unknown[0]}' in overrides; this spec defines: {known}",
                         file=path)
-    values = dict(declared)
-    values.update(overrides)
+    values, origins = dict(doc.vars), doc.origins
     # Variables may refer to earlier variables.
     for name in list(values):
-        values[name] = _substitute(values[name], values, path, line=getattr(declared, "line", None))
+        values[name] = _substitute(values[name], values, origins.get(name, (path, None)))
     return values
 
 
-def _substitute(obj: Any, variables: dict, path: str, line: int | None = None) -> Any:
-    """Replace ${name} everywhere; a string that is exactly '${name}' takes the value's type."""
+def _substitute(obj: Any, variables: dict, loc: tuple) -> Any:
+    """Replace ${name} everywhere; a string that is exactly '${name}' takes the value's type.
+    ``loc`` is the (file, line) of the innermost mapping, for errors."""
     if isinstance(obj, dict):
-        out = LocDict((k, _substitute(v, variables, path, getattr(obj, "line", line)))
-                      for k, v in obj.items())
-        out.file, out.line = getattr(obj, "file", path), getattr(obj, "line", line)
+        here = (getattr(obj, "file", None) or loc[0], getattr(obj, "line", None) or loc[1])
+        out = LocDict((k, _substitute(v, variables, here)) for k, v in obj.items())
+        out.file, out.line = here
+        out.key_lines = dict(getattr(obj, "key_lines", {}))
         return out
     if isinstance(obj, list):
-        return [_substitute(v, variables, path, line) for v in obj]
+        return [_substitute(v, variables, loc) for v in obj]
     if not isinstance(obj, str) or "${" not in obj:
         return obj
 
     def lookup(name: str) -> Any:
         if name not in variables:
             known = ", ".join(sorted(variables)) or "none"
-            raise SpecError(f"unknown variable '${{{name}}}'; defined: {known}", file=path, line=line)
+            raise SpecError(f"unknown variable '${{{name}}}'; defined: {known}",
+                            file=loc[0], line=loc[1])
         return variables[name]
 
     whole = _VAR.fullmatch(obj)
@@ -152,35 +155,45 @@ def _shape(value: Any, what: str, path: str, line: int | None) -> tuple:
     return tuple(value)
 
 
+def _where(section: Any, name: str, entry: Any, path: str) -> tuple:
+    """(file, line) of one entry of a section; entries may come from a base or fragment."""
+    if isinstance(entry, LocDict):
+        return entry.file or path, entry.line
+    line = section.key_line(name) if isinstance(section, LocDict) else None
+    return getattr(section, "file", None) or path, line
+
+
 def _parse_inputs(section: Any, path: str) -> dict:
     if not isinstance(section, dict):
-        raise SpecError("'inputs' must map names to {shape: [...]}", file=path)
+        raise SpecError("'inputs' must map names to {shape: [...]}",
+                        file=getattr(section, "file", None) or path)
     inputs = {}
     for name, entry in section.items():
-        line = getattr(entry, "line", getattr(section, "line", None))
+        file, line = _where(section, name, entry, path)
         if not isinstance(entry, dict) or "shape" not in entry:
             raise SpecError(f"input '{name}' needs a shape, e.g. {{shape: [N, 1, 28, 28]}}",
-                            file=path, line=line)
-        _check_keys(entry, {"shape", "optional", "doc"}, f"input '{name}'", path)
-        inputs[name] = InputSpec(name, _shape(entry["shape"], f"input '{name}'", path, line),
+                            file=file, line=line)
+        _check_keys(entry, {"shape", "optional", "doc"}, f"input '{name}'", file)
+        inputs[name] = InputSpec(name, _shape(entry["shape"], f"input '{name}'", file, line),
                                  bool(entry.get("optional", False)), line)
     return inputs
 
 
 def _parse_params(section: Any, path: str) -> dict:
     if not isinstance(section, dict):
-        raise SpecError("'params' must map names to {shape: [...], init: ...}", file=path)
+        raise SpecError("'params' must map names to {shape: [...], init: ...}",
+                        file=getattr(section, "file", None) or path)
     params = {}
     for name, entry in section.items():
-        line = getattr(entry, "line", getattr(section, "line", None))
+        file, line = _where(section, name, entry, path)
         if not isinstance(entry, dict) or "shape" not in entry:
-            raise SpecError(f"parameter '{name}' needs a shape", file=path, line=line)
-        _check_keys(entry, {"shape", "init", "trainable", "doc"}, f"parameter '{name}'", path)
-        shape = _shape(entry["shape"], f"parameter '{name}'", path, line)
+            raise SpecError(f"parameter '{name}' needs a shape", file=file, line=line)
+        _check_keys(entry, {"shape", "init", "trainable", "doc"}, f"parameter '{name}'", file)
+        shape = _shape(entry["shape"], f"parameter '{name}'", file, line)
         if any(isinstance(d, str) for d in shape):
-            raise SpecError(f"parameter '{name}': shape must be all integers", file=path, line=line)
-        params[name] = ParamSpec(name, shape, _parse_init(entry.get("init", "zeros"), name, path, line),
-                                 bool(entry.get("trainable", True)), line)
+            raise SpecError(f"parameter '{name}': shape must be all integers", file=file, line=line)
+        params[name] = ParamSpec(name, shape, _parse_init(entry.get("init", "zeros"), name, file, line),
+                                 bool(entry.get("trainable", True)), line, file)
     return params
 
 
@@ -198,11 +211,13 @@ def _parse_init(init: Any, name: str, path: str, line: int | None) -> tuple:
 
 def _parse_outputs(section: Any, path: str) -> dict:
     if not isinstance(section, dict):
-        raise SpecError("'outputs' must map output names to node ids, e.g. {loss: loss}", file=path)
+        raise SpecError("'outputs' must map output names to node ids, e.g. {loss: loss}",
+                        file=getattr(section, "file", None) or path)
     for name, ref in section.items():
         if not isinstance(ref, str):
-            raise SpecError(f"output '{name}' must name a node id, got {ref!r}", file=path,
-                            line=getattr(section, "line", None))
+            file, line = _where(section, name, ref, path)
+            raise SpecError(f"output '{name}' must name a node id, got {ref!r}", file=file,
+                            line=line)
     return dict(section)
 
 

@@ -10,9 +10,15 @@ from .errors import SpecError
 
 
 class LocDict(dict):
-    """A dict that knows the file and 1-based line of the YAML mapping it came from."""
+    """A dict that knows the file and 1-based line of the YAML mapping it came from,
+    and the line of each key (``key_lines``), so errors can name the exact line."""
     file: str | None = None
     line: int | None = None
+    key_lines: dict = {}  # replaced per instance by the loader; read-only default
+
+    def key_line(self, key) -> int | None:
+        """The line of ``key`` if known, else the mapping's own line."""
+        return self.key_lines.get(key, self.line)
 
 
 class _Loader(yaml.SafeLoader):
@@ -22,12 +28,14 @@ class _Loader(yaml.SafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LocDict:
     loader.flatten_mapping(node)
     out = LocDict()
+    out.key_lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         if key in out:
             raise SpecError(f"key '{key}' appears twice in one mapping",
                             file=loader.name, line=key_node.start_mark.line + 1)
         out[key] = loader.construct_object(value_node, deep=True)
+        out.key_lines[key] = key_node.start_mark.line + 1
     out.file = loader.name
     out.line = node.start_mark.line + 1
     return out

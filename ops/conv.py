@@ -1,10 +1,26 @@
-"""2-D convolution as one GEMM over im2col windows (a strided view, copied once)."""
+"""2-D convolution as GEMMs over channels-last windows, a few kernel rows at a time.
+
+The input is viewed channels-last (N, H, W, C) and its windows as a strided view
+(N, OH, OW, kh, kw, C); a full im2col copy of that view would be (N*OH*OW, C*kh*kw),
+which for CapsNet's PrimaryCaps (9x9 over 256 channels) is 300 MB at batch 100. So
+the kernel rows are taken in chunks whose copy stays within ``CHUNK_BYTES``: each
+chunk is one large GEMM, and the chunks' products are summed. Small convolutions
+(Conv1: one input channel) fit in one chunk, i.e. one im2col GEMM.
+
+The output is (N, O, OH, OW), a transposed view of channels-last memory; element-wise
+ops keep that layout, so the next convolution reads its input channels-last without
+a copy. Only the input (not the windows) is saved for the VJP, which rebuilds each
+chunk's windows: the copy costs far less than the GEMM it feeds, and memory stays low.
+"""
 from capsflow.backend import sliding_windows
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt
 
+#: Largest window copy made at once (bytes). About one L3 cache's worth of rows.
+CHUNK_BYTES = 48 * 2 ** 20
+
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
-               saves=("cols", "w", "x_shape"),
+               saves=("xt", "w"),
                doc="x (N, C, H, W) * w (O, C, kh, kw) + b (O,) -> (N, O, OH, OW); no dilation")
 
 
@@ -28,44 +44,75 @@ def _(x, w, b=None, *, stride, padding):
     return (x[0], w[0], *out_hw)
 
 
-def _pad(xp, x, padding):
-    if not padding:
-        return x
-    return xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+def _channels_last(xp, x, padding):
+    """x (N, C, H, W) -> contiguous padded (N, H+2p, W+2p, C); no copy when x already
+    lies channels-last in memory without padding."""
+    xt = x.transpose(0, 2, 3, 1)
+    if padding:
+        xt = xp.pad(xt, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    return xp.ascontiguousarray(xt)
+
+
+def _windows(xp, xt, kh, kw, stride):
+    """Strided view (N, OH, OW, kh, kw, C) of every window of xt (N, H, W, C); no copy."""
+    return sliding_windows(xp, xt.transpose(0, 3, 1, 2), kh, kw, stride).transpose(0, 2, 3, 4, 5, 1)
+
+
+def row_chunks(kh: int, row_bytes: int, budget: int | None = None) -> list:
+    """Split kernel rows 0..kh into [(start, stop)] whose window copy fits ``budget``."""
+    step = max(1, min(kh, (CHUNK_BYTES if budget is None else budget) // max(row_bytes, 1)))
+    return [(r, min(r + step, kh)) for r in range(0, kh, step)]
+
+
+def _chunk_cols(xp, win, r0, r1):
+    """Windows of kernel rows r0..r1 as a contiguous (N*OH*OW, rows*kw*C) matrix."""
+    n, oh, ow, _, kw, c = win.shape
+    return xp.ascontiguousarray(win[:, :, :, r0:r1]).reshape(n * oh * ow, (r1 - r0) * kw * c)
 
 
 @conv2d.forward
 def _(xp, x, w, b=None, *, stride, padding):
-    n = x.shape[0]
     o, c, kh, kw = w.shape
-    win = sliding_windows(xp, _pad(xp, x, padding), kh, kw, stride)  # (N, C, OH, OW, kh, kw)
-    oh, ow = win.shape[2:4]
-    # Rows are output pixels, columns the (C, kh, kw) patch: one big GEMM does the conv.
-    cols = xp.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(n * oh * ow, c * kh * kw)
-    out = cols @ w.reshape(o, -1).T                                   # (N*OH*OW, O)
+    xt = _channels_last(xp, x, padding)
+    win = _windows(xp, xt, kh, kw, stride)
+    n, oh, ow = win.shape[:3]
+    wt = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))               # (kh, kw, C, O)
+    out = None
+    for r0, r1 in row_chunks(kh, n * oh * ow * kw * c * xt.itemsize):
+        part = _chunk_cols(xp, win, r0, r1) @ wt[r0:r1].reshape(-1, o)  # (N*OH*OW, O)
+        out = part if out is None else xp.add(out, part, out=out)
     if b is not None:
         out += b
     out = out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)              # (N, O, OH, OW) view
-    return out, {"cols": cols, "x_shape": x.shape}
+    return out, {"xt": xt}
 
 
 @conv2d.vjp
 def _(xp, saved, g, needs, *, stride, padding):
-    cols, w, (n, c, h, wd) = saved["cols"], saved["w"], saved["x_shape"]
-    o, _, kh, kw = w.shape
-    oh, ow = g.shape[2:]
-    g2 = g.transpose(0, 2, 3, 1).reshape(n * oh * ow, o)              # (N*OH*OW, O)
-    gw = (g2.T @ cols).reshape(w.shape) if needs[1] else None
+    xt, w = saved["xt"], saved["w"]
+    o, c, kh, kw = w.shape
+    n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
+    g2 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(-1, o)  # (N*OH*OW, O)
     gb = g2.sum(axis=0) if len(needs) > 2 and needs[2] else None
-    gx = None
+    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize)
+    gw = gx = None
+    if needs[1]:
+        win = _windows(xp, xt, kh, kw, stride)
+        gwt = xp.empty((kh, kw, c, o), dtype=g2.dtype)                 # w's layout in the forward
+        for r0, r1 in chunks:
+            xp.matmul(_chunk_cols(xp, win, r0, r1).T, g2, out=gwt[r0:r1].reshape(-1, o))
+        gw = xp.ascontiguousarray(gwt.transpose(3, 2, 0, 1))
     if needs[0]:
-        gcols = (g2 @ w.reshape(o, -1)).reshape(n, oh, ow, c, kh, kw)
-        gx = xp.zeros((n, c, h + 2 * padding, wd + 2 * padding), dtype=g.dtype)
-        # col2im: each kernel offset adds its slice back into the strided input positions.
-        for i in range(kh):
-            for j in range(kw):
-                gx[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride] += \
-                    gcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        wt = w.transpose(2, 3, 0, 1)                                   # (kh, kw, O, C)
+        gxt = xp.zeros(xt.shape, dtype=g2.dtype)
+        for r0, r1 in chunks:
+            rows = xp.ascontiguousarray(wt[r0:r1].transpose(2, 0, 1, 3)).reshape(o, -1)
+            gcols = (g2 @ rows).reshape(n, oh, ow, r1 - r0, kw, c)
+            # col2im: each kernel offset adds its slice back at the strided input positions.
+            for i in range(r0, r1):
+                for j in range(kw):
+                    gxt[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += gcols[:, :, :, i - r0, j]
         if padding:
-            gx = gx[:, :, padding:-padding, padding:-padding]
+            gxt = gxt[:, padding:-padding, padding:-padding]
+        gx = gxt.transpose(0, 3, 1, 2)                                 # (N, C, H, W) view
     return gx, gw, gb

@@ -1,0 +1,69 @@
+"""Ops that routing variants need beyond the paper's: leaky softmax and Efficient-CapsNet's
+exponential squash (graphs/routing/leaky.yaml and graphs/routing/efficient.yaml)."""
+from capsflow.opdef import defop
+from capsflow.shapes import ShapeError, fmt, norm_axis
+
+leaky_softmax = defop(
+    "leaky_softmax", inputs=("x",), attrs={"axis": -1}, saves=("out",),
+    doc="softmax over axis with an extra zero 'orphan' logit, which is dropped: "
+        "exp(x) / (1 + sum(exp(x), axis)); the outputs sum to less than 1")
+
+
+@leaky_softmax.shape
+def _(x, *, axis):
+    norm_axis(axis, len(x))
+    return x
+
+
+@leaky_softmax.forward
+def _(xp, x, *, axis):
+    # Subtract max(x, 0), the largest logit including the orphan's 0, so nothing overflows.
+    top = xp.maximum(x.max(axis=axis, keepdims=True), 0)
+    e = xp.exp(x - top)
+    return e / (xp.exp(-top) + e.sum(axis=axis, keepdims=True))
+
+
+@leaky_softmax.vjp
+def _(xp, saved, g, needs, *, axis):
+    # The orphan logit is a constant, so the Jacobian of the real columns is softmax's:
+    # d out_j / d x_k = out_j (delta_jk - out_k).
+    out = saved["out"]
+    return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
+
+
+squash_exp = defop(
+    "squash_exp", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=("s",),
+    doc="Efficient-CapsNet's squash (1 - exp(-r)) s / r with r = sqrt(|s|^2 + eps), "
+        "over the capsule axis")
+
+
+@squash_exp.shape
+def _(s, *, axis, eps):
+    norm_axis(axis, len(s))
+    if s[axis] == 1:
+        raise ShapeError(f"squash_exp over axis {axis} of {fmt(s)} has size 1: "
+                         "it must run over the capsule vector, not element-wise")
+    return s
+
+
+def _radius(xp, s, axis, eps):
+    return xp.sqrt((s * s).sum(axis=axis, keepdims=True) + eps)
+
+
+@squash_exp.forward
+def _(xp, s, *, axis, eps):
+    r = _radius(xp, s, axis, eps)
+    return s * (-xp.expm1(-r) / r)
+
+
+@squash_exp.vjp
+def _(xp, saved, g, needs, *, axis, eps):
+    # v = f(r) s with f(r) = (1 - e^-r) / r and dr/ds = s / r, so
+    # J^T g = f g + (f'(r) / r) <g, s> s, f'(r) / r = (r e^-r - (1 - e^-r)) / r^3;
+    # expm1 keeps 1 - e^-r accurate for the small r (>= sqrt(eps)) of unused capsules.
+    s = saved["s"]
+    r = _radius(xp, s, axis, eps)
+    one_minus = -xp.expm1(-r)
+    f = one_minus / r
+    df_over_r = (r * xp.exp(-r) - one_minus) / (r * r * r)
+    return (f * g + (df_over_r * (g * s).sum(axis=axis, keepdims=True)) * s,)

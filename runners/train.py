@@ -1,0 +1,110 @@
+"""``capsflow train GRAPH.yaml``: train a graph on MNIST or Fashion-MNIST.
+
+The seed's flags keep their names and meaning (``--bs --lr --opt --disp --num_epochs
+--val_epoch --save_dir``); the loop itself lives in ``capsflow.runners.training``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from capsflow.backend import BACKENDS
+from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.optim import OPTIMIZERS
+from capsflow.runners.data import DATASETS
+from capsflow.runners.training import LAST, TrainConfig, Trainer, load_data, read_checkpoint
+
+# Flags whose default is None so that a resumed run can tell "not given" (take the
+# checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
+_CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
+                 "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
+                 "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
+                 "limit_train": "limit_train", "limit_test": "limit_test", "backend": "backend"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    add_graph_arguments(parser)
+    a = parser.add_argument
+    a("--bs", type=int, help=f"batch size (default {d.batch_size})")
+    a("--lr", type=float, help=f"learning rate (default {d.lr:g})")
+    a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
+    a("--lr-decay", dest="lr_decay", type=float,
+      help=f"learning rate factor per epoch: lr * F**epoch (default {d.lr_decay}; 1 = constant)")
+    a("--num_epochs", type=int, help=f"epochs to train (default {d.num_epochs})")
+    a("--val_epoch", type=int, help=f"validate on the test split every N epochs, and after "
+                                   f"the last (default {d.val_epoch})")
+    a("--disp", type=int, help=f"log running loss/accuracy every N iterations (default {d.disp})")
+    a("--save_dir", help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, "
+                         "or the checkpoint's folder with --resume)")
+    a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
+    a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
+    a("--data-dir", dest="data_dir", metavar="ROOT",
+      help="data root holding mnist/ or fashion-mnist/ (else $CAPSFLOW_DATA, then "
+           "~/.cache/capsflow/data)")
+    a("--limit-train", dest="limit_train", type=int, metavar="N",
+      help="train on the first N training examples only")
+    a("--limit-test", dest="limit_test", type=int, metavar="N",
+      help="validate on the first N test examples only")
+    a("--seed", type=int, help=f"seed of parameter init, batch order and shifts (default {d.seed})")
+    shift = parser.add_mutually_exclusive_group()
+    shift.add_argument("--shift", type=int, metavar="PIXELS",
+                       help=f"random shifts of up to PIXELS in training (default {d.shift})")
+    shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
+                       help="no shift augmentation")
+    a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
+    a("--no-progress", dest="progress", action="store_false",
+      help="no progress bars (epoch lines are still printed)")
+
+
+def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
+    """Defaults, then the checkpoint's settings (when resuming), then the flags given."""
+    config = TrainConfig()
+    for name, value in (saved or {}).items():
+        if hasattr(config, name):
+            setattr(config, name, value)
+    for flag, name in _CONFIG_FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(config, name, value)
+    config.check()
+    return config
+
+
+def main(args: argparse.Namespace) -> int:
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None and not args.overrides:  # the run's own --set values
+        args.overrides = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
+    graph = compile_from_args(args)
+    config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
+    if args.save_dir:
+        save_dir = Path(args.save_dir)
+    else:
+        save_dir = ckpt.path.parent if ckpt else Path("runs") / graph.spec.name
+    data = load_data(config)
+    trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+        print(f"resuming {ckpt.path}: {trainer.state.epoch} epoch(s) and "
+              f"{trainer.state.iteration} iteration(s) done")
+    print(describe(graph, config, data, save_dir))
+    trainer.fit()
+    if trainer.stopped_early:
+        return 130
+    st = trainer.state
+    if st.best_acc is not None:
+        print(f"best test accuracy {100 * st.best_acc:.2f}% (epoch {st.best_epoch}); "
+              f"checkpoints: {save_dir / LAST}, {trainer.best_path}")
+    return 0
+
+
+def describe(graph, config: TrainConfig, data, save_dir: Path) -> str:
+    """One line saying what is about to be trained, on what, and where it is saved."""
+    shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
+    sets = "".join(f" {k}={v}" for k, v in graph.spec.vars.items())
+    return (f"training {graph.spec.name} ({graph.param_count():,} parameters;{sets}) on "
+            f"{config.dataset}: {data.train_images.shape[0]} train / "
+            f"{data.test_images.shape[0]} test examples, batch {config.batch_size}, "
+            f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, {shifts}, "
+            f"{config.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")

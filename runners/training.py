@@ -1,0 +1,564 @@
+"""The training loop as a library: ``Trainer``, checkpoints, batched evaluation.
+
+``capsflow train`` is a thin CLI over this module; other runners (e.g. a routing-variant
+comparison) build a ``Trainer`` themselves::
+
+    graph = capsflow.compile("graphs/capsnet.yaml", {"routing_iters": 1})
+    data = load_data(TrainConfig(limit_train=1000))
+    trainer = Trainer(graph, data, TrainConfig(num_epochs=2), save_dir="runs/r1")
+    records = trainer.fit()          # one dict per epoch: train/test loss and accuracy
+
+Design points:
+
+* Validation calls ``graph.run`` only (never ``value_and_grad``): no backward pass and no
+  update ever touches the test split.
+* Every epoch ends with ``SAVE_DIR/last.npz`` (and ``best.npz`` when the test accuracy
+  improved), written atomically. A checkpoint holds the parameters (``param/<name>``,
+  readable by ``capsflow.load_params``), the optimizer state (``optim/<slot>/<name>``),
+  the epoch, the spec's YAML text and a JSON ``meta`` record with the settings, the
+  overrides, the batch iterator's RNG state and the running sums of the epoch, so that
+  ``--resume`` reproduces an uninterrupted run number for number.
+* Ctrl-C saves a checkpoint at the last completed step and returns; a loss that turns
+  NaN or inf stops training with one line and leaves the last good checkpoint alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from capsflow.backend import get_backend, to_numpy
+from capsflow.checkpoint import load_npz, save_npz_atomic
+from capsflow.errors import CapsflowError
+from capsflow.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
+from capsflow.runners.data import BatchIterator, load_split, one_hot
+
+CHECKPOINT_FORMAT = "capsflow-checkpoint"
+CHECKPOINT_VERSION = 1
+LAST = "last.npz"
+BEST = "best.npz"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(CapsflowError):
+    """The loss became NaN or infinite; training stopped without saving that state."""
+
+
+# ---------------------------------------------------------------------- settings
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run's numbers (plus how often it reports)."""
+
+    batch_size: int = 100
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    lr_decay: float = 0.9          # learning rate of epoch e (from 0): lr * lr_decay ** e
+    num_epochs: int = 10
+    val_epoch: int = 1             # validate every N epochs (and always after the last)
+    disp: int = 10                 # log running loss/accuracy every N iterations
+    seed: int = 0                  # parameter init and batch order/shifts
+    shift: int = 2                 # random shifts of up to this many pixels (0: off)
+    dataset: str = "mnist"
+    data_dir: Optional[str] = None
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    backend: str = "numpy"
+    dtype: str = "float32"
+
+    # Settings a resumed run must share with its checkpoint, or it would not continue
+    # the same run. The others (epochs, reporting, backend, test subset) may change.
+    FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_decay", "seed", "shift",
+                       "dataset", "limit_train", "dtype")
+
+    def check(self) -> None:
+        """One clear line for a setting no run can use."""
+        for name in ("batch_size", "num_epochs", "val_epoch", "disp"):
+            if getattr(self, name) < 1:
+                raise CapsflowError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("limit_train", "limit_test"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CapsflowError(f"--{_flag(name)} must be >= 1 examples, got {value}")
+        if not self.lr > 0:
+            raise CapsflowError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise CapsflowError(f"--lr-decay must lie in (0, 1], got {self.lr_decay}")
+        if self.shift < 0:
+            raise CapsflowError(f"the shift must be >= 0 pixels, got {self.shift}")
+        make_optimizer(self.optimizer, self.lr)  # unknown names raise one line
+
+
+_FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
+          "limit_test": "limit-test", "lr_decay": "lr-decay", "data_dir": "data-dir"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, name)
+
+
+@dataclass
+class Data:
+    """Train and test splits: images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def load_data(config: TrainConfig) -> Data:
+    """Both splits of ``config.dataset`` (first ``limit_*`` examples of each)."""
+    train = load_split(config.dataset, "train", config.data_dir, config.limit_train)
+    test = load_split(config.dataset, "test", config.data_dir, config.limit_test)
+    return Data(*train, *test)
+
+
+# ------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A training checkpoint read back from disk (all arrays on the host)."""
+
+    path: Path
+    params: dict                   # name -> array, the spec's parameter names
+    optim: dict                    # capsflow.optim.state_to_flat layout
+    meta: dict                     # JSON record, see Trainer.meta()
+    graph_text: str                # the YAML text the run was compiled from
+
+    @property
+    def overrides(self) -> dict:
+        return dict(self.meta.get("overrides") or {})
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs."""
+        return int(self.meta["progress"]["epoch"])
+
+
+def write_checkpoint(path: str | Path, params: dict, optim_flat: dict, meta: dict,
+                     graph_text: str) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous file intact)."""
+    arrays = {f"param/{k}": v for k, v in params.items()}
+    arrays.update({f"optim/{k}": v for k, v in optim_flat.items()})
+    arrays["epoch"] = np.asarray(int(meta["progress"]["epoch"]), dtype=np.int64)
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    arrays["graph/yaml"] = np.asarray(graph_text)
+    save_npz_atomic(path, arrays)
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint written by ``write_checkpoint``; anything else is one clear line."""
+    path = Path(path)
+    arrays = load_npz(path)  # missing or truncated files raise one line there
+    try:
+        meta = json.loads(str(arrays["meta"]))
+        graph_text = str(arrays["graph/yaml"])
+    except KeyError as exc:
+        raise CapsflowError(f"{path} is not a capsflow training checkpoint "
+                            f"(no {exc.args[0]!r} entry); pass a last.npz or best.npz "
+                            f"written by capsflow train") from None
+    except json.JSONDecodeError as exc:
+        raise CapsflowError(f"{path}: the checkpoint's meta record is not valid JSON "
+                            f"({exc.msg}); the file is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CapsflowError(f"{path} is not a capsflow training checkpoint (bad meta record)")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CapsflowError(f"{path} is checkpoint version {meta.get('version')}; this capsflow "
+                            f"reads version {CHECKPOINT_VERSION}")
+    params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
+    if not params:
+        raise CapsflowError(f"{path} holds no parameters (no 'param/<name>' entries)")
+    return Checkpoint(path, params, optim, meta, graph_text)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------- evaluation
+
+
+def batched_outputs(graph: Any, params: dict, images: np.ndarray,
+                    labels: Optional[np.ndarray] = None, outputs: tuple = ("lengths",),
+                    batch_size: int = 100, backend: str = "numpy",
+                    desc: Optional[str] = None) -> Iterator[tuple]:
+    """Forward passes (``graph.run``, no backward) over ``images`` in order.
+
+    Args:
+        images: float32 (N, 1, 28, 28). labels: int (N,) or None; when given, ``y`` is
+            fed, so the decoder is masked by the true label and ``loss`` can be asked for;
+            without labels the decoder uses the predicted class.
+        desc: show a tqdm bar with this description.
+    Yields:
+        (slice into the N examples, {output name: host NumPy array}) per batch.
+    """
+    n = images.shape[0]
+    starts = range(0, n, batch_size)
+    if desc is not None:
+        from tqdm import tqdm  # lazy: only runners that show progress need it
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+    for lo in starts:
+        part = slice(lo, min(lo + batch_size, n))
+        inputs = {"x": images[part]}
+        if labels is not None:
+            inputs["y"] = one_hot(labels[part])
+        out = graph.run(params, inputs, backend=backend, outputs=list(outputs))
+        yield part, {k: to_numpy(v) for k, v in out.items()}
+
+
+def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
+                   batch_size: int = 100, backend: str = "numpy",
+                   desc: Optional[str] = None) -> dict:
+    """Mean loss and accuracy over a split, forward passes only.
+
+    The loss feeds the true labels (it needs them); the predictions are the argmax of the
+    capsule lengths, which do not depend on the decoder's mask.
+    Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,)}.
+    """
+    total, pred = 0.0, np.empty(images.shape[0], dtype=np.int64)
+    for part, out in batched_outputs(graph, params, images, labels, ("loss", "lengths"),
+                                     batch_size, backend, desc):
+        total += float(out["loss"]) * (part.stop - part.start)
+        pred[part] = out["lengths"].argmax(axis=1)
+    n = max(images.shape[0], 1)
+    return {"loss": total / n, "acc": float((pred == labels).mean()) if labels.size else 0.0,
+            "pred": pred}
+
+
+# ------------------------------------------------------------------------ training
+
+
+@dataclass
+class _Sums:
+    """Running sums over examples: loss * batch size, correct predictions, examples."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: float, correct: int, count: int) -> None:
+        self.loss += loss * count
+        self.correct += correct
+        self.count += count
+
+    def means(self) -> tuple:
+        n = max(self.count, 1)
+        return self.loss / n, self.correct / n
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint's meta record."""
+
+    epoch: int = 0                 # completed epochs = index of the epoch in progress
+    iteration: int = 0             # completed optimizer steps over the whole run
+    iterator: Optional[dict] = None  # BatchIterator.get_state() after the last step
+    epoch_sums: _Sums = field(default_factory=_Sums)
+    window: _Sums = field(default_factory=_Sums)   # since the last --disp record
+    epoch_seconds: float = 0.0     # time spent in the epoch in progress so far
+    best_acc: Optional[float] = None
+    best_epoch: Optional[int] = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, record: dict) -> "Progress":
+        record = dict(record)
+        record["epoch_sums"] = _Sums(**record["epoch_sums"])
+        record["window"] = _Sums(**record["window"])
+        return cls(**record)
+
+
+class Trainer:
+    """Trains ``graph`` on ``data`` with ``config``; checkpoints and metrics in ``save_dir``.
+
+    ``log`` receives the human-readable lines (epoch summaries, notes); ``progress_bar``
+    switches the tqdm bars. Parameters live on the backend for the whole run and are
+    updated in place by the optimizer.
+    """
+
+    def __init__(self, graph: Any, data: Data, config: TrainConfig, save_dir: str | Path,
+                 log: Callable[[str], None] = print, progress_bar: bool = True) -> None:
+        config.check()
+        self.graph, self.data, self.config = graph, data, config
+        self.save_dir = Path(save_dir)
+        self.log, self.progress_bar = log, progress_bar
+        self.backend = get_backend(config.backend)
+        self.graph_text = Path(graph.spec.file).read_text()
+        self.overrides = _declared_overrides(graph)
+        host = graph.init_params(config.seed, config.dtype)
+        self.params = {k: self.backend.asarray(v) for k, v in host.items()}
+        self.optimizer = make_optimizer(config.optimizer, config.lr)
+        self.opt_state = self.optimizer.init_state(self.params)
+        self.schedule = ExponentialDecay(config.lr, config.lr_decay)
+        self.batches = BatchIterator(data.train_images, data.train_labels, config.batch_size,
+                                     shuffle=True, augment_shift=config.shift,
+                                     rng=np.random.default_rng(config.seed))
+        self.state = Progress()
+        self.stopped_early = False  # set when Ctrl-C ended fit()
+
+    # -- checkpoints -----------------------------------------------------------------
+    @property
+    def last_path(self) -> Path:
+        return self.save_dir / LAST
+
+    @property
+    def best_path(self) -> Path:
+        return self.save_dir / BEST
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.save_dir / METRICS
+
+    def meta(self) -> dict:
+        """The JSON record stored with every checkpoint."""
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "graph_file": str(self.graph.spec.file), "graph_name": self.graph.spec.name,
+                "overrides": self.overrides, "config": _config_json(self.config),
+                "progress": self.state.to_json()}
+
+    def save(self, path: str | Path) -> None:
+        write_checkpoint(path, self.params, state_to_flat(self.opt_state), self.meta(),
+                         self.graph_text)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Continue from ``ckpt``: parameters, optimizer, batch order, running sums.
+
+        Raises one line when the checkpoint belongs to another graph or to a run with
+        other fixed settings (see TrainConfig.FIXED_ON_RESUME)."""
+        saved = ckpt.meta.get("config", {})
+        for name in TrainConfig.FIXED_ON_RESUME:
+            if name in saved and saved[name] != getattr(self.config, name):
+                raise CapsflowError(
+                    f"--{_flag(name)} {getattr(self.config, name)} differs from the value "
+                    f"{saved[name]} that {ckpt.path} was trained with; a resumed run keeps "
+                    f"its settings (drop the flag)")
+        if ckpt.overrides != self.overrides:
+            raise CapsflowError(f"graph variables {self.overrides} differ from {ckpt.overrides} "
+                                f"that {ckpt.path} was trained with; pass the same --set flags")
+        self.graph.check_params(ckpt.params)
+        dtype = np.dtype(self.config.dtype)
+        self.params = {k: self.backend.asarray(ckpt.params[k], dtype=dtype)
+                       for k in self.graph.spec.params}
+        try:
+            self.opt_state = state_from_flat(ckpt.optim, self.backend.xp)
+            _check_opt_state(self.opt_state, self.optimizer.init_state(self.params))
+            self.state = Progress.from_json(ckpt.meta["progress"])
+            if self.state.iterator is not None:
+                self.batches.set_state(self.state.iterator)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CapsflowError(f"{ckpt.path}: damaged training state ({exc}); "
+                                f"start a fresh run or use another checkpoint") from None
+        if ckpt.graph_text != self.graph_text:
+            self.log(f"note: {self.graph.spec.file} differs from the spec text stored in "
+                     f"{ckpt.path}; continuing with {self.graph.spec.file}")
+        self._trim_metrics(ckpt.path.parent / METRICS)
+
+    def _trim_metrics(self, source: Path) -> None:
+        """Keep the metrics records up to the resumed iteration (drops any written after
+        the checkpoint, so a resumed run's file equals an uninterrupted run's)."""
+        records = read_metrics(source) if source.is_file() else []
+        kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration]
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    # -- the loop --------------------------------------------------------------------
+    def fit(self) -> list:
+        """Train until ``config.num_epochs`` epochs are complete.
+
+        Returns the epoch records written to metrics.jsonl by this call. Ctrl-C saves
+        ``last.npz`` at the last completed step, sets ``stopped_early`` and returns.
+        Raises TrainingDiverged when the loss is not finite.
+        """
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        if self.state.iteration == 0 and self.state.epoch == 0:
+            self.metrics_path.write_text("")  # a fresh run starts a fresh file
+        records = []
+        try:
+            while self.state.epoch < self.config.num_epochs:
+                records.append(self._epoch())
+        except KeyboardInterrupt:
+            with _interrupts_deferred():
+                self.save(self.last_path)
+            self.stopped_early = True
+            self.log(f"interrupted in epoch {self.state.epoch + 1} after iteration "
+                     f"{self.state.iteration}; saved {self.last_path}; continue with "
+                     f"--resume {self.last_path}")
+        return records
+
+    def _epoch(self) -> dict:
+        cfg, st = self.config, self.state
+        e = st.epoch
+        lr = self.schedule.lr_at(e)
+        started = time.perf_counter() - st.epoch_seconds
+        batches = self._bar(self.batches, total=len(self.batches),
+                            initial=(st.iterator or {}).get("position", 0),
+                            desc=f"epoch {e + 1}/{cfg.num_epochs}")
+        for x, y in batches:
+            out, grads = self.graph.value_and_grad(self.params, {"x": x, "y": y},
+                                                   backend=cfg.backend,
+                                                   outputs=["loss", "lengths"])
+            loss = float(to_numpy(out["loss"]))
+            if not np.isfinite(loss):
+                raise TrainingDiverged(self._diverged_message(
+                    f"the loss became {loss} at iteration {st.iteration + 1}", lr))
+            correct = int((to_numpy(out["lengths"]).argmax(axis=1) == y.argmax(axis=1)).sum())
+            with _interrupts_deferred():  # never stop half-way through an update
+                self.optimizer.step(self.params, grads, self.opt_state, lr=lr)
+                st.iteration += 1
+                st.iterator = self.batches.get_state()
+                st.epoch_sums.add(loss, correct, y.shape[0])
+                st.window.add(loss, correct, y.shape[0])
+                st.epoch_seconds = time.perf_counter() - started
+                if st.iteration % cfg.disp == 0:
+                    self._log_window(lr, batches)
+        validate = (e + 1) % cfg.val_epoch == 0 or e + 1 == cfg.num_epochs
+        test = None
+        if validate:
+            test = evaluate_split(self.graph, self.params, self.data.test_images,
+                                  self.data.test_labels, cfg.batch_size, cfg.backend,
+                                  desc="test" if self.progress_bar else None)
+        with _interrupts_deferred():
+            return self._finish_epoch(lr, test, time.perf_counter() - started)
+
+    def _log_window(self, lr: float, bar: Any) -> None:
+        st = self.state
+        loss, acc = st.window.means()
+        run_loss, run_acc = st.epoch_sums.means()
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{run_loss:.4f}", acc=f"{100 * run_acc:.2f}%", refresh=False)
+        self._append({"kind": "train", "epoch": st.epoch + 1, "iteration": st.iteration,
+                      "loss": loss, "acc": acc, "lr": lr})
+        st.window = _Sums()
+
+    def _finish_epoch(self, lr: float, test: Optional[dict], seconds: float) -> dict:
+        st = self.state
+        bad = [k for k, v in self.params.items() if not bool(self.backend.xp.isfinite(v).all())]
+        if bad:  # a finite loss with non-finite gradients: do not checkpoint that
+            raise TrainingDiverged(self._diverged_message(
+                f"parameter '{bad[0]}' became nan or inf by iteration {st.iteration}", lr))
+        train_loss, train_acc = st.epoch_sums.means()
+        record = {"kind": "epoch", "epoch": st.epoch + 1, "iteration": st.iteration,
+                  "train_loss": train_loss, "train_acc": train_acc,
+                  "test_loss": test["loss"] if test else None,
+                  "test_acc": test["acc"] if test else None, "lr": lr, "seconds": seconds}
+        improved = test is not None and (st.best_acc is None or test["acc"] > st.best_acc)
+        if improved:
+            st.best_acc, st.best_epoch = test["acc"], st.epoch + 1
+        st.epoch += 1
+        st.epoch_sums, st.window, st.epoch_seconds = _Sums(), _Sums(), 0.0
+        st.iterator = self.batches.get_state()  # between epochs: next epoch's draws
+        self._append(record)
+        self.log(format_epoch(record, self.config.num_epochs))
+        self.save(self.last_path)
+        if improved:
+            _copy_atomic(self.last_path, self.best_path)
+        return record
+
+    def _diverged_message(self, what: str, lr: float) -> str:
+        st = self.state
+        kept = (f"last good checkpoint: {self.last_path} (epoch {st.epoch})"
+                if self.last_path.is_file() else "no checkpoint was written before it")
+        return (f"{what} (epoch {st.epoch + 1}, lr {lr:g}); training stopped, {kept}; "
+                f"try a smaller --lr")
+
+    def _append(self, record: dict) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _bar(self, iterable: Any, total: int, initial: int, desc: str) -> Any:
+        if not self.progress_bar:
+            return iterable
+        from tqdm import tqdm  # lazy: importing tqdm is only needed for a bar
+        # Outside a terminal (e.g. nohup to a log) refresh rarely to keep logs short.
+        interval = 0.5 if sys.stderr.isatty() else 60.0
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit="it",
+                    dynamic_ncols=True, mininterval=interval, leave=False)
+
+
+def format_epoch(record: dict, num_epochs: int) -> str:
+    """One line per epoch: train loss/acc, test loss/acc, lr, seconds."""
+    test = (f"test loss {record['test_loss']:.4f}  test acc {100 * record['test_acc']:.2f}%"
+            if record["test_acc"] is not None else "test -")
+    return (f"epoch {record['epoch']}/{num_epochs}  train loss {record['train_loss']:.4f}  "
+            f"train acc {100 * record['train_acc']:.2f}%  {test}  lr {record['lr']:.2e}  "
+            f"{record['seconds']:.1f} s")
+
+
+def read_metrics(path: str | Path) -> list:
+    """The records of a metrics.jsonl file (one JSON object per line)."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise CapsflowError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
+    return records
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _declared_overrides(graph: Any) -> dict:
+    """Graph variables whose value differs from the YAML file's own ``vars``."""
+    from capsflow.spec import load_spec
+    default = load_spec(graph.spec.file).vars
+    return {k: v for k, v in graph.spec.vars.items() if default.get(k) != v}
+
+
+def _config_json(config: TrainConfig) -> dict:
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+def _check_opt_state(state: dict, fresh: dict) -> None:
+    """The restored optimizer state must have the slots and shapes of a fresh one."""
+    for slot, arrays in fresh.items():
+        if slot == "t":
+            continue
+        for name, arr in arrays.items():
+            if tuple(state[slot][name].shape) != tuple(arr.shape):
+                raise ValueError(f"optimizer slot {slot}/{name} has shape "
+                                 f"{tuple(state[slot][name].shape)}, expected {tuple(arr.shape)}")
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done (an update or a save is never cut in half)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
