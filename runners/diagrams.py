@@ -19,6 +19,8 @@ consumer takes a value twice), summed gradients ``gradsum:VALUE``, cut edges
 """
 from __future__ import annotations
 
+from collections import Counter
+
 from capsflow.errors import CapsflowError
 from capsflow.opdef import OPS, REQUIRED
 
@@ -115,10 +117,14 @@ def attrs_text(d: dict) -> str:
         default = defaults[key].default
         if default is not REQUIRED and value == default:
             continue
-        text = ",".join(map(str, value)) if isinstance(value, list) else f"{value:g}" \
-            if isinstance(value, float) else str(value)
-        shown.append(text if key == "eq" else f"{key}={text}")
+        shown.append(_attr_text(value) if key == "eq" else f"{key}={_attr_text(value)}")
     return " ".join(shown)
+
+
+def _attr_text(value) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def title(graph, what: str, note: str = "") -> str:
@@ -137,7 +143,7 @@ def _outputs_of(graph) -> dict:
 
 
 # -- forward ------------------------------------------------------------------------------
-def forward_sketch(graph, focus: str | None = None, rankdir: str = "LR") -> Sketch:
+def forward_sketch(graph, focus: str | None = None, rankdir: str = "TB") -> Sketch:
     """The forward DAG: every input, parameter and op node, edges labelled with shapes."""
     dag = graph.dag
     sketch = Sketch(graph.spec.name, {"rankdir": rankdir, "label": title(graph, "forward graph")})
@@ -164,7 +170,8 @@ def forward_sketch(graph, focus: str | None = None, rankdir: str = "LR") -> Sket
                                 f"-> {shape_text(d['shape'])}  [{d.get('file')}:{d.get('line')}]")
             for ref in dict.fromkeys(d["inputs"]):
                 slots = dag.edges[ref, name]["slots"]
-                text = "" if dag.nodes[ref]["kind"] == "param" else shape_text(dag.nodes[ref]["shape"])
+                source = dag.nodes[ref]
+                text = "" if source["kind"] == "param" else shape_text(source["shape"])
                 if len(slots) > 1:
                     text += f" (\u00d7{len(slots)})"
                 sketch.edge(ref, name, id=f"fwd:{ref}->{name}", label=text or None,
@@ -204,15 +211,17 @@ def _forward_legend(sketch: Sketch) -> None:
 
 # -- backward --------------------------------------------------------------------------
 def backward_sketch(graph, flow: ReverseFlow, norms: GradNorms | None = None,
-                    focus: str | None = None, rankdir: str = "RL", note: str = "") -> Sketch:
+                    focus: str | None = None, rankdir: str = "BT", note: str = "",
+                    norm_range: tuple | None = None) -> Sketch:
     """The reverse plan: VJPs, summation points, parameter gradients, cut edges;
-    with ``norms``, every gradient edge coloured and sized by its norm."""
+    with ``norms``, every gradient edge coloured and sized by its norm on a log
+    scale spanning ``norm_range`` (default: the smallest to the largest norm)."""
     dag, plan = graph.dag, flow.plan
     what = "gradient norms of one batch" if norms else "backward graph (reverse plan)"
     sketch = Sketch(graph.spec.name, {"rankdir": rankdir, "label": title(graph, what, note)})
     sketch.graph_attrs.update(GRAPH_ATTRS)
     declare_clusters(sketch, graph)
-    scale = LogScale(*norms.range()) if norms else None
+    scale = LogScale(*(norm_range or norms.range())) if norms else None
     stoppers = {e.consumer for e in flow.cuts}
     totals = norms.totals if norms else {}
     for name in graph.order:
@@ -251,12 +260,12 @@ def backward_sketch(graph, flow: ReverseFlow, norms: GradNorms | None = None,
 def _gradient_edges(sketch: Sketch, graph, flow: ReverseFlow, norms: GradNorms | None,
                     scale: LogScale | None) -> None:
     dag = graph.dag
-    twice = {(e.consumer, e.value) for e in flow.edges
-             if sum(1 for f in flow.edges if (f.consumer, f.value) == (e.consumer, e.value)) > 1}
+    uses = Counter((e.consumer, e.value) for e in flow.edges)
     for e in flow.edges:
         head = f"sum({e.value})" if e.value in flow.sums else e.value
-        ident = f"grad:{e.consumer}->{e.value}" + (f"[{e.slot}]" if (e.consumer, e.value) in twice
-                                                   else "")
+        ident = f"grad:{e.consumer}->{e.value}"
+        if uses[e.consumer, e.value] > 1:  # mul(h, h): one edge per slot
+            ident += f"[{e.slot}]"
         value = norms.edges.get((e.consumer, e.value, e.slot)) if norms else None
         sketch.edge(e.consumer, head, id=ident, **_grad_style(
             shape_text(dag.nodes[e.value]["shape"]), norms is not None, value, scale))
@@ -273,11 +282,10 @@ def _gradient_edges(sketch: Sketch, graph, flow: ReverseFlow, norms: GradNorms |
 def _grad_style(text: str, measured: bool, value: float | None, scale: LogScale | None) -> dict:
     if not measured:
         return {"label": text}
-    if value is None or value == 0:
-        return {"label": f"{text}\n{norm_text(value if value == 0 else None)}",
-                "style": "dotted", "color": MUTED}
-    colour = scale.colour(value)
-    return {"label": f"{text}\n{norm_text(value)}", "color": colour, "fontcolor": colour,
+    if not value:  # never computed (every path to the loss cut) or exactly zero
+        return {"label": f"{text}\n{norm_text(value)}", "style": "dotted", "color": MUTED}
+    return {"label": f"{text}\n{norm_text(value)}", "color": scale.colour(value),
+            "fontcolor": scale.text_colour(value),
             "penwidth": str(scale.width(value))}
 
 
@@ -287,7 +295,7 @@ def _backward_legend(sketch: Sketch, scale: LogScale | None) -> None:
     sketch.node("legend/vjp", "", where, id="legend:vjp", shape="box", style="rounded,filled",
                 fillcolor=VJP_FILL, label=label("op VJP", "node id"))
     sketch.node("legend/sum", "", where, id="legend:sum", shape="circle", style="filled",
-                fillcolor=SUM_FILL, margin="0.02", label=label("\u03a3", "several consumers"))
+                fillcolor=SUM_FILL, margin="0.02", label=label("\u03a3", "n terms"))
     sketch.node("legend/param", "", where, id="legend:param", shape="ellipse", style="filled",
                 fillcolor=PARAM_FILL, label=label("\u2202loss/\u2202param"))
     sketch.node("legend/stop", "", where, id="legend:stop", shape="box", style="rounded,dashed",
@@ -298,9 +306,11 @@ def _backward_legend(sketch: Sketch, scale: LogScale | None) -> None:
                 fontcolor=CUT, arrowhead="tee", label="cut")
     if scale is None:
         return
+    ticks = scale.ticks()
     cells = "".join(f'<td bgcolor="{scale.colour(t)}"><font color="white" point-size="9">'
-                    f"{t:.0e}</font></td>" for t in scale.ticks())
+                    f"{t:.0e}</font></td>" for t in ticks)
     sketch.node("legend/scale", "", where, id="legend:scale", shape="plain",
-                label=f'<<table border="0" cellspacing="0" cellpadding="3"><tr><td colspan="5">'
+                label=f'<<table border="0" cellspacing="0" cellpadding="3"><tr>'
+                      f'<td colspan="{len(ticks)}">'
                       f'{esc("gradient norm ‖g‖ (colour and width, log scale)")}</td></tr>'
                       f"<tr>{cells}</tr></table>>")

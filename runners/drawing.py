@@ -81,8 +81,8 @@ class Sketch:
         self.edges = [e for e in self.edges if e[0] in shown and e[1] in shown
                       and (e[0] in kept or e[1] in kept)]
         for tail, head, attrs in self.edges:
-            if tail in context or head in context:
-                attrs.update(color=CONTEXT, fontcolor=CONTEXT)
+            if (tail in context or head in context) and "color" not in attrs:
+                attrs.update(color=CONTEXT, fontcolor=CONTEXT)  # measured colours stay
 
     # -- output ------------------------------------------------------------------------
     def to_graphviz(self) -> Any:
@@ -184,6 +184,10 @@ class LogScale:
         t = self.position(value) * (len(SCALE) - 1)
         k = min(int(t), len(SCALE) - 2)
         return _mix(SCALE[k], SCALE[k + 1], t - k)
+
+    def text_colour(self, value: float) -> str:
+        """The edge colour darkened, so that labels stay readable on white."""
+        return _mix(self.colour(value), "#000000", 0.3)
 
     def width(self, value: float) -> float:
         return round(0.8 + 4.7 * self.position(value), 2)

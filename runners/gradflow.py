@@ -95,9 +95,11 @@ class GradNorms:
 
     ``edges[(consumer, value, slot)]``: one contribution; ``totals[value]``: the
     summed gradient of a value (what its own VJP, or the optimizer, receives);
-    ``shapes`` the concrete shape of each value's gradient.
+    ``shapes`` the concrete shape of each value's gradient; ``flow`` the reverse
+    plan they were measured on.
     """
 
+    flow: ReverseFlow
     loss: float
     batch: int
     edges: dict = field(default_factory=dict)
@@ -105,13 +107,14 @@ class GradNorms:
     shapes: dict = field(default_factory=dict)
 
     def range(self) -> tuple:
-        """(smallest, largest) non-zero contribution norm; (0, 0) when all vanish."""
-        positive = [v for v in self.edges.values() if v > 0]
+        """(smallest, largest) non-zero norm, contributions and sums; (0, 0) if all vanish."""
+        positive = [v for v in [*self.edges.values(), *self.totals.values()] if v > 0]
         return (min(positive), max(positive)) if positive else (0.0, 0.0)
 
-    def to_json(self, flow: ReverseFlow, about: dict) -> dict:
+    def to_json(self, about: dict) -> dict:
         """A JSON-ready report: ``about`` (graph, input, parameters) plus the
         numbers in reverse-pass order."""
+        flow = self.flow
         edges = [{"from": e.consumer, "to": e.value, "slot": e.slot,
                   "shape": list(self.shapes.get(e.value, ())),
                   "norm": self.edges.get((e.consumer, e.value, e.slot))}
@@ -149,7 +152,7 @@ def measure_grad_norms(graph, params: dict, inputs: dict, backend: str = "numpy"
     for (_, value, _), n in edges.items():
         totals.setdefault(value, n)  # a single contribution is the whole gradient
     batch = next(int(v.shape[0]) for v in inputs.values() if v is not None)
-    return GradNorms(float(outputs[loss]), batch, edges, totals, shapes)
+    return GradNorms(flow, float(outputs[loss]), batch, edges, totals, shapes)
 
 
 def _norm(xp: Any, g: Any) -> float:

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
-import numpy as np
-
+from capsflow.backend import BACKENDS
 from capsflow.checkpoint import load_params
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.errors import CapsflowError
 
-from .diagrams import backward_sketch, forward_sketch
+from .data import DATASETS, load_split, one_hot
+from .diagrams import backward_sketch, focus_members, forward_sketch
 from .drawing import import_graphviz
+from .gradcheck import random_batch
 from .gradflow import measure_grad_norms, reverse_flow
 
+PDF_DATE = re.compile(rb"/CreationDate \(D:\d{14}Z\)")
 FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}
 INSTALL_DOT = ("Graphviz's 'dot' program is not installed, so {out} cannot be drawn; install "
                "it (apt-get install graphviz, brew install graphviz or conda install graphviz), "
@@ -44,10 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "norm (implies --backward)")
     parser.add_argument("--stats", metavar="OUT.json",
                         help="also write the gradient norms as JSON (implies --grad-norms)")
+    parser.add_argument("--norm-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+                        help="fix the colour scale of --grad-norms, e.g. 1e-10 10, so that "
+                             "drawings of different runs compare (default: this run's range)")
     parser.add_argument("--loss", default="loss", help="output to differentiate (loss)")
-    parser.add_argument("--rankdir", choices=["LR", "TB"], default="LR",
+    parser.add_argument("--rankdir", choices=["TB", "LR"], default="TB",
                         help="layout direction of the forward graph; the backward graph "
-                             "runs the other way (LR: loss on the right in both)")
+                             "runs the other way, so the loss sits at the same end in both")
     batch = parser.add_argument_group("the batch of --grad-norms")
     batch.add_argument("--checkpoint", metavar="PATH",
                        help="parameters (.npz from train or save_params); default: fresh "
@@ -56,39 +62,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="random images and labels instead of MNIST")
     batch.add_argument("--data-dir", help="data root or dataset folder (else $CAPSFLOW_DATA, "
                                           "the user cache)")
-    batch.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
+    batch.add_argument("--dataset", default="mnist", choices=list(DATASETS))
     batch.add_argument("--split", default="test", choices=["train", "test"])
     batch.add_argument("--bs", type=int, default=8, help="batch size (8)")
     batch.add_argument("--seed", type=int, default=0,
                        help="seed of the initial weights and the random input (0)")
-    batch.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    batch.add_argument("--backend", default="numpy", choices=BACKENDS)
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.output)
     fmt = output_format(out)
-    measuring = args.grad_norms or args.stats is not None
-    for flag, given in (("--checkpoint", args.checkpoint), ("--random-input", args.random_input)):
-        if given and not measuring:
-            raise CapsflowError(f"{flag} only matters with --grad-norms (or --stats)")
-    if args.bs < 1:
-        raise CapsflowError(f"--bs must be a positive batch size, got {args.bs}")
+    measuring = check_flags(args)
     graph = compile_from_args(args)
+    if args.focus:
+        focus_members(graph, args.focus)  # a bad --focus fails before any computing
     backward_dir = {"LR": "RL", "TB": "BT"}[args.rankdir]
     if measuring:
-        inputs, source = batch_inputs(graph, args)
-        params, weights = parameters(graph, args)
-        norms = measure_grad_norms(graph, params, inputs, backend=args.backend, loss=args.loss)
-        flow = reverse_flow(graph, {k for k, v in inputs.items() if v is not None}, args.loss)
-        note = f"{source}, {weights}: loss {norms.loss:.4f}"
-        print(f"one batch of {norms.batch} ({source}, {weights}): loss {norms.loss:.4f}, "
-              f"gradient norms {norms.range()[0]:.2e} .. {norms.range()[1]:.2e}")
-        sketch = backward_sketch(graph, flow, norms, args.focus, backward_dir, note)
-        if args.stats:
-            about = {"graph": graph.spec.name, "file": graph.spec.file, "vars": graph.spec.vars,
-                     "loss_output": args.loss, "input": source, "weights": weights}
-            write_json(Path(args.stats), norms.to_json(flow, about))
-            print(f"wrote {args.stats}")
+        sketch = grad_norm_sketch(graph, args, backward_dir)
     elif args.backward:
         flow = reverse_flow(graph, loss=args.loss)
         sketch = backward_sketch(graph, flow, None, args.focus, backward_dir)
@@ -97,6 +88,39 @@ def main(args: argparse.Namespace) -> int:
     write_drawing(sketch.to_graphviz(), out, fmt)
     print(f"wrote {out} ({len(sketch.items)} nodes, {len(sketch.edges)} edges)")
     return 0
+
+
+def check_flags(args: argparse.Namespace) -> bool:
+    """One line for flags that make no sense together; True when a batch is to run."""
+    measuring = args.grad_norms or args.stats is not None
+    for flag, given in (("--checkpoint", args.checkpoint), ("--random-input", args.random_input),
+                        ("--norm-range", args.norm_range)):
+        if given and not measuring:
+            raise CapsflowError(f"{flag} only matters with --grad-norms (or --stats)")
+    if args.bs < 1:
+        raise CapsflowError(f"--bs must be a positive batch size, got {args.bs}")
+    if args.norm_range and not 0 < args.norm_range[0] < args.norm_range[1]:
+        raise CapsflowError(f"--norm-range needs 0 < LOW < HIGH, got {args.norm_range[0]:g} "
+                            f"{args.norm_range[1]:g}")
+    return measuring
+
+
+def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str):
+    """Run one batch, report its gradient norms (and write --stats), and draw them."""
+    params, weights = parameters(graph, args)
+    inputs, source = batch_inputs(graph, args)
+    norms = measure_grad_norms(graph, params, inputs, backend=args.backend, loss=args.loss)
+    low, high = norms.range()
+    print(f"one batch of {norms.batch} ({source}, {weights}): loss {norms.loss:.4f}, "
+          f"gradient norms {low:.2e} .. {high:.2e}")
+    if args.stats:
+        about = {"graph": graph.spec.name, "file": graph.spec.file, "vars": graph.spec.vars,
+                 "loss_output": args.loss, "input": source, "weights": weights}
+        write_json(Path(args.stats), norms.to_json(about))
+        print(f"wrote {args.stats}")
+    note = f"{source}, {weights}: loss {norms.loss:.4f}"
+    return backward_sketch(graph, norms.flow, norms, args.focus, rankdir, note,
+                           args.norm_range)
 
 
 def output_format(out: Path) -> str:
@@ -122,20 +146,36 @@ def write_drawing(dot, out: Path, fmt: str) -> None:
         detail = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
         raise CapsflowError(f"Graphviz failed to draw {out}: "
                             f"{detail[-1] if detail else exc}") from None
-    out.write_bytes(data)
+    out.write_bytes(_fixed_pdf_date(data) if fmt == "pdf" else data)
+
+
+def _fixed_pdf_date(pdf: bytes) -> bytes:
+    """Cairo stamps PDFs with the time of drawing; a fixed date of the same length
+    (so the byte offsets in the PDF's index stay valid) keeps re-renders identical."""
+    return PDF_DATE.sub(b"/CreationDate (D:19700101000000Z)", pdf)
 
 
 def write_json(path: Path, report: dict) -> None:
+    """JSON with one line per top-level field and per entry of a list or of a
+    mapping of mappings (an edge, a value), so that diffs stay readable."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, list) and value:
+            inner = ",\n".join(f"  {json.dumps(v)}" for v in value)
+            lines.append(f" {json.dumps(key)}: [\n{inner}\n ]")
+        elif isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            inner = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+            lines.append(f" {json.dumps(key)}: {{\n{inner}\n }}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    path.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
 
 
 def batch_inputs(graph, args: argparse.Namespace) -> tuple:
     """(inputs, description): ``--bs`` MNIST examples (x, one-hot y), or random ones."""
     if args.random_input:
-        from .gradcheck import random_batch
         return random_batch(graph, args.bs, args.seed), f"random input (seed {args.seed})"
-    from .data import load_split, one_hot
     wanted = set(graph.spec.inputs)
     if not wanted <= {"x", "y"} or "x" not in wanted:
         raise CapsflowError(f"the graph's inputs ({', '.join(graph.spec.inputs)}) are not "
@@ -143,7 +183,7 @@ def batch_inputs(graph, args: argparse.Namespace) -> tuple:
     images, labels = load_split(args.dataset, args.split, args.data_dir, limit=args.bs)
     inputs = {"x": images}
     if "y" in wanted:
-        inputs["y"] = one_hot(labels).astype(np.float32)
+        inputs["y"] = one_hot(labels)
     return inputs, f"{args.dataset} {args.split}[0:{len(images)}]"
 
 
