@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from capsflow.backend import BACKENDS
+from capsflow.backend import BACKENDS, get_backend
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
@@ -27,17 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add_graph_arguments(parser)
     a = parser.add_argument
-    a("--bs", type=int, help=f"batch size (default {d.batch_size})")
-    a("--lr", type=float, help=f"learning rate (default {d.lr:g})")
+    a("--bs", type=int, metavar="N", help=f"batch size (default {d.batch_size})")
+    a("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr:g})")
     a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
-    a("--lr-decay", dest="lr_decay", type=float,
+    a("--lr-decay", dest="lr_decay", type=float, metavar="F",
       help=f"learning rate factor per epoch: lr * F**epoch (default {d.lr_decay}; 1 = constant)")
-    a("--num_epochs", type=int, help=f"epochs to train (default {d.num_epochs})")
-    a("--val_epoch", type=int, help=f"validate on the test split every N epochs, and after "
-                                   f"the last (default {d.val_epoch})")
-    a("--disp", type=int, help=f"log running loss/accuracy every N iterations (default {d.disp})")
-    a("--save_dir", help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, "
-                         "or the checkpoint's folder with --resume)")
+    a("--num_epochs", type=int, metavar="N", help=f"epochs to train (default {d.num_epochs})")
+    a("--val_epoch", type=int, metavar="N",
+      help=f"validate on the test split every N epochs, and after the last "
+           f"(default {d.val_epoch})")
+    a("--disp", type=int, metavar="N",
+      help=f"log running loss/accuracy every N iterations (default {d.disp})")
+    a("--save_dir", metavar="DIR",
+      help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, or the "
+           "checkpoint's folder with --resume)")
     a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
     a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
     a("--data-dir", dest="data_dir", metavar="ROOT",
@@ -47,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="train on the first N training examples only")
     a("--limit-test", dest="limit_test", type=int, metavar="N",
       help="validate on the first N test examples only")
-    a("--seed", type=int, help=f"seed of parameter init, batch order and shifts (default {d.seed})")
+    a("--seed", type=int, metavar="S",
+      help=f"seed of parameter init, batch order and shifts (default {d.seed})")
     shift = parser.add_mutually_exclusive_group()
     shift.add_argument("--shift", type=int, metavar="PIXELS",
                        help=f"random shifts of up to PIXELS in training (default {d.shift})")
@@ -78,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
         args.overrides = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
     graph = compile_from_args(args)
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
+    get_backend(config.backend)  # an unusable backend fails before the data is loaded
     if args.save_dir:
         save_dir = Path(args.save_dir)
     else:

@@ -137,7 +137,7 @@ class Checkpoint:
     params: dict                   # name -> array, the spec's parameter names
     optim: dict                    # capsflow.optim.state_to_flat layout
     meta: dict                     # JSON record, see Trainer.meta()
-    graph_text: str                # the YAML text the run was compiled from
+    sources: dict                  # spec files the run was compiled from: relative path -> text
 
     @property
     def overrides(self) -> dict:
@@ -150,13 +150,16 @@ class Checkpoint:
 
 
 def write_checkpoint(path: str | Path, params: dict, optim_flat: dict, meta: dict,
-                     graph_text: str) -> None:
-    """Write a checkpoint atomically (a crash leaves the previous file intact)."""
+                     sources: dict) -> None:
+    """Write a checkpoint atomically (a crash leaves the previous file intact).
+
+    ``sources`` (relative path -> YAML text, the graph first) land under ``spec/<path>``;
+    with ``meta["overrides"]`` they rebuild the graph (see ``graph_from_checkpoint``)."""
     arrays = {f"param/{k}": v for k, v in params.items()}
     arrays.update({f"optim/{k}": v for k, v in optim_flat.items()})
+    arrays.update({f"spec/{k}": np.asarray(text) for k, text in sources.items()})
     arrays["epoch"] = np.asarray(int(meta["progress"]["epoch"]), dtype=np.int64)
-    arrays["meta"] = np.asarray(json.dumps(meta))
-    arrays["graph/yaml"] = np.asarray(graph_text)
+    arrays["meta"] = np.asarray(json.dumps(dict(meta, spec_files=list(sources))))
     save_npz_atomic(path, arrays)
 
 
@@ -164,26 +167,54 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by ``write_checkpoint``; anything else is one clear line."""
     path = Path(path)
     arrays = load_npz(path)  # missing or truncated files raise one line there
+    not_ours = (f"{path} is not a capsflow training checkpoint ({{}}); pass a last.npz or "
+                f"best.npz written by capsflow train")
+    if "meta" not in arrays:
+        raise CapsflowError(not_ours.format("no 'meta' entry"))
     try:
         meta = json.loads(str(arrays["meta"]))
-        graph_text = str(arrays["graph/yaml"])
-    except KeyError as exc:
-        raise CapsflowError(f"{path} is not a capsflow training checkpoint "
-                            f"(no {exc.args[0]!r} entry); pass a last.npz or best.npz "
-                            f"written by capsflow train") from None
     except json.JSONDecodeError as exc:
         raise CapsflowError(f"{path}: the checkpoint's meta record is not valid JSON "
                             f"({exc.msg}); the file is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CapsflowError(f"{path} is not a capsflow training checkpoint (bad meta record)")
+        raise CapsflowError(not_ours.format("its meta record is not capsflow's"))
     if meta.get("version") != CHECKPOINT_VERSION:
         raise CapsflowError(f"{path} is checkpoint version {meta.get('version')}; this capsflow "
                             f"reads version {CHECKPOINT_VERSION}")
+    missing = [f"spec/{n}" for n in meta.get("spec_files") or [] if f"spec/{n}" not in arrays]
+    if not meta.get("spec_files") or missing or "progress" not in meta:
+        raise CapsflowError(f"{path}: the checkpoint is incomplete (no "
+                            f"{missing[0] if missing else 'spec files or progress'}); "
+                            f"the file is damaged")
+    sources = {name: str(arrays[f"spec/{name}"]) for name in meta["spec_files"]}
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     if not params:
         raise CapsflowError(f"{path} holds no parameters (no 'param/<name>' entries)")
-    return Checkpoint(path, params, optim, meta, graph_text)
+    return Checkpoint(path, params, optim, meta, sources)
+
+
+def spec_sources(graph: Any) -> dict:
+    """The spec files ``graph`` was compiled from (graph, bases, included fragments):
+    path relative to their common folder -> text, the graph first."""
+    files = [Path(f).resolve() for f in (getattr(graph.spec, "sources", None)
+                                         or [graph.spec.file])]
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
+    return {f.relative_to(root).as_posix(): f.read_text() for f in files}
+
+
+def graph_from_checkpoint(ckpt: Checkpoint, overrides: Optional[dict] = None) -> Any:
+    """Compile the spec stored in ``ckpt`` with its overrides (updated by ``overrides``),
+    independent of the YAML files on disk now."""
+    from capsflow.graph import compile as compile_graph
+    merged = dict(ckpt.overrides, **(overrides or {}))
+    main = next(iter(ckpt.sources))
+    with tempfile.TemporaryDirectory(prefix="capsflow-spec-") as tmp:
+        for name, text in ckpt.sources.items():
+            target = Path(tmp, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        return compile_graph(Path(tmp, main), merged)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -308,7 +339,7 @@ class Trainer:
         self.save_dir = Path(save_dir)
         self.log, self.progress_bar = log, progress_bar
         self.backend = get_backend(config.backend)
-        self.graph_text = Path(graph.spec.file).read_text()
+        self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         host = graph.init_params(config.seed, config.dtype)
         self.params = {k: self.backend.asarray(v) for k, v in host.items()}
@@ -343,7 +374,7 @@ class Trainer:
 
     def save(self, path: str | Path) -> None:
         write_checkpoint(path, self.params, state_to_flat(self.opt_state), self.meta(),
-                         self.graph_text)
+                         self.sources)
 
     def restore(self, ckpt: Checkpoint) -> None:
         """Continue from ``ckpt``: parameters, optimizer, batch order, running sums.
@@ -373,7 +404,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError) as exc:
             raise CapsflowError(f"{ckpt.path}: damaged training state ({exc}); "
                                 f"start a fresh run or use another checkpoint") from None
-        if ckpt.graph_text != self.graph_text:
+        if ckpt.sources != self.sources:
             self.log(f"note: {self.graph.spec.file} differs from the spec text stored in "
                      f"{ckpt.path}; continuing with {self.graph.spec.file}")
         self._trim_metrics(ckpt.path.parent / METRICS)
@@ -419,9 +450,11 @@ class Trainer:
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")
         for x, y in batches:
-            out, grads = self.graph.value_and_grad(self.params, {"x": x, "y": y},
-                                                   backend=cfg.backend,
-                                                   outputs=["loss", "lengths"])
+            # A diverging run is reported once, below, instead of by NumPy's warnings.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                out, grads = self.graph.value_and_grad(self.params, {"x": x, "y": y},
+                                                       backend=cfg.backend,
+                                                       outputs=["loss", "lengths"])
             loss = float(to_numpy(out["loss"]))
             if not np.isfinite(loss):
                 raise TrainingDiverged(self._diverged_message(
@@ -518,7 +551,7 @@ def read_metrics(path: str | Path) -> list:
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, TypeError) as exc:
             raise CapsflowError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
     return records
 
@@ -562,3 +595,29 @@ def _interrupts_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------- inference
+
+
+def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Optional[dict] = None,
+               backend: str = "numpy", log: Callable[[str], None] = print) -> tuple:
+    """A trained model for inference: (graph, params on ``backend``, Checkpoint).
+
+    The graph is ``graph_path`` compiled with the checkpoint's variable overrides,
+    updated by ``overrides`` (e.g. ``{"routing_iters": 5}`` at test time). When the spec
+    files on disk differ from those stored in the checkpoint, the stored ones are used
+    (with a note through ``log``): they are what the parameters were trained with.
+    """
+    from capsflow.graph import compile as compile_graph
+    ckpt = read_checkpoint(checkpoint)
+    graph = compile_graph(graph_path, dict(ckpt.overrides, **(overrides or {})))
+    if spec_sources(graph) != ckpt.sources:
+        log(f"note: {graph_path} (or a file it includes) differs from the spec stored in "
+            f"{ckpt.path}; using the stored spec")
+        graph = graph_from_checkpoint(ckpt, overrides)
+    graph.check_params(ckpt.params)
+    dtype = np.dtype(ckpt.meta.get("config", {}).get("dtype", "float32"))
+    be = get_backend(backend)
+    params = {k: be.asarray(ckpt.params[k], dtype=dtype) for k in graph.spec.params}
+    return graph, params, ckpt

@@ -1,0 +1,200 @@
+"""``capsflow visualize GRAPH.yaml --checkpoint PATH --out DIR``: pictures of a trained model.
+
+Writes into DIR:
+
+* ``recon.png``: test images and their reconstructions, the decoder masked by the
+  predicted class (no labels fed);
+* ``perturbation.png``: the paper's Figure 4: each of the 16 dimensions of the predicted
+  digit capsule shifted from -0.25 to +0.25 in steps of 0.05 and decoded. The shifted
+  capsules go straight into the decoder through ``graph.run(..., feed={"routing/v": v})``;
+* ``curves.png``: training and test loss and accuracy from the run's metrics.jsonl.
+
+Grids come from ``torchvision.utils.make_grid``, figures from matplotlib (Agg backend).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsflow.backend import to_numpy
+from capsflow.errors import CapsflowError
+from capsflow.runners.data import IMAGE_SIZE, one_hot
+from capsflow.runners.evaluate import CLASS_NAMES, add_model_arguments, open_model
+from capsflow.runners.training import METRICS, batched_outputs, read_metrics
+
+CAPSULES = "digitcaps"       # graph output holding the digit capsules (N, 10, 16)
+DELTAS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2) + 0.0  # 11 shifts as in the paper
+# (+ 0.0 turns the -0.0 in the middle into 0.0)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    a = parser.add_argument
+    a("--out", required=True, metavar="DIR", help="folder for the PNG files")
+    a("--count", type=int, default=32, help="test images in the reconstruction grid (default 32)")
+    a("--index", type=int, default=0,
+      help="test image whose capsule is perturbed (default 0, the first)")
+    a("--metrics", metavar="FILE",
+      help="metrics.jsonl for the curves (default: the one beside the checkpoint)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise CapsflowError(f"--count must be >= 1, got {args.count}")
+    graph, params, ckpt, dataset, images, labels = open_model(args)
+    if CAPSULES not in graph.spec.outputs:
+        raise CapsflowError(f"{args.graph} has no output '{CAPSULES}' (the digit capsules, "
+                            f"N x 10 x 16) to perturb")
+    if not 0 <= args.index < images.shape[0]:
+        raise CapsflowError(f"--index {args.index} is outside the {images.shape[0]} test "
+                            f"images loaded (see --limit-test)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = CLASS_NAMES[dataset]
+    written = [
+        reconstruction_figure(graph, params, images[:args.count], labels[:args.count], names,
+                              out / "recon.png", args.bs, args.backend),
+        perturbation_figure(graph, params, images[args.index:args.index + 1], names,
+                            out / "perturbation.png", args.index, args.backend),
+    ]
+    metrics = Path(args.metrics) if args.metrics else ckpt.path.parent / METRICS
+    if metrics.is_file():
+        written.append(curves_figure(read_metrics(metrics), out / "curves.png",
+                                     title=f"{graph.spec.name} on {dataset}"))
+    elif args.metrics:
+        raise CapsflowError(f"no such metrics file: {metrics}")
+    else:
+        print(f"note: no {metrics}; curves.png skipped (pass --metrics FILE)")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------ figures
+
+
+def _pyplot() -> Any:
+    import matplotlib  # lazy: only this runner draws
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grid(images: np.ndarray, nrow: int) -> np.ndarray:
+    """(B, 784) or (B, 1, 28, 28) in [0, 1] -> (H, W, 3) image of a make_grid tiling."""
+    import torch
+    from torchvision.utils import make_grid
+    tiles = torch.from_numpy(np.ascontiguousarray(
+        images.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32))
+    grid = make_grid(tiles, nrow=nrow, padding=2, pad_value=0.5)
+    return grid.permute(1, 2, 0).numpy()
+
+
+def reconstruction_figure(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
+                          names: list, path: Path, batch_size: int = 100,
+                          backend: str = "numpy") -> Path:
+    """Inputs (left) and reconstructions from the predicted capsule (right)."""
+    recon = np.empty((images.shape[0], IMAGE_SIZE * IMAGE_SIZE), dtype=np.float32)
+    pred = np.empty(images.shape[0], dtype=np.int64)
+    for part, out in batched_outputs(graph, params, images, None, ("lengths", "recon"),
+                                     batch_size, backend):
+        recon[part], pred[part] = out["recon"], out["lengths"].argmax(axis=1)
+    wrong = [f"#{i}: {names[labels[i]]} read as {names[pred[i]]}"
+             for i in np.flatnonzero(pred != labels)]
+    nrow = min(8, images.shape[0])
+    rows = -(-images.shape[0] // nrow)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 5 * rows / nrow))
+    panels = ((axes[0], images, f"test images 0-{images.shape[0] - 1}"),
+              (axes[1], recon, "reconstructions (decoder fed the predicted capsule)"))
+    for ax, tiles, title in panels:
+        ax.imshow(_grid(tiles, nrow), interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    correct = images.shape[0] - len(wrong)
+    summary = f"{correct}/{images.shape[0]} classified correctly"
+    if wrong:
+        summary += "; " + ", ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else "")
+    fig.suptitle(summary, fontsize=9, y=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def perturbed_capsules(v: np.ndarray, cls: int, deltas: np.ndarray = DELTAS) -> np.ndarray:
+    """v (10, 16) -> (16 * len(deltas), 10, 16): row d*len(deltas)+k has capsule ``cls``'s
+    dimension d shifted by deltas[k], every other value unchanged."""
+    dims = v.shape[-1]
+    out = np.repeat(v[None], dims * deltas.size, axis=0).reshape(dims, deltas.size, *v.shape)
+    out[np.arange(dims), :, cls, np.arange(dims)] += deltas
+    return out.reshape(-1, *v.shape)
+
+
+def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list, path: Path,
+                        index: int = 0, backend: str = "numpy") -> Path:
+    """The 16 x 11 grid of decoded capsule perturbations for one image (1, 1, 28, 28)."""
+    out = graph.run(params, {"x": image}, backend=backend, outputs=["lengths", CAPSULES])
+    lengths, v = to_numpy(out["lengths"])[0], to_numpy(out[CAPSULES])[0]   # (10,), (10, 16)
+    cls = int(lengths.argmax())
+    caps = perturbed_capsules(v, cls)                                     # (176, 10, 16)
+    n = caps.shape[0]
+    # y fixes the mask on the predicted capsule even if a shift changed the argmax;
+    # x is a required input, though the fed capsules cut everything upstream of them.
+    decoded = graph.run(params, {"x": np.broadcast_to(image, (n,) + image.shape[1:]),
+                                 "y": one_hot(np.full(n, cls))},
+                        backend=backend, outputs=["recon"],
+                        feed={graph.spec.outputs[CAPSULES]: caps})
+    grid = _grid(to_numpy(decoded["recon"]), nrow=DELTAS.size)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 9.2))
+    ax.imshow(grid, interpolation="nearest")
+    step = IMAGE_SIZE + 2  # tile plus make_grid's padding
+    ax.set_xticks(2 + IMAGE_SIZE / 2 + step * np.arange(DELTAS.size))
+    ax.set_xticklabels([f"{d:+.2f}" for d in DELTAS], fontsize=7, rotation=90)
+    ax.set_yticks(2 + IMAGE_SIZE / 2 + step * np.arange(v.shape[-1]))
+    ax.set_yticklabels([str(d) for d in range(v.shape[-1])], fontsize=7)
+    ax.set_xlabel("shift added to the dimension")
+    ax.set_ylabel("dimension of the digit capsule")
+    ax.set_title(f"test image {index}: capsule '{names[cls]}' (length {lengths[cls]:.2f}), "
+                 f"one dimension shifted per row", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curves_figure(records: list, path: Path, title: str = "") -> Path:
+    """Loss and accuracy against iterations: training every --disp iterations (lines),
+    test at the validated epochs (markers)."""
+    train = [r for r in records if r.get("kind") == "train"]
+    tested = [r for r in records if r.get("kind") == "epoch" and r.get("test_acc") is not None]
+    if not train and not tested:
+        raise CapsflowError(f"no training records to plot in the metrics for {path.name}")
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
+        scale = 100 if key == "acc" else 1
+        if train:
+            ax.plot([r["iteration"] for r in train], [scale * r[key] for r in train],
+                    lw=1, label="train (running, per --disp window)")
+        if tested:
+            ax.plot([r["iteration"] for r in tested], [scale * r[f"test_{key}"] for r in tested],
+                    "o-", label="test (end of epoch)")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_loss.set_yscale("log")
+    if tested:
+        best = max(tested, key=lambda r: r["test_acc"])
+        ax_acc.set_title(f"best test accuracy {100 * best['test_acc']:.2f}% "
+                         f"(epoch {best['epoch']})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
