@@ -53,7 +53,7 @@ class Document:
     outputs: LocDict
     nodes: list
     declared: set = field(default_factory=set)    # names some file declares (not just --set)
-    sources: list = field(default_factory=list)   # every file read, the graph first
+    sources: list = field(default_factory=list)   # the graph, its bases, the fragments used
 
 
 @dataclass(eq=False)
@@ -67,9 +67,17 @@ class _Fragment:
 
 @dataclass(eq=False)
 class _Group:
-    """The entries an include spliced in, kept together until the replaces are done."""
+    """The entries an include spliced in, kept together until the replaces are done.
+    The fragment still counts while one of its own top-level entries is in ``entries``."""
     entries: list
     fragment: _Fragment
+    original: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.original = list(self.entries)
+
+    def survives(self) -> bool:
+        return any(e is o for e in self.entries for o in self.original)
 
 
 def compose(path: str, overrides: dict) -> Document:
@@ -96,14 +104,14 @@ def compose(path: str, overrides: dict) -> Document:
     nodes = _flatten(nodes, fragments)
     variables, origins = _fragment_vars(fragments, variables, origins, path)
     params = _merge_sections(chain, "params")
-    _add_fragment_params(params, fragments, chain)
+    _add_fragment_params(params, fragments)
     top = chain[-1]
     return Document(
         file=path, name=top.get("name"), description=top.get("description") or "",
         vars=variables, origins=origins, inputs=_merge_sections(chain, "inputs"),
         params=params, outputs=_merge_sections(chain, "outputs"), nodes=nodes,
         declared=declared | {n for f in fragments for n in f.vars},
-        sources=[d.file for d in reversed(chain)] + [f.path for f in composer.loaded])
+        sources=[d.file for d in reversed(chain)] + [f.path for f in fragments])
 
 
 # -- extends ----------------------------------------------------------------------------
@@ -116,7 +124,7 @@ def _load_chain(path: str) -> list:
         if not isinstance(raw, dict):
             raise SpecError("a graph spec must be a YAML mapping with 'nodes' and 'outputs'",
                             file=path)
-        _check_keys(raw, GRAPH_KEYS, "top level")
+        check_keys(raw, GRAPH_KEYS, "top level")
         chain.append(raw)
         seen.append(str(Path(path).resolve()))
         base = raw.get("extends")
@@ -191,8 +199,7 @@ class _Composer:
     def __init__(self, variables: dict, origins: dict):
         self.variables = variables
         self.origins = origins
-        self.loaded: list[_Fragment] = []
-        self.stack: list[str] = []
+        self.stack: list[str] = []   # resolved paths of the fragments being spliced
 
     def splice(self, entries: Any, file: str, scope: dict) -> Any:
         """``entries`` with each ``{include: PATH}`` replaced by the fragment's nodes.
@@ -212,7 +219,7 @@ class _Composer:
         return out
 
     def include(self, entry: LocDict, scope: dict) -> _Group:
-        _check_keys(entry, INCLUDE_KEYS, "include")
+        check_keys(entry, INCLUDE_KEYS, "include")
         ref = entry["include"]
         if not isinstance(ref, str) or not ref:
             raise SpecError(f"include must be the path of a YAML fragment, got {ref!r}",
@@ -220,7 +227,7 @@ class _Composer:
         resolved = self._interpolate(ref, scope, entry)
         path = Path(entry.file).parent / resolved
         if not path.is_file():
-            raise self._missing(ref, resolved, path, entry, scope)
+            raise self._missing(ref, path, entry, scope)
         key = str(path.resolve())
         if key in self.stack:
             loop = " -> ".join(Path(p).name for p in self.stack + [key])
@@ -230,11 +237,10 @@ class _Composer:
         if not isinstance(raw, dict):
             raise SpecError("an included fragment must be a YAML mapping with 'nodes'",
                             file=str(path))
-        _check_keys(raw, FRAGMENT_KEYS, "included fragment")
+        check_keys(raw, FRAGMENT_KEYS, "included fragment")
         if not isinstance(raw.get("nodes"), list):
             raise SpecError("an included fragment needs a 'nodes' list", file=str(path))
         fragment = _Fragment(str(path), _section(raw, "vars"), _section(raw, "params"))
-        self.loaded.append(fragment)
         inner = dict(scope)
         for name, value in fragment.vars.items():
             inner.setdefault(name, (value, (fragment.path, fragment.vars.key_line(name))))
@@ -262,8 +268,7 @@ class _Composer:
             return self._interpolate(out, scope, entry, depth + 1)
         return out
 
-    def _missing(self, ref: str, resolved: str, path: Path, entry: LocDict,
-                 scope: dict) -> SpecError:
+    def _missing(self, ref: str, path: Path, entry: LocDict, scope: dict) -> SpecError:
         """'no such fragment', pointing at the line that chose it when a variable did."""
         there = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
         choices = f"; {path.parent} has: {', '.join(there)}" if there else ""
@@ -340,13 +345,14 @@ def _all_ids(entries: Any, prefix: str = "") -> list:
 
 
 def _flatten(entries: Any, fragments: list) -> Any:
-    """Splice each group's entries in place, noting which fragments are still used."""
+    """Splice each group's entries in place, noting the fragments that are still used
+    (a fragment whose every entry was replaced brings no vars or params)."""
     if not isinstance(entries, list):
         return entries
     out = []
     for e in entries:
         if isinstance(e, _Group):
-            if e.fragment not in fragments:
+            if e.survives() and e.fragment not in fragments:
                 fragments.append(e.fragment)
             out.extend(_flatten(e.entries, fragments))
             continue
@@ -378,7 +384,7 @@ def _fragment_vars(fragments: list, variables: dict, origins: dict,
     return values, where
 
 
-def _add_fragment_params(params: Any, fragments: list, chain: list) -> None:
+def _add_fragment_params(params: Any, fragments: list) -> None:
     """Fragment params join the graph's; a graph file's own declaration wins."""
     if not isinstance(params, dict):
         return
@@ -408,9 +414,11 @@ def _section(raw: LocDict, key: str) -> LocDict:
     return section
 
 
-def _check_keys(entry: dict, allowed: set, what: str) -> None:
+def check_keys(entry: dict, allowed: set, what: str, path: str | None = None) -> None:
+    """One line naming the first key of ``entry`` that is not ``allowed``, at its line."""
     unknown = sorted(set(entry) - allowed)
     if unknown:
         line = entry.key_line(unknown[0]) if isinstance(entry, LocDict) else None
-        raise SpecError(f"{what}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})",
-                        file=getattr(entry, "file", None), line=line)
+        raise SpecError(f"{what}: unknown key '{unknown[0]}' "
+                        f"(allowed: {', '.join(sorted(allowed))})",
+                        file=getattr(entry, "file", None) or path, line=line)

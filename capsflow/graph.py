@@ -58,16 +58,21 @@ class Graph:
 
     # -- running ---------------------------------------------------------------------
     def plan(self, given: set, outputs: list | None = None, loss: str | None = None,
-             wrt: list | None = None) -> Plan:
+             wrt: list | None = None, fed: frozenset = frozenset()) -> Plan:
         chosen = self._choose_outputs(given, outputs)
         return make_plan(self.dag, self.order, given, chosen,
-                         self.spec.outputs[loss] if loss else None, wrt)
+                         self.spec.outputs[loss] if loss else None, wrt, fed)
 
     def run(self, params: dict, inputs: dict, backend: str = "numpy",
-            outputs: list | None = None, return_peak: bool = False) -> Any:
+            outputs: list | None = None, return_peak: bool = False,
+            feed: dict | None = None) -> Any:
         """Forward pass -> {output name: backend array}. ``outputs=None``: every output
-        computable from the given inputs (``loss`` needs ``y``)."""
-        result = self._execute(params, inputs, backend, outputs, loss=None)
+        computable from the given inputs (``loss`` needs ``y``).
+
+        ``feed`` maps op node ids (or aliases such as ``routing/v``) to values used
+        instead of computing them, e.g. perturbed digit capsules (N, 10, 16) to decode;
+        nodes needed only by fed ones do not run. Required inputs must still be given."""
+        result = self._execute(params, inputs, backend, outputs, loss=None, feed=feed)
         return (result.outputs, result.peak_bytes) if return_peak else result.outputs
 
     def value_and_grad(self, params: dict, inputs: dict, backend: str = "numpy",
@@ -86,7 +91,8 @@ class Graph:
                  for n, g in result.grads.items()}
         return (result.outputs, grads, result.peak_bytes) if return_peak else (result.outputs, grads)
 
-    def _execute(self, params, inputs, backend, outputs, loss, grad_hook=None) -> RunResult:
+    def _execute(self, params, inputs, backend, outputs, loss, grad_hook=None,
+                 feed=None) -> RunResult:
         be = get_backend(backend)
         self.check_params(params)
         unknown = sorted(set(inputs) - set(self.spec.inputs))
@@ -94,12 +100,16 @@ class Graph:
             raise CapsflowError(f"unknown input '{unknown[0]}'; the graph's inputs are "
                                 f"{', '.join(self.spec.inputs)}")
         given = {k for k, v in inputs.items() if v is not None}
-        plan = self.plan(given, outputs, loss)
+        fed = {self._fed_node(k): v for k, v in (feed or {}).items()}
+        plan = self.plan(given, outputs, loss, fed=frozenset(fed))
         dtype = _value(params[next(iter(params))], be.xp).dtype if params else np.float32
         values = {n: be.asarray(params[n], dtype=dtype) for n in self.spec.params}
         for name in given:
             values[name] = be.asarray(inputs[name], dtype=dtype)
             self._check_input(name, values[name].shape)
+        for node, value in fed.items():
+            values[node] = be.asarray(value, dtype=dtype)
+            _check_shape(f"fed value '{node}'", self.dag.nodes[node]["shape"], values[node].shape)
         return execute(self.dag, plan, values, be.xp, LiveBytes(), grad_hook)
 
     def _choose_outputs(self, given: set, outputs: list | None) -> dict:
@@ -124,12 +134,24 @@ class Graph:
         return False
 
     def _check_input(self, name: str, shape: tuple) -> None:
-        declared = self.spec.inputs[name].shape
-        ok = len(shape) == len(declared) and all(
-            isinstance(d, str) or d == s for d, s in zip(declared, shape))
-        if not ok:
-            raise CapsflowError(f"input '{name}' has shape {tuple(shape)}, the graph expects "
-                                f"({', '.join(map(str, declared))})")
+        _check_shape(f"input '{name}'", self.spec.inputs[name].shape, shape)
+
+    def _fed_node(self, name: str) -> str:
+        """A ``feed`` key -> the op node id it names (aliases resolved)."""
+        node = self.spec.aliases.get(name, name)
+        if node not in self.dag or self.dag.nodes[node]["kind"] != "op":
+            raise CapsflowError(f"cannot feed '{name}': it is not an op node of the graph "
+                                f"(inputs and parameters are passed as inputs and params)")
+        return node
+
+
+def _check_shape(what: str, declared: tuple, shape: tuple) -> None:
+    """``shape`` must match ``declared``, whose symbols (e.g. N) match any size."""
+    ok = len(shape) == len(declared) and all(
+        isinstance(d, str) or d == s for d, s in zip(declared, shape))
+    if not ok:
+        raise CapsflowError(f"{what} has shape {tuple(shape)}, the graph expects "
+                            f"({', '.join(map(str, declared))})")
 
 
 def _value(a: Any, xp: Any) -> Any:

@@ -33,24 +33,25 @@ class Plan:
 
 
 def make_plan(dag: nx.DiGraph, order: list, given: set, outputs: dict,
-              loss: str | None = None, wrt: list | None = None) -> Plan:
+              loss: str | None = None, wrt: list | None = None,
+              fed: frozenset = frozenset()) -> Plan:
     """Plan a forward pass for ``outputs`` (and a reverse pass for ``loss`` w.r.t. ``wrt``).
 
     ``outputs`` maps names to node ids; ``None`` as a value would be an error upstream.
-    Raises CapsflowError naming what is missing when a requested output cannot run.
+    ``fed``: op nodes whose values the caller supplies; they and whatever only they
+    need are not run. Raises CapsflowError naming what is missing when a requested
+    output cannot run.
     """
     absent = _absent_inputs(dag, given)
-    unavailable = _unavailable(dag, order, absent)
+    unavailable = _unavailable(dag, order, absent, fed)
     wanted = dict(outputs)
     for name, node in wanted.items():
         if node in unavailable:
             missing = sorted(unavailable[node])
             raise CapsflowError(f"output '{name}' needs input '{missing[0]}', which was not given")
     targets = set(wanted.values()) | ({loss} if loss else set())
-    needed = set(targets)
-    for t in targets:
-        needed |= nx.ancestors(dag, t)
-    steps = [n for n in order if n in needed and dag.nodes[n]["kind"] == "op"]
+    needed = _upstream(dag, targets, fed)
+    steps = [n for n in order if n in needed and dag.nodes[n]["kind"] == "op" and n not in fed]
     plan = Plan(steps, _last_uses(dag, steps, targets), absent, wanted, loss)
     if loss:
         _plan_reverse(dag, order, plan, wrt)
@@ -67,12 +68,26 @@ def _absent_inputs(dag: nx.DiGraph, given: set) -> set:
     return absent
 
 
-def _unavailable(dag: nx.DiGraph, order: list, absent: set) -> dict:
+def _upstream(dag: nx.DiGraph, targets: set, fed: frozenset) -> set:
+    """``targets`` and their ancestors, not looking past fed nodes (explicit stack)."""
+    needed: set = set()
+    stack = list(targets)
+    while stack:
+        n = stack.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        if n not in fed:
+            stack.extend(dag.predecessors(n))
+    return needed
+
+
+def _unavailable(dag: nx.DiGraph, order: list, absent: set, fed: frozenset = frozenset()) -> dict:
     """Node id -> the absent inputs it needs in a required (not optional) slot."""
     missing: dict = {n: {n} for n in absent}
     for n in order:
         d = dag.nodes[n]
-        if d["kind"] != "op":
+        if d["kind"] != "op" or n in fed:  # a fed value needs nothing upstream
             continue
         op = OPS[d["op"]]
         names = op.inputs

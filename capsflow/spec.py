@@ -23,6 +23,7 @@ from typing import Any
 
 from .compose import VAR as _VAR
 from .compose import Document, compose
+from .compose import check_keys as _check_keys
 from .errors import SpecError
 from .yamlio import LocDict
 
@@ -219,13 +220,6 @@ def _parse_outputs(section: Any, path: str) -> dict:
             raise SpecError(f"output '{name}' must name a node id, got {ref!r}", file=file,
                             line=line)
     return dict(section)
-
-
-def _check_keys(entry: dict, allowed: set, what: str, path: str) -> None:
-    unknown = sorted(set(entry) - allowed)
-    if unknown:
-        raise SpecError(f"{what}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})",
-                        file=getattr(entry, "file", None) or path, line=getattr(entry, "line", None))
 
 
 # -- node expansion ----------------------------------------------------------------------

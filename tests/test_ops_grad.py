@@ -49,6 +49,10 @@ CASES = [
     ("label_or_argmax", [R(3, 4)], {}),
     ("margin_loss", [rng.random((4, 5)), one_hot([0, 1, 2, 3], 5)], {}),
     ("sum_squared_error", [R(3, 4), R(3, 4)], {}),
+    ("leaky_softmax", [R(2, 3, 4)], {"axis": 2}),
+    ("leaky_softmax", [R(2, 3) * 5 + 3], {"axis": -1}),
+    ("squash_exp", [R(2, 3, 4)], {"axis": -1}),
+    ("squash_exp", [R(2, 5, 3) * 0.01], {"axis": 1}),
 ]
 
 
@@ -88,4 +92,29 @@ def test_squash_is_finite_at_zero():
     s = np.zeros((2, 4))
     out, saved, attrs = apply_op("squash", np, [s], {"axis": -1})
     (g,) = op.vjp_fn(np, saved, np.ones_like(s), (True,), **attrs)
+    assert np.all(out == 0) and np.isfinite(g).all()
+
+
+def test_leaky_softmax_is_softmax_with_a_dropped_zero_logit():
+    from capsflow.gradcheck import apply_op
+    x = R(3, 4) * 3
+    out, _, _ = apply_op("leaky_softmax", np, [x], {"axis": -1})
+    padded = np.concatenate([x, np.zeros((3, 1))], axis=1)
+    full = np.exp(padded) / np.exp(padded).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out, full[:, :4], rtol=1e-12)
+    assert np.all(out.sum(axis=-1) < 1)
+    big, _, _ = apply_op("leaky_softmax", np, [np.array([[1000.0, 999.0], [-1000.0, -999.0]])])
+    assert np.isfinite(big).all() and np.isclose(big[0].sum(), 1.0) and big[1].sum() < 1e-300
+
+
+def test_squash_exp_matches_its_formula_and_is_finite_at_zero():
+    from capsflow.gradcheck import apply_op
+    s = R(2, 5, 16)
+    out, _, _ = apply_op("squash_exp", np, [s], {"axis": -1, "eps": 0.0})
+    n = np.linalg.norm(s, axis=-1, keepdims=True)
+    np.testing.assert_allclose(out, (1 - np.exp(-n)) * s / n, rtol=1e-12)
+    op = get_op("squash_exp")
+    zero = np.zeros((2, 4))
+    out, saved, attrs = apply_op("squash_exp", np, [zero], {"axis": -1})
+    (g,) = op.vjp_fn(np, saved, np.ones_like(zero), (True,), **attrs)
     assert np.all(out == 0) and np.isfinite(g).all()

@@ -1,0 +1,359 @@
+"""``capsflow compare A.yaml B.yaml ...``: train graphs side by side and tabulate them.
+
+    capsflow compare graphs/capsnet*.yaml --data-dir DIR --limit-train 3000 --steps 300
+
+Every graph is trained by the same loop (``runners.training.Trainer``) with the same
+settings: the same seed (so parameters the graphs share start equal, each parameter
+drawing from its own stream), the same examples in the same batch order with the same
+shifts, and the same budget, ``--steps`` optimizer steps or ``--num_epochs`` epochs.
+The test split is evaluated once, at the end (``--val_epoch`` for more often).
+
+Writes under ``--out`` (default runs/compare): compare.md and compare.csv (the table),
+compare.png (loss and accuracy curves of all graphs), and one folder per graph with its
+metrics.jsonl (and checkpoints with ``--keep-checkpoints``). The table: variant,
+parameters, ms/step (median time of a training step: forward, backward and update),
+final train loss (mean over the last 10% of the steps), test accuracy, routing iterations.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from capsflow.backend import BACKENDS, get_backend
+from capsflow.errors import CapsflowError
+from capsflow.optim import OPTIMIZERS
+from capsflow.runners.data import DATASETS
+from capsflow.runners.train import config_from_args
+from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, load_data,
+                                       read_metrics)
+
+COLUMNS = ("variant", "parameters", "ms/step", "final train loss", "test accuracy",
+           "routing iterations")
+CURVE_POINTS = 50  # default --disp gives about this many points per training curve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    parser.add_argument("graphs", nargs="+", metavar="GRAPH.yaml",
+                        help="graphs to train, e.g. graphs/capsnet.yaml graphs/capsnet-leaky.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="NAME=VALUE",
+                        help="override a variable in every graph (repeatable); each graph "
+                             "must declare it")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, metavar="N",
+                        help="train every graph for N optimizer steps")
+    budget.add_argument("--num_epochs", type=int, metavar="N",
+                        help="train every graph for N epochs (default 1)")
+    a = parser.add_argument
+    a("--out", default="runs/compare", metavar="DIR",
+      help="folder for compare.md/.csv/.png and one subfolder per graph (runs/compare)")
+    a("--bs", type=int, metavar="N", help=f"batch size (default {d.batch_size})")
+    a("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr:g})")
+    a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
+    a("--lr-decay", dest="lr_decay", type=float, metavar="F",
+      help=f"learning rate factor per epoch (default {d.lr_decay}; 1 = constant)")
+    a("--val_epoch", type=int, metavar="N",
+      help="evaluate on the test split every N epochs (default: once, at the end)")
+    a("--disp", type=int, metavar="N",
+      help=f"record the running train loss every N steps (default: about {CURVE_POINTS} "
+           f"points per curve)")
+    a("--seed", type=int, metavar="S",
+      help=f"seed of init, batch order and shifts (default {d.seed})")
+    shift = parser.add_mutually_exclusive_group()
+    shift.add_argument("--shift", type=int, metavar="PIXELS",
+                       help=f"random shifts of up to PIXELS in training (default {d.shift})")
+    shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
+                       help="no shift augmentation")
+    a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
+    a("--data-dir", dest="data_dir", metavar="ROOT", help="data root holding mnist/")
+    a("--limit-train", dest="limit_train", type=int, metavar="N",
+      help="train on the first N training examples only")
+    a("--limit-test", dest="limit_test", type=int, metavar="N",
+      help="test on the first N test examples only (default: the whole test split)")
+    a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
+    a("--keep-checkpoints", action="store_true",
+      help="keep each graph's last.npz/best.npz (about 100 MB each for CapsNet); by default "
+           "only metrics.jsonl stays")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+@dataclass
+class Result:
+    """One graph's row of the comparison, and its curves."""
+
+    name: str
+    graph: str
+    parameters: int
+    routing_iterations: Optional[int]
+    steps: int = 0
+    ms_per_step: Optional[float] = None
+    final_train_loss: Optional[float] = None
+    test_acc: Optional[float] = None
+    test_loss: Optional[float] = None
+    seconds: float = 0.0
+    note: str = ""
+    records: tuple = ()
+
+    def row(self) -> dict:
+        """The table's cells as text, keyed by COLUMNS."""
+        return {"variant": self.name, "parameters": f"{self.parameters:,}",
+                "ms/step": _num(self.ms_per_step, ".0f"),
+                "final train loss": _num(self.final_train_loss, ".4f"),
+                "test accuracy": "-" if self.test_acc is None else f"{100 * self.test_acc:.2f}%",
+                "routing iterations": "-" if self.routing_iterations is None
+                else str(self.routing_iterations)}
+
+
+class StepBudget:
+    """A BatchIterator that ends after ``steps`` batches in all (cutting the last epoch
+    short) and times each training step: the time between handing out a batch and being
+    asked for the next is the consumer's forward, backward and update."""
+
+    def __init__(self, batches: Any, steps: int):
+        self.batches, self.left = batches, steps
+        self.step_seconds: list[float] = []
+
+    def __len__(self) -> int:
+        return min(len(self.batches), self.left)
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches:
+            if self.left <= 0:
+                return
+            self.left -= 1
+            start = time.perf_counter()
+            yield batch
+            self.step_seconds.append(time.perf_counter() - start)
+
+    def get_state(self) -> dict:
+        return self.batches.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.batches.set_state(state)
+
+
+def main(args: argparse.Namespace) -> int:
+    graphs = compile_all(args.graphs, args.overrides)
+    config = config_from_args(args)
+    get_backend(config.backend)  # an unusable backend fails before the data is loaded
+    data = load_data(config)
+    per_epoch = math.ceil(data.train_images.shape[0] / config.batch_size)
+    steps = args.steps if args.steps is not None else per_epoch * (args.num_epochs or 1)
+    if steps < 1:
+        raise CapsflowError(f"--steps must be >= 1, got {steps}")
+    config.num_epochs = math.ceil(steps / per_epoch)
+    config.val_epoch = args.val_epoch or config.num_epochs
+    config.disp = args.disp or max(1, steps // CURVE_POINTS)
+    config.check()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"comparing {len(graphs)} graphs on {config.dataset}: "
+          f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "
+          f"{steps} steps of batch {config.batch_size} ({config.num_epochs} epoch(s)), "
+          f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, seed {config.seed}, "
+          f"{config.backend}; writing to {out}")
+    load_before = _load_average()
+    results = []
+    for graph in graphs:
+        result = train_one(graph, data, config, steps, out / graph.spec.name, args.progress,
+                           args.keep_checkpoints)
+        results.append(result)
+        if result.note == "interrupted":
+            break
+    description = describe_run(args, config, data, steps)
+    if load_before is not None:  # timings on a shared machine need this context
+        description += (f" Load average (1 min) of the machine: {load_before:.1f} before the "
+                        f"first graph, {_load_average():.1f} after the last.")
+    paths = write_outputs(results, out, description)
+    print(table_markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 130 if results and results[-1].note == "interrupted" else 0
+
+
+def compile_all(paths: list, overrides: list) -> list:
+    """Compile every graph with the same overrides; names must tell them apart."""
+    from capsflow.graph import compile as compile_graph
+    from capsflow.yamlio import parse_override
+    values = dict(parse_override(o) for o in overrides)
+    graphs, seen = [], {}
+    for path in paths:
+        graph = compile_graph(path, values)
+        name = graph.spec.name
+        if name in seen:
+            raise CapsflowError(f"{path} and {seen[name]} are both named '{name}'; give one a "
+                                f"different 'name:' so their results can be told apart")
+        seen[name] = path
+        graphs.append(graph)
+    return graphs
+
+
+def routing_iterations(graph: Any) -> Optional[int]:
+    """Iterations of the 'routing' repeat block (or of the only block there is)."""
+    blocks = graph.spec.blocks
+    if "routing" in blocks:
+        return blocks["routing"]
+    return next(iter(blocks.values())) if len(blocks) == 1 else None
+
+
+def train_one(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
+              progress: bool = False, keep_checkpoints: bool = False) -> Result:
+    """Train ``graph`` for ``steps`` steps and read its numbers back from metrics.jsonl."""
+    name = graph.spec.name
+    result = Result(name, str(graph.spec.file), graph.param_count(), routing_iterations(graph))
+    trainer = Trainer(graph, data, config, save_dir, log=lambda line: print(f"[{name}] {line}"),
+                      progress_bar=progress)
+    budget = StepBudget(trainer.batches, steps)
+    trainer.batches = budget
+    started = time.perf_counter()
+    try:
+        trainer.fit()
+    except TrainingDiverged as exc:
+        result.note = f"diverged: {exc}"
+        print(f"[{name}] {exc}")
+    result.seconds = time.perf_counter() - started
+    if trainer.stopped_early:
+        result.note = "interrupted"
+    if not keep_checkpoints:
+        for path in (trainer.last_path, trainer.best_path):
+            path.unlink(missing_ok=True)
+    records = read_metrics(trainer.metrics_path) if trainer.metrics_path.is_file() else []
+    result.records = tuple(records)
+    result.steps = trainer.state.iteration
+    if budget.step_seconds:
+        result.ms_per_step = 1000 * float(np.median(budget.step_seconds))
+    result.final_train_loss = final_train_loss(records, result.steps)
+    tested = [r for r in records if r.get("kind") == "epoch" and r.get("test_acc") is not None]
+    if tested:
+        result.test_acc, result.test_loss = tested[-1]["test_acc"], tested[-1]["test_loss"]
+    return result
+
+
+def final_train_loss(records: list, steps: int) -> Optional[float]:
+    """Mean of the running train loss over the last 10% of the steps (at least the last
+    --disp window): the end of the curve, less noisy than one batch."""
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train:
+        return None
+    tail = [r for r in train if r["iteration"] > steps - steps // 10] or train[-1:]
+    return float(np.mean([r["loss"] for r in tail]))
+
+
+# -- outputs ----------------------------------------------------------------------------
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this comparison (the flags that were given)."""
+    words = ["capsflow", "compare", *args.graphs]
+    for override in args.overrides:
+        words += ["--set", override]
+    for flag, dest in (("--steps", "steps"), ("--num_epochs", "num_epochs"), ("--bs", "bs"),
+                       ("--lr", "lr"), ("--opt", "opt"), ("--lr-decay", "lr_decay"),
+                       ("--val_epoch", "val_epoch"), ("--disp", "disp"), ("--seed", "seed"),
+                       ("--shift", "shift"), ("--dataset", "dataset"),
+                       ("--data-dir", "data_dir"), ("--limit-train", "limit_train"),
+                       ("--limit-test", "limit_test"), ("--backend", "backend"),
+                       ("--out", "out")):
+        value = getattr(args, dest)
+        if value is not None:
+            words += [flag, str(value)]
+    if args.keep_checkpoints:
+        words.append("--keep-checkpoints")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def describe_run(args: argparse.Namespace, config: Any, data: Any, steps: int) -> str:
+    shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
+    return (f"Command: `{command_line(args)}`\n\n"
+            f"{config.dataset}: {data.train_images.shape[0]} training examples, "
+            f"{data.test_images.shape[0]} test examples; {steps} steps of batch "
+            f"{config.batch_size} ({config.num_epochs} epoch(s)), {config.optimizer} lr "
+            f"{config.lr:g} x{config.lr_decay:g} per epoch, {shifts}, seed {config.seed}, "
+            f"{config.backend} {config.dtype} on {platform.machine()} "
+            f"({_cpu_count()} CPUs). ms/step is the median time of one training step "
+            f"(forward, backward, update); final train loss the mean running train loss "
+            f"over the last 10% of the steps.")
+
+
+def table_markdown(results: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "|" + "|".join("---" if c == "variant" else "---:" for c in COLUMNS) + "|"]
+    for r in results:
+        cells = r.row()
+        lines.append("| " + " | ".join(cells[c] for c in COLUMNS) + " |")
+    notes = [f"- {r.name}: {r.note}" for r in results if r.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def write_outputs(results: list, out: Path, description: str) -> list:
+    """compare.md, compare.csv and compare.png under ``out``; returns their paths."""
+    md, table_csv, png = out / "compare.md", out / "compare.csv", out / "compare.png"
+    md.write_text(f"# Comparison\n\n{description}\n\n{table_markdown(results)}\n\n"
+                  f"![loss and accuracy curves]({png.name})\n")
+    with table_csv.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["variant", "graph", "parameters", "ms_per_step", "final_train_loss",
+                         "test_acc", "test_loss", "routing_iterations", "steps", "seconds",
+                         "note"])
+        for r in results:
+            writer.writerow([r.name, r.graph, r.parameters, _raw(r.ms_per_step),
+                             _raw(r.final_train_loss), _raw(r.test_acc), _raw(r.test_loss),
+                             _raw(r.routing_iterations), r.steps, f"{r.seconds:.1f}", r.note])
+    curves_figure(results, png)
+    return [md, table_csv, png]
+
+
+def curves_figure(results: list, path: Path) -> Path:
+    """Training loss (left, log scale) and accuracy (right) against steps for every graph:
+    lines are the running train values per --disp window, markers the test evaluations."""
+    import matplotlib  # lazy: only drawing needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.get_cmap("tab10")
+    for k, r in enumerate(results):
+        color = colors(k % 10)
+        train = [x for x in r.records if x.get("kind") == "train"]
+        tested = [x for x in r.records
+                  if x.get("kind") == "epoch" and x.get("test_acc") is not None]
+        steps = [x["iteration"] for x in train]
+        ax_loss.plot(steps, [x["loss"] for x in train], color=color, lw=1.2, label=r.name)
+        ax_acc.plot(steps, [100 * x["acc"] for x in train], color=color, lw=1.2, label=r.name)
+        if tested:
+            ax_acc.plot([x["iteration"] for x in tested], [100 * x["test_acc"] for x in tested],
+                        "o", color=color, ms=6, markeredgecolor="black")
+    ax_loss.set(xlabel="training step", ylabel="train loss (running mean)", yscale="log",
+                title="training loss")
+    ax_acc.set(xlabel="training step", ylabel="accuracy (%)",
+               title="train accuracy (lines), test accuracy (dots)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _raw(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _load_average() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
