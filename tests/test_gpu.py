@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 def test_op_vjps_on_cupy_match_finite_differences():
     _cupy_or_skip()
     from capsflow.gradcheck import op_gradcheck
-    from test_ops_grad import CASES
+    from capsflow.gradcases import CASES
     for name, args, attrs in CASES:
         for e in op_gradcheck(name, args, attrs, backend="cupy"):
             assert e is None or e <= 1e-6, (name, attrs, e)

@@ -88,3 +88,11 @@ def test_check_prints_table_and_totals(capsys):
     assert "routing/2/softmax" not in out and "routing/2/c" in out
     assert "primary.w" in out and "5,308,416" in out
     assert "parameters: 8,215,568 total, 6,804,224 without decoder" in out
+
+
+def test_docs_ops_md_is_up_to_date(capsys):
+    """docs/ops.md is `capsflow ops --markdown`; regenerate it when an op changes."""
+    from conftest import REPO
+    assert main(["ops", "--markdown"]) == 0
+    assert capsys.readouterr().out == (REPO / "docs" / "ops.md").read_text(), \
+        "run: capsflow ops --markdown > docs/ops.md"
