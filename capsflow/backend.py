@@ -6,6 +6,7 @@ NumPy and CuPy run the same op code (the Chainer idiom).
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -29,6 +30,20 @@ class Backend:
     def synchronize(self) -> None:
         if self.name == "cupy":
             self.xp.cuda.get_current_stream().synchronize()
+
+
+PRECISIONS = ("fp32", "tf32")
+
+
+def use_precision(precision: str) -> None:
+    """Choose how CuPy runs float32 matrix products: exact fp32, or TF32 tensor cores.
+
+    CuPy reads CUPY_TF32 when it first multiplies float32 matrices, so call this before
+    any GPU work (the bench workers do it first thing). NumPy ignores it.
+    """
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+    os.environ["CUPY_TF32"] = "1" if precision == "tf32" else "0"
 
 
 def to_numpy(a: Any) -> np.ndarray:

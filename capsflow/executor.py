@@ -6,12 +6,13 @@ value's shape at that one place.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from . import profile
+from . import fusion, profile
 from .memory import LiveBytes
 from .opdef import OPS
 from .schedule import Plan
@@ -39,11 +40,12 @@ def unbroadcast(xp: Any, g: Any, shape: tuple) -> Any:
     return g.sum(axis=axes, keepdims=True).reshape(shape)
 
 
-def _call(prof, phase: str, name: str, op, fn, *args, **attrs) -> Any:
+def _call(prof, phase: str, name: str, node: dict, fn, *args, **attrs) -> Any:
     """``fn(*args, **attrs)``, timed into ``prof`` when profiling is on."""
     if prof is None:
         return fn(*args, **attrs)
-    return prof.call(phase, name, op.name, fn, *args, **attrs)
+    label = node["op"] + (f" ({'+'.join(node['fused'])})" if "fused" in node else "")
+    return prof.call(phase, name, label, fn, *args, **attrs)
 
 
 def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes | None = None,
@@ -55,6 +57,8 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
     gradient norms on the rendered graph.
     """
     meter = meter or LiveBytes()
+    if grad_hook is None:  # the hook sees the DAG's own edges, so it gets the unfused graph
+        dag, plan = fusion.lower(dag, plan)
     prof = profile.active()
     if prof is not None:
         prof.steps += 1
@@ -67,7 +71,7 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
         node = dag.nodes[name]
         op = OPS[node["op"]]
         args = [values[ref] for ref in node["inputs"]]
-        out, extras = _split(_call(prof, "forward", name, op, op.forward_fn, xp, *args,
+        out, extras = _split(_call(prof, "forward", name, node, op.forward_fn, xp, *args,
                                    **node["attrs"]))
         values[name] = out
         if name in plan.needs:
@@ -100,28 +104,66 @@ def _saves(op, node: dict, args: list, out: Any, extras: dict) -> dict:
     return kept
 
 
+def _refcount(a: Any) -> int:
+    return sys.getrefcount(a)
+
+
+def _probe_refcount() -> int:
+    fresh = object()  # referenced by this local alone
+    return _refcount(fresh)
+
+
+#: What ``_refcount`` reports for an object held by one local variable of its caller.
+_SOLE_REFS = _probe_refcount()
+
+
+def _private(a: Any) -> bool:
+    """``a`` owns its memory (not a view), is writable, and only the caller's local
+    variable references it: no other gradient, saved value or view shares it, so
+    adding into it in place changes nothing anyone else reads."""
+    # a.flags is read inline: the flags object references the array while it lives.
+    # CuPy's flags have no 'writeable' (CuPy has no read-only arrays).
+    return (getattr(a, "base", 0) is None and hasattr(a, "flags")
+            and getattr(a.flags, "writeable", True) and _refcount(a) <= _SOLE_REFS + 1)
+
+
 def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, values,
              grad_hook, prof=None) -> dict:
     grads = {plan.loss: xp.ones_like(loss_value)}
+    owned: set = set()  # values whose gradient is a sum this loop allocated (nobody else holds it)
     for name in plan.backward:
         node = dag.nodes[name]
         kept = saved.pop(name)
         g = grads.pop(name, None)
+        owned.discard(name)
         if g is None:  # every path from here to the loss was cut (stop_gradient)
             continue
         op = OPS[node["op"]]
         needs = plan.needs[name]
-        contributions = _call(prof, "vjp", name, op, op.vjp_fn, xp, kept, g, needs,
-                              **node["attrs"])
+        contributions = list(_call(prof, "vjp", name, node, op.vjp_fn, xp, kept, g, needs,
+                                   **node["attrs"]))
         del kept, g
         for slot, ref in enumerate(node["inputs"]):
             gk = contributions[slot] if slot < len(contributions) else None
+            if gk is not None:
+                contributions[slot] = None  # so that a private gk is referenced by gk alone
             if not needs[slot] or gk is None:
                 continue
             gk = unbroadcast(xp, gk, shapes[ref])
             if grad_hook is not None:
                 grad_hook(name, ref, slot, gk)
-            grads[ref] = gk if ref not in grads else grads[ref] + gk
+            if ref not in grads:
+                grads[ref] = gk  # may be a VJP's view or another value's gradient: never written
+            elif ref in owned:
+                grads[ref] += gk  # in place: saves allocating (and page-faulting) a new sum
+            elif _private(gk) and gk.dtype == grads[ref].dtype:
+                gk += grads[ref]  # a fresh array that nothing else references: reuse it
+                grads[ref] = gk
+                owned.add(ref)
+            else:
+                grads[ref] = grads[ref] + gk
+                owned.add(ref)
+            del gk
         del contributions
         meter.sample(values, saved, grads)
     return {p: grads.pop(p) if p in grads else None for p in plan.wrt}

@@ -12,17 +12,39 @@ def _(x, *, axis):
     return x
 
 
+#: Reductions over axes this short run as a loop of element-wise ops (see _reduce).
+SHORT_AXIS = 16
+
+
+def _reduce(xp, kind: str, x, axis):
+    """``x.max`` or ``x.sum`` ("max", "sum") over ``axis``, keepdims. NumPy reduces a
+    short inner axis (the 10 digit capsules of the routing logits, a capsule's 8 or 16
+    dimensions) several times slower than it combines whole slices, so a short axis is
+    folded slice by slice."""
+    n = x.shape[axis]
+    if n > SHORT_AXIS:
+        return getattr(x, kind)(axis=axis, keepdims=True)
+    combine = xp.maximum if kind == "max" else xp.add
+    take = [slice(None)] * x.ndim
+    take[axis] = slice(0, 1)
+    acc = x[tuple(take)].copy()
+    for k in range(1, n):
+        take[axis] = slice(k, k + 1)
+        combine(acc, x[tuple(take)], out=acc)
+    return acc
+
+
 @softmax.forward
 def _(xp, x, *, axis):
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    e /= e.sum(axis=axis, keepdims=True)
+    e = xp.exp(x - _reduce(xp, "max", x, axis))
+    e /= _reduce(xp, "sum", e, axis)
     return e
 
 
 @softmax.vjp
 def _(xp, saved, g, needs, *, axis):
     out = saved["out"]
-    return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
+    return (out * (g - _reduce(xp, "sum", g * out, axis)),)
 
 
 squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=("s",),
@@ -40,7 +62,7 @@ def _(s, *, axis, eps):
 
 @squash.forward
 def _(xp, s, *, axis, eps):
-    n2 = (s * s).sum(axis=axis, keepdims=True)
+    n2 = _reduce(xp, "sum", s * s, axis)
     return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
 
 
@@ -49,12 +71,12 @@ def _(xp, saved, g, needs, *, axis, eps):
     # v = f(n2) s with f(n2) = n2 / ((1 + n2) r), r = sqrt(n2 + eps), n2 = |s|^2.
     # dv/ds . g = f g + 2 f'(n2) <g, s> s, with f' written so it stays finite at n2 = 0.
     s = saved["s"]
-    n2 = (s * s).sum(axis=axis, keepdims=True)
+    n2 = _reduce(xp, "sum", s * s, axis)
     r2 = n2 + eps
     r = xp.sqrt(r2)
     f = n2 / ((1 + n2) * r)
     df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-    return (f * g + (2 * df * (g * s).sum(axis=axis, keepdims=True)) * s,)
+    return (f * g + (2 * df * _reduce(xp, "sum", g * s, axis)) * s,)
 
 
 label_or_argmax = defop(

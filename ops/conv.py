@@ -11,12 +11,21 @@ The output is (N, O, OH, OW), a transposed view of channels-last memory; element
 ops keep that layout, so the next convolution reads its input channels-last without
 a copy. Only the input (not the windows) is saved for the VJP, which rebuilds each
 chunk's windows: the copy costs far less than the GEMM it feeds, and memory stays low.
+
+On NumPy the batch is split over as many threads as BLAS has (ops/parallel.py), so
+the window copies and the col2im adds run in parallel as well as the GEMMs; CuPy runs
+the same code on the whole batch in one part.
 """
+import threading
+
 from capsflow.backend import sliding_windows
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt
 
-#: Largest window copy made at once (bytes). About one L3 cache's worth of rows.
+from .parallel import batch_parts, in_parallel
+
+#: Largest window copy (bytes) made at once for the whole batch: bounds the extra memory
+#: a convolution takes. A single kernel row's windows are copied even when larger.
 CHUNK_BYTES = 48 * 2 ** 20
 
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
@@ -76,15 +85,29 @@ def _(xp, x, w, b=None, *, stride, padding):
     xt = _channels_last(xp, x, padding)
     win = _windows(xp, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
-    wt = xp.ascontiguousarray(w.transpose(2, 3, 1, 0))               # (kh, kw, C, O)
-    out = None
-    for r0, r1 in row_chunks(kh, n * oh * ow * kw * c * xt.itemsize):
-        part = _chunk_cols(xp, win, r0, r1) @ wt[r0:r1].reshape(-1, o)  # (N*OH*OW, O)
-        out = part if out is None else xp.add(out, part, out=out)
-    if b is not None:
-        out += b
-    out = out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)              # (N, O, OH, OW) view
-    return out, {"xt": xt}
+    w2 = _weight_rows(xp, w)                                          # (O, kh*kw*C)
+    out = xp.empty((n, oh * ow, o), dtype=xt.dtype)
+    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize)
+
+    def part(rows):
+        acc = out[rows].reshape(-1, o)                                # (n_part*OH*OW, O)
+        for k, (r0, r1) in enumerate(chunks):
+            prod = _chunk_cols(xp, win[rows], r0, r1) @ w2[:, r0 * kw * c:r1 * kw * c].T
+            if k == 0:
+                acc[...] = prod
+            else:
+                acc += prod
+        if b is not None:
+            acc += b
+
+    in_parallel(part, batch_parts(xp, n))
+    return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt}  # (N, O, OH, OW) view
+
+
+def _weight_rows(xp, w):
+    """w (O, C, kh, kw) -> (O, kh*kw*C), columns in the windows' (kh, kw, C) order."""
+    o = w.shape[0]
+    return xp.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(o, -1)
 
 
 @conv2d.vjp
@@ -92,26 +115,37 @@ def _(xp, saved, g, needs, *, stride, padding):
     xt, w = saved["xt"], saved["w"]
     o, c, kh, kw = w.shape
     n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
-    g2 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(-1, o)  # (N*OH*OW, O)
-    gb = g2.sum(axis=0) if len(needs) > 2 and needs[2] else None
+    g4 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n, oh * ow, o)
+    gb = g4.sum(axis=(0, 1)) if len(needs) > 2 and needs[2] else None
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize)
-    gw = gx = None
-    if needs[1]:
-        win = _windows(xp, xt, kh, kw, stride)
-        gwt = xp.empty((kh, kw, c, o), dtype=g2.dtype)                 # w's layout in the forward
-        for r0, r1 in chunks:
-            xp.matmul(_chunk_cols(xp, win, r0, r1).T, g2, out=gwt[r0:r1].reshape(-1, o))
-        gw = xp.ascontiguousarray(gwt.transpose(3, 2, 0, 1))
+    win = _windows(xp, xt, kh, kw, stride)
+    # gw in the windows' column order (O, kh, kw, C), summed over the parts under a lock
+    gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] else None
+    gxt = xp.zeros(xt.shape, dtype=g4.dtype) if needs[0] else None
+    lock = threading.Lock()
+
+    def part(rows):
+        g2 = g4[rows].reshape(-1, o)                                   # (n_part*OH*OW, O)
+        if needs[1]:
+            for r0, r1 in chunks:
+                prod = (g2.T @ _chunk_cols(xp, win[rows], r0, r1)).reshape(o, r1 - r0, kw, c)
+                with lock:
+                    gwt[:, r0:r1] += prod
+        if needs[0]:
+            dst = gxt[rows]
+            for r0, r1 in chunks:
+                rows_w = xp.ascontiguousarray(w[:, :, r0:r1].transpose(0, 2, 3, 1)).reshape(o, -1)
+                gcols = (g2 @ rows_w).reshape(-1, oh, ow, r1 - r0, kw, c)
+                # col2im: each kernel offset adds its slice back at the strided input positions.
+                for i in range(r0, r1):
+                    for j in range(kw):
+                        dst[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += \
+                            gcols[:, :, :, i - r0, j]
+
+    in_parallel(part, batch_parts(xp, n))
+    gw = xp.ascontiguousarray(gwt.transpose(0, 3, 1, 2)) if needs[1] else None
+    gx = None
     if needs[0]:
-        wt = w.transpose(2, 3, 0, 1)                                   # (kh, kw, O, C)
-        gxt = xp.zeros(xt.shape, dtype=g2.dtype)
-        for r0, r1 in chunks:
-            rows = xp.ascontiguousarray(wt[r0:r1].transpose(2, 0, 1, 3)).reshape(o, -1)
-            gcols = (g2 @ rows).reshape(n, oh, ow, r1 - r0, kw, c)
-            # col2im: each kernel offset adds its slice back at the strided input positions.
-            for i in range(r0, r1):
-                for j in range(kw):
-                    gxt[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += gcols[:, :, :, i - r0, j]
         if padding:
             gxt = gxt[:, padding:-padding, padding:-padding]
         gx = gxt.transpose(0, 3, 1, 2)                                 # (N, C, H, W) view

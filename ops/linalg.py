@@ -2,6 +2,8 @@
 from capsflow.opdef import Attr, defop
 from capsflow.shapes import ShapeError, broadcast, fmt
 
+from .parallel import single_threaded_blas
+
 matmul = defop("matmul", inputs=("a", "b"), saves=("a", "b"),
                doc="batched matrix product a @ b (batch axes broadcast)")
 
@@ -93,9 +95,87 @@ def _(*shapes, eq):
     return tuple(sizes[i] for i in out)
 
 
+def contract(xp, subs: list, out: str, *xs):
+    """einsum of ``xs`` with index strings ``subs`` -> ``out``.
+
+    A product that sums over no index (an outer or element-wise product, such as the
+    routing gradients 'nij,njd->nijd') runs as one broadcast multiply into a C-ordered
+    result, which is faster than einsum's own loop (and, left to itself, the ufunc may
+    follow an operand's odd strides); everything else goes to ``xp.einsum`` with path
+    optimisation.
+    """
+    if len(xs) == 2 and set(subs[0]) | set(subs[1]) == set(out):
+        product = _outer_as_matmul(xp, subs, out, xs)
+        if product is not None:
+            return product
+        a, b = (_aligned(x, sub, out) for x, sub in zip(xs, subs))
+        shape = tuple(max(da, db) for da, db in zip(a.shape, b.shape))
+        return xp.multiply(a, b, out=xp.empty(shape, dtype=xp.result_type(a, b)))
+    return xp.einsum(f"{','.join(subs)}->{out}", *xs, optimize=len(xs) > 1)
+
+
+#: Largest shared index that _outer_as_matmul expands into a block-diagonal matrix.
+DIAGONAL_MAX = 32
+
+
+def _outer_as_matmul(xp, subs: list, out: str, xs):
+    """An outer product shaped ``out = batch + left + j + right`` (the routing gradient
+    'nij,njd->nijd': batch n, left i, shared j, right d) as one batched GEMM,
+    (batch, left, j) @ (batch, j, j*right), the second operand block-diagonal in j. The
+    products with zeros add exact zeros, and BLAS writes the large result about 1.6
+    times faster than a broadcast multiply whose inner loop is only ``right`` long.
+    The GEMMs are small, so BLAS runs on one thread (more would only spin). None when
+    ``out`` is not so shaped."""
+    for a, b in ((0, 1), (1, 0)):
+        sa, sb = subs[a], subs[b]
+        k = 0
+        while k < len(out) and out[k] in sa and out[k] in sb:
+            k += 1
+        batch, rest = out[:k], out[k:]
+        left = "".join(i for i in rest if i in sa and i not in sb)
+        right = "".join(i for i in rest if i in sb and i not in sa)
+        if len(rest) != len(left) + len(right) + 1:
+            continue
+        j = rest[len(left)]
+        if rest != left + j + right or j not in sa or j not in sb:
+            continue
+        x, y = xs[a], xs[b]
+        size = {i: d for sub, v in ((sa, x), (sb, y)) for i, d in zip(sub, v.shape)}
+        if size[j] > DIAGONAL_MAX:
+            return None
+        nb = tuple(size[i] for i in batch)
+        nl, nj, nr = _prod(size[i] for i in left), size[j], _prod(size[i] for i in right)
+        lhs = x.transpose([sa.index(i) for i in batch + left + j]).reshape(nb + (nl, nj))
+        diag = xp.zeros(nb + (nj, nj, nr), dtype=xp.result_type(x, y))
+        ks = xp.arange(nj)
+        diag[..., ks, ks, :] = y.transpose([sb.index(i) for i in batch + j + right]).reshape(
+            nb + (nj, nr))
+        result = xp.empty(tuple(size[i] for i in out), dtype=diag.dtype)
+        with single_threaded_blas(xp):
+            xp.matmul(lhs, diag.reshape(nb + (nj, nj * nr)),
+                      out=result.reshape(nb + (nl, nj * nr)))
+        return result  # owns its memory, so the executor may sum into it in place
+    return None
+
+
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
+
+
+def _aligned(x, sub: str, out: str):
+    """View of x with its axes in ``out``'s order and size-1 axes for indices it lacks."""
+    order = sorted(range(len(sub)), key=lambda k: out.index(sub[k]))
+    shape = [x.shape[sub.index(i)] if i in sub else 1 for i in out]
+    return x.transpose(order).reshape(shape)
+
+
 @einsum.forward
 def _(xp, *xs, eq):
-    return xp.einsum(eq, *xs, optimize=len(xs) > 1), {"operands": xs}
+    subs, out = parse_equation(eq, len(xs))
+    return contract(xp, subs, out, *xs), {"operands": xs}
 
 
 @einsum.vjp
@@ -110,9 +190,7 @@ def _(xp, saved, g, needs, *, eq):
         others = [s for j, s in enumerate(subs) if j != k]
         present = set(out).union(*others)
         kept = "".join(i for i in sub if i in present)  # indices only x has are broadcast back
-        terms = ",".join([out] + others)
-        gk = xp.einsum(f"{terms}->{kept}", g, *[xs[j] for j in range(len(xs)) if j != k],
-                       optimize=True)
+        gk = contract(xp, [out] + others, kept, g, *[xs[j] for j in range(len(xs)) if j != k])
         if kept != sub:
             gk = xp.broadcast_to(gk.reshape([x.shape[sub.index(i)] if i in kept else 1
                                              for i in sub]), x.shape)

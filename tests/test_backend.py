@@ -59,3 +59,15 @@ def test_sliding_windows_is_a_view_of_every_window():
     win = sliding_windows(np, x, 3, 3, 2)
     assert win.shape == (2, 3, 3, 3, 3, 3) and np.shares_memory(win, x)
     np.testing.assert_array_equal(win[1, 2, 1, 2], x[1, 2, 2:5, 4:7])
+
+
+def test_tf32_precision_sets_cupys_switch(monkeypatch):
+    from capsflow.backend import use_precision
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    use_precision("tf32")
+    import os
+    assert os.environ["CUPY_TF32"] == "1"
+    use_precision("fp32")
+    assert os.environ["CUPY_TF32"] == "0"
+    with pytest.raises(BackendError, match="unknown precision 'bf16'"):
+        use_precision("bf16")

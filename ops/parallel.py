@@ -1,0 +1,70 @@
+"""Batch-parallel threads for ops whose work NumPy leaves on one core.
+
+NumPy releases the GIL inside its copies, ufunc loops and BLAS calls, so an op can split
+its batch over a few Python threads and run every part of its work in parallel, the
+memory-bound copies and adds included, where a multi-threaded BLAS would parallelise
+only the GEMMs. There are as many threads as BLAS has (which follows
+OPENBLAS_NUM_THREADS and the CPU affinity), and BLAS runs single-threaded meanwhile,
+so the cores are not oversubscribed. Off NumPy (CuPy), and without threadpoolctl to
+hold BLAS to one thread, the batch stays in one part and runs in the calling thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+_state: dict = {}
+
+
+def batch_parts(xp: Any, n: int) -> list:
+    """Batch rows 0..n as one slice per worker thread (a single slice off NumPy)."""
+    workers = _workers() if xp.__name__ == "numpy" else 1
+    bounds = [n * k // workers for k in range(workers + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def in_parallel(fn: Callable, parts: list) -> list:
+    """[fn(part) for part in parts]: one thread each, BLAS single-threaded meanwhile."""
+    if len(parts) == 1:
+        return [fn(parts[0])]
+    with _blas().limit(limits=1, user_api="blas"):
+        return list(_pool(len(parts)).map(fn, parts))
+
+
+def single_threaded_blas(xp: Any):
+    """Context in which NumPy's BLAS runs on one thread (nothing changes off NumPy or
+    without threadpoolctl): for many small GEMMs, whose threads would only spin."""
+    if xp.__name__ != "numpy" or _blas() is None:
+        return contextlib.nullcontext()
+    return _blas().limit(limits=1, user_api="blas")
+
+
+def _blas():
+    """threadpoolctl's controller, made once NumPy has loaded its BLAS (None without it)."""
+    if "blas" not in _state:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _state["blas"] = None
+        else:
+            _state["blas"] = ThreadpoolController()
+    return _state["blas"]
+
+
+def _workers() -> int:
+    if "workers" not in _state:
+        controller = _blas()
+        counts = [] if controller is None else [
+            i["num_threads"] for i in controller.info() if i["user_api"] == "blas"]
+        _state["workers"] = max(1, min(counts)) if counts else 1
+    return _state["workers"]
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    key = (size, os.getpid())  # a forked child inherits the pool object but not its threads
+    if _state.get("pool_key") != key:
+        _state["pool"] = ThreadPoolExecutor(size, thread_name_prefix="capsflow-ops")
+        _state["pool_key"] = key
+    return _state["pool"]

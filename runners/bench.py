@@ -1,0 +1,255 @@
+"""``capsflow bench``: time a training step of capsflow against the PyTorch reference.
+
+A training step is forward + backward + Adam update, float32, on one random batch,
+starting from the same weights in both frameworks. Each framework runs in its own
+process (runners/bench_worker.py), so each one's peak memory is its own; the parent
+drives them in lockstep, one step of each in turn (alternating which goes first), so
+both see the same background load. It prints the median and minimum time per step,
+the peak RSS of a step above the RSS before it (Linux VmHWM, reset before the step),
+capsflow's own live-array peak, and the capsflow/PyTorch ratios. The CPU time of
+a step (all threads of the worker, median) tells how much work a step is where
+other jobs share the cores and stretch the wall-clock times. ``--profile`` adds
+capsflow's per-op time and bytes, forward and VJP apart.
+
+    capsflow bench graphs/capsnet.yaml --backend numpy --bs 100
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.errors import CapsflowError
+from capsflow.runners.bench_worker import PREFIX
+
+MB = 2 ** 20
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_graph_arguments(parser)
+    parser.add_argument("--bs", type=_positive, default=100, help="batch size (100)")
+    parser.add_argument("--repeats", type=_positive, default=5,
+                        help="timed steps per framework (5); the median and min are reported")
+    parser.add_argument("--warmup", type=_positive, default=2,
+                        help="untimed steps before timing (2, at least 1)")
+    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
+                        help="capsflow's array backend; with cupy PyTorch runs on 'cuda'")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
+                        help="float32 matmul/conv precision on CUDA, for capsflow-CuPy and PyTorch (fp32)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print capsflow's per-op time and bytes (forward and VJP)")
+    parser.add_argument("--top", type=_positive, default=12,
+                        help="nodes listed in the per-node profile (12)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and batch seed (0)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# -- workers ---------------------------------------------------------------------------
+@dataclass
+class Worker:
+    """A framework's worker process and what it reported."""
+    name: str
+    proc: subprocess.Popen
+    info: str = ""
+    first_loss: float = float("nan")
+    seconds: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, name: str, cfg: dict) -> "Worker":
+        cmd = [sys.executable, "-m", "capsflow.runners.bench_worker",
+               json.dumps(dict(cfg, framework=name))]
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return cls(name, proc)
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PREFIX):
+                msg = json.loads(line[len(PREFIX):])
+                if "error" in msg:
+                    self.stop()
+                    raise CapsflowError(f"the {self.name} worker failed: {msg['error']}")
+                return msg
+        self.proc.wait()
+        raise CapsflowError(f"the {self.name} worker exited (status {self.proc.returncode}) "
+                            "before answering; see its messages above")
+
+    def ask(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _check_reference(graph) -> None:
+    """One clear line when the PyTorch reference cannot run this graph."""
+    if importlib.util.find_spec("torch") is None:
+        raise CapsflowError("the PyTorch reference needs torch (pip install 'capsflow[dev]'); "
+                            "pass --no-torch to time capsflow alone")
+    from capsflow.runners.torch_ref import PARAM_SHAPES
+    shapes = {n: p.shape for n, p in graph.spec.params.items()}
+    routing = graph.spec.vars.get("routing", "paper")
+    if shapes != PARAM_SHAPES or routing != "paper" or set(graph.spec.inputs) != {"x", "y"}:
+        raise CapsflowError(f"the PyTorch reference mirrors graphs/capsnet.yaml with the paper's "
+                            f"routing only; {graph.spec.file} differs, pass --no-torch")
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Start the workers, time them in lockstep, and return every figure."""
+    graph = compile_from_args(args)
+    if args.backend == "cupy":
+        from capsflow.backend import get_backend
+        get_backend("cupy")  # one clear line when CuPy or a GPU is missing
+    names = ["capsflow"] if args.no_torch else ["capsflow", "pytorch"]
+    if not args.no_torch:
+        _check_reference(graph)
+    cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
+           "warmup": args.warmup, "seed": args.seed, "backend": args.backend,
+           "precision": args.precision, "lr": args.lr}
+    workers = []
+    try:
+        for name in names:
+            workers.append(Worker.start(name, cfg))
+        for w in workers:  # set-up and warm-up run in parallel; timing waits for both
+            ready = w.receive()
+            w.info, w.first_loss = ready["info"], ready["first_loss"]
+        bar = _progress(args.repeats * len(workers))
+        for r in range(args.repeats):
+            for w in (workers if r % 2 == 0 else workers[::-1]):
+                timing = w.ask("step")
+                w.seconds.append(timing["seconds"])
+                w.cpu.append(timing["cpu"])
+                bar.update()
+        bar.close()
+        for w in workers:
+            w.memory = w.ask("memory")
+        profile = workers[0].ask(f"profile {args.repeats}") if args.profile else None
+    finally:
+        for w in workers:
+            w.stop()
+    return _figures(args, graph, workers, profile)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class _Silent:
+            def update(self, n: int = 1) -> None: ...
+            def close(self) -> None: ...
+        return _Silent()
+    return tqdm(total=total, desc="bench steps", leave=False, file=sys.stderr)
+
+
+def _figures(args, graph, workers: list, profile: dict | None) -> dict:
+    rows = {}
+    for w in workers:
+        rows[w.name] = {"info": w.info, "first_loss": w.first_loss, "seconds": w.seconds,
+                        "median": statistics.median(w.seconds), "min": min(w.seconds),
+                        "cpu_median": statistics.median(w.cpu), **w.memory}
+    out = {"graph": str(graph.spec.file), "bs": args.bs, "repeats": args.repeats,
+           "warmup": args.warmup, "backend": args.backend, "precision": args.precision,
+           "machine": machine(), "frameworks": rows, "profile": profile}
+    if "pytorch" in rows:
+        cf, pt = rows["capsflow"], rows["pytorch"]
+        out["ratio_median"] = cf["median"] / pt["median"]
+        out["ratio_min"] = cf["min"] / pt["min"]
+        key = "device_peak" if args.backend == "cupy" else "rss_peak"
+        if cf.get(key) and pt.get(key):
+            out["ratio_memory"] = cf[key] / pt[key]
+    return out
+
+
+def machine() -> str:
+    """'AMD EPYC, 2 CPUs, Linux 6.1' — what the figures were measured on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                         model)
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+
+
+# -- report ----------------------------------------------------------------------------
+def _mb(value) -> str:
+    return "-" if value is None else f"{value / MB:.0f}"
+
+
+def report(fig: dict, top: int) -> str:
+    lines = [f"capsflow bench: {fig['graph']}, batch {fig['bs']}, float32, "
+             f"backend {fig['backend']}, "
+             f"{fig['repeats']} timed steps after {fig['warmup']} warm-up",
+             f"machine: {fig['machine']}"]
+    for name, row in fig["frameworks"].items():
+        lines.append(f"{name}: {row['info']}; loss at step 1 {row['first_loss']:.6f}")
+    blas_env = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    if blas_env:
+        lines.append(f"note: {' and '.join(blas_env)} set: OpenBLAS may not pick its "
+                     "fastest kernel")
+    device = fig["backend"] == "cupy"
+    header = (f"{'framework':<10} {'median s/step':>14} {'min s/step':>11} {'CPU s/step':>11} "
+              f"{'step peak RSS MB':>17} {'live peak MB':>13}"
+              + (f" {'device peak MB':>15}" if device else ""))
+    lines += ["", header]
+    for name, row in fig["frameworks"].items():
+        lines.append(f"{name:<10} {row['median']:>14.3f} {row['min']:>11.3f} "
+                     f"{row['cpu_median']:>11.3f} "
+                     f"{_mb(row.get('rss_peak')):>17} {_mb(row.get('live_peak')):>13}"
+                     + (f" {_mb(row.get('device_peak')):>15}" if device else ""))
+    if "ratio_median" in fig:
+        memory = fig.get("ratio_memory")
+        lines.append(f"ratio capsflow/pytorch: {fig['ratio_median']:.2f} (median), "
+                     f"{fig['ratio_min']:.2f} (min); peak memory "
+                     + ("-" if memory is None else f"{memory:.2f}"))
+    if fig["profile"]:
+        from capsflow.profile import format_table
+        lines += ["", format_table(fig["profile"]["by_op"], title="capsflow per op (per step):"),
+                  "", format_table(fig["profile"]["by_node"], limit=top,
+                                   title=f"capsflow slowest {top} nodes (per step):")]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    fig = run_bench(args)
+    print(report(fig, args.top))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=1)
+        except OSError as exc:
+            raise CapsflowError(f"cannot write {args.json}: {exc.strerror}") from None
+    return 0
