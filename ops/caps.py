@@ -51,13 +51,16 @@ squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=(
                doc="|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), over the capsule axis")
 
 
-@squash.shape
-def _(s, *, axis, eps):
+def capsule_axis_shape(op_name: str, s: tuple, axis: int) -> tuple:
+    """Shape rule of the squash family: same shape, over a real capsule axis."""
     norm_axis(axis, len(s))
     if s[axis] == 1:
-        raise ShapeError(f"squash over axis {axis} of {fmt(s)} has size 1: "
+        raise ShapeError(f"{op_name} over axis {axis} of {fmt(s)} has size 1: "
                          "it must run over the capsule vector, not element-wise")
     return s
+
+
+squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
 
 
 @squash.forward

@@ -1,7 +1,9 @@
 """Ops that routing variants need beyond the paper's: leaky softmax and Efficient-CapsNet's
 exponential squash (graphs/routing/leaky.yaml and graphs/routing/efficient.yaml)."""
 from capsflow.opdef import defop
-from capsflow.shapes import ShapeError, fmt, norm_axis
+from capsflow.shapes import norm_axis
+
+from .caps import capsule_axis_shape
 
 leaky_softmax = defop(
     "leaky_softmax", inputs=("x",), attrs={"axis": -1}, saves=("out",),
@@ -37,13 +39,7 @@ squash_exp = defop(
         "over the capsule axis")
 
 
-@squash_exp.shape
-def _(s, *, axis, eps):
-    norm_axis(axis, len(s))
-    if s[axis] == 1:
-        raise ShapeError(f"squash_exp over axis {axis} of {fmt(s)} has size 1: "
-                         "it must run over the capsule vector, not element-wise")
-    return s
+squash_exp.shape(lambda s, *, axis, eps: capsule_axis_shape("squash_exp", s, axis))
 
 
 def _radius(xp, s, axis, eps):

@@ -33,7 +33,7 @@ from capsflow.backend import BACKENDS, get_backend
 from capsflow.errors import CapsflowError
 from capsflow.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
-from capsflow.runners.train import config_from_args
+from capsflow.runners.train import add_shift_arguments, config_from_args
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, load_data,
                                        read_metrics)
 
@@ -70,11 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            f"points per curve)")
     a("--seed", type=int, metavar="S",
       help=f"seed of init, batch order and shifts (default {d.seed})")
-    shift = parser.add_mutually_exclusive_group()
-    shift.add_argument("--shift", type=int, metavar="PIXELS",
-                       help=f"random shifts of up to PIXELS in training (default {d.shift})")
-    shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
-                       help="no shift augmentation")
+    add_shift_arguments(parser, d.shift)
     a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
     a("--data-dir", dest="data_dir", metavar="ROOT", help="data root holding mnist/")
     a("--limit-train", dest="limit_train", type=int, metavar="N",

@@ -23,6 +23,15 @@ _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay":
                  "limit_train": "limit_train", "limit_test": "limit_test", "backend": "backend"}
 
 
+def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
+    """--shift PIXELS / --no-shift: the training augmentation (also used by compare)."""
+    shift = parser.add_mutually_exclusive_group()
+    shift.add_argument("--shift", type=int, metavar="PIXELS",
+                       help=f"random shifts of up to PIXELS in training (default {default})")
+    shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
+                       help="no shift augmentation")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add_graph_arguments(parser)
@@ -52,11 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="validate on the first N test examples only")
     a("--seed", type=int, metavar="S",
       help=f"seed of parameter init, batch order and shifts (default {d.seed})")
-    shift = parser.add_mutually_exclusive_group()
-    shift.add_argument("--shift", type=int, metavar="PIXELS",
-                       help=f"random shifts of up to PIXELS in training (default {d.shift})")
-    shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
-                       help="no shift augmentation")
+    add_shift_arguments(parser, d.shift)
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
     a("--no-progress", dest="progress", action="store_false",
       help="no progress bars (epoch lines are still printed)")
