@@ -21,3 +21,10 @@ def batch64():
     """A float64 batch of 3 images and one-hot labels."""
     rng = np.random.default_rng(7)
     return rng.random((3, 1, 28, 28)), np.eye(10)[[1, 4, 9]]
+
+
+@pytest.fixture
+def no_user_data(tmp_path, monkeypatch):
+    """Only --data-dir may supply data: no env var or user cache leaks into a test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("CAPSFLOW_DATA", raising=False)

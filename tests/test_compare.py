@@ -11,18 +11,13 @@ import capsflow
 from capsflow.cli import main as cli_main
 from capsflow.runners.training import read_metrics
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
-                                reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}")
+pytestmark = [pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
+                                reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}"),
+              pytest.mark.usefixtures("no_user_data")]
 
 LEAKY = REPO / "graphs" / "capsnet-leaky.yaml"
 TINY = ["--data-dir", str(SHARED_DATA), "--limit-train", "8", "--limit-test", "6", "--bs", "4",
         "--set", "routing_iters=1", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def no_user_data(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("CAPSFLOW_DATA", raising=False)
 
 
 @pytest.fixture(scope="module")

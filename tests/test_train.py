@@ -16,8 +16,9 @@ from capsflow.cli import main as cli_main
 from capsflow.graph import Graph
 from capsflow.runners.training import read_checkpoint, read_metrics
 
-pytestmark = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
-                                reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}")
+pytestmark = [pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
+                                reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}"),
+              pytest.mark.usefixtures("no_user_data")]
 
 TINY = ["--data-dir", str(SHARED_DATA), "--limit-train", "120", "--limit-test", "60",
         "--bs", "20", "--set", "routing_iters=1", "--disp", "1", "--no-progress"]
@@ -29,13 +30,6 @@ def train(*flags: str) -> int:
 
 def without_time(records: list) -> list:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
-@pytest.fixture(autouse=True)
-def no_user_data(tmp_path, monkeypatch):
-    """Only --data-dir may supply data: no env var or user cache leaks into a test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.delenv("CAPSFLOW_DATA", raising=False)
 
 
 @pytest.fixture(scope="module")
