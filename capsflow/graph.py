@@ -14,7 +14,7 @@ from .compiler import build_dag, topological_order
 from .errors import CapsflowError
 from .executor import RunResult, execute
 from .memory import LiveBytes
-from .schedule import Plan, make_plan
+from .schedule import Plan, make_plan, unavailable_nodes
 from .spec import Spec, load_spec
 
 DTYPES = ("float32", "float64")
@@ -122,16 +122,9 @@ class Graph:
         if outputs is None:  # drop outputs whose required inputs were not given
             absent = {n for n, d in self.dag.nodes(data=True)
                       if d["kind"] == "input" and n not in given and d["optional"]}
-            chosen = {k: v for k, v in chosen.items()
-                      if not self._needs_any(v, absent)}
+            unavailable = unavailable_nodes(self.dag, self.order, absent)
+            chosen = {k: v for k, v in chosen.items() if v not in unavailable}
         return chosen
-
-    def _needs_any(self, node: str, absent: set) -> bool:
-        try:
-            make_plan(self.dag, self.order, set(self.spec.inputs) - absent, {"o": node})
-        except CapsflowError:
-            return True
-        return False
 
     def _check_input(self, name: str, shape: tuple) -> None:
         _check_shape(f"input '{name}'", self.spec.inputs[name].shape, shape)

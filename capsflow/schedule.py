@@ -43,7 +43,7 @@ def make_plan(dag: nx.DiGraph, order: list, given: set, outputs: dict,
     output cannot run.
     """
     absent = _absent_inputs(dag, given)
-    unavailable = _unavailable(dag, order, absent, fed)
+    unavailable = unavailable_nodes(dag, order, absent, fed)
     wanted = dict(outputs)
     for name, node in wanted.items():
         if node in unavailable:
@@ -82,7 +82,8 @@ def _upstream(dag: nx.DiGraph, targets: set, fed: frozenset) -> set:
     return needed
 
 
-def _unavailable(dag: nx.DiGraph, order: list, absent: set, fed: frozenset = frozenset()) -> dict:
+def unavailable_nodes(dag: nx.DiGraph, order: list, absent: set,
+                      fed: frozenset = frozenset()) -> dict:
     """Node id -> the absent inputs it needs in a required (not optional) slot."""
     missing: dict = {n: {n} for n in absent}
     for n in order:
