@@ -21,33 +21,23 @@ gradient, or a ``disabled()`` block is open.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import string
 import weakref
-from typing import Iterator
 
 import networkx as nx
 
 from .schedule import Plan
+from .switch import Switch
 
-_enabled = True
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the plain, unfused graph inside the block (e.g. to check fusion against it)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
+_switch = Switch()
+#: ``with disabled():`` runs the plain, unfused graph (e.g. to check fusion against it).
+disabled = _switch.disabled
 
 
 def enabled() -> bool:
-    return _enabled
+    return _switch.on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +115,7 @@ def lower(dag: nx.DiGraph, plan: Plan) -> tuple:
     of fusions, so a training loop copies it once; the plan is rewritten on each call
     (a pass over its steps), so every field of the caller's plan carries over.
     """
-    if not _enabled:
+    if not _switch.on:
         return dag, plan
     fusions = tuple(find_weighted_sums(dag, plan))
     if not fusions:

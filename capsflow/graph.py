@@ -72,7 +72,8 @@ class Graph:
         ``feed`` maps op node ids (or aliases such as ``routing/v``) to values used
         instead of computing them, e.g. perturbed digit capsules (N, 10, 16) to decode;
         nodes needed only by fed ones do not run. Required inputs must still be given."""
-        result = self._execute(params, inputs, backend, outputs, loss=None, feed=feed)
+        result = self._execute(params, inputs, backend, outputs, loss=None, feed=feed,
+                               track_memory=return_peak)
         return (result.outputs, result.peak_bytes) if return_peak else result.outputs
 
     def value_and_grad(self, params: dict, inputs: dict, backend: str = "numpy",
@@ -85,14 +86,15 @@ class Graph:
         if loss not in self.spec.outputs:
             raise CapsflowError(f"the graph has no output '{loss}' to differentiate; "
                                 f"outputs: {', '.join(self.spec.outputs)}")
-        result = self._execute(params, inputs, backend, outputs, loss=loss, grad_hook=grad_hook)
+        result = self._execute(params, inputs, backend, outputs, loss=loss, grad_hook=grad_hook,
+                               track_memory=return_peak)
         xp = get_backend(backend).xp
         grads = {n: g if g is not None else xp.zeros_like(_value(params[n], xp))
                  for n, g in result.grads.items()}
         return (result.outputs, grads, result.peak_bytes) if return_peak else (result.outputs, grads)
 
     def _execute(self, params, inputs, backend, outputs, loss, grad_hook=None,
-                 feed=None) -> RunResult:
+                 feed=None, track_memory=False) -> RunResult:
         be = get_backend(backend)
         self.check_params(params)
         unknown = sorted(set(inputs) - set(self.spec.inputs))
@@ -110,7 +112,9 @@ class Graph:
         for node, value in fed.items():
             values[node] = be.asarray(value, dtype=dtype)
             _check_shape(f"fed value '{node}'", self.dag.nodes[node]["shape"], values[node].shape)
-        return execute(self.dag, plan, values, be.xp, LiveBytes(), grad_hook)
+        # Counting live bytes walks every held array after each op: only when asked.
+        return execute(self.dag, plan, values, be.xp, LiveBytes() if track_memory else None,
+                       grad_hook)
 
     def _choose_outputs(self, given: set, outputs: list | None) -> dict:
         names = list(self.spec.outputs) if outputs is None else list(outputs)

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
+from . import cuda_kernels
 from .backend import get_array_module, to_numpy
 from .errors import CapsflowError
 
@@ -93,19 +94,38 @@ class Adam:
         ``self.lr`` for this step (e.g. from a schedule).
         """
         _check_same_keys(params, grads)
+        self.apply(params, grads, state, self.advance(state, lr))
+
+    def advance(self, state: State, lr: Optional[float] = None) -> Tuple[float, float]:
+        """Count one step in ``state`` and return its (step_size, sqrt(1 - b2^t)).
+
+        The host half of a step: ``apply`` does the array work. A captured CUDA graph
+        replays only ``apply`` and reads these two numbers from a device buffer.
+        """
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
         state["t"] = int(state["t"]) + 1
         t = state["t"]
         # torch: step_size = lr / bc1; denom = sqrt(v) / sqrt(bc2) + eps
-        bias1 = 1.0 - b1 ** t
-        bias2_sqrt = (1.0 - b2 ** t) ** 0.5
-        step_size = lr / bias1
+        return lr / (1.0 - b1 ** t), (1.0 - b2 ** t) ** 0.5
+
+    def apply(self, params: Params, grads: Params, state: State, hyper: Any) -> None:
+        """The array half of a step: update ``params`` and the moments in place.
+
+        ``hyper`` is ``advance``'s pair, as Python floats or as a float64 device array
+        (which CuPy's fused kernel reads when it runs).
+        """
+        b1, b2 = self.betas
         for name, p in params.items():
             g = grads[name]
             m = state["m"][name]
             v = state["v"][name]
             xp = get_xp(p)
+            if cuda_kernels.enabled(xp):
+                device_hyper = hyper if hasattr(hyper, "dtype") else xp.asarray(hyper, dtype=xp.float64)
+                if cuda_kernels.adam_update(xp, p, g, m, v, device_hyper, self.betas, self.eps):
+                    continue
+            step_size, bias2_sqrt = (float(h) for h in to_host(hyper))
             # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
             m += (g - m) * (1.0 - b1)
             v *= b2

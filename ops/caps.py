@@ -1,4 +1,5 @@
 """Capsule ops: softmax (for routing), squash, and the decoder's capsule mask."""
+from capsflow import cuda_kernels
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt, norm_axis
 
@@ -22,7 +23,7 @@ def _reduce(xp, kind: str, x, axis):
     dimensions) several times slower than it combines whole slices, so a short axis is
     folded slice by slice."""
     n = x.shape[axis]
-    if n > SHORT_AXIS:
+    if n > SHORT_AXIS or xp.__name__ != "numpy":  # on a GPU one launch beats n
         return getattr(x, kind)(axis=axis, keepdims=True)
     combine = xp.maximum if kind == "max" else xp.add
     take = [slice(None)] * x.ndim
@@ -36,6 +37,9 @@ def _reduce(xp, kind: str, x, axis):
 
 @softmax.forward
 def _(xp, x, *, axis):
+    fused = cuda_kernels.rowwise(xp, "softmax_fwd", axis, x)
+    if fused is not None:
+        return fused
     e = xp.exp(x - _reduce(xp, "max", x, axis))
     e /= _reduce(xp, "sum", e, axis)
     return e
@@ -44,6 +48,9 @@ def _(xp, x, *, axis):
 @softmax.vjp
 def _(xp, saved, g, needs, *, axis):
     out = saved["out"]
+    fused = cuda_kernels.rowwise(xp, "softmax_vjp", axis, out, g)
+    if fused is not None:
+        return (fused,)
     return (out * (g - _reduce(xp, "sum", g * out, axis)),)
 
 
@@ -65,6 +72,9 @@ squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
 
 @squash.forward
 def _(xp, s, *, axis, eps):
+    fused = cuda_kernels.rowwise(xp, "squash_fwd", axis, s, eps=eps)
+    if fused is not None:
+        return fused
     n2 = _reduce(xp, "sum", s * s, axis)
     return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
 
@@ -74,6 +84,9 @@ def _(xp, saved, g, needs, *, axis, eps):
     # v = f(n2) s with f(n2) = n2 / ((1 + n2) r), r = sqrt(n2 + eps), n2 = |s|^2.
     # dv/ds . g = f g + 2 f'(n2) <g, s> s, with f' written so it stays finite at n2 = 0.
     s = saved["s"]
+    fused = cuda_kernels.rowwise(xp, "squash_vjp", axis, s, g, eps=eps)
+    if fused is not None:
+        return (fused,)
     n2 = _reduce(xp, "sum", s * s, axis)
     r2 = n2 + eps
     r = xp.sqrt(r2)

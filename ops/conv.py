@@ -14,10 +14,13 @@ chunk's windows: the copy costs far less than the GEMM it feeds, and memory stay
 
 On NumPy the batch is split over as many threads as BLAS has (ops/parallel.py), so
 the window copies and the col2im adds run in parallel as well as the GEMMs; CuPy runs
-the same code on the whole batch in one part.
+the same code on the whole batch in one part, with a budget large enough for one
+im2col GEMM per convolution (few large launches suit a GPU), and its col2im is one
+gather kernel (cuda_kernels.col2im) instead of a strided add per kernel offset.
 """
 import threading
 
+from capsflow import cuda_kernels, gemm
 from capsflow.backend import sliding_windows
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt
@@ -27,6 +30,12 @@ from .parallel import batch_parts, in_parallel
 #: Largest window copy (bytes) made at once for the whole batch: bounds the extra memory
 #: a convolution takes. A single kernel row's windows are copied even when larger.
 CHUNK_BYTES = 48 * 2 ** 20
+#: The same bound off NumPy (on a GPU): PrimaryCaps' whole im2col at batch 100 fits.
+DEVICE_CHUNK_BYTES = 2 ** 30
+
+
+def _budget(xp) -> int:
+    return CHUNK_BYTES if xp.__name__ == "numpy" else DEVICE_CHUNK_BYTES
 
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
                saves=("xt", "w"),
@@ -86,13 +95,22 @@ def _(xp, x, w, b=None, *, stride, padding):
     win = _windows(xp, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
     w2 = _weight_rows(xp, w)                                          # (O, kh*kw*C)
+    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
+    if _split_k(xp, chunks, w.shape):
+        # A long, thin GEMM (PrimaryCaps: 3600 x 20736 @ 20736 x 256) has too few output
+        # tiles to fill a GPU: one GEMM per kernel row, batched, then their sum (split-K).
+        cols = _kernel_row_cols(xp, xt, win, stride)
+        w3 = xp.ascontiguousarray(w2.reshape(o, kh, kw * c).transpose(1, 2, 0))
+        out = _sum_leading(xp, gemm.matmul(xp, cols, w3))
+        if b is not None:
+            out += b
+        return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt}
     out = xp.empty((n, oh * ow, o), dtype=xt.dtype)
-    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize)
 
     def part(rows):
         acc = out[rows].reshape(-1, o)                                # (n_part*OH*OW, O)
         for k, (r0, r1) in enumerate(chunks):
-            prod = _chunk_cols(xp, win[rows], r0, r1) @ w2[:, r0 * kw * c:r1 * kw * c].T
+            prod = gemm.matmul(xp, _chunk_cols(xp, win[rows], r0, r1), w2[:, r0 * kw * c:r1 * kw * c].T)
             if k == 0:
                 acc[...] = prod
             else:
@@ -102,6 +120,46 @@ def _(xp, x, w, b=None, *, stride, padding):
 
     in_parallel(part, batch_parts(xp, n))
     return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt}  # (N, O, OH, OW) view
+
+
+#: Split a GEMM's inner dimension over a batch once it exceeds this many times the
+#: output's width (GPU only; see the forward and ``_gram``).
+SPLIT_K_RATIO = 8
+
+
+def _split_k(xp, chunks: list, w_shape: tuple) -> bool:
+    """Whether a convolution runs as one GEMM per kernel row (GPU, inner dimension long
+    against the output channels)."""
+    o, c, kh, kw = w_shape
+    return len(chunks) == 1 and cuda_kernels.enabled(xp) and kh * kw * c > SPLIT_K_RATIO * o
+
+
+def _kernel_row_cols(xp, xt, win, stride):
+    """The windows as (kh, N*OH*OW, kw*C): one im2col matrix per kernel row."""
+    n, oh, ow, kh, kw, c = win.shape
+    cols = cuda_kernels.im2col(xp, xt, kh, kw, stride)
+    if cols is None:
+        cols = xp.ascontiguousarray(win.transpose(3, 0, 1, 2, 4, 5)).reshape(kh, n * oh * ow, kw * c)
+    return cols
+
+
+def _gram(xp, a, b):
+    """a.T @ b for a (M, P), b (M, Q). On a GPU, when M dwarfs the (P, Q) output (Conv1's
+    weight gradient: M = 40000 rows, output 256 x 81), the rows are split into a batch of
+    GEMMs whose products are summed, so that enough thread blocks run at once."""
+    m = a.shape[0]
+    if cuda_kernels.enabled(xp) and m > 4 * SPLIT_K_RATIO * max(a.shape[1], b.shape[1]):
+        splits = next((s for s in range(64, 1, -1) if m % s == 0), 1)
+        if splits > 1:
+            a3 = a.reshape(splits, m // splits, a.shape[1]).transpose(0, 2, 1)
+            return _sum_leading(xp, gemm.matmul(xp, a3, b.reshape(splits, m // splits, b.shape[1])))
+    return gemm.matmul(xp, a.T, b)
+
+
+def _sum_leading(xp, a):
+    """a.sum(axis=0), by a CUDA kernel where one applies."""
+    fused = cuda_kernels.sum_leading(xp, a)
+    return a.sum(axis=0) if fused is None else fused
 
 
 def _weight_rows(xp, w):
@@ -116,26 +174,41 @@ def _(xp, saved, g, needs, *, stride, padding):
     o, c, kh, kw = w.shape
     n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
     g4 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n, oh * ow, o)
-    gb = g4.sum(axis=(0, 1)) if len(needs) > 2 and needs[2] else None
-    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize)
+    gb = None
+    if len(needs) > 2 and needs[2]:
+        gb = cuda_kernels.sum_rows(xp, g4.reshape(-1, o))
+        gb = g4.sum(axis=(0, 1)) if gb is None else gb
+    chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
     win = _windows(xp, xt, kh, kw, stride)
+    split_k = needs[1] and _split_k(xp, chunks, w.shape)
     # gw in the windows' column order (O, kh, kw, C), summed over the parts under a lock
-    gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] else None
-    gxt = xp.zeros(xt.shape, dtype=g4.dtype) if needs[0] else None
+    gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] and not split_k else None
+    gxt = None
+    if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):  # one GEMM, one gather
+        gcols = gemm.matmul(xp, g4.reshape(-1, o), _weight_rows(xp, w)).reshape(n, oh, ow, kh, kw, c)
+        gxt = cuda_kernels.col2im(xp, gcols, xt.shape, stride)
+        del gcols
+    col2im_done = gxt is not None
+    if split_k:  # the weight gradient of each kernel row, batched: (kh, O, kw*C)
+        cols = _kernel_row_cols(xp, xt, win, stride)
+        gwt = gemm.matmul(xp, g4.reshape(-1, o).T, cols).transpose(1, 0, 2).reshape(o, kh, kw, c)
+        del cols
+    if needs[0] and not col2im_done:
+        gxt = xp.zeros(xt.shape, dtype=g4.dtype)
     lock = threading.Lock()
 
     def part(rows):
         g2 = g4[rows].reshape(-1, o)                                   # (n_part*OH*OW, O)
-        if needs[1]:
+        if needs[1] and not split_k:
             for r0, r1 in chunks:
-                prod = (g2.T @ _chunk_cols(xp, win[rows], r0, r1)).reshape(o, r1 - r0, kw, c)
+                prod = _gram(xp, g2, _chunk_cols(xp, win[rows], r0, r1)).reshape(o, r1 - r0, kw, c)
                 with lock:
                     gwt[:, r0:r1] += prod
-        if needs[0]:
+        if needs[0] and not col2im_done:
             dst = gxt[rows]
             for r0, r1 in chunks:
                 rows_w = xp.ascontiguousarray(w[:, :, r0:r1].transpose(0, 2, 3, 1)).reshape(o, -1)
-                gcols = (g2 @ rows_w).reshape(-1, oh, ow, r1 - r0, kw, c)
+                gcols = gemm.matmul(xp, g2, rows_w).reshape(-1, oh, ow, r1 - r0, kw, c)
                 # col2im: each kernel offset adds its slice back at the strided input positions.
                 for i in range(r0, r1):
                     for j in range(kw):

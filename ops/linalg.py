@@ -1,4 +1,5 @@
 """Contractions: matmul, linear (fully connected) and two-operand einsum."""
+from capsflow import cuda_kernels, gemm
 from capsflow.opdef import Attr, defop
 from capsflow.shapes import ShapeError, broadcast, fmt
 
@@ -19,14 +20,14 @@ def _(a, b):
 
 @matmul.forward
 def _(xp, a, b):
-    return xp.matmul(a, b)
+    return gemm.matmul(xp, a, b)
 
 
 @matmul.vjp
 def _(xp, saved, g, needs):
     a, b = saved["a"], saved["b"]
-    ga = xp.matmul(g, xp.swapaxes(b, -1, -2)) if needs[0] else None
-    gb = xp.matmul(xp.swapaxes(a, -1, -2), g) if needs[1] else None
+    ga = gemm.matmul(xp, g, xp.swapaxes(b, -1, -2)) if needs[0] else None
+    gb = gemm.matmul(xp, xp.swapaxes(a, -1, -2), g) if needs[1] else None
     return ga, gb
 
 
@@ -45,7 +46,7 @@ def _(x, w, b=None):
 
 @linear.forward
 def _(xp, x, w, b=None):
-    out = x @ w
+    out = gemm.matmul(xp, x, w)
     if b is not None:
         out += b
     return out
@@ -55,8 +56,8 @@ def _(xp, x, w, b=None):
 def _(xp, saved, g, needs):
     x, w = saved["x"], saved["w"]
     g2 = g.reshape(-1, g.shape[-1])
-    gx = g @ w.T if needs[0] else None
-    gw = x.reshape(-1, x.shape[-1]).T @ g2 if needs[1] else None
+    gx = gemm.matmul(xp, g, w.T) if needs[0] else None
+    gw = gemm.matmul(xp, x.reshape(-1, x.shape[-1]).T, g2) if needs[1] else None
     gb = g2.sum(axis=0) if len(needs) > 2 and needs[2] else None
     return gx, gw, gb
 
@@ -102,16 +103,54 @@ def contract(xp, subs: list, out: str, *xs):
     routing gradients 'nij,njd->nijd') runs as one broadcast multiply into a C-ordered
     result, which is faster than einsum's own loop (and, left to itself, the ufunc may
     follow an operand's odd strides); everything else goes to ``xp.einsum`` with path
-    optimisation.
+    optimisation. On CuPy the routing contractions run as one kernel each
+    (cuda_kernels.routing_contraction).
     """
+    fused = cuda_kernels.routing_contraction(xp, subs, out, xs)
+    if fused is not None:
+        return fused
     if len(xs) == 2 and set(subs[0]) | set(subs[1]) == set(out):
-        product = _outer_as_matmul(xp, subs, out, xs)
+        product = _outer_as_matmul(xp, subs, out, xs) if xp.__name__ == "numpy" else None
         if product is not None:
             return product
         a, b = (_aligned(x, sub, out) for x, sub in zip(xs, subs))
         shape = tuple(max(da, db) for da, db in zip(a.shape, b.shape))
         return xp.multiply(a, b, out=xp.empty(shape, dtype=xp.result_type(a, b)))
+    if len(xs) == 2 and xp.__name__ != "numpy":
+        return xp.ascontiguousarray(einsum_via_matmul(xp, subs, out, *xs))
     return xp.einsum(f"{','.join(subs)}->{out}", *xs, optimize=len(xs) > 1)
+
+
+def einsum_via_matmul(xp, subs: list, out: str, a, b):
+    """Two-operand einsum as one batched GEMM (gemm.matmul): indices in both operands
+    and the output are the batch, those in both but not the output are contracted, the
+    rest are the rows (from a) and columns (from b). Indices that one operand alone has
+    and the output lacks are summed first. Off NumPy every einsum GEMM goes this way,
+    so that it runs through capsflow's own cuBLAS call (capturable in a CUDA graph)."""
+    sa, sb = subs
+    a, sa = _sum_private(a, sa, sb, out)
+    b, sb = _sum_private(b, sb, sa, out)
+    batch = [i for i in out if i in sa and i in sb]
+    summed = [i for i in sa if i in sb and i not in out]
+    rows = [i for i in out if i in sa and i not in sb]
+    cols = [i for i in out if i in sb and i not in sa]
+    size = dict(zip(sa, a.shape))
+    size.update(zip(sb, b.shape))
+    nb, ns = _prod(size[i] for i in batch), _prod(size[i] for i in summed)
+    nr, nc = _prod(size[i] for i in rows), _prod(size[i] for i in cols)
+    a3 = a.transpose([sa.index(i) for i in batch + rows + summed]).reshape(nb, nr, ns)
+    b3 = b.transpose([sb.index(i) for i in batch + summed + cols]).reshape(nb, ns, nc)
+    order = batch + rows + cols
+    product = gemm.matmul(xp, a3, b3).reshape([size[i] for i in order])
+    return product.transpose([order.index(i) for i in out])
+
+
+def _sum_private(x, sub: str, other: str, out: str):
+    """Sum x over the indices that neither the other operand nor the output has."""
+    lone = tuple(k for k, i in enumerate(sub) if i not in other and i not in out)
+    if not lone:
+        return x, sub
+    return x.sum(axis=lone), "".join(i for k, i in enumerate(sub) if k not in lone)
 
 
 #: Largest shared index that _outer_as_matmul expands into a block-diagonal matrix.

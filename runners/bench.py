@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
                         help="float32 matmul/conv precision on CUDA, for capsflow-CuPy and PyTorch (fp32)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CuPy, time capsflow's step op by op instead of as CUDA graphs")
     parser.add_argument("--profile", action="store_true",
                         help="also print capsflow's per-op time and bytes (forward and VJP)")
     parser.add_argument("--top", type=_positive, default=12,
@@ -137,7 +139,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         _check_reference(graph)
     cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
            "warmup": args.warmup, "seed": args.seed, "backend": args.backend,
-           "precision": args.precision, "lr": args.lr}
+           "precision": args.precision, "lr": args.lr,
+           "cuda_graph": not getattr(args, "no_cuda_graph", False)}
     workers = []
     try:
         for name in names:

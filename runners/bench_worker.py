@@ -81,11 +81,11 @@ def blas_info() -> str:
 class Setup:
     """What a worker needs: a step function, optional extras, and a description."""
 
-    def __init__(self, step: Callable[[], float], info: str,
+    def __init__(self, step: Callable[[], float], info: "str | Callable[[], str]",
                  live_peak_step: Callable[[], int] | None = None,
                  device_pool: Any = None, profile: Callable[[int], dict] | None = None):
         self.step = step                        # runs one step, returns the loss
-        self.info = info
+        self.info = info                        # a string, or a callable read after warm-up
         self.live_peak_step = live_peak_step    # one step returning capsflow's live-bytes peak
         self.device_pool = device_pool          # (reset(), peak()) for device memory, or None
         self.profile = profile
@@ -102,9 +102,10 @@ def _graph_and_batch(cfg: dict):
 
 
 def setup_capsflow(cfg: dict) -> Setup:
-    from capsflow.backend import get_backend, use_precision
+    from capsflow.backend import get_backend, to_numpy, use_precision
     from capsflow.optim import Adam
     from capsflow.profile import profiling
+    from capsflow.train_step import TrainStep
     use_precision(cfg["precision"])  # before CuPy's first float32 matmul
     graph, params_np, batch_np = _graph_and_batch(cfg)
     be = get_backend(cfg["backend"])
@@ -112,35 +113,49 @@ def setup_capsflow(cfg: dict) -> Setup:
     inputs = {k: be.asarray(v) for k, v in batch_np.items()}
     opt = Adam(lr=cfg["lr"])
     state = opt.init_state(params)
+    # The trainer's step: both halves, the loss read in between (the trainer checks it
+    # before updating); on CuPy replayed as CUDA graphs unless switched off.
+    train_step = TrainStep(graph, params, opt, state, backend=be.name, outputs=["loss"],
+                           cuda_graph=cfg.get("cuda_graph", True))
 
-    def run(return_peak: bool = False):
+    def step() -> float:
+        loss = float(to_numpy(train_step.gradients(inputs)["loss"]))
+        train_step.update()
+        be.synchronize()
+        return loss
+
+    def eager_step(return_peak: bool = False):
         result = graph.value_and_grad(params, inputs, backend=be.name, return_peak=return_peak)
         opt.step(params, result[1], state)
         be.synchronize()
         return result
 
-    def step() -> float:
-        return float(run()[0]["loss"])
-
     def live_peak_step() -> int:
-        return int(run(return_peak=True)[2])
+        return int(eager_step(return_peak=True)[2])
 
     def profile(k: int) -> dict:
         with profiling(be.synchronize) as prof:
             for _ in range(k):
-                run()
+                eager_step()
         return {"by_op": prof.rows("op"), "by_node": prof.rows("node")}
 
     pool = None
     if be.name == "cupy":
         mempool = be.xp.get_default_memory_pool()
+        # A step's device memory: the default pool's growth, plus the private pools of
+        # the captured graphs (which keep their step's intermediate arrays for good).
         pool = (lambda: (mempool.free_all_blocks(), mempool.used_bytes())[1],
-                mempool.total_bytes)
+                lambda: mempool.total_bytes() + train_step.device_bytes())
         devices = be.xp.cuda.runtime.getDeviceCount()
-        info = f"capsflow on CuPy {be.xp.__version__}, {devices} device(s)"
+
+        def info() -> str:
+            return f"capsflow on CuPy {be.xp.__version__}, {devices} device(s), {train_step.mode}"
     else:
-        info = f"capsflow on NumPy {np.__version__}, BLAS {blas_info()}"
-    return Setup(step, info, live_peak_step, pool, profile)
+        def info() -> str:
+            return f"capsflow on NumPy {np.__version__}, BLAS {blas_info()}"
+    # The live-bytes figure needs an eager step; a replayed graph has none to give.
+    graphs = train_step.graphs_wanted
+    return Setup(step, info, None if graphs else live_peak_step, pool, profile)
 
 
 def setup_torch(cfg: dict) -> Setup:
@@ -206,7 +221,8 @@ def serve(cfg: dict) -> None:
     first_loss = setup.step()
     for _ in range(cfg["warmup"] - 1):
         setup.step()
-    reply({"ready": True, "info": setup.info, "first_loss": first_loss})
+    info = setup.info() if callable(setup.info) else setup.info
+    reply({"ready": True, "info": info, "first_loss": first_loss})
     for line in sys.stdin:
         command = line.split()
         if not command or command[0] == "quit":

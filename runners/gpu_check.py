@@ -4,7 +4,9 @@
 
 1. every op's VJP on CuPy against finite differences (float64, the cases of the CPU tests);
 2. the whole CapsNet on CuPy against NumPy: outputs and every parameter gradient, in float64
-   and float32, and a whole-graph finite-difference check on CuPy;
+   and float32, and a whole-graph finite-difference check on CuPy; then the fast paths
+   against the plain one on CuPy: the CUDA kernels (capsflow/cuda_kernels.py) against
+   the ops' ``xp`` code;
 3. optionally (--data-dir) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
    PyTorch CUDA reference in the same run, fp32 and tf32, with ms/step, ratio and peak
@@ -14,6 +16,8 @@ Exits 1 if a correctness check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -73,6 +77,80 @@ def check_parity() -> bool:
     return ok and good
 
 
+def check_kernels() -> bool:
+    """The CUDA kernels (capsflow/cuda_kernels.py) against the ops' plain xp code, on
+    CuPy in float64: a whole CapsNet step's outputs and gradients, then three Adam
+    updates (the fused kernel against the xp arithmetic)."""
+    import capsflow
+    from capsflow import cuda_kernels
+    from capsflow.backend import get_backend, to_numpy
+    from capsflow.optim import Adam
+    from capsflow.runners.gradcheck import random_batch
+    graph = capsflow.compile(CAPSNET)
+    be = get_backend("cupy")
+
+    def train(kernels: bool):
+        params = {k: be.asarray(v) for k, v in graph.init_params(seed=3, dtype="float64").items()}
+        opt = Adam(1e-3)
+        state = opt.init_state(params)
+        with contextlib.nullcontext() if kernels else cuda_kernels.disabled():
+            for k in range(3):
+                out, grads = graph.value_and_grad(params, random_batch(graph, 4, seed=k),
+                                                  backend="cupy")
+                opt.step(params, grads, state, lr=1e-3 * 0.5 ** k)
+        arrays = {f"d{k}": g for k, g in grads.items()}
+        arrays.update(out)
+        arrays.update(params)
+        return {k: to_numpy(v) for k, v in arrays.items()}
+
+    fused, plain = train(kernels=True), train(kernels=False)
+    errs = {k: _rel(fused[k], plain[k]) for k in plain}
+    name = max(errs, key=errs.get)
+    good = errs[name] <= 1e-10
+    print(f"[2] CUDA kernels vs the ops' xp code on CuPy, float64, 3 Adam steps (outputs, "
+          f"gradients, parameters): worst {errs[name]:.2e} ({name}) -> {'ok' if good else 'FAILED'}")
+    return good
+
+
+def check_graphs() -> bool:
+    """Five Adam steps replayed as CUDA graphs (new batch and learning rate each step)
+    against five eager steps through the plain xp code, float64."""
+    import capsflow
+    from capsflow import cuda_kernels, gemm
+    from capsflow.backend import get_backend, to_numpy
+    from capsflow.optim import Adam
+    from capsflow.runners.gradcheck import random_batch
+    from capsflow.train_step import TrainStep
+    graph = capsflow.compile(CAPSNET)
+    be = get_backend("cupy")
+    own_gemm = be.name != "cupy" or gemm._cublas(be.xp) is not None
+    print(f"[2] GEMMs through capsflow's own cuBLAS call (capturable): "
+          f"{'yes' if own_gemm else 'NO, CuPy matmul (graphs cannot capture it)'}")
+
+    def train(cuda_graph: bool, kernels: bool):
+        p = {k: be.asarray(v) for k, v in graph.init_params(seed=4, dtype="float64").items()}
+        opt = Adam(1e-3)
+        step = TrainStep(graph, p, opt, opt.init_state(p), backend="cupy", outputs=["loss"],
+                         cuda_graph=cuda_graph)
+        losses = []
+        with contextlib.nullcontext() if kernels else cuda_kernels.disabled():
+            for k in range(5):
+                out = step.gradients(random_batch(graph, 8, seed=10 + k))
+                losses.append(float(to_numpy(out["loss"])))
+                step.update(lr=1e-3 * 0.5 ** k)
+        return {k: to_numpy(v) for k, v in p.items()}, losses, step.mode
+
+    p_graph, l_graph, mode = train(cuda_graph=True, kernels=True)
+    p_eager, l_eager, _ = train(cuda_graph=False, kernels=False)
+    errs = {k: _rel(p_graph[k], p_eager[k]) for k in p_eager}
+    errs["loss"] = _rel(np.array(l_graph), np.array(l_eager))
+    name = max(errs, key=errs.get)
+    good = errs[name] <= 1e-10 and mode == "cuda graph"
+    print(f"[2] 5 Adam steps as CUDA graphs (mode: {mode}) vs eager plain xp, float64: "
+          f"worst {errs[name]:.2e} ({name}) -> {'ok' if good else 'FAILED'}")
+    return good
+
+
 def train_run(data_dir: str) -> None:
     out = Path("/tmp/capsflow-gpu-check-train")
     cmd = [sys.executable, "-m", "capsflow.cli", "train", str(CAPSNET), "--backend", "cupy",
@@ -89,26 +167,48 @@ def train_run(data_dir: str) -> None:
 def bench_table(repeats: int) -> None:
     from capsflow.runners.bench import run_bench
     rows = []
-    for precision in ("fp32", "tf32"):
+    for precision, graphs, kernels in (("fp32", True, True), ("tf32", True, True),
+                                       ("fp32", False, True), ("fp32", False, False)):
         args = argparse.Namespace(graph=str(CAPSNET), overrides=[], bs=100, repeats=repeats,
                                   warmup=3, backend="cupy", precision=precision, no_torch=False,
-                                  profile=False, top=12, seed=0, lr=1e-3, json=None)
-        fig = run_bench(args)
+                                  profile=False, top=12, seed=0, lr=1e-3, json=None,
+                                  no_cuda_graph=not graphs)
+        # The bench workers read CAPSFLOW_CUDA_KERNELS when they import capsflow.
+        os.environ["CAPSFLOW_CUDA_KERNELS"] = "1" if kernels else "0"
+        try:
+            fig = run_bench(args)
+        finally:
+            os.environ.pop("CAPSFLOW_CUDA_KERNELS", None)
         cf, pt = fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"]
-        rows.append((precision, cf, pt, fig))
+        label = precision + ("" if graphs else ", eager") + ("" if kernels else ", xp only")
+        rows.append((label, cf, pt, fig))
     print(f"\n[4] training step, batch 100, float32 inputs ({rows[0][3]['machine']}; "
           f"{rows[0][1]['info']}; {rows[0][2]['info']})")
-    print(f"{'precision':<10} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
+    print(f"{'precision':<18} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
           f"{'capsflow peak MB':>17} {'pytorch peak MB':>16}")
     for precision, cf, pt, fig in rows:
-        print(f"{precision:<10} {cf['median'] * 1e3:>12.2f} {pt['median'] * 1e3:>11.2f} "
+        print(f"{precision:<18} {cf['median'] * 1e3:>12.2f} {pt['median'] * 1e3:>11.2f} "
               f"{fig['ratio_median']:>6.2f} {_mb(cf.get('device_peak')):>17} "
               f"{_mb(pt.get('device_peak')):>16}")
-    print("ratio = capsflow / PyTorch eager, medians; target <= 0.5 (fp32)")
+    print("ratio = capsflow / PyTorch eager, medians; target <= 0.5 (fp32). capsflow replays "
+          "CUDA graphs except in 'eager' rows (--no-cuda-graph); 'xp only': no CUDA kernels "
+          "(CAPSFLOW_CUDA_KERNELS=0)")
 
 
 def _mb(value) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
+
+
+def cupy_or_say_why(program: str) -> bool:
+    """Whether CuPy and a GPU are there; if not, one line on stderr says why."""
+    from capsflow.backend import get_backend
+    from capsflow.errors import BackendError
+    try:
+        get_backend("cupy")
+    except BackendError as exc:
+        print(f"{program}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def main(argv: list | None = None) -> int:
@@ -116,15 +216,12 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--data-dir", help="data root with mnist/ for the short training run")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per framework (20)")
     args = parser.parse_args(argv)
-    from capsflow.backend import get_backend
-    from capsflow.errors import BackendError
-    try:
-        get_backend("cupy")
-    except BackendError as exc:
-        print(f"gpu_check: {exc}", file=sys.stderr)
+    if not cupy_or_say_why("gpu_check"):
         return 2
     ok = check_ops()
     ok &= check_parity()
+    ok &= check_kernels()
+    ok &= check_graphs()
     if args.data_dir:
         train_run(args.data_dir)
     bench_table(args.repeats)

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from capsflow.backend import BACKENDS, get_backend
+from capsflow.backend import BACKENDS, PRECISIONS, get_backend, use_precision
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
@@ -20,7 +20,8 @@ from capsflow.runners.training import LAST, TrainConfig, Trainer, load_data, rea
 _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
                  "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
                  "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
-                 "limit_train": "limit_train", "limit_test": "limit_test", "backend": "backend"}
+                 "limit_train": "limit_train", "limit_test": "limit_test", "backend": "backend",
+                 "cuda_graph": "cuda_graph"}
 
 
 def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
@@ -51,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, or the "
            "checkpoint's folder with --resume)")
     a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
+    a("--precision", choices=PRECISIONS, default="fp32",
+      help="float32 GEMMs on CuPy: fp32, or tf32 on tensor cores (default fp32)")
+    a("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
+      help="on CuPy, run every step op by op instead of replaying it as CUDA graphs")
     a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
     a("--data-dir", dest="data_dir", metavar="ROOT",
       help="data root holding mnist/ or fashion-mnist/ (else $CAPSFLOW_DATA, then "
@@ -74,7 +79,7 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Tra
         if hasattr(config, name):
             setattr(config, name, value)
     for flag, name in _CONFIG_FLAGS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)  # commands built on train (compare) lack some flags
         if value is not None:
             setattr(config, name, value)
     config.check()
@@ -88,6 +93,7 @@ def main(args: argparse.Namespace) -> int:
     graph = compile_from_args(args)
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
     get_backend(config.backend)  # an unusable backend fails before the data is loaded
+    use_precision(getattr(args, "precision", "fp32"))  # read by capsflow.gemm on CuPy
     if args.save_dir:
         save_dir = Path(args.save_dir)
     else:

@@ -42,6 +42,7 @@ from capsflow.backend import get_backend, to_numpy
 from capsflow.checkpoint import load_npz, save_npz_atomic
 from capsflow.errors import CapsflowError
 from capsflow.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
+from capsflow.train_step import TrainStep
 from capsflow.runners.data import BatchIterator, load_split, one_hot
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
@@ -77,6 +78,7 @@ class TrainConfig:
     limit_test: Optional[int] = None
     backend: str = "numpy"
     dtype: str = "float32"
+    cuda_graph: bool = True        # on CuPy with Adam: replay each step as CUDA graphs
 
     # Settings a resumed run must share with its checkpoint, or it would not continue
     # the same run. The others (epochs, reporting, backend, test subset) may change.
@@ -429,6 +431,11 @@ class Trainer:
         if self.state.iteration == 0 and self.state.epoch == 0:
             self.metrics_path.write_text("")  # a fresh run starts a fresh file
         records = []
+        # Built here, after any restore() has replaced the parameters and optimizer state:
+        # captured CUDA graphs hold on to the arrays they were captured with.
+        self.train_step = TrainStep(self.graph, self.params, self.optimizer, self.opt_state,
+                                    backend=self.config.backend, outputs=["loss", "lengths"],
+                                    cuda_graph=self.config.cuda_graph)
         try:
             while self.state.epoch < self.config.num_epochs:
                 records.append(self._epoch())
@@ -452,16 +459,14 @@ class Trainer:
         for x, y in batches:
             # A diverging run is reported once, below, instead of by NumPy's warnings.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                out, grads = self.graph.value_and_grad(self.params, {"x": x, "y": y},
-                                                       backend=cfg.backend,
-                                                       outputs=["loss", "lengths"])
+                out = self.train_step.gradients({"x": x, "y": y})
             loss = float(to_numpy(out["loss"]))
             if not np.isfinite(loss):
                 raise TrainingDiverged(self._diverged_message(
                     f"the loss became {loss} at iteration {st.iteration + 1}", lr))
             correct = int((to_numpy(out["lengths"]).argmax(axis=1) == y.argmax(axis=1)).sum())
             with _interrupts_deferred():  # never stop half-way through an update
-                self.optimizer.step(self.params, grads, self.opt_state, lr=lr)
+                self.train_step.update(lr)
                 st.iteration += 1
                 st.iterator = self.batches.get_state()
                 st.epoch_sums.add(loss, correct, y.shape[0])

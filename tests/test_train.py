@@ -6,6 +6,7 @@ batches of 20), so the whole file takes well under a minute on two cores.
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -132,6 +133,7 @@ def one_line_error(capsys, argv: list, command: str = "train") -> str:
     (["--num_epochs", "two"], "invalid int value"),
     (["--set", "no_such_var=1"], "unknown variable 'no_such_var'"),
     (["--backend", "tpu"], "invalid choice: 'tpu'"),
+    (["--precision", "fp16"], "invalid choice: 'fp16'"),
 ])
 def test_bad_flags_are_one_line(flags, message, capsys, tmp_path):
     argv = ["train", str(CAPSNET), *TINY, "--save_dir", str(tmp_path), *flags]
@@ -166,3 +168,11 @@ def test_checkpoint_meta_is_plain_json(reference):
         meta = json.loads(str(data["meta"]))
         assert int(data["epoch"]) == meta["progress"]["epoch"] == 2
         assert "routing_iters" in str(data["spec/routing/paper.yaml"])
+
+
+def test_precision_flag_reaches_the_gemms(tmp_path, monkeypatch):
+    """--precision tf32 sets CUPY_TF32, which capsflow.gemm reads for each float32 GEMM."""
+    monkeypatch.setenv("CUPY_TF32", "0")
+    assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir", str(tmp_path),
+                 "--precision", "tf32") == 0
+    assert os.environ["CUPY_TF32"] == "1"

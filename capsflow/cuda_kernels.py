@@ -1,0 +1,365 @@
+"""Hand-written CUDA kernels that CuPy runs in place of chains of small ``xp`` calls.
+
+Each kernel implements one op (or one einsum pattern) that the ``xp`` code also
+implements, and does it in a single launch: squash and softmax over a capsule's last
+axis (forward and VJP), the two routing contractions, a convolution's im2col copy and
+the col2im sum of its input gradient, and the Adam update. On NumPy nothing here runs; on CuPy an op asks
+``kernel_for(xp, ...)`` and falls back to its ``xp`` code when the answer is None
+(another layout, another dtype, or kernels switched off).
+
+The kernels are checked against the ``xp`` path on the GPU by ``runners/gpu_check.py``
+(``with disabled():`` runs the plain path); what the CPU can check, the pattern
+recognition, is in tests/test_cuda_kernels.py.
+
+Sources are written once for a type ``T`` and compiled per dtype (``typedef float T``
+or ``double``) by NVRTC on first use; CuPy caches the binaries on disk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from .switch import Switch
+
+#: Set CAPSFLOW_CUDA_KERNELS=0 to run every op through its plain ``xp`` code on CuPy.
+_switch = Switch(os.environ.get("CAPSFLOW_CUDA_KERNELS", "1") != "0")
+#: ``with disabled():`` runs every op's plain ``xp`` code (to check the kernels against it).
+disabled = _switch.disabled
+_compiled: dict = {}
+
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+_THREADS = 256
+
+# One thread per capsule (row of D contiguous values).
+_ROWWISE = r"""
+extern "C" __global__ void squash_fwd(const T* __restrict__ s, T* __restrict__ out,
+                                      long long rows, int D, T eps) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const T* x = s + r * D;
+    T n2 = 0;
+    for (int d = 0; d < D; ++d) n2 += x[d] * x[d];
+    T f = n2 / ((1 + n2) * sqrt(n2 + eps));
+    for (int d = 0; d < D; ++d) out[r * D + d] = x[d] * f;
+}
+
+extern "C" __global__ void squash_vjp(const T* __restrict__ s, const T* __restrict__ g,
+                                      T* __restrict__ out, long long rows, int D, T eps) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const T* x = s + r * D;
+    const T* gr = g + r * D;
+    T n2 = 0, gs = 0;
+    for (int d = 0; d < D; ++d) { n2 += x[d] * x[d]; gs += gr[d] * x[d]; }
+    T r2 = n2 + eps;
+    T rt = sqrt(r2);
+    T f = n2 / ((1 + n2) * rt);
+    T df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * rt * (1 + n2) * (1 + n2));
+    T k = 2 * df * gs;
+    for (int d = 0; d < D; ++d) out[r * D + d] = f * gr[d] + k * x[d];
+}
+
+extern "C" __global__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ out,
+                                       long long rows, int D) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const T* xr = x + r * D;
+    T* y = out + r * D;
+    T m = xr[0];
+    for (int d = 1; d < D; ++d) m = xr[d] > m ? xr[d] : m;
+    T total = 0;
+    for (int d = 0; d < D; ++d) { T e = exp(xr[d] - m); y[d] = e; total += e; }
+    for (int d = 0; d < D; ++d) y[d] /= total;
+}
+
+extern "C" __global__ void softmax_vjp(const T* __restrict__ o, const T* __restrict__ g,
+                                       T* __restrict__ out, long long rows, int D) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) return;
+    const T* orow = o + r * D;
+    const T* gr = g + r * D;
+    T dot = 0;
+    for (int d = 0; d < D; ++d) dot += gr[d] * orow[d];
+    for (int d = 0; d < D; ++d) out[r * D + d] = orow[d] * (gr[d] - dot);
+}
+"""
+
+# Routing's contractions of A (B, I, J, D):
+#   contract_d: out[b,i,j] = sum_d A[b,i,j,d] V[b,j,d]   (agreement; dc of the weighted sum)
+#   contract_i: out[b,j,d] = sum_i C[b,i,j] A[b,i,j,d]   (weighted sum; dv of the agreement)
+# contract_i splits i over S blocks per example and writes S partial sums, which one
+# reduction adds up: deterministic, and enough blocks to keep the memory system busy.
+_ROUTING = r"""
+extern "C" __global__ void contract_d(const T* __restrict__ A, const T* __restrict__ V,
+                                      T* __restrict__ out, long long total, int I, int J, int D) {
+    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= total) return;
+    long long b = r / ((long long)I * J);
+    int j = (int)(r % J);
+    const T* a = A + r * D;
+    const T* v = V + (b * J + j) * D;
+    T acc = 0;
+    for (int d = 0; d < D; ++d) acc += a[d] * v[d];
+    out[r] = acc;
+}
+
+extern "C" __global__ void contract_i(const T* __restrict__ C, const T* __restrict__ A,
+                                      T* __restrict__ partial, int Bn, int I, int J, int D, int S) {
+    int b = blockIdx.x / S;
+    int s = blockIdx.x % S;
+    int JD = J * D;
+    int per = (I + S - 1) / S;
+    int i0 = s * per;
+    int i1 = min(I, i0 + per);
+    for (int jd = threadIdx.x; jd < JD; jd += blockDim.x) {
+        int j = jd / D;
+        T acc = 0;
+        #pragma unroll 4
+        for (int i = i0; i < i1; ++i) {
+            long long row = (long long)b * I + i;
+            acc += C[row * J + j] * A[row * JD + jd];
+        }
+        partial[((long long)s * Bn + b) * JD + jd] = acc;
+    }
+}
+"""
+
+# im2col: the windows of xt (N, H, W, C) as (KH, N*OH*OW, KW*C), one matrix per kernel
+# row (the layout of conv2d's split-K GEMMs).
+# sum_leading: a (S, K) summed over S, one thread per output, reads coalesced (CuPy's
+# generic reduction is slow for a short leading axis over a wide array).
+# col2im: the gradient of every input pixel (n, h, w, c) gathered from the windows'
+# gradients cols (N, OH, OW, KH, KW, C) that cover it; one thread per input value,
+# visiting only the offsets that land on it, in the order the xp path adds them.
+_CONV = r"""
+extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
+                                  int M, int H, int W, int C, int OH, int OW, int KW, int stride) {
+    // One block per output row (kernel row r, window m); the row is kw*C values that
+    // lie contiguously in xt, so it is a straight, coalesced copy.
+    long long row = blockIdx.x;
+    int r = (int)(row / M);
+    int m = (int)(row % M);
+    int ohw = OH * OW;
+    int n = m / ohw;
+    int p = m % ohw;
+    int oh = p / OW;
+    int ow = p % OW;
+    const T* src = xt + (((long long)n * H + (long long)oh * stride + r) * W
+                         + (long long)ow * stride) * C;
+    T* dst = out + row * ((long long)KW * C);
+    for (int q = threadIdx.x; q < KW * C; q += blockDim.x) dst[q] = src[q];
+}
+
+extern "C" __global__ void sum_leading(const T* __restrict__ a, T* __restrict__ out,
+                                       int S, long long K) {
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= K) return;
+    T acc = a[k];
+    for (int s = 1; s < S; ++s) acc += a[(long long)s * K + k];
+    out[k] = acc;
+}
+
+extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ out,
+                                  long long total, int H, int W, int C, int OH, int OW,
+                                  int KH, int KW, int stride) {
+    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= total) return;
+    int c = (int)(idx % C);
+    long long rest = idx / C;
+    int w = (int)(rest % W); rest /= W;
+    int h = (int)(rest % H);
+    long long n = rest / H;
+    T acc = 0;
+    for (int i = h % stride; i < KH && i <= h; i += stride) {
+        int oh = (h - i) / stride;
+        if (oh >= OH) continue;
+        for (int j = w % stride; j < KW && j <= w; j += stride) {
+            int ow = (w - j) / stride;
+            if (ow >= OW) continue;
+            acc += cols[((((n * OH + oh) * OW + ow) * KH + i) * KW + j) * C + c];
+        }
+    }
+    out[idx] = acc;
+}
+"""
+
+#: Blocks per example over which contract_i splits the sum over i.
+SPLITS = 16
+
+
+def enabled(xp: Any) -> bool:
+    """Whether ops on ``xp`` should use these kernels (CuPy, and not switched off)."""
+    return _switch.on and getattr(xp, "__name__", "") == "cupy"
+
+
+def _kernel(xp: Any, source: str, name: str, dtype: Any):
+    key = (name, np.dtype(dtype))
+    if key not in _compiled:
+        code = f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{source}"
+        _compiled[key] = xp.RawKernel(code, name)
+    return _compiled[key]
+
+
+def _launch(kernel, total: int, args: tuple) -> None:
+    blocks = (int(total) + _THREADS - 1) // _THREADS
+    if blocks:
+        kernel((blocks,), (_THREADS,), args)
+
+
+def _usable(xp: Any, *arrays: Any) -> bool:
+    dtype = arrays[0].dtype
+    return enabled(xp) and np.dtype(dtype) in _CTYPES and all(a.dtype == dtype for a in arrays)
+
+
+def _last_axis(x: Any, axis: int) -> bool:
+    return axis % x.ndim == x.ndim - 1
+
+
+# -- squash and softmax over the last axis --------------------------------------------
+def rowwise(xp: Any, name: str, axis: int, *arrays: Any, eps: float | None = None):
+    """``name`` (squash_fwd, squash_vjp, softmax_fwd, softmax_vjp) over the last axis of
+    same-shaped ``arrays``, or None when the kernel does not apply."""
+    if not _usable(xp, *arrays) or not _last_axis(arrays[0], axis):
+        return None
+    arrays = tuple(xp.ascontiguousarray(a) for a in arrays)
+    dtype = arrays[0].dtype.type
+    d = arrays[0].shape[-1]
+    rows = arrays[0].size // max(d, 1)
+    out = xp.empty_like(arrays[0])
+    args = arrays + (out, np.int64(rows), np.int32(d))
+    if eps is not None:
+        args += (dtype(eps),)
+    _launch(_kernel(xp, _ROWWISE, name, arrays[0].dtype), rows, args)
+    return out
+
+
+# -- the routing contractions -----------------------------------------------------------
+def routing_pattern(subs: list, out: str) -> tuple | None:
+    """('contract_d' | 'contract_i', order) when einsum ``subs -> out`` is one of the
+    routing contractions, ``order`` saying which operand is which; else None.
+
+    contract_d: 'bijd,bjd->bij' (either operand order); contract_i: 'bij,bijd->bjd'.
+    """
+    if len(subs) != 2:
+        return None
+    for first, second in ((0, 1), (1, 0)):
+        big, small = subs[first], subs[second]
+        if len(big) != 4 or len(set(big)) != 4:
+            continue
+        b, i, j, d = big
+        if len(small) == 3 and small == b + j + d and out == b + i + j:
+            return "contract_d", (first, second)
+        if len(small) == 3 and small == b + i + j and out == b + j + d:
+            return "contract_i", (second, first)
+    return None
+
+
+def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
+    """The einsum ``subs -> out`` of ``xs`` by a routing kernel, or None."""
+    found = routing_pattern(subs, out)
+    if found is None or not _usable(xp, *xs):
+        return None
+    kind, (ka, kb) = found
+    first, second = (xp.ascontiguousarray(xs[ka]), xp.ascontiguousarray(xs[kb]))
+    dtype = first.dtype
+    if kind == "contract_d":
+        big, small = first, second
+        bn, i, j, d = big.shape
+        result = xp.empty((bn, i, j), dtype=dtype)
+        _launch(_kernel(xp, _ROUTING, "contract_d", dtype), result.size,
+                (big, small, result, np.int64(result.size), np.int32(i), np.int32(j), np.int32(d)))
+        return result
+    c, big = first, second
+    bn, i, j, d = big.shape
+    partial = xp.empty((SPLITS, bn, j * d), dtype=dtype)
+    if bn:
+        threads = min(_THREADS, max(32, -(-j * d // 32) * 32))
+        _kernel(xp, _ROUTING, "contract_i", dtype)(
+            (bn * SPLITS,), (threads,),
+            (c, big, partial, np.int32(bn), np.int32(i), np.int32(j), np.int32(d), np.int32(SPLITS)))
+    return sum_leading(xp, partial).reshape(bn, j, d)
+
+
+# -- reductions ------------------------------------------------------------------------------
+def sum_leading(xp: Any, a: Any):
+    """``a.sum(axis=0)``, or None when the kernel does not apply."""
+    if not _usable(xp, a) or a.ndim < 1 or a.shape[0] < 1:
+        return None
+    a = xp.ascontiguousarray(a)
+    out = xp.empty(a.shape[1:], dtype=a.dtype)
+    _launch(_kernel(xp, _CONV, "sum_leading", a.dtype), out.size,
+            (a, out, np.int32(a.shape[0]), np.int64(out.size)))
+    return out
+
+
+def sum_rows(xp: Any, a: Any):
+    """``a.sum(axis=0)`` of a tall (M, K) array in two passes of sum_leading (the rows
+    folded into 64 or so partial sums first, so that enough threads run), or None."""
+    if not _usable(xp, a) or a.ndim != 2:
+        return None
+    m = a.shape[0]
+    r = next((d for d in range(64, 1, -1) if m % d == 0), 1)
+    partial = sum_leading(xp, xp.ascontiguousarray(a).reshape(m // r, r * a.shape[1]))
+    return sum_leading(xp, partial.reshape(r, a.shape[1]))
+
+
+# -- convolution ---------------------------------------------------------------------------
+def im2col(xp: Any, xt: Any, kh: int, kw: int, stride: int):
+    """The windows of xt (N, H, W, C) as (kh, N*OH*OW, kw*C), or None when the kernel
+    does not apply."""
+    if not _usable(xp, xt):
+        return None
+    xt = xp.ascontiguousarray(xt)
+    n, h, w, c = xt.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    m = n * oh * ow
+    out = xp.empty((kh, m, kw * c), dtype=xt.dtype)
+    if out.size:
+        _kernel(xp, _CONV, "im2col", xt.dtype)(
+            (kh * m,), (_THREADS,),
+            (xt, out, np.int32(m), np.int32(h), np.int32(w), np.int32(c), np.int32(oh),
+             np.int32(ow), np.int32(kw), np.int32(stride)))
+    return out
+
+
+def col2im(xp: Any, cols: Any, in_shape: tuple, stride: int):
+    """Input gradient (N, H, W, C) from window gradients ``cols`` (N, OH, OW, KH, KW, C),
+    or None when the kernel does not apply."""
+    if not _usable(xp, cols):
+        return None
+    cols = xp.ascontiguousarray(cols)
+    n, oh, ow, kh, kw, c = cols.shape
+    _, h, w, _ = in_shape
+    out = xp.empty((n, h, w, c), dtype=cols.dtype)
+    _launch(_kernel(xp, _CONV, "col2im", cols.dtype), out.size,
+            (cols, out, np.int64(out.size), np.int32(h), np.int32(w), np.int32(c),
+             np.int32(oh), np.int32(ow), np.int32(kh), np.int32(kw), np.int32(stride)))
+    return out
+
+
+# -- Adam ---------------------------------------------------------------------------------------
+def adam_update(xp: Any, p: Any, g: Any, m: Any, v: Any, hyper: Any, betas: tuple,
+                eps: float) -> bool:
+    """One Adam update of ``p``, ``m``, ``v`` in place, with the arithmetic of the ``xp``
+    path in optim.Adam; ``hyper`` is a device array (step_size, sqrt(1 - b2^t)), read
+    when the kernel runs (so a captured CUDA graph sees each step's values). False when
+    the kernel does not apply."""
+    if not _usable(xp, p, g, m, v) or not all(a.flags.c_contiguous for a in (p, g, m, v)):
+        return False
+    if "adam" not in _compiled:
+        _compiled["adam"] = xp.ElementwiseKernel(
+            "T g, raw float64 hyper, float64 b1, float64 b2, float64 eps",
+            "T p, T m, T v",
+            """
+            T mm = m + (g - m) * (T)(1.0 - b1);
+            T vv = v * (T)b2 + (T)(1.0 - b2) * (g * g);
+            T denom = sqrt(vv) / (T)hyper[1] + (T)eps;
+            p = p - (mm / denom) * (T)hyper[0];
+            m = mm;
+            v = vv;
+            """,
+            "capsflow_adam")
+    _compiled["adam"](g, hyper, float(betas[0]), float(betas[1]), float(eps), p, m, v)
+    return True

@@ -1,0 +1,200 @@
+"""Matrix products: the one function every op calls for a GEMM, on NumPy and CuPy.
+
+On NumPy ``matmul(xp, a, b)`` is ``numpy.matmul``. On CuPy it calls cuBLAS itself,
+``cublasGemmStridedBatchedEx`` through ctypes on a handle of capsflow's own: CuPy
+refuses to call cuBLAS while a stream is being captured, and a training step captured
+as a CUDA graph (capsflow/cudagraph.py) needs its GEMMs inside the graph. The product
+is the same one CuPy would compute (same library, same routine family, fp32 or TF32
+by ``CUPY_TF32``, see backend.use_precision).
+
+Row-major arrays meet column-major cuBLAS by the usual identity: C = A B is computed
+as C^T = B^T A^T, and a row-major matrix with row stride ld is, to cuBLAS, its own
+transpose with leading dimension ld. ``plan`` works out the call from the arrays'
+strides (no copy when an operand is a row-major or transposed matrix, or a stack of
+them with one batch stride) and is checked on the CPU against an emulation of the
+cuBLAS call (tests/test_gemm.py); the GPU check compares the products with NumPy.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_OP_N, _OP_T = 0, 1
+_CUDA_R_32F, _CUDA_R_64F = 0, 1
+_COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
+_GEMM_DEFAULT = -1
+_WORKSPACE_BYTES = 32 * 2 ** 20  # cuBLAS' recommendation for Hopper; set so no capture allocates
+
+
+def matmul(xp: Any, a: Any, b: Any) -> Any:
+    """``a @ b`` for a (..., M, K) and b (..., K, N), batch axes broadcast."""
+    if getattr(xp, "__name__", "") != "cupy" or a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
+            or np.dtype(a.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return xp.matmul(a, b)
+    lib = _cublas(xp)
+    if lib is None:
+        return xp.matmul(a, b)
+    return _run(xp, lib, a, b)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One operand as cuBLAS sees it: its array (possibly a copy), op, leading dimension
+    and batch stride, all in elements."""
+    array: Any
+    op: int
+    ld: int
+    batch_stride: int
+
+
+def _matrix_layout(x: Any) -> tuple | None:
+    """(op, ld) of the last two axes of x (R, C): row-major -> (N, row stride), a
+    transposed row-major matrix -> (T, column stride); None for anything else."""
+    s = x.itemsize
+    r, c = x.shape[-2:]
+    st_r, st_c = x.strides[-2:]
+    if st_r < 0 or st_c < 0 or st_r % s or st_c % s:
+        return None
+    if (st_c == s or c == 1) and (r == 1 or st_r // s >= max(c, 1)):
+        return _OP_N, max(c, 1) if r == 1 else st_r // s
+    if (st_r == s or r == 1) and (c == 1 or st_c // s >= max(r, 1)):
+        return _OP_T, max(r, 1) if c == 1 else st_c // s
+    return None
+
+
+def operand(xp: Any, x: Any, batch: int) -> Operand:
+    """x (..., R, C) as a stack of ``batch`` matrices for cuBLAS (batch stride 0 when x
+    is one matrix broadcast over the batch)."""
+    rows, cols = x.shape[-2:]
+    own = int(np.prod(x.shape[:-2], dtype=np.int64)) if x.ndim > 2 else 1
+    if own == 1:
+        x2 = x.reshape(x.shape[-2:]) if x.ndim > 2 else x
+        layout = _matrix_layout(x2)
+        if layout is None:
+            x2 = xp.ascontiguousarray(x2)
+            layout = _matrix_layout(x2)
+        return Operand(x2, layout[0], layout[1], 0)
+    assert own == batch, "plan() broadcasts every operand to the whole batch or to one matrix"
+    x3 = x.reshape((batch, rows, cols))  # a copy only when the batch axes cannot merge
+    layout = _matrix_layout(x3)
+    if layout is None or x3.strides[0] < 0 or x3.strides[0] % x3.itemsize:
+        x3 = xp.ascontiguousarray(x3)
+        layout = _matrix_layout(x3)
+    return Operand(x3, layout[0], layout[1], x3.strides[0] // x3.itemsize)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One cublasGemmStridedBatchedEx call computing out (batch, M, N) = a @ b."""
+    transa: int
+    transb: int
+    m: int
+    n: int
+    k: int
+    A: Operand        # cuBLAS' first operand: b
+    B: Operand        # cuBLAS' second operand: a
+    ldc: int
+    stride_c: int
+    batch: int
+    out_shape: tuple
+
+
+def plan(xp: Any, a: Any, b: Any) -> Plan:
+    """The cuBLAS call for ``a @ b`` (see the module docstring for the identity used)."""
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: {a.shape} @ {b.shape} do not fit")
+    batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    batch = int(np.prod(batch_shape, dtype=np.int64))
+    m_rows, k, n_cols = a.shape[-2], a.shape[-1], b.shape[-1]
+    if a.ndim > 2 and a.shape[:-2] != batch_shape and int(np.prod(a.shape[:-2])) != 1:
+        a = xp.broadcast_to(a, batch_shape + a.shape[-2:])
+    if b.ndim > 2 and b.shape[:-2] != batch_shape and int(np.prod(b.shape[:-2])) != 1:
+        b = xp.broadcast_to(b, batch_shape + b.shape[-2:])
+    opa, opb = operand(xp, b, batch), operand(xp, a, batch)
+    return Plan(opa.op, opb.op, n_cols, m_rows, k, opa, opb, n_cols, m_rows * n_cols, batch,
+                batch_shape + (m_rows, n_cols))
+
+
+# -- the cuBLAS side ---------------------------------------------------------------------------
+_state: dict = {}
+
+
+def _cublas(xp: Any):
+    """capsflow's cuBLAS handle and functions, or None where they cannot be loaded (then
+    CuPy's own matmul runs, and steps are not captured as graphs)."""
+    if "lib" in _state:
+        return _state["lib"]
+    _state["lib"] = None
+    try:
+        lib = _load_library(xp)
+        handle = ctypes.c_void_p()
+        if lib.cublasCreate_v2(ctypes.byref(handle)) != 0:
+            return None
+        workspace = xp.empty(_WORKSPACE_BYTES, dtype=xp.uint8)
+        try:
+            lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
+                                      ctypes.c_size_t(_WORKSPACE_BYTES))
+        except AttributeError:  # older cuBLAS: it manages its own workspace
+            pass
+        f = lib.cublasGemmStridedBatchedEx
+        f.restype = ctypes.c_int
+        vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        matrix = [vp, i, i, ll]                       # pointer, data type, ld, batch stride
+        f.argtypes = ([vp] + [i] * 5 + [vp] + matrix + matrix  # handle, ops, m, n, k, alpha, A, B
+                      + [vp] + matrix + [i, i, i])             # beta, C, batch, compute, algo
+        lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        _state.update(handle=handle, workspace=workspace, gemm=f, set_stream=lib.cublasSetStream_v2)
+        _state["lib"] = lib
+    except (OSError, AttributeError, StopIteration):
+        _state["lib"] = None
+    return _state["lib"]
+
+
+def _load_library(xp: Any):
+    """The libcublas that CuPy loaded (found in /proc/self/maps), else by soname."""
+    xp.cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libcublas.so" in line}
+    except OSError:
+        paths = set()
+    for path in sorted(paths):
+        return ctypes.CDLL(path)
+    for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise OSError("libcublas not found")
+
+
+def _run(xp: Any, lib: Any, a: Any, b: Any) -> Any:
+    p = plan(xp, a, b)
+    out = xp.empty(p.out_shape, dtype=a.dtype)
+    if out.size == 0:
+        return out
+    if p.k == 0:
+        out[...] = 0
+        return out
+    if a.dtype == np.float64:
+        dtype, compute, one, zero = _CUDA_R_64F, _COMPUTE_64F, ctypes.c_double(1), ctypes.c_double(0)
+    else:
+        tf32 = os.environ.get("CUPY_TF32", "0") == "1"
+        dtype, compute = _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F
+        one, zero = ctypes.c_float(1), ctypes.c_float(0)
+    handle = _state["handle"]
+    _state["set_stream"](handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr))
+    status = _state["gemm"](
+        handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.c_void_p(ctypes.addressof(one)),
+        ctypes.c_void_p(p.A.array.data.ptr), dtype, p.A.ld, p.A.batch_stride,
+        ctypes.c_void_p(p.B.array.data.ptr), dtype, p.B.ld, p.B.batch_stride,
+        ctypes.c_void_p(ctypes.addressof(zero)),
+        ctypes.c_void_p(out.data.ptr), dtype, p.ldc, p.stride_c, p.batch, compute, _GEMM_DEFAULT)
+    if status != 0:
+        raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {status} "
+                           f"for {a.shape} @ {b.shape}")
+    return out

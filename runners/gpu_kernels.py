@@ -1,0 +1,87 @@
+"""Where a CapsNet training step spends its GPU time, kernel by kernel.
+
+    python -m capsflow.runners.gpu_kernels [--steps 5] [--top 30]
+
+Runs capsflow's training step on CuPy (batch 100, float32, Adam) under PyTorch's
+profiler, whose CUPTI tracing records every kernel the process launches, CuPy's and
+cuBLAS' included, and prints the kernels by GPU time per step: once for eager steps
+and once for steps replayed as CUDA graphs. capsflow's per-op profile (``capsflow bench
+--profile``) times ops with a synchronisation around each, which on a GPU mostly
+measures launch overhead; this table is the GPU's own account.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from capsflow.runners.gpu_check import CAPSNET, cupy_or_say_why
+
+
+def kernel_rows(events, steps: int) -> list:
+    """[(kernel name, calls per step, ms per step)] from profiler averages, slowest first."""
+    rows = []
+    for e in events:
+        total = getattr(e, "device_time_total", None)
+        if total is None:  # older PyTorch
+            total = getattr(e, "cuda_time_total", 0)
+        if total:
+            rows.append((e.key, e.count / steps, total / 1e3 / steps))
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def format_rows(rows: list, top: int, title: str) -> str:
+    total = sum(r[2] for r in rows)
+    lines = [title, f"{'ms/step':>8} {'share':>6} {'calls':>6}  kernel"]
+    for name, calls, ms in rows[:top]:
+        lines.append(f"{ms:>8.3f} {100 * ms / max(total, 1e-12):>5.1f}% {calls:>6.0f}  {name[:90]}")
+    lines.append(f"{total:>8.3f} {'':>6} {sum(r[1] for r in rows):>6.0f}  (all {len(rows)} kernels)")
+    return "\n".join(lines)
+
+
+def profile_steps(cuda_graph: bool, steps: int) -> list:
+    import capsflow
+    from torch.profiler import ProfilerActivity, profile
+    from capsflow.backend import get_backend, to_numpy
+    from capsflow.optim import Adam
+    from capsflow.runners.gradcheck import random_batch
+    from capsflow.train_step import TrainStep
+    be = get_backend("cupy")
+    graph = capsflow.compile(CAPSNET)
+    params = {k: be.asarray(v) for k, v in graph.init_params(0, "float32").items()}
+    batch = {k: be.asarray(v.astype(np.float32)) for k, v in random_batch(graph, 100, 0).items()}
+    opt = Adam(1e-3)
+    step = TrainStep(graph, params, opt, opt.init_state(params), backend=be.name,
+                     outputs=["loss"], cuda_graph=cuda_graph)
+
+    def one() -> None:
+        float(to_numpy(step.gradients(batch)["loss"]))
+        step.update()
+
+    for _ in range(3):  # compile kernels, capture the graphs
+        one()
+    be.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            one()
+        be.synchronize()
+    return kernel_rows(prof.key_averages(), steps)
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps (5)")
+    parser.add_argument("--top", type=int, default=30, help="kernels to list (30)")
+    args = parser.parse_args(argv)
+    if not cupy_or_say_why("gpu_kernels"):
+        return 2
+    for cuda_graph in (False, True):
+        mode = "replayed as CUDA graphs" if cuda_graph else "eager"
+        print(format_rows(profile_steps(cuda_graph, args.steps), args.top,
+                          f"\nGPU kernels of one training step ({mode}), batch 100, float32:"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""capsflow.gemm's cuBLAS call plan, checked on the CPU: an emulation of
+cublasGemmStridedBatchedEx (column-major, leading dimensions, batch strides) reads the
+operands' memory exactly as cuBLAS would, and must reproduce numpy.matmul."""
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import as_strided
+
+from capsflow import gemm
+
+
+def _stored(op: gemm.Operand, rows: int, cols: int, batch: int):
+    """The (batch, rows, cols) matrices cuBLAS reads for an operand whose op() is
+    rows x cols: stored column-major with leading dimension ld."""
+    x = op.array
+    s = x.itemsize
+    r, c = (rows, cols) if op.op == gemm._OP_N else (cols, rows)
+    assert op.ld >= max(1, r), "cuBLAS needs ld >= the stored rows"
+    view = as_strided(x, shape=(batch, r, c), strides=(op.batch_stride * s, s, op.ld * s))
+    return view if op.op == gemm._OP_N else view.transpose(0, 2, 1)
+
+
+def emulate(a, b):
+    p = gemm.plan(np, a, b)
+    op_a = _stored(p.A, p.m, p.k, p.batch)
+    op_b = _stored(p.B, p.k, p.n, p.batch)
+    c = op_a @ op_b                                          # (batch, m, n) column-major
+    out = np.empty(p.out_shape, dtype=a.dtype)
+    flat = out.reshape(-1)
+    s = out.itemsize
+    as_strided(flat, shape=(p.batch, p.m, p.n), strides=(p.stride_c * s, s, p.ldc * s))[...] = c
+    return out
+
+
+rng = np.random.default_rng(0)
+
+
+def R(*shape):
+    return rng.standard_normal(shape)
+
+
+CASES = {
+    "plain": (R(5, 3), R(3, 4)),
+    "a transposed": (R(3, 5).T, R(3, 4)),
+    "b transposed": (R(5, 3), R(4, 3).T),
+    "both transposed": (R(3, 5).T, R(4, 3).T),
+    "batched": (R(6, 5, 3), R(6, 3, 4)),
+    "batched, b broadcast": (R(6, 5, 3), R(3, 4)),
+    "batched, a broadcast": (R(5, 3), R(2, 3, 3, 4)),
+    "batched, b transposed per matrix": (R(6, 5, 3), R(6, 4, 3).transpose(0, 2, 1)),
+    "strided rows (a column slice)": (R(5, 8)[:, 2:5], R(3, 4)),
+    "batch of one": (R(1, 5, 3), R(1, 3, 4)),
+    "partial broadcast": (R(2, 1, 5, 3), R(1, 3, 3, 4)),
+    "row vector": (R(1, 3), R(3, 4)),
+    "column result": (R(5, 3), R(3, 1)),
+    "non-mergeable batch": (R(4, 6, 5, 3).transpose(1, 0, 2, 3), R(6, 4, 3, 2)),
+    "split-K as in conv2d": (R(8, 40, 6).transpose(0, 2, 1), R(8, 40, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_plan_reproduces_matmul(name):
+    a, b = CASES[name]
+    np.testing.assert_allclose(emulate(a, b), a @ b, rtol=1e-12, atol=1e-12)
+
+
+def test_numpy_runs_numpy_matmul():
+    a, b = R(2, 3, 4), R(4, 5)
+    np.testing.assert_array_equal(gemm.matmul(np, a, b), np.matmul(a, b))
+
+
+@pytest.mark.parametrize("eq", ["ijdk,nik->nijd", "nijd,nik->ijdk", "nijd,ijdk->nik",
+                                "nij,nj->ni", "ab,bc->a", "nijd,njd->nij", "nij,nijd->njd",
+                                "ab,cb->ca"])
+def test_einsum_as_one_batched_matmul(eq):
+    """The lowering that CuPy's einsums take (ops.linalg.einsum_via_matmul), on NumPy."""
+    from capsflow.ops.linalg import einsum_via_matmul, parse_equation
+    subs, out = parse_equation(eq, 2)
+    sizes = dict(zip("abcdijkn", (2, 3, 4, 5, 6, 3, 4, 2)))
+    a, b = (R(*[sizes[i] for i in s]) for s in subs)
+    np.testing.assert_allclose(einsum_via_matmul(np, subs, out, a, b), np.einsum(eq, a, b),
+                               rtol=1e-12, atol=1e-12)

@@ -1,0 +1,97 @@
+"""TrainStep: the trainer's step in two halves, eager or replayed as CUDA graphs. On the
+CPU the graph path runs with cudagraph.Replayed standing in for a captured graph, so the
+static buffers, the per-step Adam numbers and the fallbacks are exercised here; the GPU
+check compares real captured graphs with eager steps."""
+import numpy as np
+import pytest
+
+import capsflow
+from capsflow import train_step as ts_module
+from capsflow.cudagraph import CaptureError
+from capsflow.optim import SGD, Adam
+from capsflow.runners.gradcheck import random_batch
+from capsflow.train_step import TrainStep
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return capsflow.compile("graphs/capsnet.yaml", {"routing_iters": 2})
+
+
+def _train(graph, simulate, batches, optimizer=None):
+    params = graph.init_params(0, "float64")
+    opt = optimizer or Adam(1e-3)
+    step = TrainStep(graph, params, opt, opt.init_state(params), outputs=["loss"],
+                     simulate=simulate)
+    losses = []
+    for k, batch in enumerate(batches):
+        losses.append(float(step.gradients(batch)["loss"]))
+        step.update(lr=1e-3 * 0.5 ** k)  # a new learning rate every step
+    return params, losses, step
+
+
+def _batches(graph, sizes):
+    return [random_batch(graph, n, seed) for seed, n in enumerate(sizes)]
+
+
+def test_graph_path_matches_eager_steps(graph):
+    batches = _batches(graph, [3, 3, 3, 2, 3])  # the 2-example batch runs eagerly
+    p_eager, l_eager, s_eager = _train(graph, False, batches)
+    p_graph, l_graph, s_graph = _train(graph, True, batches)
+    assert s_eager.mode == "eager" and s_graph.mode == "cuda graph"
+    assert l_graph == l_eager
+    for name in p_eager:
+        np.testing.assert_array_equal(p_graph[name], p_eager[name])
+
+
+def test_eager_step_is_value_and_grad_then_adam(graph):
+    batch = random_batch(graph, 2, 7)
+    params = graph.init_params(1, "float64")
+    reference = {k: v.copy() for k, v in params.items()}
+    opt = Adam(1e-3)
+    state, ref_state = opt.init_state(params), opt.init_state(reference)
+    step = TrainStep(graph, params, opt, state)
+    out = step.gradients(batch)
+    step.update()
+    ref_out, grads = graph.value_and_grad(reference, batch)
+    opt.step(reference, grads, ref_state)
+    assert float(out["loss"]) == float(ref_out["loss"])
+    for name in params:
+        np.testing.assert_array_equal(params[name], reference[name])
+
+
+def test_a_failed_capture_says_so_once_and_stays_eager(graph, monkeypatch, capsys):
+    def refuse(xp, fn):
+        raise CaptureError("NotImplementedError: no capture here")
+    monkeypatch.setattr(ts_module, "capture", refuse)
+    batches = _batches(graph, [2, 2, 2])
+    p_fallback, l_fallback, step = _train(graph, True, batches)
+    p_eager, l_eager, _ = _train(graph, False, batches)
+    assert step.mode == "eager" and l_fallback == l_eager
+    err = capsys.readouterr().err
+    assert err.count("CUDA graph capture failed, running eagerly (NotImplementedError") == 1
+
+
+def test_graphs_only_for_adam_and_an_update_needs_gradients(graph):
+    params = graph.init_params(0, "float64")
+    sgd = SGD(0.01)
+    assert not TrainStep(graph, params, sgd, sgd.init_state(params), simulate=True).graphs_wanted
+    adam = Adam()
+    step = TrainStep(graph, params, adam, adam.init_state(params))
+    assert not step.graphs_wanted  # NumPy, no simulation
+    with pytest.raises(RuntimeError, match="needs a gradients"):
+        step.update()
+
+
+def test_adam_advance_then_apply_is_step():
+    rng = np.random.default_rng(0)
+    p1 = {"w": rng.standard_normal((3, 4))}
+    p2 = {"w": p1["w"].copy()}
+    opt = Adam(1e-2)
+    s1, s2 = opt.init_state(p1), opt.init_state(p2)
+    for k in range(3):
+        g = {"w": rng.standard_normal((3, 4))}
+        opt.step(p1, g, s1, lr=0.01 / (k + 1))
+        opt.apply(p2, g, s2, np.asarray(opt.advance(s2, lr=0.01 / (k + 1))))
+    assert s1["t"] == s2["t"] == 3
+    np.testing.assert_array_equal(p1["w"], p2["w"])
