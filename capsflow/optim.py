@@ -116,16 +116,20 @@ class Adam:
         (which CuPy's fused kernel reads when it runs).
         """
         b1, b2 = self.betas
+        device_hyper = host_hyper = None  # made once, on first need
         for name, p in params.items():
             g = grads[name]
             m = state["m"][name]
             v = state["v"][name]
             xp = get_xp(p)
             if cuda_kernels.enabled(xp):
-                device_hyper = hyper if hasattr(hyper, "dtype") else xp.asarray(hyper, dtype=xp.float64)
+                if device_hyper is None:
+                    device_hyper = hyper if hasattr(hyper, "dtype") else xp.asarray(hyper, dtype=xp.float64)
                 if cuda_kernels.adam_update(xp, p, g, m, v, device_hyper, self.betas, self.eps):
                     continue
-            step_size, bias2_sqrt = (float(h) for h in to_host(hyper))
+            if host_hyper is None:
+                host_hyper = tuple(float(h) for h in to_host(hyper))
+            step_size, bias2_sqrt = host_hyper
             # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
             m += (g - m) * (1.0 - b1)
             v *= b2

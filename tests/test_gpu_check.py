@@ -68,3 +68,14 @@ def test_kernel_table_from_profiler_averages():
     text = gpu_kernels.format_rows(rows, 1, "title")
     assert "sgemm_128x64" in text and "squash_fwd" not in text
     assert text.splitlines()[-1].split()[:2] == ["4.700", "10"]
+
+
+def test_kernel_table_without_a_gpu_says_so_and_exits_2(capsys):
+    from capsflow.runners import gpu_kernels
+    try:
+        backend.get_backend("cupy")
+        pytest.skip("CuPy and a GPU are present")
+    except backend.BackendError:
+        pass
+    assert gpu_kernels.main([]) == 2
+    assert "gpu_kernels: backend 'cupy'" in capsys.readouterr().err
