@@ -6,11 +6,11 @@
 2. the whole CapsNet on CuPy against NumPy: outputs and every parameter gradient, in float64
    and float32, and a whole-graph finite-difference check on CuPy; then the fast paths
    against the plain one on CuPy: the CUDA kernels (capsflow/cuda_kernels.py) against
-   the ops' ``xp`` code;
+   the ops' ``xp`` code, and Adam steps replayed as CUDA graphs against eager ones;
 3. optionally (--data-dir) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
-   PyTorch CUDA reference in the same run, fp32 and tf32, with ms/step, ratio and peak
-   device memory.
+   PyTorch CUDA reference in the same run, fp32 and tf32 as CUDA graphs, then fp32 eager
+   with and without the CUDA kernels, with ms/step, ratio and peak device memory.
 Exits 1 if a correctness check fails.
 """
 from __future__ import annotations

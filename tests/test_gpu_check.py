@@ -27,14 +27,16 @@ def test_a_broken_vjp_fails_the_op_check(numpy_as_cupy, monkeypatch, capsys):
     assert "FAILED: relu" in capsys.readouterr().out
 
 
-def test_without_a_gpu_it_says_so_and_exits_2(capsys):
+@pytest.mark.parametrize("program", ["gpu_check", "gpu_kernels"])
+def test_without_a_gpu_it_says_so_and_exits_2(program, capsys):
+    import importlib
     try:
         backend.get_backend("cupy")
         pytest.skip("CuPy and a GPU are present")
     except backend.BackendError:
         pass
-    assert gpu_check.main([]) == 2
-    assert "gpu_check: backend 'cupy'" in capsys.readouterr().err
+    assert importlib.import_module(f"capsflow.runners.{program}").main([]) == 2
+    assert f"{program}: backend 'cupy'" in capsys.readouterr().err
 
 
 def test_kernel_check_runs_and_reports(numpy_as_cupy, capsys):
@@ -69,13 +71,3 @@ def test_kernel_table_from_profiler_averages():
     assert "sgemm_128x64" in text and "squash_fwd" not in text
     assert text.splitlines()[-1].split()[:2] == ["4.700", "10"]
 
-
-def test_kernel_table_without_a_gpu_says_so_and_exits_2(capsys):
-    from capsflow.runners import gpu_kernels
-    try:
-        backend.get_backend("cupy")
-        pytest.skip("CuPy and a GPU are present")
-    except backend.BackendError:
-        pass
-    assert gpu_kernels.main([]) == 2
-    assert "gpu_kernels: backend 'cupy'" in capsys.readouterr().err
