@@ -3,13 +3,17 @@
 Each kernel implements one op (or one einsum pattern) that the ``xp`` code also
 implements, and does it in a single launch: squash and softmax over a capsule's last
 axis (forward and VJP), the two routing contractions, a convolution's im2col copy and
-the col2im sum of its input gradient, and the Adam update. On NumPy nothing here runs; on CuPy an op asks
-``kernel_for(xp, ...)`` and falls back to its ``xp`` code when the answer is None
-(another layout, another dtype, or kernels switched off).
+the col2im sum of its input gradient, the sum of outer-product gradients
+(capsflow/outer_grads.py) and the Adam update. On NumPy nothing here runs; on CuPy a
+caller asks the function here and falls back to its ``xp`` code when the answer is
+None or False (another layout, another dtype, or kernels switched off).
 
 The kernels are checked against the ``xp`` path on the GPU by ``runners/gpu_check.py``
-(``with disabled():`` runs the plain path); what the CPU can check, the pattern
-recognition, is in tests/test_cuda_kernels.py.
+(``with disabled():`` runs the plain path). Without a GPU, tests/test_cuda_compile.py
+compiles every source with NVRTC and tests/test_cuda_emulated.py runs the kernels on
+the CPU (g++, one thread after another) against the ``xp`` path; which einsums take a
+kernel is in tests/test_cuda_kernels.py. Kernels must therefore keep their threads
+independent: no shared memory, no two threads writing one element.
 
 Sources are written once for a type ``T`` and compiled per dtype (``typedef float T``
 or ``double``) by NVRTC on first use; CuPy caches the binaries on disk.
@@ -185,6 +189,33 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ ou
 }
 """
 
+# outer_sum: out[b,l,j,r] (+)= sum_k L_k[b,l,j] R_k[b,j,r] for up to 8 terms, one thread
+# per output value: the gradient that routing's uses of u_hat send back, written once
+# (capsflow/outer_grads.py). Unused pointers repeat the first and are never read.
+_OUTER = r"""
+#define OUTER_TERM(k) if (K > k) acc += l##k[t] * r##k[rix];
+extern "C" __global__ void outer_sum(
+        const T* __restrict__ l0, const T* __restrict__ l1, const T* __restrict__ l2,
+        const T* __restrict__ l3, const T* __restrict__ l4, const T* __restrict__ l5,
+        const T* __restrict__ l6, const T* __restrict__ l7,
+        const T* __restrict__ r0, const T* __restrict__ r1, const T* __restrict__ r2,
+        const T* __restrict__ r3, const T* __restrict__ r4, const T* __restrict__ r5,
+        const T* __restrict__ r6, const T* __restrict__ r7,
+        T* __restrict__ out, long long total, int NL, int NJ, int NR, int K, int accumulate) {
+    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= total) return;
+    long long t = e / NR;                   // (b, l, j): the left factors' index
+    int r = (int)(e % NR);
+    int j = (int)(t % NJ);
+    long long b = t / ((long long)NL * NJ);
+    long long rix = (b * NJ + j) * NR + r;  // (b, j, r): the right factors' index
+    T acc = accumulate ? out[e] : (T)0;
+    OUTER_TERM(0) OUTER_TERM(1) OUTER_TERM(2) OUTER_TERM(3)
+    OUTER_TERM(4) OUTER_TERM(5) OUTER_TERM(6) OUTER_TERM(7)
+    out[e] = acc;
+}
+"""
+
 #: Blocks per example over which contract_i splits the sum over i.
 SPLITS = 16
 
@@ -280,6 +311,20 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
             (bn * SPLITS,), (threads,),
             (c, big, partial, np.int32(bn), np.int32(i), np.int32(j), np.int32(d), np.int32(SPLITS)))
     return sum_leading(xp, partial).reshape(bn, j, d)
+
+
+def outer_sum(xp: Any, lefts: list, rights: list, out: Any, accumulate: bool) -> bool:
+    """out (nb, nl, nj, nr) = (or +=) the sum of the outer products of lefts[k] (nb, nl,
+    nj) and rights[k] (nb, nj, nr), k < 8; False when the kernel does not apply."""
+    if not lefts or len(lefts) > 8 or not _usable(xp, out, *lefts, *rights) \
+            or not all(a.flags.c_contiguous for a in (out, *lefts, *rights)):
+        return False
+    nb, nl, nj, nr = out.shape
+    pad = [lefts[0]] * (8 - len(lefts)), [rights[0]] * (8 - len(rights))
+    _launch(_kernel(xp, _OUTER, "outer_sum", out.dtype), out.size,
+            (*lefts, *pad[0], *rights, *pad[1], out, np.int64(out.size), np.int32(nl),
+             np.int32(nj), np.int32(nr), np.int32(len(lefts)), np.int32(accumulate)))
+    return True
 
 
 # -- reductions ------------------------------------------------------------------------------

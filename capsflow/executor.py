@@ -2,17 +2,19 @@
 
 No composite backward exists anywhere: the reverse pass only calls per-op VJPs and
 sums the contributions that meet at a value, reducing broadcast gradients to the
-value's shape at that one place.
+value's shape at that one place. Contributions that are outer products may arrive
+factored (capsflow/outer_grads.py); their sum is made when the value's VJP needs it.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 
-from . import fusion, profile
+from . import fusion, outer_grads, profile
 from .memory import LiveBytes
 from .opdef import OPS
 from .schedule import Plan
@@ -86,8 +88,11 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, xp: Any, meter: LiveBytes
     outputs = {k: values[v] for k, v in plan.outputs.items()}
     if plan.loss is None:
         return RunResult(outputs, peak_bytes=meter.peak)
-    grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values, grad_hook,
-                     prof)
+    # Outer-product gradients stay factored until summed (outer_grads), except for a hook,
+    # which sees every contribution as an array.
+    with outer_grads.collecting() if grad_hook is None else nullcontext():
+        grads = _reverse(dag, plan, values[plan.loss], saved, shapes, xp, meter, values,
+                         grad_hook, prof)
     return RunResult(outputs, grads, meter.peak)
 
 
@@ -144,7 +149,7 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
     for name in plan.backward:
         node = dag.nodes[name]
         kept = saved.pop(name)
-        g = grads.pop(name, None)
+        g = outer_grads.total(xp, grads.pop(name, None))
         owned.discard(name)
         if g is None:  # every path from here to the loss was cut (stop_gradient)
             continue
@@ -159,11 +164,17 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
                 contributions[slot] = None  # so that a private gk is referenced by gk alone
             if not needs[slot] or gk is None:
                 continue
+            if outer_grads.is_deferred(gk):
+                grads[ref] = outer_grads.add(xp, grads[ref], gk) if ref in grads else gk
+                owned.discard(ref)  # add() sums the plain part from now on, never in place
+                continue
             gk = unbroadcast(xp, gk, shapes[ref])
             if grad_hook is not None:
                 grad_hook(name, ref, slot, gk)
             if ref not in grads:
                 grads[ref] = gk  # may be a VJP's view or another value's gradient: never written
+            elif outer_grads.is_deferred(grads[ref]):
+                grads[ref] = outer_grads.add(xp, grads[ref], gk)
             elif ref in owned:
                 grads[ref] += gk  # in place: saves allocating (and page-faulting) a new sum
             elif _private(gk) and gk.dtype == grads[ref].dtype:
@@ -176,4 +187,4 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
             del gk
         del contributions
         meter.sample(values, saved, grads)
-    return {p: grads.pop(p) if p in grads else None for p in plan.wrt}
+    return {p: outer_grads.total(xp, grads.pop(p)) if p in grads else None for p in plan.wrt}

@@ -30,15 +30,33 @@ _GEMM_DEFAULT = -1
 _WORKSPACE_BYTES = 32 * 2 ** 20  # cuBLAS' recommendation for Hopper; set so no capture allocates
 
 
-def matmul(xp: Any, a: Any, b: Any) -> Any:
-    """``a @ b`` for a (..., M, K) and b (..., K, N), batch axes broadcast."""
+def matmul(xp: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False) -> Any:
+    """``a @ b`` for a (..., M, K) and b (..., K, N), batch axes broadcast.
+
+    With ``out`` (an array of the product's shape, any strides) the product is written
+    there, or added to it with ``accumulate``, and ``out`` is returned. On CuPy cuBLAS
+    writes it in place when ``out``'s matrices are row- or column-major with one batch
+    stride (beta = 1 to accumulate), which saves a copy of the product.
+    """
     if getattr(xp, "__name__", "") != "cupy" or a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
-            or np.dtype(a.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
-        return xp.matmul(a, b)
+            or np.dtype(a.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)) \
+            or (out is not None and out.dtype != a.dtype):
+        return _into(xp, a, b, out, accumulate)
     lib = _cublas(xp)
     if lib is None:
+        return _into(xp, a, b, out, accumulate)
+    return _run(xp, lib, a, b, out, accumulate)
+
+
+def _into(xp: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
+    """``xp.matmul`` with ``matmul``'s ``out`` and ``accumulate``."""
+    if out is None:
         return xp.matmul(a, b)
-    return _run(xp, lib, a, b)
+    if accumulate:
+        out += xp.matmul(a, b)
+    else:
+        xp.matmul(a, b, out=out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,22 +119,65 @@ class Plan:
     stride_c: int
     batch: int
     out_shape: tuple
+    out: Any = None   # where the product goes: a view of the caller's ``out``, or None (a new array)
 
 
-def plan(xp: Any, a: Any, b: Any) -> Plan:
-    """The cuBLAS call for ``a @ b`` (see the module docstring for the identity used)."""
+def plan(xp: Any, a: Any, b: Any, out: Any = None) -> Plan | None:
+    """The cuBLAS call for ``a @ b`` (see the module docstring for the identity used).
+
+    With ``out``: the call that writes into it, or None when its layout does not let
+    cuBLAS write there (a column-major ``out`` is written as out^T = b^T a^T).
+    """
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"matmul: {a.shape} @ {b.shape} do not fit")
     batch_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     batch = int(np.prod(batch_shape, dtype=np.int64))
     m_rows, k, n_cols = a.shape[-2], a.shape[-1], b.shape[-1]
+    c_layout = None
+    if out is not None:
+        if tuple(out.shape) != tuple(batch_shape) + (m_rows, n_cols):
+            raise ValueError(f"matmul: out {out.shape} does not fit {a.shape} @ {b.shape}")
+        c_layout = _out_layout(out, batch)
+        if c_layout is None:
+            t = out.swapaxes(-1, -2)
+            if _out_layout(t, batch) is None:
+                return None
+            return plan(xp, b.swapaxes(-1, -2), a.swapaxes(-1, -2), t)
     if a.ndim > 2 and a.shape[:-2] != batch_shape and int(np.prod(a.shape[:-2])) != 1:
         a = xp.broadcast_to(a, batch_shape + a.shape[-2:])
     if b.ndim > 2 and b.shape[:-2] != batch_shape and int(np.prod(b.shape[:-2])) != 1:
         b = xp.broadcast_to(b, batch_shape + b.shape[-2:])
     opa, opb = operand(xp, b, batch), operand(xp, a, batch)
-    return Plan(opa.op, opb.op, n_cols, m_rows, k, opa, opb, n_cols, m_rows * n_cols, batch,
-                batch_shape + (m_rows, n_cols))
+    ldc, stride_c = c_layout if c_layout else (n_cols, m_rows * n_cols)
+    return Plan(opa.op, opb.op, n_cols, m_rows, k, opa, opb, ldc, stride_c, batch,
+                batch_shape + (m_rows, n_cols), out)
+
+
+def _out_layout(out: Any, batch: int) -> tuple | None:
+    """(ldc, batch stride) in elements when ``out``'s matrices are row-major (unit column
+    stride) and its batch axes step by one stride; else None."""
+    s = out.itemsize
+    r, c = out.shape[-2:]
+    st_r, st_c = out.strides[-2:]
+    if (st_c != s and c > 1) or st_r % s or st_r < 0 or (r > 1 and st_r // s < c):
+        return None
+    stride = _single_stride(out.shape[:-2], out.strides[:-2])
+    if stride is None or stride % s or stride < 0:
+        return None
+    ld = st_r // s if r > 1 else max(c, 1)
+    return ld, (stride // s if batch > 1 else r * c)
+
+
+def _single_stride(shape: tuple, strides: tuple) -> int | None:
+    """The one stride that walks every index of ``shape`` in order (0 for no batch),
+    or None when the axes do not merge."""
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    if not dims:
+        return 0
+    for (n_outer, st_outer), (n_inner, st_inner) in zip(dims, dims[1:]):
+        if st_outer != st_inner * n_inner:
+            return None
+    return dims[-1][1]
 
 
 # -- the cuBLAS side ---------------------------------------------------------------------------
@@ -172,29 +233,39 @@ def _load_library(xp: Any):
     raise OSError("libcublas not found")
 
 
-def _run(xp: Any, lib: Any, a: Any, b: Any) -> Any:
-    p = plan(xp, a, b)
-    out = xp.empty(p.out_shape, dtype=a.dtype)
-    if out.size == 0:
+def _run(xp: Any, lib: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
+    p = plan(xp, a, b, out)
+    if p is None:  # an ``out`` cuBLAS cannot write: make the product, then copy or add it
+        product = _run(xp, lib, a, b, None, False)
+        if accumulate:
+            out += product
+        else:
+            out[...] = product
         return out
+    c = xp.empty(p.out_shape, dtype=a.dtype) if p.out is None else p.out
+    result = c if out is None else out
+    if c.size == 0:
+        return result
     if p.k == 0:
-        out[...] = 0
-        return out
+        if not accumulate:
+            c[...] = 0
+        return result
     if a.dtype == np.float64:
-        dtype, compute, one, zero = _CUDA_R_64F, _COMPUTE_64F, ctypes.c_double(1), ctypes.c_double(0)
+        dtype, compute, one = _CUDA_R_64F, _COMPUTE_64F, ctypes.c_double(1)
+        beta = ctypes.c_double(1 if accumulate else 0)
     else:
         tf32 = os.environ.get("CUPY_TF32", "0") == "1"
         dtype, compute = _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F
-        one, zero = ctypes.c_float(1), ctypes.c_float(0)
+        one, beta = ctypes.c_float(1), ctypes.c_float(1 if accumulate else 0)
     handle = _state["handle"]
     _state["set_stream"](handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr))
     status = _state["gemm"](
         handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.c_void_p(ctypes.addressof(one)),
         ctypes.c_void_p(p.A.array.data.ptr), dtype, p.A.ld, p.A.batch_stride,
         ctypes.c_void_p(p.B.array.data.ptr), dtype, p.B.ld, p.B.batch_stride,
-        ctypes.c_void_p(ctypes.addressof(zero)),
-        ctypes.c_void_p(out.data.ptr), dtype, p.ldc, p.stride_c, p.batch, compute, _GEMM_DEFAULT)
+        ctypes.c_void_p(ctypes.addressof(beta)),
+        ctypes.c_void_p(c.data.ptr), dtype, p.ldc, p.stride_c, p.batch, compute, _GEMM_DEFAULT)
     if status != 0:
         raise RuntimeError(f"cublasGemmStridedBatchedEx failed with status {status} "
                            f"for {a.shape} @ {b.shape}")
-    return out
+    return result

@@ -20,6 +20,8 @@ def _arrays(obj: Any) -> Iterable[Any]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _arrays(v)
+    elif hasattr(obj, "arrays"):  # a gradient still being summed (outer_grads)
+        yield from _arrays(list(obj.arrays()))
 
 
 class LiveBytes:

@@ -38,7 +38,7 @@ def _budget(xp) -> int:
     return CHUNK_BYTES if xp.__name__ == "numpy" else DEVICE_CHUNK_BYTES
 
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
-               saves=("xt", "w"),
+               saves=("xt", "w", "w_cols"),
                doc="x (N, C, H, W) * w (O, C, kh, kw) + b (O,) -> (N, O, OH, OW); no dilation")
 
 
@@ -94,32 +94,31 @@ def _(xp, x, w, b=None, *, stride, padding):
     xt = _channels_last(xp, x, padding)
     win = _windows(xp, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
-    w2 = _weight_rows(xp, w)                                          # (O, kh*kw*C)
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
     if _split_k(xp, chunks, w.shape):
         # A long, thin GEMM (PrimaryCaps: 3600 x 20736 @ 20736 x 256) has too few output
         # tiles to fill a GPU: one GEMM per kernel row, batched, then their sum (split-K).
+        # The weights' (kh, kw*C, O) copy is kept for the VJP's input gradient.
         cols = _kernel_row_cols(xp, xt, win, stride)
-        w3 = xp.ascontiguousarray(w2.reshape(o, kh, kw * c).transpose(1, 2, 0))
+        w3 = xp.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, kw * c, o)
         out = _sum_leading(xp, gemm.matmul(xp, cols, w3))
         if b is not None:
             out += b
-        return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt}
+        return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt, "w_cols": w3}
+    w2 = _weight_rows(xp, w)                                          # (O, kh*kw*C)
     out = xp.empty((n, oh * ow, o), dtype=xt.dtype)
 
     def part(rows):
         acc = out[rows].reshape(-1, o)                                # (n_part*OH*OW, O)
         for k, (r0, r1) in enumerate(chunks):
-            prod = gemm.matmul(xp, _chunk_cols(xp, win[rows], r0, r1), w2[:, r0 * kw * c:r1 * kw * c].T)
-            if k == 0:
-                acc[...] = prod
-            else:
-                acc += prod
+            gemm.matmul(xp, _chunk_cols(xp, win[rows], r0, r1), w2[:, r0 * kw * c:r1 * kw * c].T,
+                        out=acc, accumulate=k > 0)
         if b is not None:
             acc += b
 
     in_parallel(part, batch_parts(xp, n))
-    return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt}  # (N, O, OH, OW) view
+    out = out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)             # (N, O, OH, OW) view
+    return out, {"xt": xt, "w_cols": None}
 
 
 #: Split a GEMM's inner dimension over a batch once it exceeds this many times the
@@ -185,13 +184,16 @@ def _(xp, saved, g, needs, *, stride, padding):
     gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] and not split_k else None
     gxt = None
     if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):  # one GEMM, one gather
-        gcols = gemm.matmul(xp, g4.reshape(-1, o), _weight_rows(xp, w)).reshape(n, oh, ow, kh, kw, c)
+        w_cols = saved.get("w_cols")  # the forward's (kh, kw*C, O) copy, read transposed
+        w_rows = _weight_rows(xp, w) if w_cols is None else w_cols.reshape(-1, o).T
+        gcols = gemm.matmul(xp, g4.reshape(-1, o), w_rows).reshape(n, oh, ow, kh, kw, c)
         gxt = cuda_kernels.col2im(xp, gcols, xt.shape, stride)
         del gcols
     col2im_done = gxt is not None
-    if split_k:  # the weight gradient of each kernel row, batched: (kh, O, kw*C)
+    if split_k:  # the weight gradient of each kernel row, batched, written into (O, kh, kw, C)
         cols = _kernel_row_cols(xp, xt, win, stride)
-        gwt = gemm.matmul(xp, g4.reshape(-1, o).T, cols).transpose(1, 0, 2).reshape(o, kh, kw, c)
+        gwt = xp.empty((o, kh, kw, c), dtype=g4.dtype)
+        gemm.matmul(xp, g4.reshape(-1, o).T, cols, out=gwt.reshape(o, kh, kw * c).transpose(1, 0, 2))
         del cols
     if needs[0] and not col2im_done:
         gxt = xp.zeros(xt.shape, dtype=g4.dtype)

@@ -1,5 +1,7 @@
 """Contractions: matmul, linear (fully connected) and two-operand einsum."""
-from capsflow import cuda_kernels, gemm
+from math import prod
+
+from capsflow import cuda_kernels, gemm, outer_grads
 from capsflow.opdef import Attr, defop
 from capsflow.shapes import ShapeError, broadcast, fmt
 
@@ -117,16 +119,19 @@ def contract(xp, subs: list, out: str, *xs):
         shape = tuple(max(da, db) for da, db in zip(a.shape, b.shape))
         return xp.multiply(a, b, out=xp.empty(shape, dtype=xp.result_type(a, b)))
     if len(xs) == 2 and xp.__name__ != "numpy":
-        return xp.ascontiguousarray(einsum_via_matmul(xp, subs, out, *xs))
+        return einsum_via_matmul(xp, subs, out, *xs)
     return xp.einsum(f"{','.join(subs)}->{out}", *xs, optimize=len(xs) > 1)
 
 
 def einsum_via_matmul(xp, subs: list, out: str, a, b):
-    """Two-operand einsum as one batched GEMM (gemm.matmul): indices in both operands
-    and the output are the batch, those in both but not the output are contracted, the
-    rest are the rows (from a) and columns (from b). Indices that one operand alone has
-    and the output lacks are summed first. Off NumPy every einsum GEMM goes this way,
-    so that it runs through capsflow's own cuBLAS call (capturable in a CUDA graph)."""
+    """Two-operand einsum as one batched GEMM (gemm.matmul) into a new C-ordered array:
+    indices in both operands and the output are the batch, those in both but not the
+    output are contracted, the rest are the rows (from a) and columns (from b). Indices
+    that one operand alone has and the output lacks are summed first. Off NumPy every
+    einsum GEMM goes this way, so that it runs through capsflow's own cuBLAS call
+    (capturable in a CUDA graph). cuBLAS writes the product straight into the result,
+    in ``out``'s order, whenever the result's axes group into the GEMM's batch, rows
+    and columns (u_hat's 'ijdk,nik->nijd': batch i, rows jd, columns n)."""
     sa, sb = subs
     a, sa = _sum_private(a, sa, sb, out)
     b, sb = _sum_private(b, sb, sa, out)
@@ -136,13 +141,36 @@ def einsum_via_matmul(xp, subs: list, out: str, a, b):
     cols = [i for i in out if i in sb and i not in sa]
     size = dict(zip(sa, a.shape))
     size.update(zip(sb, b.shape))
-    nb, ns = _prod(size[i] for i in batch), _prod(size[i] for i in summed)
-    nr, nc = _prod(size[i] for i in rows), _prod(size[i] for i in cols)
+    nb, ns = prod(size[i] for i in batch), prod(size[i] for i in summed)
+    nr, nc = prod(size[i] for i in rows), prod(size[i] for i in cols)
     a3 = a.transpose([sa.index(i) for i in batch + rows + summed]).reshape(nb, nr, ns)
     b3 = b.transpose([sb.index(i) for i in batch + summed + cols]).reshape(nb, ns, nc)
+    result = xp.empty([size[i] for i in out], dtype=xp.result_type(a, b))
+    target = _grouped_view(xp, result, out, (batch, rows, cols), size)
+    if target is not None:
+        gemm.matmul(xp, a3, b3, out=target)
+        return result
     order = batch + rows + cols
     product = gemm.matmul(xp, a3, b3).reshape([size[i] for i in order])
-    return product.transpose([order.index(i) for i in out])
+    result[...] = product.transpose([order.index(i) for i in out])
+    return result
+
+
+def _grouped_view(xp, result, out: str, groups: tuple, size: dict):
+    """``result`` (C-ordered, axes ``out``) as a (len(groups),)-axis strided view, one
+    axis per group of indices, or None where a group's indices do not step as one."""
+    stride, step = {}, result.itemsize
+    for i in reversed(out):
+        stride[i] = step
+        step *= size[i]
+    shape, strides = [], []
+    for group in groups:
+        live = [i for i in group if size[i] != 1]
+        if any(stride[o] != stride[i] * size[i] for o, i in zip(live, live[1:])):
+            return None
+        shape.append(prod(size[i] for i in group))
+        strides.append(stride[live[-1]] if live else result.itemsize)
+    return xp.lib.stride_tricks.as_strided(result, shape=shape, strides=strides)
 
 
 def _sum_private(x, sub: str, other: str, out: str):
@@ -165,43 +193,20 @@ def _outer_as_matmul(xp, subs: list, out: str, xs):
     times faster than a broadcast multiply whose inner loop is only ``right`` long.
     The GEMMs are small, so BLAS runs on one thread (more would only spin). None when
     ``out`` is not so shaped."""
-    for a, b in ((0, 1), (1, 0)):
-        sa, sb = subs[a], subs[b]
-        k = 0
-        while k < len(out) and out[k] in sa and out[k] in sb:
-            k += 1
-        batch, rest = out[:k], out[k:]
-        left = "".join(i for i in rest if i in sa and i not in sb)
-        right = "".join(i for i in rest if i in sb and i not in sa)
-        if len(rest) != len(left) + len(right) + 1:
-            continue
-        j = rest[len(left)]
-        if rest != left + j + right or j not in sa or j not in sb:
-            continue
-        x, y = xs[a], xs[b]
-        size = {i: d for sub, v in ((sa, x), (sb, y)) for i, d in zip(sub, v.shape)}
-        if size[j] > DIAGONAL_MAX:
-            return None
-        nb = tuple(size[i] for i in batch)
-        nl, nj, nr = _prod(size[i] for i in left), size[j], _prod(size[i] for i in right)
-        lhs = x.transpose([sa.index(i) for i in batch + left + j]).reshape(nb + (nl, nj))
-        diag = xp.zeros(nb + (nj, nj, nr), dtype=xp.result_type(x, y))
-        ks = xp.arange(nj)
-        diag[..., ks, ks, :] = y.transpose([sb.index(i) for i in batch + j + right]).reshape(
-            nb + (nj, nr))
-        result = xp.empty(tuple(size[i] for i in out), dtype=diag.dtype)
-        with single_threaded_blas(xp):
-            xp.matmul(lhs, diag.reshape(nb + (nj, nj * nr)),
-                      out=result.reshape(nb + (nl, nj * nr)))
-        return result  # owns its memory, so the executor may sum into it in place
-    return None
-
-
-def _prod(values) -> int:
-    n = 1
-    for v in values:
-        n *= v
-    return n
+    layout = outer_grads.outer_layout(subs, out)
+    if layout is None:
+        return None
+    lhs, rhs, shape = outer_grads.factors(subs, out, xs, layout)   # (nb, nl, nj), (nb, nj, nr)
+    nb, nj, nr = rhs.shape
+    if nj > DIAGONAL_MAX:
+        return None
+    diag = xp.zeros((nb, nj, nj, nr), dtype=xp.result_type(lhs, rhs))
+    ks = xp.arange(nj)
+    diag[:, ks, ks, :] = rhs
+    result = xp.empty(shape, dtype=diag.dtype)
+    with single_threaded_blas(xp):
+        xp.matmul(lhs, diag.reshape(nb, nj, nj * nr), out=result.reshape(nb, lhs.shape[1], nj * nr))
+    return result  # owns its memory, so the executor may sum into it in place
 
 
 def _aligned(x, sub: str, out: str):
@@ -229,7 +234,12 @@ def _(xp, saved, g, needs, *, eq):
         others = [s for j, s in enumerate(subs) if j != k]
         present = set(out).union(*others)
         kept = "".join(i for i in sub if i in present)  # indices only x has are broadcast back
-        gk = contract(xp, [out] + others, kept, g, *[xs[j] for j in range(len(xs)) if j != k])
+        operands = (g, *[xs[j] for j in range(len(xs)) if j != k])
+        deferred = outer_grads.defer(xp, [out] + others, kept, operands) if kept == sub else None
+        if deferred is not None:  # an outer product, summed with its kind by the executor
+            grads.append(deferred)
+            continue
+        gk = contract(xp, [out] + others, kept, *operands)
         if kept != sub:
             gk = xp.broadcast_to(gk.reshape([x.shape[sub.index(i)] if i in kept else 1
                                              for i in sub]), x.shape)

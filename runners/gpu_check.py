@@ -5,8 +5,9 @@
 1. every op's VJP on CuPy against finite differences (float64, the cases of the CPU tests);
 2. the whole CapsNet on CuPy against NumPy: outputs and every parameter gradient, in float64
    and float32, and a whole-graph finite-difference check on CuPy; then the fast paths
-   against the plain one on CuPy: the CUDA kernels (capsflow/cuda_kernels.py) against
-   the ops' ``xp`` code, and Adam steps replayed as CUDA graphs against eager ones;
+   against the plain one on CuPy: the CUDA kernels (capsflow/cuda_kernels.py) and the
+   factored outer-product gradients (capsflow/outer_grads.py) against the ops' ``xp``
+   code, and Adam steps replayed as CUDA graphs against eager ones;
 3. optionally (--data-dir) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
    PyTorch CUDA reference in the same run, fp32 and tf32 as CUDA graphs, then fp32 eager
@@ -77,12 +78,20 @@ def check_parity() -> bool:
     return ok and good
 
 
+@contextlib.contextmanager
+def plain_xp_path():
+    """Every op through its plain xp code: no CUDA kernels, no factored gradients."""
+    from capsflow import cuda_kernels, outer_grads
+    with cuda_kernels.disabled(), outer_grads.disabled():
+        yield
+
+
 def check_kernels() -> bool:
-    """The CUDA kernels (capsflow/cuda_kernels.py) against the ops' plain xp code, on
-    CuPy in float64: a whole CapsNet step's outputs and gradients, then three Adam
-    updates (the fused kernel against the xp arithmetic)."""
+    """The CUDA kernels (capsflow/cuda_kernels.py) and the factored outer-product
+    gradients (capsflow/outer_grads.py) against the ops' plain xp code, on CuPy in
+    float64: a whole CapsNet step's outputs and gradients, then three Adam updates (the
+    fused kernel against the xp arithmetic)."""
     import capsflow
-    from capsflow import cuda_kernels
     from capsflow.backend import get_backend, to_numpy
     from capsflow.optim import Adam
     from capsflow.runners.gradcheck import random_batch
@@ -93,7 +102,7 @@ def check_kernels() -> bool:
         params = {k: be.asarray(v) for k, v in graph.init_params(seed=3, dtype="float64").items()}
         opt = Adam(1e-3)
         state = opt.init_state(params)
-        with contextlib.nullcontext() if kernels else cuda_kernels.disabled():
+        with contextlib.nullcontext() if kernels else plain_xp_path():
             for k in range(3):
                 out, grads = graph.value_and_grad(params, random_batch(graph, 4, seed=k),
                                                   backend="cupy")
@@ -107,7 +116,7 @@ def check_kernels() -> bool:
     errs = {k: _rel(fused[k], plain[k]) for k in plain}
     name = max(errs, key=errs.get)
     good = errs[name] <= 1e-10
-    print(f"[2] CUDA kernels vs the ops' xp code on CuPy, float64, 3 Adam steps (outputs, "
+    print(f"[2] CUDA kernels and factored gradients vs the ops' xp code on CuPy, float64, 3 Adam steps (outputs, "
           f"gradients, parameters): worst {errs[name]:.2e} ({name}) -> {'ok' if good else 'FAILED'}")
     return good
 
@@ -116,7 +125,7 @@ def check_graphs() -> bool:
     """Five Adam steps replayed as CUDA graphs (new batch and learning rate each step)
     against five eager steps through the plain xp code, float64."""
     import capsflow
-    from capsflow import cuda_kernels, gemm
+    from capsflow import gemm
     from capsflow.backend import get_backend, to_numpy
     from capsflow.optim import Adam
     from capsflow.runners.gradcheck import random_batch
@@ -133,7 +142,7 @@ def check_graphs() -> bool:
         step = TrainStep(graph, p, opt, opt.init_state(p), backend="cupy", outputs=["loss"],
                          cuda_graph=cuda_graph)
         losses = []
-        with contextlib.nullcontext() if kernels else cuda_kernels.disabled():
+        with contextlib.nullcontext() if kernels else plain_xp_path():
             for k in range(5):
                 out = step.gradients(random_batch(graph, 8, seed=10 + k))
                 losses.append(float(to_numpy(out["loss"])))

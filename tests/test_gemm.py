@@ -19,16 +19,21 @@ def _stored(op: gemm.Operand, rows: int, cols: int, batch: int):
     return view if op.op == gemm._OP_N else view.transpose(0, 2, 1)
 
 
-def emulate(a, b):
-    p = gemm.plan(np, a, b)
+def emulate(a, b, out=None, accumulate=False):
+    """What the planned call leaves in memory: a new array, or ``out`` written (beta 0)
+    or added to (beta 1) through the call's ldc and batch stride."""
+    p = gemm.plan(np, a, b, out)
     op_a = _stored(p.A, p.m, p.k, p.batch)
     op_b = _stored(p.B, p.k, p.n, p.batch)
     c = op_a @ op_b                                          # (batch, m, n) column-major
-    out = np.empty(p.out_shape, dtype=a.dtype)
-    flat = out.reshape(-1)
-    s = out.itemsize
-    as_strided(flat, shape=(p.batch, p.m, p.n), strides=(p.stride_c * s, s, p.ldc * s))[...] = c
-    return out
+    target = np.empty(p.out_shape, dtype=a.dtype) if p.out is None else p.out
+    s = target.itemsize
+    stored = as_strided(target, shape=(p.batch, p.m, p.n), strides=(p.stride_c * s, s, p.ldc * s))
+    if accumulate:
+        stored += c
+    else:
+        stored[...] = c
+    return target if out is None else out
 
 
 rng = np.random.default_rng(0)
@@ -79,3 +84,48 @@ def test_einsum_as_one_batched_matmul(eq):
     a, b = (R(*[sizes[i] for i in s]) for s in subs)
     np.testing.assert_allclose(einsum_via_matmul(np, subs, out, a, b), np.einsum(eq, a, b),
                                rtol=1e-12, atol=1e-12)
+
+
+OUT_CASES = {
+    "row-major": lambda m: np.empty(m),
+    "column-major (written as out^T = b^T a^T)": lambda m: np.empty(m[:-2] + m[-2:][::-1]).swapaxes(-1, -2),
+    "interleaved batch, as u_hat's forward": lambda m: np.empty((m[2], m[0], m[1])).transpose(1, 2, 0),
+    "rows of a wider array": lambda m: np.empty(m[:-1] + (m[-1] + 3,))[..., 1:m[-1] + 1],
+}
+
+
+@pytest.mark.parametrize("where", list(OUT_CASES))
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("name", ["plain", "batched", "batched, b transposed per matrix",
+                                  "split-K as in conv2d"])
+def test_plan_writes_into_out(name, where, accumulate):
+    a, b = CASES[name]
+    want = np.matmul(a, b)
+    shape = want.shape if want.ndim == 3 else (1,) + want.shape
+    out = OUT_CASES[where](shape).reshape(shape)
+    if want.ndim == 2:
+        out = out[0]
+    out[...] = R(*out.shape)
+    before = out.copy()
+    base = out.base if out.base is not None else out
+    assert gemm.plan(np, a, b, out) is not None
+    got = emulate(a, b, out, accumulate)
+    assert got is out and np.shares_memory(got, base)
+    np.testing.assert_allclose(out, want + before if accumulate else want, rtol=1e-12, atol=1e-12)
+
+
+def test_plan_declines_an_out_it_cannot_address():
+    a, b = CASES["batched"]
+    out = np.empty((6, 5, 4, 2))[..., 0]                     # no unit stride either way
+    assert gemm.plan(np, a, b, out) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        gemm.plan(np, a, b, np.empty((6, 4, 5)))
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_numpy_matmul_into_out(accumulate):
+    a, b = R(2, 3, 4), R(4, 5)
+    out = R(2, 5, 3).swapaxes(1, 2)
+    want = a @ b + (out if accumulate else 0)
+    assert gemm.matmul(np, a, b, out=out, accumulate=accumulate) is out
+    np.testing.assert_allclose(out, want, rtol=1e-12)

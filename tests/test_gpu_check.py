@@ -43,7 +43,7 @@ def test_kernel_check_runs_and_reports(numpy_as_cupy, capsys):
     """With NumPy standing in, both sides take the xp path: this checks the script's
     plumbing (three Adam steps, the report line); the GPU run compares real kernels."""
     assert gpu_check.check_kernels()
-    assert "CUDA kernels vs the ops' xp code on CuPy, float64, 3 Adam steps" in capsys.readouterr().out
+    assert "CUDA kernels and factored gradients vs the ops' xp code on CuPy, float64, 3 Adam steps" in capsys.readouterr().out
 
 
 def test_graph_check_passes_with_simulated_graphs(numpy_as_cupy, monkeypatch, capsys):

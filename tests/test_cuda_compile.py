@@ -1,0 +1,68 @@
+"""Every RawKernel source in capsflow/cuda_kernels.py compiles with NVRTC, the compiler
+CuPy uses, for float and double, on a machine without a GPU: compiling needs only the
+library (pip's nvidia-cuda-nvrtc, which the CUDA build of torch brings). Together with
+the CPU emulation (tests/test_cuda_emulated.py) this leaves a GPU run to check only
+what the hardware itself does."""
+import ctypes
+import glob
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from capsflow import cuda_kernels
+
+
+def _nvrtc():
+    patterns = [os.path.join(p, "nvidia", "*", "lib", "libnvrtc.so*") for p in sys.path if p]
+    patterns += [os.path.join(p, "nvidia", "*", "*", "lib", "libnvrtc.so*") for p in sys.path if p]
+    for path in sorted({f for pat in patterns for f in glob.glob(pat) if "builtins" not in f
+                        and ".alt." not in f}):
+        try:
+            # NVRTC opens its builtins library by name: load it first from the same folder.
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                if ".alt." not in builtins:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _nvrtc()
+SOURCES = {name: getattr(cuda_kernels, name) for name in ("_ROWWISE", "_ROUTING", "_CONV", "_OUTER")}
+
+
+def compile_log(source: str) -> tuple:
+    """(status, log) of compiling ``source`` for compute capability 9.0."""
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"capsflow.cu", 0,
+                                    None, None) == 0
+    opts = (ctypes.c_char_p * 1)(b"--gpu-architecture=compute_90")
+    status = NVRTC.nvrtcCompileProgram(prog, 1, opts)
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    return status, log.value.decode(errors="replace")
+
+
+@pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("ctype", ["float", "double"])
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_kernel_sources_compile(name, ctype):
+    status, log = compile_log(f"typedef {ctype} T;\n{SOURCES[name]}")
+    assert status == 0, log
+
+
+@pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
+def test_a_broken_source_fails_to_compile():
+    status, log = compile_log("typedef float T;\n" + SOURCES["_CONV"].replace("acc +=", "acc +=="))
+    assert status != 0 and "error" in log
+
+
+def test_sources_are_typed_as_the_kernels_are():
+    assert set(cuda_kernels._CTYPES.values()) == {"float", "double"}
+    assert cuda_kernels._CTYPES[np.dtype(np.float32)] == "float"

@@ -1,0 +1,116 @@
+"""capsflow's CUDA kernels, run on the CPU by tests/cuda_emulator.py (g++), against the
+ops' plain NumPy code: each kernel alone, then the whole CapsNet and Adam steps through
+every CuPy-only branch, with the checks runners/gpu_check.py runs on a real GPU."""
+import numpy as np
+import pytest
+
+import cuda_emulator
+from capsflow import backend, cuda_kernels, optim
+from capsflow.opdef import get_op
+
+pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    """The emulated module, registered as the 'cupy' backend for this test."""
+    xp = cuda_emulator.emulated_cupy()
+    monkeypatch.setattr(cuda_kernels, "_compiled", {})  # never mix with real CuPy kernels
+    monkeypatch.setitem(backend._cache, "cupy", backend.Backend("cupy", xp))
+    monkeypatch.setattr(optim, "get_xp", lambda arr: xp)
+    return xp
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def test_the_emulator_refuses_strided_pointers(emu):
+    x = _rng().standard_normal((4, 6))
+    kernel = emu.RawKernel("typedef double T;\n" + cuda_kernels._CONV, "sum_leading")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernel((1,), (32,), (x[:, ::2], np.empty(3), np.int32(4), np.int64(3)))
+    with pytest.raises(TypeError, match="fixed width"):
+        kernel((1,), (32,), (x, np.empty(6), 4, np.int64(6)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("op,kind", [("softmax", "fwd"), ("softmax", "vjp"),
+                                     ("squash", "fwd"), ("squash", "vjp")])
+def test_rowwise_kernels(emu, dtype, op, kind):
+    rng = _rng()
+    x = rng.standard_normal((3, 7, 16)).astype(dtype)
+    g = rng.standard_normal((3, 7, 16)).astype(dtype)
+    attrs = {"axis": -1, "eps": 1e-7} if op == "squash" else {"axis": -1}
+    eps = attrs.get("eps")
+    opdef = get_op(op)
+    if kind == "fwd":
+        fused = cuda_kernels.rowwise(emu, f"{op}_fwd", -1, x, eps=eps)
+        plain = opdef.forward_fn(np, x, **attrs)
+    else:
+        saved = {"out": opdef.forward_fn(np, x, **attrs)} if op == "softmax" else {"s": x}
+        first = saved["out"] if op == "softmax" else x
+        fused = cuda_kernels.rowwise(emu, f"{op}_vjp", -1, first, g, eps=eps)
+        plain = opdef.vjp_fn(np, saved, g, (True,), **attrs)[0]
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(fused, plain, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("subs,out", [(["nijd", "njd"], "nij"), (["njd", "nijd"], "nij"),
+                                      (["nij", "nijd"], "njd"), (["nijd", "nij"], "njd")])
+def test_routing_contractions(emu, subs, out):
+    rng = _rng()
+    sizes = dict(n=3, i=37, j=10, d=16)  # i not a multiple of the 16 splits
+    xs = [rng.standard_normal([sizes[c] for c in s]) for s in subs]
+    fused = cuda_kernels.routing_contraction(emu, subs, out, tuple(xs))
+    np.testing.assert_allclose(fused, np.einsum(f"{subs[0]},{subs[1]}->{out}", *xs),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_sums(emu):
+    rng = _rng()
+    a = rng.standard_normal((5, 33))
+    np.testing.assert_allclose(cuda_kernels.sum_leading(emu, a), a.sum(axis=0), rtol=1e-12)
+    tall = rng.standard_normal((960, 7))
+    np.testing.assert_allclose(cuda_kernels.sum_rows(emu, tall), tall.sum(axis=0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])
+def test_conv2d_gpu_branches(emu, stride, padding):
+    """im2col, col2im, the split-K GEMMs and the bias sum, against NumPy's conv2d."""
+    rng = _rng()
+    x, w, b = rng.standard_normal((2, 24, 11, 12)), rng.standard_normal((5, 24, 3, 4)), rng.standard_normal(5)
+    op = get_op("conv2d")
+    outs = {}
+    for name, xp in (("numpy", np), ("emulated", emu)):
+        out, extras = op.forward_fn(xp, x, w, b, stride=stride, padding=padding)
+        g = np.random.default_rng(1).standard_normal(out.shape)
+        grads = op.vjp_fn(xp, {**extras, "w": w}, g, (True, True, True),
+                          stride=stride, padding=padding)
+        outs[name] = (out,) + tuple(grads)
+    for got, want in zip(outs["emulated"], outs["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_adam_kernel(emu):
+    rng = _rng()
+    p, g = rng.standard_normal(50), rng.standard_normal(50)
+    m, v = rng.standard_normal(50) * 0.1, rng.random(50)
+    hyper = np.array([1e-3, 0.3])
+    ref = [a.copy() for a in (p, m, v)]
+    assert cuda_kernels.adam_update(emu, p, g, m, v, hyper, (0.9, 0.999), 1e-8)
+    mm = ref[1] + (g - ref[1]) * 0.1
+    vv = ref[2] * 0.999 + 0.001 * g * g
+    np.testing.assert_allclose(m, mm, rtol=1e-14)
+    np.testing.assert_allclose(v, vv, rtol=1e-14)
+    np.testing.assert_allclose(p, ref[0] - mm / (np.sqrt(vv) / 0.3 + 1e-8) * 1e-3, rtol=1e-13)
+
+
+def test_gpu_check_kernels_and_parity_pass_on_the_emulator(emu, capsys):
+    """What gpu_check runs on a GPU: CapsNet on 'CuPy' against NumPy (float64 and float32,
+    plus finite differences) and three Adam steps with the kernels against without."""
+    from capsflow.runners import gpu_check
+    assert gpu_check.check_parity()
+    assert gpu_check.check_kernels()
+    printed = capsys.readouterr().out
+    assert printed.count("-> ok") == 4, printed
