@@ -350,6 +350,13 @@ def sum_rows(xp: Any, a: Any):
     return sum_leading(xp, partial.reshape(r, a.shape[1]))
 
 
+def column_sums(xp: Any, a: Any):
+    """``a.sum(axis=0)`` of a 2-D array, by sum_rows where it applies: the bias gradients
+    of conv2d and linear (CuPy's generic reduction is slow for tall arrays)."""
+    fused = sum_rows(xp, a)
+    return a.sum(axis=0) if fused is None else fused
+
+
 # -- convolution ---------------------------------------------------------------------------
 def im2col(xp: Any, xt: Any, kh: int, kw: int, stride: int):
     """The windows of xt (N, H, W, C) as (kh, N*OH*OW, kw*C), or None when the kernel

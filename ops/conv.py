@@ -175,8 +175,7 @@ def _(xp, saved, g, needs, *, stride, padding):
     g4 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n, oh * ow, o)
     gb = None
     if len(needs) > 2 and needs[2]:
-        gb = cuda_kernels.sum_rows(xp, g4.reshape(-1, o))
-        gb = g4.sum(axis=(0, 1)) if gb is None else gb
+        gb = cuda_kernels.column_sums(xp, g4.reshape(-1, o))
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
     win = _windows(xp, xt, kh, kw, stride)
     split_k = needs[1] and _split_k(xp, chunks, w.shape)

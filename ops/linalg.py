@@ -60,7 +60,7 @@ def _(xp, saved, g, needs):
     g2 = g.reshape(-1, g.shape[-1])
     gx = gemm.matmul(xp, g, w.T) if needs[0] else None
     gw = gemm.matmul(xp, x.reshape(-1, x.shape[-1]).T, g2) if needs[1] else None
-    gb = g2.sum(axis=0) if len(needs) > 2 and needs[2] else None
+    gb = cuda_kernels.column_sums(xp, g2) if len(needs) > 2 and needs[2] else None
     return gx, gw, gb
 
 

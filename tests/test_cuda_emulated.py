@@ -73,6 +73,8 @@ def test_sums(emu):
     np.testing.assert_allclose(cuda_kernels.sum_leading(emu, a), a.sum(axis=0), rtol=1e-12)
     tall = rng.standard_normal((960, 7))
     np.testing.assert_allclose(cuda_kernels.sum_rows(emu, tall), tall.sum(axis=0), rtol=1e-12)
+    odd = rng.standard_normal((97, 3))  # a prime number of rows: one partial sum per row
+    np.testing.assert_allclose(cuda_kernels.column_sums(emu, odd), odd.sum(axis=0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])

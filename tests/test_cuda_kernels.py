@@ -52,7 +52,7 @@ class _GpuBranchesOnNumpy:
         return a.sum(axis=0)
 
     @staticmethod
-    def sum_rows(xp, a):
+    def column_sums(xp, a):
         return a.sum(axis=0)
 
 
