@@ -15,11 +15,13 @@ factors, elsewhere term by term. The terms are added in the order they arrived, 
 executor would have added the arrays.
 
 ``disabled()`` turns collecting off (every product is made at once, as before), to
-check this path against the plain one (tests/test_outer_grads.py).
+check this path against the plain one (tests/test_outer_grads.py);
+CAPSFLOW_OUTER_GRADS=0 turns it off for a whole process (the GPU check's A/B row).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 from math import prod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 from . import cuda_kernels
 from .switch import Switch
 
-_switch = Switch()
+_switch = Switch(os.environ.get("CAPSFLOW_OUTER_GRADS", "1") != "0")
 #: ``with disabled():`` makes every outer-product gradient at once, as a plain array.
 disabled = _switch.disabled
 _collecting = Switch(False)

@@ -10,8 +10,9 @@
    code, and Adam steps replayed as CUDA graphs against eager ones;
 3. optionally (--data-dir) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
-   PyTorch CUDA reference in the same run, fp32 and tf32 as CUDA graphs, then fp32 eager
-   with and without the CUDA kernels, with ms/step, ratio and peak device memory.
+   PyTorch CUDA reference in the same run, fp32 and tf32 as CUDA graphs, fp32 with the
+   outer-product gradients made one by one, then fp32 eager with and without the CUDA
+   kernels, with ms/step, ratio and peak device memory.
 Exits 1 if a correctness check fails.
 """
 from __future__ import annotations
@@ -176,32 +177,39 @@ def train_run(data_dir: str) -> None:
 def bench_table(repeats: int) -> None:
     from capsflow.runners.bench import run_bench
     rows = []
-    for precision, graphs, kernels in (("fp32", True, True), ("tf32", True, True),
-                                       ("fp32", False, True), ("fp32", False, False)):
+    # (label, precision, CUDA graphs, environment of the bench workers, read when they
+    # import capsflow): the last two rows switch off this session's and the earlier fast paths.
+    for label, precision, graphs, env in (
+            ("fp32", "fp32", True, {}),
+            ("tf32", "tf32", True, {}),
+            ("fp32, unfactored", "fp32", True, {"CAPSFLOW_OUTER_GRADS": "0"}),
+            ("fp32, eager", "fp32", False, {}),
+            ("fp32, eager, xp only", "fp32", False,
+             {"CAPSFLOW_CUDA_KERNELS": "0", "CAPSFLOW_OUTER_GRADS": "0"})):
         args = argparse.Namespace(graph=str(CAPSNET), overrides=[], bs=100, repeats=repeats,
                                   warmup=3, backend="cupy", precision=precision, no_torch=False,
                                   profile=False, top=12, seed=0, lr=1e-3, json=None,
                                   no_cuda_graph=not graphs)
-        # The bench workers read CAPSFLOW_CUDA_KERNELS when they import capsflow.
-        os.environ["CAPSFLOW_CUDA_KERNELS"] = "1" if kernels else "0"
+        os.environ.update(env)
         try:
             fig = run_bench(args)
         finally:
-            os.environ.pop("CAPSFLOW_CUDA_KERNELS", None)
+            for key in env:
+                os.environ.pop(key, None)
         cf, pt = fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"]
-        label = precision + ("" if graphs else ", eager") + ("" if kernels else ", xp only")
         rows.append((label, cf, pt, fig))
     print(f"\n[4] training step, batch 100, float32 inputs ({rows[0][3]['machine']}; "
           f"{rows[0][1]['info']}; {rows[0][2]['info']})")
-    print(f"{'precision':<18} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
+    print(f"{'precision':<20} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
           f"{'capsflow peak MB':>17} {'pytorch peak MB':>16}")
     for precision, cf, pt, fig in rows:
-        print(f"{precision:<18} {cf['median'] * 1e3:>12.2f} {pt['median'] * 1e3:>11.2f} "
+        print(f"{precision:<20} {cf['median'] * 1e3:>12.2f} {pt['median'] * 1e3:>11.2f} "
               f"{fig['ratio_median']:>6.2f} {_mb(cf.get('device_peak')):>17} "
               f"{_mb(pt.get('device_peak')):>16}")
     print("ratio = capsflow / PyTorch eager, medians; target <= 0.5 (fp32). capsflow replays "
-          "CUDA graphs except in 'eager' rows (--no-cuda-graph); 'xp only': no CUDA kernels "
-          "(CAPSFLOW_CUDA_KERNELS=0)")
+          "CUDA graphs except in 'eager' rows (--no-cuda-graph); 'unfactored': outer-product "
+          "gradients made one by one (CAPSFLOW_OUTER_GRADS=0); 'xp only': that and no CUDA "
+          "kernels (CAPSFLOW_CUDA_KERNELS=0)")
 
 
 def _mb(value) -> str:

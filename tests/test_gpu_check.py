@@ -1,4 +1,6 @@
 """The GPU check script's logic, run on the CPU with NumPy standing in for CuPy."""
+import os
+
 import pytest
 
 import capsflow.backend as backend
@@ -71,3 +73,32 @@ def test_kernel_table_from_profiler_averages():
     assert "sgemm_128x64" in text and "squash_fwd" not in text
     assert text.splitlines()[-1].split()[:2] == ["4.700", "10"]
 
+
+
+def test_speed_table_rows_and_their_switches(monkeypatch, capsys):
+    """The table's plumbing, with the bench stubbed: each row's bench runs with its
+    switches in the environment (which the bench workers inherit) and leaves none behind."""
+    from capsflow.runners import bench
+    seen = []
+
+    def fake_run_bench(args):
+        switches = {k: v for k, v in os.environ.items() if k.startswith("CAPSFLOW_")}
+        seen.append((args.precision, args.no_cuda_graph, switches))
+        ms = 0.004 + 0.001 * len(seen)
+        return {"machine": "a test", "ratio_median": ms / 0.01,
+                "frameworks": {"capsflow": {"median": ms, "info": "capsflow", "device_peak": 2**20},
+                               "pytorch": {"median": 0.01, "info": "pytorch"}}}
+
+    for key in ("CAPSFLOW_CUDA_KERNELS", "CAPSFLOW_OUTER_GRADS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    gpu_check.bench_table(repeats=1)
+    assert seen == [("fp32", False, {}), ("tf32", False, {}),
+                    ("fp32", False, {"CAPSFLOW_OUTER_GRADS": "0"}), ("fp32", True, {}),
+                    ("fp32", True, {"CAPSFLOW_CUDA_KERNELS": "0", "CAPSFLOW_OUTER_GRADS": "0"})]
+    assert not any(k.startswith("CAPSFLOW_") for k in os.environ)
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index(next(l for l in lines if l.startswith("precision"))) + 1:]
+    assert [row.split("  ")[0].strip() for row in table[:5]] == [
+        "fp32", "tf32", "fp32, unfactored", "fp32, eager", "fp32, eager, xp only"]
+    assert table[2].split()[-5:] == ["7.00", "10.00", "0.70", "1", "-"]
