@@ -97,13 +97,13 @@ extern "C" __global__ void softmax_vjp(const T* __restrict__ o, const T* __restr
 # reduction adds up: deterministic, and enough blocks to keep the memory system busy.
 _ROUTING = r"""
 extern "C" __global__ void contract_d(const T* __restrict__ A, const T* __restrict__ V,
-                                      T* __restrict__ out, long long total, int I, int J, int D) {
-    long long r = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+                                      T* __restrict__ out, int total, int I, int J, int D) {
+    int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= total) return;
-    long long b = r / ((long long)I * J);
-    int j = (int)(r % J);
-    const T* a = A + r * D;
-    const T* v = V + (b * J + j) * D;
+    int b = r / (I * J);
+    int j = r % J;
+    const T* a = A + (long long)r * D;
+    const T* v = V + ((long long)b * J + j) * D;
     T acc = 0;
     for (int d = 0; d < D; ++d) acc += a[d] * v[d];
     out[r] = acc;
@@ -142,9 +142,9 @@ extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
                                   int M, int H, int W, int C, int OH, int OW, int KW, int stride) {
     // One block per output row (kernel row r, window m); the row is kw*C values that
     // lie contiguously in xt, so it is a straight, coalesced copy.
-    long long row = blockIdx.x;
-    int r = (int)(row / M);
-    int m = (int)(row % M);
+    int row = blockIdx.x;  // < kh * M: a grid dimension
+    int r = row / M;
+    int m = row % M;
     int ohw = OH * OW;
     int n = m / ohw;
     int p = m % ohw;
@@ -152,7 +152,7 @@ extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
     int ow = p % OW;
     const T* src = xt + (((long long)n * H + (long long)oh * stride + r) * W
                          + (long long)ow * stride) * C;
-    T* dst = out + row * ((long long)KW * C);
+    T* dst = out + (long long)row * KW * C;
     for (int q = threadIdx.x; q < KW * C; q += blockDim.x) dst[q] = src[q];
 }
 
@@ -166,14 +166,14 @@ extern "C" __global__ void sum_leading(const T* __restrict__ a, T* __restrict__ 
 }
 
 extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ out,
-                                  long long total, int H, int W, int C, int OH, int OW,
+                                  int total, int H, int W, int C, int OH, int OW,
                                   int KH, int KW, int stride) {
-    long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= total) return;
-    int c = (int)(idx % C);
-    long long rest = idx / C;
-    int w = (int)(rest % W); rest /= W;
-    int h = (int)(rest % H);
+    int c = idx % C;
+    int rest = idx / C;
+    int w = rest % W; rest /= W;
+    int h = rest % H;
     long long n = rest / H;
     T acc = 0;
     for (int i = h % stride; i < KH && i <= h; i += stride) {
@@ -201,20 +201,25 @@ extern "C" __global__ void outer_sum(
         const T* __restrict__ r0, const T* __restrict__ r1, const T* __restrict__ r2,
         const T* __restrict__ r3, const T* __restrict__ r4, const T* __restrict__ r5,
         const T* __restrict__ r6, const T* __restrict__ r7,
-        T* __restrict__ out, long long total, int NL, int NJ, int NR, int K, int accumulate) {
-    long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        T* __restrict__ out, int total, int NL, int NJ, int NR, int K, int accumulate) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
     if (e >= total) return;
-    long long t = e / NR;                   // (b, l, j): the left factors' index
-    int r = (int)(e % NR);
-    int j = (int)(t % NJ);
-    long long b = t / ((long long)NL * NJ);
-    long long rix = (b * NJ + j) * NR + r;  // (b, j, r): the right factors' index
+    int t = e / NR;                   // (b, l, j): the left factors' index
+    int r = e % NR;
+    int j = t % NJ;
+    int b = t / (NL * NJ);
+    int rix = (b * NJ + j) * NR + r;  // (b, j, r): the right factors' index
     T acc = accumulate ? out[e] : (T)0;
     OUTER_TERM(0) OUTER_TERM(1) OUTER_TERM(2) OUTER_TERM(3)
     OUTER_TERM(4) OUTER_TERM(5) OUTER_TERM(6) OUTER_TERM(7)
     out[e] = acc;
 }
 """
+
+#: Kernels that decompose a flat index do it in 32-bit ints (a GPU has no integer
+#: divider: a 64-bit division is a long subroutine, a 32-bit one a few instructions),
+#: so their callers fall back to the xp path for arrays of more elements than this.
+INT_MAX = 2 ** 31 - 1
 
 #: Blocks per example over which contract_i splits the sum over i.
 SPLITS = 16
@@ -293,6 +298,8 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
     if found is None or not _usable(xp, *xs):
         return None
     kind, (ka, kb) = found
+    if kind == "contract_d" and int(np.prod(xs[ka].shape[:3])) > INT_MAX:
+        return None
     first, second = (xp.ascontiguousarray(xs[ka]), xp.ascontiguousarray(xs[kb]))
     dtype = first.dtype
     if kind == "contract_d":
@@ -300,7 +307,7 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
         bn, i, j, d = big.shape
         result = xp.empty((bn, i, j), dtype=dtype)
         _launch(_kernel(xp, _ROUTING, "contract_d", dtype), result.size,
-                (big, small, result, np.int64(result.size), np.int32(i), np.int32(j), np.int32(d)))
+                (big, small, result, np.int32(result.size), np.int32(i), np.int32(j), np.int32(d)))
         return result
     c, big = first, second
     bn, i, j, d = big.shape
@@ -316,13 +323,13 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
 def outer_sum(xp: Any, lefts: list, rights: list, out: Any, accumulate: bool) -> bool:
     """out (nb, nl, nj, nr) = (or +=) the sum of the outer products of lefts[k] (nb, nl,
     nj) and rights[k] (nb, nj, nr), k < 8; False when the kernel does not apply."""
-    if not lefts or len(lefts) > 8 or not _usable(xp, out, *lefts, *rights) \
+    if not lefts or len(lefts) > 8 or out.size > INT_MAX or not _usable(xp, out, *lefts, *rights) \
             or not all(a.flags.c_contiguous for a in (out, *lefts, *rights)):
         return False
     nb, nl, nj, nr = out.shape
     pad = [lefts[0]] * (8 - len(lefts)), [rights[0]] * (8 - len(rights))
     _launch(_kernel(xp, _OUTER, "outer_sum", out.dtype), out.size,
-            (*lefts, *pad[0], *rights, *pad[1], out, np.int64(out.size), np.int32(nl),
+            (*lefts, *pad[0], *rights, *pad[1], out, np.int32(out.size), np.int32(nl),
              np.int32(nj), np.int32(nr), np.int32(len(lefts)), np.int32(accumulate)))
     return True
 
@@ -379,14 +386,14 @@ def im2col(xp: Any, xt: Any, kh: int, kw: int, stride: int):
 def col2im(xp: Any, cols: Any, in_shape: tuple, stride: int):
     """Input gradient (N, H, W, C) from window gradients ``cols`` (N, OH, OW, KH, KW, C),
     or None when the kernel does not apply."""
-    if not _usable(xp, cols):
-        return None
-    cols = xp.ascontiguousarray(cols)
     n, oh, ow, kh, kw, c = cols.shape
     _, h, w, _ = in_shape
+    if not _usable(xp, cols) or n * h * w * c > INT_MAX:
+        return None
+    cols = xp.ascontiguousarray(cols)
     out = xp.empty((n, h, w, c), dtype=cols.dtype)
     _launch(_kernel(xp, _CONV, "col2im", cols.dtype), out.size,
-            (cols, out, np.int64(out.size), np.int32(h), np.int32(w), np.int32(c),
+            (cols, out, np.int32(out.size), np.int32(h), np.int32(w), np.int32(c),
              np.int32(oh), np.int32(ow), np.int32(kh), np.int32(kw), np.int32(stride)))
     return out
 

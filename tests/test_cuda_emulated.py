@@ -116,3 +116,19 @@ def test_gpu_check_kernels_and_parity_pass_on_the_emulator(emu, capsys):
     assert gpu_check.check_kernels()
     printed = capsys.readouterr().out
     assert printed.count("-> ok") == 4, printed
+
+
+def test_kernels_with_32_bit_indices_decline_larger_arrays(emu, monkeypatch):
+    """Past INT_MAX elements the flat-index kernels step aside and the xp path runs."""
+    rng = _rng()
+    monkeypatch.setattr(cuda_kernels, "INT_MAX", 50)
+    v = rng.standard_normal((2, 3, 4))
+    fits, too_big = rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((2, 9, 3, 4))
+    assert cuda_kernels.routing_contraction(emu, ["nijd", "njd"], "nij", (fits, v)) is not None
+    assert cuda_kernels.routing_contraction(emu, ["nijd", "njd"], "nij", (too_big, v)) is None
+    assert cuda_kernels.col2im(emu, np.zeros((1, 2, 2, 2, 2, 4)), (1, 3, 3, 4), 1) is not None
+    assert cuda_kernels.col2im(emu, np.zeros((2, 2, 2, 2, 2, 4)), (2, 3, 3, 4), 1) is None
+    assert cuda_kernels.outer_sum(emu, [np.ones((1, 3, 3))], [np.ones((1, 3, 4))],
+                                  np.empty((1, 3, 3, 4)), False)
+    assert not cuda_kernels.outer_sum(emu, [np.ones((2, 3, 3))], [np.ones((2, 3, 4))],
+                                      np.empty((2, 3, 3, 4)), False)
