@@ -54,8 +54,10 @@ def _into(xp: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
         return xp.matmul(a, b)
     if accumulate:
         out += xp.matmul(a, b)
+    elif getattr(xp, "__name__", "") == "numpy":
+        xp.matmul(a, b, out=out)  # NumPy writes any strided ``out``
     else:
-        xp.matmul(a, b, out=out)
+        out[...] = xp.matmul(a, b)
     return out
 
 
