@@ -1,7 +1,9 @@
 """Array backends: the one place where NumPy and CuPy differ.
 
 Everything else in capsflow calls ``xp.<function>`` on the module returned here, so
-NumPy and CuPy run the same op code (the Chainer idiom).
+NumPy and CuPy run the same op code (the Chainer idiom). Where a path is for one of
+them only (threads and BLAS limits on the CPU, kernels and graphs on the GPU), the code
+asks ``on_cpu(xp)`` or ``on_gpu(xp)`` from here.
 """
 from __future__ import annotations
 
@@ -83,6 +85,18 @@ def _import_cupy() -> ModuleType:
     if count < 1:
         raise BackendError("backend 'cupy': CuPy is installed but no CUDA device was found")
     return cupy
+
+
+def on_cpu(xp: Any) -> bool:
+    """Whether ``xp`` is NumPy: the CPU-only tricks apply (batch threads, BLAS limits,
+    short-axis loops, window chunks sized for caches)."""
+    return getattr(xp, "__name__", "") == "numpy"
+
+
+def on_gpu(xp: Any) -> bool:
+    """Whether ``xp`` is CuPy (or a stand-in by that name): the GPU paths apply (own
+    cuBLAS call, CUDA kernels, CUDA graphs, one large launch rather than many)."""
+    return getattr(xp, "__name__", "") == "cupy"
 
 
 def get_array_module(*arrays: Any) -> ModuleType:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend import on_gpu
 from .switch import Switch
 
 #: Set CAPSFLOW_CUDA_KERNELS=0 to run every op through its plain ``xp`` code on CuPy.
@@ -227,7 +228,7 @@ SPLITS = 16
 
 def enabled(xp: Any) -> bool:
     """Whether ops on ``xp`` should use these kernels (CuPy, and not switched off)."""
-    return _switch.on and getattr(xp, "__name__", "") == "cupy"
+    return _switch.on and on_gpu(xp)
 
 
 def _kernel(xp: Any, source: str, name: str, dtype: Any):

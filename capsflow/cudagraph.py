@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from .backend import on_gpu
+
 
 class CaptureError(RuntimeError):
     """The function could not be captured as a CUDA graph (the caller runs it eagerly)."""
@@ -98,6 +100,6 @@ def _copy_into(dst: Any, src: Any) -> None:
 
 def capture(xp: Any, fn: Callable[[], Any]):
     """``Captured`` on CuPy, ``Replayed`` on NumPy; call ``replay()`` to run it."""
-    if getattr(xp, "__name__", "") == "cupy":
+    if on_gpu(xp):
         return Captured(xp, fn)
     return Replayed(xp, fn)

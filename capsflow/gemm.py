@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .backend import on_cpu, on_gpu
+
 _OP_N, _OP_T = 0, 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
@@ -38,7 +40,7 @@ def matmul(xp: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False) -
     writes it in place when ``out``'s matrices are row- or column-major with one batch
     stride (beta = 1 to accumulate), which saves a copy of the product.
     """
-    if getattr(xp, "__name__", "") != "cupy" or a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
+    if not on_gpu(xp) or a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
             or np.dtype(a.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)) \
             or (out is not None and out.dtype != a.dtype):
         return _into(xp, a, b, out, accumulate)
@@ -54,7 +56,7 @@ def _into(xp: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
         return xp.matmul(a, b)
     if accumulate:
         out += xp.matmul(a, b)
-    elif getattr(xp, "__name__", "") == "numpy":
+    elif on_cpu(xp):
         xp.matmul(a, b, out=out)  # NumPy writes any strided ``out``
     else:
         out[...] = xp.matmul(a, b)

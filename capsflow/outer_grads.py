@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from . import cuda_kernels
+from .backend import on_cpu
 from .switch import Switch
 
 _switch = Switch(os.environ.get("CAPSFLOW_OUTER_GRADS", "1") != "0")
@@ -181,7 +182,7 @@ def _sum_terms(xp: Any, terms: list) -> Any:
         for k in range(KERNEL_TERMS, len(terms), KERNEL_TERMS):
             cuda_kernels.outer_sum(xp, lefts[k:k + KERNEL_TERMS], rights[k:k + KERNEL_TERMS], out,
                                    accumulate=True)
-    elif xp.__name__ == "numpy" and len(terms) > 1:
+    elif on_cpu(xp) and len(terms) > 1:
         _stacked_gemm(xp, lefts, rights, out)
     else:
         xp.multiply(lefts[0][:, :, :, None], rights[0][:, None, :, :], out=out)

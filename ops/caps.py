@@ -1,5 +1,6 @@
 """Capsule ops: softmax (for routing), squash, and the decoder's capsule mask."""
 from capsflow import cuda_kernels
+from capsflow.backend import on_cpu
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt, norm_axis
 
@@ -23,7 +24,7 @@ def _reduce(xp, kind: str, x, axis):
     dimensions) several times slower than it combines whole slices, so a short axis is
     folded slice by slice."""
     n = x.shape[axis]
-    if n > SHORT_AXIS or xp.__name__ != "numpy":  # on a GPU one launch beats n
+    if n > SHORT_AXIS or not on_cpu(xp):  # on a GPU one launch beats n
         return getattr(x, kind)(axis=axis, keepdims=True)
     combine = xp.maximum if kind == "max" else xp.add
     take = [slice(None)] * x.ndim

@@ -21,7 +21,7 @@ gather kernel (cuda_kernels.col2im) instead of a strided add per kernel offset.
 import threading
 
 from capsflow import cuda_kernels, gemm
-from capsflow.backend import sliding_windows
+from capsflow.backend import on_cpu, sliding_windows
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt
 
@@ -35,7 +35,7 @@ DEVICE_CHUNK_BYTES = 2 ** 30
 
 
 def _budget(xp) -> int:
-    return CHUNK_BYTES if xp.__name__ == "numpy" else DEVICE_CHUNK_BYTES
+    return CHUNK_BYTES if on_cpu(xp) else DEVICE_CHUNK_BYTES
 
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
                saves=("xt", "w", "w_cols"),

@@ -2,6 +2,7 @@
 from math import prod
 
 from capsflow import cuda_kernels, gemm, outer_grads
+from capsflow.backend import on_cpu
 from capsflow.opdef import Attr, defop
 from capsflow.shapes import ShapeError, broadcast, fmt
 
@@ -112,13 +113,13 @@ def contract(xp, subs: list, out: str, *xs):
     if fused is not None:
         return fused
     if len(xs) == 2 and set(subs[0]) | set(subs[1]) == set(out):
-        product = _outer_as_matmul(xp, subs, out, xs) if xp.__name__ == "numpy" else None
+        product = _outer_as_matmul(xp, subs, out, xs) if on_cpu(xp) else None
         if product is not None:
             return product
         a, b = (_aligned(x, sub, out) for x, sub in zip(xs, subs))
         shape = tuple(max(da, db) for da, db in zip(a.shape, b.shape))
         return xp.multiply(a, b, out=xp.empty(shape, dtype=xp.result_type(a, b)))
-    if len(xs) == 2 and xp.__name__ != "numpy":
+    if len(xs) == 2 and not on_cpu(xp):
         return einsum_via_matmul(xp, subs, out, *xs)
     return xp.einsum(f"{','.join(subs)}->{out}", *xs, optimize=len(xs) > 1)
 

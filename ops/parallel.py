@@ -15,12 +15,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from capsflow.backend import on_cpu
+
 _state: dict = {}
 
 
 def batch_parts(xp: Any, n: int) -> list:
     """Batch rows 0..n as one slice per worker thread (a single slice off NumPy)."""
-    workers = _workers() if xp.__name__ == "numpy" else 1
+    workers = _workers() if on_cpu(xp) else 1
     bounds = [n * k // workers for k in range(workers + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -36,7 +38,7 @@ def in_parallel(fn: Callable, parts: list) -> list:
 def single_threaded_blas(xp: Any):
     """Context in which NumPy's BLAS runs on one thread (nothing changes off NumPy or
     without threadpoolctl): for many small GEMMs, whose threads would only spin."""
-    if xp.__name__ != "numpy" or _blas() is None:
+    if not on_cpu(xp) or _blas() is None:
         return contextlib.nullcontext()
     return _blas().limit(limits=1, user_api="blas")
 

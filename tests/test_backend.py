@@ -71,3 +71,14 @@ def test_tf32_precision_sets_cupys_switch(monkeypatch):
     assert os.environ["CUPY_TF32"] == "0"
     with pytest.raises(BackendError, match="unknown precision 'bf16'"):
         use_precision("bf16")
+
+
+def test_cpu_and_gpu_paths_are_told_apart_in_one_place():
+    import types
+
+    import numpy as np
+
+    from capsflow.backend import on_cpu, on_gpu
+    assert on_cpu(np) and not on_gpu(np)
+    stand_in = types.ModuleType("cupy")
+    assert on_gpu(stand_in) and not on_cpu(stand_in)
