@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -55,15 +56,16 @@ def _compile(source: str) -> ctypes.CDLL:
         return _libraries[key]
     _CACHE.mkdir(exist_ok=True)
     lib = _CACHE / f"{key}.so"
-    if not lib.exists():
-        src = _CACHE / f"{key}.cpp"
+    if not lib.exists():  # built under this process' own names, then moved into place
+        src = _CACHE / f"{key}.{os.getpid()}.cpp"
         src.write_text(source)
-        tmp = _CACHE / f"{key}.{id(source)}.so"
+        tmp = _CACHE / f"{key}.{os.getpid()}.so"
         done = subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-w",
                                str(src), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"g++ could not build the emulated kernel:\n{done.stderr}")
         tmp.replace(lib)
+        src.unlink()
     _libraries[key] = ctypes.CDLL(str(lib))
     return _libraries[key]
 
