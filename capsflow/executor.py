@@ -165,7 +165,7 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
             if not needs[slot] or gk is None:
                 continue
             if outer_grads.is_deferred(gk):
-                grads[ref] = outer_grads.add(xp, grads[ref], gk) if ref in grads else gk
+                grads[ref] = outer_grads.add(grads[ref], gk) if ref in grads else gk
                 owned.discard(ref)  # add() sums the plain part from now on, never in place
                 continue
             gk = unbroadcast(xp, gk, shapes[ref])
@@ -174,7 +174,7 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, xp, meter, 
             if ref not in grads:
                 grads[ref] = gk  # may be a VJP's view or another value's gradient: never written
             elif outer_grads.is_deferred(grads[ref]):
-                grads[ref] = outer_grads.add(xp, grads[ref], gk)
+                grads[ref] = outer_grads.add(grads[ref], gk)
             elif ref in owned:
                 grads[ref] += gk  # in place: saves allocating (and page-faulting) a new sum
             elif _private(gk) and gk.dtype == grads[ref].dtype:

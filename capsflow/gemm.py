@@ -54,12 +54,17 @@ def _into(xp: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
     """``xp.matmul`` with ``matmul``'s ``out`` and ``accumulate``."""
     if out is None:
         return xp.matmul(a, b)
+    if on_cpu(xp) and not accumulate:
+        return xp.matmul(a, b, out=out)  # NumPy writes any strided ``out``
+    return _store(out, xp.matmul(a, b), accumulate)
+
+
+def _store(out: Any, product: Any, accumulate: bool) -> Any:
+    """``product`` copied into ``out``, or added to it; returns ``out``."""
     if accumulate:
-        out += xp.matmul(a, b)
-    elif on_cpu(xp):
-        xp.matmul(a, b, out=out)  # NumPy writes any strided ``out``
+        out += product
     else:
-        out[...] = xp.matmul(a, b)
+        out[...] = product
     return out
 
 
@@ -165,16 +170,16 @@ def _out_layout(out: Any, batch: int) -> tuple | None:
     st_r, st_c = out.strides[-2:]
     if (st_c != s and c > 1) or st_r % s or st_r < 0 or (r > 1 and st_r // s < c):
         return None
-    stride = _single_stride(out.shape[:-2], out.strides[:-2])
+    stride = merged_stride(out.shape[:-2], out.strides[:-2])
     if stride is None or stride % s or stride < 0:
         return None
     ld = st_r // s if r > 1 else max(c, 1)
     return ld, (stride // s if batch > 1 else r * c)
 
 
-def _single_stride(shape: tuple, strides: tuple) -> int | None:
-    """The one stride that walks every index of ``shape`` in order (0 for no batch),
-    or None when the axes do not merge."""
+def merged_stride(shape: tuple, strides: tuple) -> int | None:
+    """The one stride that walks every index of ``shape`` in order, i.e. the stride of
+    those axes merged into one (0 when all have size 1), or None when they do not merge."""
     dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
     if not dims:
         return 0
@@ -240,12 +245,7 @@ def _load_library(xp: Any):
 def _run(xp: Any, lib: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
     p = plan(xp, a, b, out)
     if p is None:  # an ``out`` cuBLAS cannot write: make the product, then copy or add it
-        product = _run(xp, lib, a, b, None, False)
-        if accumulate:
-            out += product
-        else:
-            out[...] = product
-        return out
+        return _store(out, _run(xp, lib, a, b, None, False), accumulate)
     c = xp.empty(p.out_shape, dtype=a.dtype) if p.out is None else p.out
     result = c if out is None else out
     if c.size == 0:

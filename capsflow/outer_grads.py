@@ -136,7 +136,7 @@ def is_deferred(g: Any) -> bool:
     return isinstance(g, (Outer, Pending))
 
 
-def add(xp: Any, current: Any, new: Any) -> Pending:
+def add(current: Any, new: Any) -> Pending:
     """``current + new`` where at least one is deferred, still unevaluated (a plain
     array is added to the plain part at once)."""
     pending = current if isinstance(current, Pending) else _pending(current)
@@ -145,7 +145,7 @@ def add(xp: Any, current: Any, new: Any) -> Pending:
     elif isinstance(new, Pending):
         pending.terms.extend(new.terms)
         if new.dense is not None:
-            pending = add(xp, pending, new.dense)
+            pending = add(pending, new.dense)
     elif pending.dense is None:
         pending.dense = new
     else:

@@ -166,11 +166,11 @@ def _grouped_view(xp, result, out: str, groups: tuple, size: dict):
         step *= size[i]
     shape, strides = [], []
     for group in groups:
-        live = [i for i in group if size[i] != 1]
-        if any(stride[o] != stride[i] * size[i] for o, i in zip(live, live[1:])):
+        merged = gemm.merged_stride([size[i] for i in group], [stride[i] for i in group])
+        if merged is None:
             return None
         shape.append(prod(size[i] for i in group))
-        strides.append(stride[live[-1]] if live else result.itemsize)
+        strides.append(merged)
     return xp.lib.stride_tricks.as_strided(result, shape=shape, strides=strides)
 
 

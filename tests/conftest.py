@@ -28,3 +28,18 @@ def no_user_data(tmp_path, monkeypatch):
     """Only --data-dir may supply data: no env var or user cache leaks into a test."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("CAPSFLOW_DATA", raising=False)
+
+
+@pytest.fixture
+def emu(monkeypatch):
+    """tests/cuda_emulator.py's stand-in for CuPy, registered as the 'cupy' backend for
+    one test (skipped without g++)."""
+    import cuda_emulator
+    from capsflow import backend, cuda_kernels, optim
+    if not cuda_emulator.available():
+        pytest.skip("needs g++")
+    xp = cuda_emulator.emulated_cupy()
+    monkeypatch.setattr(cuda_kernels, "_compiled", {})  # never mix with real CuPy kernels
+    monkeypatch.setitem(backend._cache, "cupy", backend.Backend("cupy", xp))
+    monkeypatch.setattr(optim, "get_xp", lambda arr: xp)
+    return xp

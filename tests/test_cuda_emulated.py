@@ -5,20 +5,10 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from capsflow import backend, cuda_kernels, optim
+from capsflow import cuda_kernels
 from capsflow.opdef import get_op
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")
-
-
-@pytest.fixture
-def emu(monkeypatch):
-    """The emulated module, registered as the 'cupy' backend for this test."""
-    xp = cuda_emulator.emulated_cupy()
-    monkeypatch.setattr(cuda_kernels, "_compiled", {})  # never mix with real CuPy kernels
-    monkeypatch.setitem(backend._cache, "cupy", backend.Backend("cupy", xp))
-    monkeypatch.setattr(optim, "get_xp", lambda arr: xp)
-    return xp
 
 
 def _rng():

@@ -4,7 +4,6 @@ products, and the whole CapsNet with the deferral against without it."""
 import numpy as np
 import pytest
 
-import cuda_emulator
 from capsflow import cuda_kernels, outer_grads
 from capsflow.outer_grads import Outer, OuterLayout, outer_layout
 
@@ -37,7 +36,7 @@ def test_total_on_numpy(count):
     terms = _terms(np.random.default_rng(count), count)
     pending = terms[0]
     for t in terms[1:]:
-        pending = outer_grads.add(np, pending, t)
+        pending = outer_grads.add(pending, t)
     np.testing.assert_allclose(outer_grads.total(np, pending), _plain(terms), rtol=1e-13, atol=1e-14)
 
 
@@ -46,9 +45,9 @@ def test_plain_parts_are_added_without_touching_the_inputs():
     terms = _terms(rng, 2)
     dense = [rng.standard_normal((3, 5, 4, 6)) for _ in range(2)]
     kept = [d.copy() for d in dense]
-    pending = outer_grads.add(np, dense[0], terms[0])      # a plain array first
-    pending = outer_grads.add(np, pending, dense[1])
-    pending = outer_grads.add(np, pending, terms[1])
+    pending = outer_grads.add(dense[0], terms[0])      # a plain array first
+    pending = outer_grads.add(pending, dense[1])
+    pending = outer_grads.add(pending, terms[1])
     np.testing.assert_allclose(outer_grads.total(np, pending), _plain(terms) + kept[0] + kept[1],
                                rtol=1e-13)
     for d, k in zip(dense, kept):
@@ -65,18 +64,15 @@ def test_defer_only_while_collecting():
             assert outer_grads.defer(np, ["nij", "njd"], "nijd", (g, v)) is None
 
 
-@pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")
 @pytest.mark.parametrize("count,dtype", [(1, np.float64), (5, np.float32), (11, np.float64)])
-def test_outer_sum_kernel_emulated(monkeypatch, count, dtype):
+def test_outer_sum_kernel_emulated(emu, monkeypatch, count, dtype):
     """The CUDA kernel (8 terms a launch, then accumulating launches) on the CPU."""
-    xp = cuda_emulator.emulated_cupy()
-    monkeypatch.setattr(cuda_kernels, "_compiled", {})
     terms = _terms(np.random.default_rng(count), count, dtype)
     launches = []
     real = cuda_kernels.outer_sum
     monkeypatch.setattr(cuda_kernels, "outer_sum",
                         lambda *a, **k: launches.append(len(a[1])) or real(*a, **k))
-    got = outer_grads.total(xp, outer_grads.Pending(list(terms)))
+    got = outer_grads.total(emu, outer_grads.Pending(list(terms)))
     assert launches == [min(count, 8)] + ([count - 8] if count > 8 else [])
     tol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(got, _plain(terms), rtol=tol, atol=tol)
