@@ -37,6 +37,33 @@ _compiled: dict = {}
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 _THREADS = 256
 
+# load4/store4: four consecutive values in one 16-byte access (two for double), where the
+# caller has checked that the address is a multiple of four values from a 16-byte
+# aligned base (``_aligned``). Wide accesses put more bytes in flight per thread and
+# fewer instructions per byte. Off the GPU (tests/cuda_emulator.py) they are plain loops.
+_VECTOR = r"""
+#ifdef __CUDACC__
+__device__ __forceinline__ void load4(const float* p, float* v) {
+    float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+}
+__device__ __forceinline__ void load4(const double* p, double* v) {
+    double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
+    v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(double* p, const double* v) {
+    reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+    reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+#else
+template <class X> void load4(const X* p, X* v) { for (int k = 0; k < 4; ++k) v[k] = p[k]; }
+template <class X> void store4(X* p, const X* v) { for (int k = 0; k < 4; ++k) p[k] = v[k]; }
+#endif
+"""
+
 # One thread per capsule (row of D contiguous values).
 _ROWWISE = r"""
 extern "C" __global__ void squash_fwd(const T* __restrict__ s, T* __restrict__ out,
@@ -98,7 +125,8 @@ extern "C" __global__ void softmax_vjp(const T* __restrict__ o, const T* __restr
 # reduction adds up: deterministic, and enough blocks to keep the memory system busy.
 _ROUTING = r"""
 extern "C" __global__ void contract_d(const T* __restrict__ A, const T* __restrict__ V,
-                                      T* __restrict__ out, int total, int I, int J, int D) {
+                                      T* __restrict__ out, int total, int I, int J, int D,
+                                      int wide) {
     int r = blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= total) return;
     int b = r / (I * J);
@@ -106,7 +134,17 @@ extern "C" __global__ void contract_d(const T* __restrict__ A, const T* __restri
     const T* a = A + (long long)r * D;
     const T* v = V + ((long long)b * J + j) * D;
     T acc = 0;
-    for (int d = 0; d < D; ++d) acc += a[d] * v[d];
+    if (wide) {  // D a multiple of 4, A and V aligned: the same sum, read 4 values at a time
+        T x[4], y[4];
+        for (int d = 0; d < D; d += 4) {
+            load4(a + d, x);
+            load4(v + d, y);
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) acc += x[k] * y[k];
+        }
+    } else {
+        for (int d = 0; d < D; ++d) acc += a[d] * v[d];
+    }
     out[r] = acc;
 }
 
@@ -131,21 +169,24 @@ extern "C" __global__ void contract_i(const T* __restrict__ C, const T* __restri
 }
 """
 
-# im2col: the windows of xt (N, H, W, C) as (KH, N*OH*OW, KW*C), one matrix per kernel
-# row (the layout of conv2d's split-K GEMMs).
+# im2col: the windows of xt (N, H, W, C) as (N*OH*OW, KH*KW*C), the im2col matrix of
+# conv2d's GEMMs.
 # sum_leading: a (S, K) summed over S, one thread per output, reads coalesced (CuPy's
 # generic reduction is slow for a short leading axis over a wide array).
 # col2im: the gradient of every input pixel (n, h, w, c) gathered from the windows'
-# gradients cols (N, OH, OW, KH, KW, C) that cover it; one thread per input value,
-# visiting only the offsets that land on it, in the order the xp path adds them.
+# gradients cols (KH, N, OH, OW, KW, C) that cover it (the layout of conv2d's batched
+# GEMMs, one per kernel row), visiting only the offsets that land on it, in the order the
+# xp path adds them. A thread takes V channels C/V apart (V = 4 when C allows): each of
+# its loads is coalesced over the warp, and it has V loads in flight, not one.
 _CONV = r"""
 extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
-                                  int M, int H, int W, int C, int OH, int OW, int KW, int stride) {
-    // One block per output row (kernel row r, window m); the row is kw*C values that
-    // lie contiguously in xt, so it is a straight, coalesced copy.
-    int row = blockIdx.x;  // < kh * M: a grid dimension
-    int r = row / M;
-    int m = row % M;
+                                  int M, int H, int W, int C, int OH, int OW, int KH, int KW,
+                                  int stride) {
+    // One block per output row piece (window m, kernel row r): kw*C values that lie
+    // contiguously in xt, so it is a straight, coalesced copy.
+    int row = blockIdx.x;  // < M * KH: a grid dimension
+    int m = row / KH;
+    int r = row % KH;
     int ohw = OH * OW;
     int n = m / ohw;
     int p = m % ohw;
@@ -167,34 +208,50 @@ extern "C" __global__ void sum_leading(const T* __restrict__ a, T* __restrict__ 
 }
 
 extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ out,
-                                  int total, int H, int W, int C, int OH, int OW,
-                                  int KH, int KW, int stride) {
-    int idx = blockIdx.x * blockDim.x + threadIdx.x;
+                                  int total, int N, int H, int W, int C, int OH, int OW,
+                                  int KH, int KW, int stride, int V) {
+    int idx = blockIdx.x * blockDim.x + threadIdx.x;  // < N*H*W*(C/V)
     if (idx >= total) return;
-    int c = idx % C;
-    int rest = idx / C;
+    int CV = C / V;
+    int q = idx % CV;
+    int rest = idx / CV;
     int w = rest % W; rest /= W;
     int h = rest % H;
-    long long n = rest / H;
-    T acc = 0;
-    for (int i = h % stride; i < KH && i <= h; i += stride) {
-        int oh = (h - i) / stride;
-        if (oh >= OH) continue;
-        for (int j = w % stride; j < KW && j <= w; j += stride) {
-            int ow = (w - j) / stride;
-            if (ow >= OW) continue;
-            acc += cols[((((n * OH + oh) * OW + ow) * KH + i) * KW + j) * C + c];
+    int n = rest / H;
+    // The windows that cover (h, w): kernel offset i = h - stride*oh in [0, KH) with
+    // oh in [0, OH), and the same for j and ow. Descending oh is ascending i.
+    int oh_hi = min(OH - 1, h / stride);
+    int oh_lo = h >= KH ? (h - KH + stride) / stride : 0;
+    int ow_hi = min(OW - 1, w / stride);
+    int ow_lo = w >= KW ? (w - KW + stride) / stride : 0;
+    long long plane = (long long)N * OH * OW * KW * C;  // one kernel row's block of cols
+    T acc[4] = {0, 0, 0, 0};
+    for (int oh = oh_hi; oh >= oh_lo; --oh) {
+        int i = h - stride * oh;
+        for (int ow = ow_hi; ow >= ow_lo; --ow) {
+            int j = w - stride * ow;
+            const T* src = cols + i * plane
+                           + ((((long long)n * OH + oh) * OW + ow) * KW + j) * C + q;
+            #pragma unroll
+            for (int k = 0; k < 4; ++k) if (k < V) acc[k] += src[k * CV];
         }
     }
-    out[idx] = acc;
+    T* dst = out + (((long long)n * H + h) * W + w) * C + q;
+    #pragma unroll
+    for (int k = 0; k < 4; ++k) if (k < V) dst[k * CV] = acc[k];
 }
 """
 
-# outer_sum: out[b,l,j,r] (+)= sum_k L_k[b,l,j] R_k[b,j,r] for up to 8 terms, one thread
-# per output value: the gradient that routing's uses of u_hat send back, written once
-# (capsflow/outer_grads.py). Unused pointers repeat the first and are never read.
+# outer_sum: out[b,l,j,r] (+)= sum_k L_k[b,l,j] R_k[b,j,r] for up to 8 terms: the
+# gradient that routing's uses of u_hat send back, written once (capsflow/outer_grads.py).
+# A thread makes W consecutive outputs (W = 4 when NR and the alignment allow, read and
+# written 4 at a time), so the index arithmetic and the left factors' loads are shared.
+# Unused pointers repeat the first and are never read.
 _OUTER = r"""
-#define OUTER_TERM(k) if (K > k) acc += l##k[t] * r##k[rix];
+#define OUTER_TERM(k) if (K > k) { \
+    T lv = l##k[t]; \
+    if (W == 4) { T rv[4]; load4(r##k + rix, rv); for (int q = 0; q < 4; ++q) acc[q] += lv * rv[q]; } \
+    else acc[0] += lv * r##k[rix]; }
 extern "C" __global__ void outer_sum(
         const T* __restrict__ l0, const T* __restrict__ l1, const T* __restrict__ l2,
         const T* __restrict__ l3, const T* __restrict__ l4, const T* __restrict__ l5,
@@ -202,18 +259,21 @@ extern "C" __global__ void outer_sum(
         const T* __restrict__ r0, const T* __restrict__ r1, const T* __restrict__ r2,
         const T* __restrict__ r3, const T* __restrict__ r4, const T* __restrict__ r5,
         const T* __restrict__ r6, const T* __restrict__ r7,
-        T* __restrict__ out, int total, int NL, int NJ, int NR, int K, int accumulate) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
+        T* __restrict__ out, int total, int NL, int NJ, int NR, int K, int accumulate, int W) {
+    int e = (blockIdx.x * blockDim.x + threadIdx.x) * W;  // this thread's first output
     if (e >= total) return;
     int t = e / NR;                   // (b, l, j): the left factors' index
     int r = e % NR;
     int j = t % NJ;
     int b = t / (NL * NJ);
     int rix = (b * NJ + j) * NR + r;  // (b, j, r): the right factors' index
-    T acc = accumulate ? out[e] : (T)0;
+    T acc[4] = {0, 0, 0, 0};
+    if (accumulate) {
+        if (W == 4) load4(out + e, acc); else acc[0] = out[e];
+    }
     OUTER_TERM(0) OUTER_TERM(1) OUTER_TERM(2) OUTER_TERM(3)
     OUTER_TERM(4) OUTER_TERM(5) OUTER_TERM(6) OUTER_TERM(7)
-    out[e] = acc;
+    if (W == 4) store4(out + e, acc); else out[e] = acc[0];
 }
 """
 
@@ -231,11 +291,15 @@ def enabled(xp: Any) -> bool:
     return _switch.on and on_gpu(xp)
 
 
+def typed_source(source: str, dtype: Any) -> str:
+    """What NVRTC compiles for ``source`` (one of the sources above) and ``dtype``."""
+    return f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{_VECTOR}{source}"
+
+
 def _kernel(xp: Any, source: str, name: str, dtype: Any):
     key = (name, np.dtype(dtype))
     if key not in _compiled:
-        code = f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{source}"
-        _compiled[key] = xp.RawKernel(code, name)
+        _compiled[key] = xp.RawKernel(typed_source(source, dtype), name)
     return _compiled[key]
 
 
@@ -252,6 +316,13 @@ def _usable(xp: Any, *arrays: Any) -> bool:
 
 def _last_axis(x: Any, axis: int) -> bool:
     return axis % x.ndim == x.ndim - 1
+
+
+def _aligned(*arrays: Any) -> bool:
+    """Whether every array starts on a 16-byte boundary (what load4/store4 need; CuPy's
+    allocations do, a view into one need not)."""
+    return all((a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data) % 16 == 0
+               for a in arrays)
 
 
 # -- squash and softmax over the last axis --------------------------------------------
@@ -307,8 +378,10 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
         big, small = first, second
         bn, i, j, d = big.shape
         result = xp.empty((bn, i, j), dtype=dtype)
+        wide = d % 4 == 0 and _aligned(big, small)
         _launch(_kernel(xp, _ROUTING, "contract_d", dtype), result.size,
-                (big, small, result, np.int32(result.size), np.int32(i), np.int32(j), np.int32(d)))
+                (big, small, result, np.int32(result.size), np.int32(i), np.int32(j), np.int32(d),
+                 np.int32(wide)))
         return result
     c, big = first, second
     bn, i, j, d = big.shape
@@ -329,9 +402,11 @@ def outer_sum(xp: Any, lefts: list, rights: list, out: Any, accumulate: bool) ->
         return False
     nb, nl, nj, nr = out.shape
     pad = [lefts[0]] * (8 - len(lefts)), [rights[0]] * (8 - len(rights))
-    _launch(_kernel(xp, _OUTER, "outer_sum", out.dtype), out.size,
+    width = 4 if nr % 4 == 0 and _aligned(out, *rights) else 1
+    _launch(_kernel(xp, _OUTER, "outer_sum", out.dtype), out.size // width,
             (*lefts, *pad[0], *rights, *pad[1], out, np.int32(out.size), np.int32(nl),
-             np.int32(nj), np.int32(nr), np.int32(len(lefts)), np.int32(accumulate)))
+             np.int32(nj), np.int32(nr), np.int32(len(lefts)), np.int32(accumulate),
+             np.int32(width)))
     return True
 
 
@@ -367,36 +442,58 @@ def column_sums(xp: Any, a: Any):
 
 # -- convolution ---------------------------------------------------------------------------
 def im2col(xp: Any, xt: Any, kh: int, kw: int, stride: int):
-    """The windows of xt (N, H, W, C) as (kh, N*OH*OW, kw*C), or None when the kernel
-    does not apply."""
+    """The windows of xt (N, H, W, C) as (N*OH*OW, kh*kw*C), columns in (kh, kw, C)
+    order, or None when the kernel does not apply."""
     if not _usable(xp, xt):
         return None
     xt = xp.ascontiguousarray(xt)
     n, h, w, c = xt.shape
     oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
     m = n * oh * ow
-    out = xp.empty((kh, m, kw * c), dtype=xt.dtype)
+    out = xp.empty((m, kh * kw * c), dtype=xt.dtype)
     if out.size:
         _kernel(xp, _CONV, "im2col", xt.dtype)(
-            (kh * m,), (_THREADS,),
+            (m * kh,), (_THREADS,),
             (xt, out, np.int32(m), np.int32(h), np.int32(w), np.int32(c), np.int32(oh),
-             np.int32(ow), np.int32(kw), np.int32(stride)))
+             np.int32(ow), np.int32(kh), np.int32(kw), np.int32(stride)))
     return out
 
 
 def col2im(xp: Any, cols: Any, in_shape: tuple, stride: int):
-    """Input gradient (N, H, W, C) from window gradients ``cols`` (N, OH, OW, KH, KW, C),
+    """Input gradient (N, H, W, C) from window gradients ``cols`` (KH, N, OH, OW, KW, C),
     or None when the kernel does not apply."""
-    n, oh, ow, kh, kw, c = cols.shape
+    kh, n, oh, ow, kw, c = cols.shape
     _, h, w, _ = in_shape
     if not _usable(xp, cols) or n * h * w * c > INT_MAX:
         return None
     cols = xp.ascontiguousarray(cols)
     out = xp.empty((n, h, w, c), dtype=cols.dtype)
-    _launch(_kernel(xp, _CONV, "col2im", cols.dtype), out.size,
-            (cols, out, np.int32(out.size), np.int32(h), np.int32(w), np.int32(c),
-             np.int32(oh), np.int32(ow), np.int32(kh), np.int32(kw), np.int32(stride)))
+    lanes = next(v for v in (4, 2, 1) if c % v == 0)
+    threads = out.size // lanes
+    _launch(_kernel(xp, _CONV, "col2im", cols.dtype), threads,
+            (cols, out, np.int32(threads), np.int32(n), np.int32(h), np.int32(w), np.int32(c),
+             np.int32(oh), np.int32(ow), np.int32(kh), np.int32(kw), np.int32(stride),
+             np.int32(lanes)))
     return out
+
+
+# -- relu --------------------------------------------------------------------------------------
+def relu_vjp(xp: Any, g: Any, y: Any):
+    """relu's input gradient ``g * (y > 0)`` from its output ``y``, in one pass and laid out
+    in memory as ``y`` is (Conv1's output is channels-last, and so stays its gradient);
+    None when the kernel does not apply."""
+    if not _usable(xp, g, y) or g.shape != y.shape:
+        return None
+    order = tuple(sorted(range(y.ndim), key=lambda k: -y.strides[k]))  # y's axes in memory order
+    y_mem, g_mem = y.transpose(order), xp.ascontiguousarray(g.transpose(order))
+    if not y_mem.flags.c_contiguous:
+        return None
+    if "relu_vjp" not in _compiled:
+        _compiled["relu_vjp"] = xp.ElementwiseKernel(
+            "T g, T y", "T dx", "dx = g * (T)(y > 0);", "capsflow_relu_vjp")
+    dx = xp.empty(y_mem.shape, dtype=y.dtype)
+    _compiled["relu_vjp"](g_mem, y_mem, dx)
+    return dx.transpose(tuple(int(k) for k in np.argsort(order)))
 
 
 # -- Adam ---------------------------------------------------------------------------------------

@@ -9,14 +9,18 @@ chunk is one large GEMM, and the chunks' products are summed. Small convolutions
 
 The output is (N, O, OH, OW), a transposed view of channels-last memory; element-wise
 ops keep that layout, so the next convolution reads its input channels-last without
-a copy. Only the input (not the windows) is saved for the VJP, which rebuilds each
-chunk's windows: the copy costs far less than the GEMM it feeds, and memory stays low.
+a copy. On NumPy only the input (not the windows) is saved for the VJP, which rebuilds
+each chunk's windows: the copy costs far less than the GEMM it feeds, and memory stays
+low.
 
 On NumPy the batch is split over as many threads as BLAS has (ops/parallel.py), so
-the window copies and the col2im adds run in parallel as well as the GEMMs; CuPy runs
-the same code on the whole batch in one part, with a budget large enough for one
-im2col GEMM per convolution (few large launches suit a GPU), and its col2im is one
-gather kernel (cuda_kernels.col2im) instead of a strided add per kernel offset.
+the window copies and the col2im adds run in parallel as well as the GEMMs. CuPy runs
+the whole batch in one part, with a budget large enough for one im2col GEMM per
+convolution (few large launches suit a GPU): an im2col kernel copies the windows once
+and the VJP reuses that copy for the weight gradient (PrimaryCaps: 300 MB held from
+forward to backward, against 0.14 ms to copy it again), and the input gradient is one
+batched GEMM and one gather kernel (cuda_kernels.col2im) instead of a strided add per
+kernel offset.
 """
 import threading
 
@@ -38,7 +42,7 @@ def _budget(xp) -> int:
     return CHUNK_BYTES if on_cpu(xp) else DEVICE_CHUNK_BYTES
 
 conv2d = defop("conv2d", inputs=("x", "w", "b?"), attrs={"stride": 1, "padding": 0},
-               saves=("xt", "w", "w_cols"),
+               saves=("xt", "w", "w_cols", "cols"),
                doc="x (N, C, H, W) * w (O, C, kh, kw) + b (O,) -> (N, O, OH, OW); no dilation")
 
 
@@ -95,16 +99,19 @@ def _(xp, x, w, b=None, *, stride, padding):
     win = _windows(xp, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
-    if _split_k(xp, chunks, w.shape):
-        # A long, thin GEMM (PrimaryCaps: 3600 x 20736 @ 20736 x 256) has too few output
-        # tiles to fill a GPU: one GEMM per kernel row, batched, then their sum (split-K).
-        # The weights' (kh, kw*C, O) copy is kept for the VJP's input gradient.
-        cols = _kernel_row_cols(xp, xt, win, stride)
+    if _gpu_im2col(xp, chunks, w.shape):
+        # One im2col copy (a kernel), one GEMM. The copy is kept for the weight gradient
+        # (rebuilding it costs as long as copying 300 MB: 0.14 ms on an H200), and the
+        # weights' (kh, kw*C, O) copy for the input gradient's GEMMs.
+        cols = cuda_kernels.im2col(xp, xt, kh, kw, stride)
+        if cols is None:
+            cols = _chunk_cols(xp, win, 0, kh)
         w3 = xp.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, kw * c, o)
-        out = _sum_leading(xp, gemm.matmul(xp, cols, w3))
+        out = gemm.matmul(xp, cols, w3.reshape(-1, o))
         if b is not None:
             out += b
-        return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), {"xt": xt, "w_cols": w3}
+        extras = {"xt": xt, "w_cols": w3, "cols": cols}
+        return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), extras
     w2 = _weight_rows(xp, w)                                          # (O, kh*kw*C)
     out = xp.empty((n, oh * ow, o), dtype=xt.dtype)
 
@@ -118,28 +125,22 @@ def _(xp, x, w, b=None, *, stride, padding):
 
     in_parallel(part, batch_parts(xp, n))
     out = out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2)             # (N, O, OH, OW) view
-    return out, {"xt": xt, "w_cols": None}
+    return out, {"xt": xt, "w_cols": None, "cols": None}
 
 
 #: Split a GEMM's inner dimension over a batch once it exceeds this many times the
-#: output's width (GPU only; see the forward and ``_gram``).
+#: output's width (GPU only; see ``_gram``).
 SPLIT_K_RATIO = 8
+#: Shortest window row (kw*C values) for which a GPU convolution takes the im2col kernel,
+#: one block per row: a warp's worth, so that no block idles most of its threads.
+MIN_GPU_ROW = 32
 
 
-def _split_k(xp, chunks: list, w_shape: tuple) -> bool:
-    """Whether a convolution runs as one GEMM per kernel row (GPU, inner dimension long
-    against the output channels)."""
+def _gpu_im2col(xp, chunks: list, w_shape: tuple) -> bool:
+    """Whether a convolution runs as one im2col copy and one GEMM whose windows are kept
+    for the VJP (GPU, windows within the budget, rows long enough for the kernel)."""
     o, c, kh, kw = w_shape
-    return len(chunks) == 1 and cuda_kernels.enabled(xp) and kh * kw * c > SPLIT_K_RATIO * o
-
-
-def _kernel_row_cols(xp, xt, win, stride):
-    """The windows as (kh, N*OH*OW, kw*C): one im2col matrix per kernel row."""
-    n, oh, ow, kh, kw, c = win.shape
-    cols = cuda_kernels.im2col(xp, xt, kh, kw, stride)
-    if cols is None:
-        cols = xp.ascontiguousarray(win.transpose(3, 0, 1, 2, 4, 5)).reshape(kh, n * oh * ow, kw * c)
-    return cols
+    return len(chunks) == 1 and cuda_kernels.enabled(xp) and kw * c >= MIN_GPU_ROW
 
 
 def _gram(xp, a, b):
@@ -178,29 +179,33 @@ def _(xp, saved, g, needs, *, stride, padding):
         gb = cuda_kernels.column_sums(xp, g4.reshape(-1, o))
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
     win = _windows(xp, xt, kh, kw, stride)
-    split_k = needs[1] and _split_k(xp, chunks, w.shape)
-    # gw in the windows' column order (O, kh, kw, C), summed over the parts under a lock
-    gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] and not split_k else None
+    # The forward's windows (GPU): popped, so that they are freed as soon as used.
+    cols = saved.pop("cols", None)
+    gwt = None  # gw in the windows' column order (O, kh, kw, C)
+    if needs[1] and cols is not None:
+        gwt = gemm.matmul(xp, g4.reshape(-1, o).T, cols).reshape(o, kh, kw, c)
+    del cols
+    from_windows = gwt is not None
+    if needs[1] and not from_windows:  # summed over the parts under a lock
+        gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype)
     gxt = None
-    if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):  # one GEMM, one gather
+    if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):
+        # One GEMM per kernel row, batched (faster than one GEMM of the same size on an
+        # H200), then one gather kernel.
         w_cols = saved.get("w_cols")  # the forward's (kh, kw*C, O) copy, read transposed
-        w_rows = _weight_rows(xp, w) if w_cols is None else w_cols.reshape(-1, o).T
-        gcols = gemm.matmul(xp, g4.reshape(-1, o), w_rows).reshape(n, oh, ow, kh, kw, c)
+        w_rows = (_weight_rows(xp, w).reshape(o, kh, kw * c).transpose(1, 0, 2) if w_cols is None
+                  else w_cols.transpose(0, 2, 1))                    # (kh, O, kw*C)
+        gcols = gemm.matmul(xp, g4.reshape(-1, o), w_rows).reshape(kh, n, oh, ow, kw, c)
         gxt = cuda_kernels.col2im(xp, gcols, xt.shape, stride)
         del gcols
     col2im_done = gxt is not None
-    if split_k:  # the weight gradient of each kernel row, batched, written into (O, kh, kw, C)
-        cols = _kernel_row_cols(xp, xt, win, stride)
-        gwt = xp.empty((o, kh, kw, c), dtype=g4.dtype)
-        gemm.matmul(xp, g4.reshape(-1, o).T, cols, out=gwt.reshape(o, kh, kw * c).transpose(1, 0, 2))
-        del cols
     if needs[0] and not col2im_done:
         gxt = xp.zeros(xt.shape, dtype=g4.dtype)
     lock = threading.Lock()
 
     def part(rows):
         g2 = g4[rows].reshape(-1, o)                                   # (n_part*OH*OW, O)
-        if needs[1] and not split_k:
+        if needs[1] and not from_windows:
             for r0, r1 in chunks:
                 prod = _gram(xp, g2, _chunk_cols(xp, win[rows], r0, r1)).reshape(o, r1 - r0, kw, c)
                 with lock:

@@ -1,5 +1,6 @@
 """Element-wise ops. Binary ops broadcast like NumPy; the executor sums each gradient
 back to its input's shape, so the VJPs here return full broadcast-shaped gradients."""
+from capsflow import cuda_kernels
 from capsflow.opdef import defop
 from capsflow.shapes import broadcast
 
@@ -18,7 +19,8 @@ def _(xp, x):
 
 @relu.vjp
 def _(xp, saved, g, needs):
-    return (g * (saved["out"] > 0),)
+    fused = cuda_kernels.relu_vjp(xp, g, saved["out"])
+    return (g * (saved["out"] > 0) if fused is None else fused,)
 
 
 sigmoid = defop("sigmoid", inputs=("x",), saves=("out",), doc="1 / (1 + exp(-x))")

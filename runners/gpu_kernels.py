@@ -1,13 +1,15 @@
 """Where a CapsNet training step spends its GPU time, kernel by kernel.
 
-    python -m capsflow.runners.gpu_kernels [--steps 5] [--top 30]
+    python -m capsflow.runners.gpu_kernels [--steps 5] [--top 30] [--timeline]
 
 Runs capsflow's training step on CuPy (batch 100, float32, Adam) under PyTorch's
 profiler, whose CUPTI tracing records every kernel the process launches, CuPy's and
 cuBLAS' included, and prints the kernels by GPU time per step: once for eager steps
 and once for steps replayed as CUDA graphs. capsflow's per-op profile (``capsflow bench
 --profile``) times ops with a synchronisation around each, which on a GPU mostly
-measures launch overhead; this table is the GPU's own account.
+measures launch overhead; this table is the GPU's own account. ``--timeline`` also
+lists one step's kernels in the order they ran (which of the many copies is which),
+and how much of the step the GPU sat idle between kernels.
 """
 from __future__ import annotations
 
@@ -40,7 +42,35 @@ def format_rows(rows: list, top: int, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile_steps(cuda_graph: bool, steps: int) -> list:
+def kernel_timeline(events) -> list:
+    """[(start us, duration us, name)] of the GPU kernels among profiler ``events``, in
+    the order they started."""
+    rows = []
+    for e in events:
+        if "cuda" not in str(getattr(e, "device_type", "")).lower():
+            continue
+        span = e.time_range
+        rows.append((span.start, span.elapsed_us(), e.name))
+    return sorted(rows)
+
+
+def format_timeline(rows: list, shortest_us: float, title: str) -> str:
+    """The kernels of ``rows`` that took at least ``shortest_us``, then the step's span,
+    busy and idle time."""
+    lines = [title, f"{'start us':>9} {'us':>7}  kernel"]
+    t0 = rows[0][0] if rows else 0
+    for start, dur, name in rows:
+        if dur >= shortest_us:
+            lines.append(f"{start - t0:>9.1f} {dur:>7.1f}  {name[:90]}")
+    if rows:
+        span = max(s + d for s, d, _ in rows) - t0
+        busy = sum(d for _, d, _ in rows)
+        lines.append(f"{len(rows)} kernels over {span / 1e3:.3f} ms: busy {busy / 1e3:.3f} ms, "
+                     f"idle {(span - busy) / 1e3:.3f} ms (shorter kernels not listed)")
+    return "\n".join(lines)
+
+
+def profile_steps(cuda_graph: bool, steps: int, timeline: bool = False):
     import capsflow
     from torch.profiler import ProfilerActivity, profile
     from capsflow.backend import get_backend, to_numpy
@@ -66,6 +96,8 @@ def profile_steps(cuda_graph: bool, steps: int) -> list:
         for _ in range(steps):
             one()
         be.synchronize()
+    if timeline:
+        return kernel_timeline(prof.events())
     return kernel_rows(prof.key_averages(), steps)
 
 
@@ -73,6 +105,8 @@ def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (5)")
     parser.add_argument("--top", type=int, default=30, help="kernels to list (30)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also list one step's kernels in order, with idle time")
     args = parser.parse_args(argv)
     if not cupy_or_say_why("gpu_kernels"):
         return 2
@@ -80,6 +114,9 @@ def main(argv: list | None = None) -> int:
         mode = "replayed as CUDA graphs" if cuda_graph else "eager"
         print(format_rows(profile_steps(cuda_graph, args.steps), args.top,
                           f"\nGPU kernels of one training step ({mode}), batch 100, float32:"))
+        if args.timeline:
+            print(format_timeline(profile_steps(cuda_graph, 1, timeline=True), 5.0,
+                                  f"\nOne training step ({mode}), kernels of 5 us or more in order:"))
     return 0
 
 

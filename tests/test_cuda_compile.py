@@ -50,19 +50,29 @@ def compile_log(source: str) -> tuple:
 
 
 @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
-@pytest.mark.parametrize("ctype", ["float", "double"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", list(SOURCES))
-def test_kernel_sources_compile(name, ctype):
-    status, log = compile_log(f"typedef {ctype} T;\n{SOURCES[name]}")
+def test_kernel_sources_compile(name, dtype):
+    status, log = compile_log(cuda_kernels.typed_source(SOURCES[name], dtype))
     assert status == 0, log
 
 
 @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
 def test_a_broken_source_fails_to_compile():
-    status, log = compile_log("typedef float T;\n" + SOURCES["_CONV"].replace("acc +=", "acc +=="))
+    status, log = compile_log(cuda_kernels.typed_source(SOURCES["_CONV"].replace("acc +=", "acc +=="),
+                                                        np.float32))
     assert status != 0 and "error" in log
 
 
 def test_sources_are_typed_as_the_kernels_are():
     assert set(cuda_kernels._CTYPES.values()) == {"float", "double"}
     assert cuda_kernels._CTYPES[np.dtype(np.float32)] == "float"
+
+
+@pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
+def test_nvrtc_takes_the_wide_loads_not_the_emulators_loops():
+    """load4/store4 have a CUDA branch (16-byte accesses) and a plain-loop branch for
+    the CPU emulator, chosen by __CUDACC__: NVRTC must define it."""
+    status, log = compile_log("#ifndef __CUDACC__\n#error __CUDACC__ is not defined\n#endif\n"
+                              + cuda_kernels.typed_source(SOURCES["_OUTER"], np.float32))
+    assert status == 0, log

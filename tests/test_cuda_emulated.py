@@ -7,6 +7,7 @@ import pytest
 import cuda_emulator
 from capsflow import cuda_kernels
 from capsflow.opdef import get_op
+from capsflow.ops import conv
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")
 
@@ -67,11 +68,15 @@ def test_sums(emu):
     np.testing.assert_allclose(cuda_kernels.column_sums(emu, odd), odd.sum(axis=0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 4, 2 and 1 lanes; im2col at 24
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])
-def test_conv2d_gpu_branches(emu, stride, padding):
-    """im2col, col2im, the split-K GEMMs and the bias sum, against NumPy's conv2d."""
+def test_conv2d_gpu_branches(emu, stride, padding, channels):
+    """im2col (its windows kept for the VJP), the batched input-gradient GEMMs, col2im
+    and the bias sum, against NumPy's conv2d."""
     rng = _rng()
-    x, w, b = rng.standard_normal((2, 24, 11, 12)), rng.standard_normal((5, 24, 3, 4)), rng.standard_normal(5)
+    c = channels
+    x, w, b = rng.standard_normal((2, c, 11, 12)), rng.standard_normal((5, c, 3, 4)), rng.standard_normal(5)
+    assert (4 * c >= conv.MIN_GPU_ROW) == (c == 24)
     op = get_op("conv2d")
     outs = {}
     for name, xp in (("numpy", np), ("emulated", emu)):
@@ -116,9 +121,43 @@ def test_kernels_with_32_bit_indices_decline_larger_arrays(emu, monkeypatch):
     fits, too_big = rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((2, 9, 3, 4))
     assert cuda_kernels.routing_contraction(emu, ["nijd", "njd"], "nij", (fits, v)) is not None
     assert cuda_kernels.routing_contraction(emu, ["nijd", "njd"], "nij", (too_big, v)) is None
-    assert cuda_kernels.col2im(emu, np.zeros((1, 2, 2, 2, 2, 4)), (1, 3, 3, 4), 1) is not None
+    assert cuda_kernels.col2im(emu, np.zeros((2, 1, 2, 2, 2, 4)), (1, 3, 3, 4), 1) is not None
     assert cuda_kernels.col2im(emu, np.zeros((2, 2, 2, 2, 2, 4)), (2, 3, 3, 4), 1) is None
     assert cuda_kernels.outer_sum(emu, [np.ones((1, 3, 3))], [np.ones((1, 3, 4))],
                                   np.empty((1, 3, 3, 4)), False)
     assert not cuda_kernels.outer_sum(emu, [np.ones((2, 3, 3))], [np.ones((2, 3, 4))],
                                       np.empty((2, 3, 3, 4)), False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_vjp_kernel_keeps_the_output_layout(emu, dtype):
+    """Conv1's output is a channels-last view; its gradient comes back in that layout."""
+    rng = _rng()
+    y = np.maximum(rng.standard_normal((2, 5, 4, 3)), 0).astype(dtype)
+    y[0, 0, 0, 0] = 0.0
+    y_view = y.transpose(0, 3, 1, 2)                 # (N, C, H, W) over channels-last memory
+    g = rng.standard_normal(y_view.shape).astype(dtype)
+    got = cuda_kernels.relu_vjp(emu, g, y_view)
+    np.testing.assert_array_equal(got, g * (y_view > 0))
+    assert got.transpose(0, 2, 3, 1).flags.c_contiguous
+    assert cuda_kernels.relu_vjp(emu, g, y_view[:, :, ::2]) is None  # not dense: the xp path
+
+
+def test_vector_and_scalar_branches_agree(emu):
+    """contract_d and outer_sum read 4 values at a time when the sizes and the alignment
+    allow; an odd last axis or a misaligned view takes the scalar branch, same result."""
+    rng = _rng()
+    for d in (16, 6):
+        a, v = rng.standard_normal((2, 7, 3, d)), rng.standard_normal((2, 3, d))
+        got = cuda_kernels.routing_contraction(emu, ["bijd", "bjd"], "bij", (a, v))
+        np.testing.assert_allclose(got, np.einsum("bijd,bjd->bij", a, v), rtol=1e-13)
+    buf = np.empty(2 * 5 * 3 * 8 + 1)
+    misaligned = buf[1:] if buf.ctypes.data % 16 == 0 else buf[:-1]
+    for out in (np.empty((2, 5, 3, 8)), misaligned.reshape(2, 5, 3, 8), np.empty((2, 5, 3, 7))):
+        nr = out.shape[-1]
+        lefts = [rng.standard_normal((2, 5, 3)) for _ in range(3)]
+        rights = [rng.standard_normal((2, 3, nr)) for _ in range(3)]
+        out[...] = 1.0
+        assert cuda_kernels.outer_sum(emu, lefts, rights, out, True)
+        want = 1.0 + sum(np.einsum("blj,bjr->bljr", l, r) for l, r in zip(lefts, rights))
+        np.testing.assert_allclose(out, want, rtol=1e-13)

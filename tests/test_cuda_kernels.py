@@ -56,17 +56,20 @@ class _GpuBranchesOnNumpy:
         return a.sum(axis=0)
 
 
-def test_conv_split_k_branches_match_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("channels", [16, 1])  # the saved-windows branch; _gram's split
+def test_conv_gpu_branches_match_the_plain_path(monkeypatch, channels):
     rng = np.random.default_rng(0)
-    x, w, b = rng.standard_normal((8, 16, 28, 28)), rng.standard_normal((4, 16, 3, 3)), rng.standard_normal(4)
+    c = channels
+    x, w, b = rng.standard_normal((8, c, 28, 28)), rng.standard_normal((4, c, 3, 3)), rng.standard_normal(4)
     op = get_op("conv2d")
     m = 8 * 26 * 26
-    assert 3 * 3 * 16 > conv.SPLIT_K_RATIO * 4 and m > 4 * conv.SPLIT_K_RATIO * 3 * 3 * 16
+    assert (3 * c >= conv.MIN_GPU_ROW) == (c == 16)
+    assert m > 4 * conv.SPLIT_K_RATIO * 3 * 3 * c
 
     def run():
         out, extras = op.forward_fn(np, x, w, b, stride=1, padding=0)
         g = rng.standard_normal(out.shape)
-        return out, op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True, True),
+        return out, op.vjp_fn(np, {**extras, "w": w}, g, (True, True, True),
                               stride=1, padding=0)
 
     rng = np.random.default_rng(1)

@@ -74,6 +74,27 @@ def test_kernel_table_from_profiler_averages():
     assert text.splitlines()[-1].split()[:2] == ["4.700", "10"]
 
 
+def test_kernel_timeline_in_start_order_with_idle_time():
+    """--timeline: one step's kernels in the order they ran, the short ones left out of
+    the list but not out of the busy and idle figures."""
+    from types import SimpleNamespace
+    from capsflow.runners import gpu_kernels
+
+    def event(kind, start, dur, name):
+        span = SimpleNamespace(start=start, elapsed_us=lambda: dur)
+        return SimpleNamespace(device_type=f"DeviceType.{kind}", time_range=span, name=name)
+
+    events = [event("CUDA", 130.0, 40.0, "col2im"), event("CPU", 0.0, 500.0, "aten::mm"),
+              event("CUDA", 100.0, 20.0, "sgemm"), event("CUDA", 125.0, 2.0, "tiny")]
+    rows = gpu_kernels.kernel_timeline(events)
+    assert [r[2] for r in rows] == ["sgemm", "tiny", "col2im"]
+    lines = gpu_kernels.format_timeline(rows, 5.0, "title").splitlines()
+    assert [line.split()[-1] for line in lines[2:4]] == ["sgemm", "col2im"]
+    assert lines[3].split()[:2] == ["30.0", "40.0"]
+    assert lines[-1] == ("3 kernels over 0.070 ms: busy 0.062 ms, idle 0.008 ms "
+                         "(shorter kernels not listed)")
+
+
 
 def test_speed_table_rows_and_their_switches(monkeypatch, capsys):
     """The table's plumbing, with the bench stubbed: each row's bench runs with its
