@@ -99,6 +99,24 @@ def on_gpu(xp: Any) -> bool:
     return getattr(xp, "__name__", "") == "cupy"
 
 
+def memory_order(a: Any) -> tuple:
+    """``a``'s axes from the largest stride to the smallest: ``a.transpose(memory_order(a))``
+    walks ``a``'s memory in order (C-contiguous when ``a`` is a transposed view of a
+    contiguous array, e.g. a convolution's channels-last output)."""
+    return tuple(sorted(range(a.ndim), key=lambda k: -a.strides[k]))
+
+
+def in_memory_order(fn: Any, *arrays: Any) -> Any:
+    """``fn(*arrays)`` for an element-wise ``fn``, computed on the arrays viewed in the
+    first one's memory order and viewed back, so that the result is laid out in memory as
+    ``arrays[0]`` is. (CuPy's element-wise ops return C order whatever their input's
+    layout: a channels-last convolution output would come back from relu in (N, C, H, W)
+    order, and the next convolution would copy it back.)"""
+    order = memory_order(arrays[0])
+    out = fn(*(a.transpose(order) for a in arrays))
+    return out.transpose(tuple(int(k) for k in np.argsort(order)))
+
+
 def get_array_module(*arrays: Any) -> ModuleType:
     """NumPy or CuPy, whichever owns the arrays (NumPy for plain Python values)."""
     for a in arrays:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import on_gpu
+from .backend import in_memory_order, memory_order, on_gpu
 from .switch import Switch
 
 #: Set CAPSFLOW_CUDA_KERNELS=0 to run every op through its plain ``xp`` code on CuPy.
@@ -482,18 +482,18 @@ def relu_vjp(xp: Any, g: Any, y: Any):
     """relu's input gradient ``g * (y > 0)`` from its output ``y``, in one pass and laid out
     in memory as ``y`` is (Conv1's output is channels-last, and so stays its gradient);
     None when the kernel does not apply."""
-    if not _usable(xp, g, y) or g.shape != y.shape:
-        return None
-    order = tuple(sorted(range(y.ndim), key=lambda k: -y.strides[k]))  # y's axes in memory order
-    y_mem, g_mem = y.transpose(order), xp.ascontiguousarray(g.transpose(order))
-    if not y_mem.flags.c_contiguous:
+    if not _usable(xp, g, y) or g.shape != y.shape or not y.transpose(memory_order(y)).flags.c_contiguous:
         return None
     if "relu_vjp" not in _compiled:
         _compiled["relu_vjp"] = xp.ElementwiseKernel(
             "T g, T y", "T dx", "dx = g * (T)(y > 0);", "capsflow_relu_vjp")
-    dx = xp.empty(y_mem.shape, dtype=y.dtype)
-    _compiled["relu_vjp"](g_mem, y_mem, dx)
-    return dx.transpose(tuple(int(k) for k in np.argsort(order)))
+
+    def run(y_mem, g_mem):
+        dx = xp.empty(y_mem.shape, dtype=y_mem.dtype)
+        _compiled["relu_vjp"](xp.ascontiguousarray(g_mem), y_mem, dx)
+        return dx
+
+    return in_memory_order(run, y, g)
 
 
 # -- Adam ---------------------------------------------------------------------------------------

@@ -99,11 +99,11 @@ def _(xp, x, w, b=None, *, stride, padding):
     win = _windows(xp, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
     chunks = row_chunks(kh, n * oh * ow * kw * c * xt.itemsize, _budget(xp))
-    if _gpu_im2col(xp, chunks, w.shape):
-        # One im2col copy (a kernel), one GEMM. The copy is kept for the weight gradient
-        # (rebuilding it costs as long as copying 300 MB: 0.14 ms on an H200), and the
+    if _gpu_windows(xp, chunks):
+        # One im2col copy, one GEMM. The copy is kept for the weight gradient (rebuilding
+        # PrimaryCaps' costs as long as copying 300 MB: 0.14 ms on an H200), and the
         # weights' (kh, kw*C, O) copy for the input gradient's GEMMs.
-        cols = cuda_kernels.im2col(xp, xt, kh, kw, stride)
+        cols = cuda_kernels.im2col(xp, xt, kh, kw, stride) if kw * c >= MIN_GPU_ROW else None
         if cols is None:
             cols = _chunk_cols(xp, win, 0, kh)
         w3 = xp.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, kw * c, o)
@@ -131,16 +131,16 @@ def _(xp, x, w, b=None, *, stride, padding):
 #: Split a GEMM's inner dimension over a batch once it exceeds this many times the
 #: output's width (GPU only; see ``_gram``).
 SPLIT_K_RATIO = 8
-#: Shortest window row (kw*C values) for which a GPU convolution takes the im2col kernel,
-#: one block per row: a warp's worth, so that no block idles most of its threads.
+#: Shortest window row (kw*C values) that the im2col kernel copies, one block per row:
+#: a warp's worth, so that no block idles most of its threads (Conv1's rows of 9 values
+#: are copied by CuPy instead).
 MIN_GPU_ROW = 32
 
 
-def _gpu_im2col(xp, chunks: list, w_shape: tuple) -> bool:
+def _gpu_windows(xp, chunks: list) -> bool:
     """Whether a convolution runs as one im2col copy and one GEMM whose windows are kept
-    for the VJP (GPU, windows within the budget, rows long enough for the kernel)."""
-    o, c, kh, kw = w_shape
-    return len(chunks) == 1 and cuda_kernels.enabled(xp) and kw * c >= MIN_GPU_ROW
+    for the VJP (GPU, windows within the budget)."""
+    return len(chunks) == 1 and cuda_kernels.enabled(xp)
 
 
 def _gram(xp, a, b):
@@ -183,7 +183,7 @@ def _(xp, saved, g, needs, *, stride, padding):
     cols = saved.pop("cols", None)
     gwt = None  # gw in the windows' column order (O, kh, kw, C)
     if needs[1] and cols is not None:
-        gwt = gemm.matmul(xp, g4.reshape(-1, o).T, cols).reshape(o, kh, kw, c)
+        gwt = _gram(xp, g4.reshape(-1, o), cols).reshape(o, kh, kw, c)
     del cols
     from_windows = gwt is not None
     if needs[1] and not from_windows:  # summed over the parts under a lock

@@ -1,6 +1,7 @@
 """Element-wise ops. Binary ops broadcast like NumPy; the executor sums each gradient
 back to its input's shape, so the VJPs here return full broadcast-shaped gradients."""
 from capsflow import cuda_kernels
+from capsflow.backend import in_memory_order
 from capsflow.opdef import defop
 from capsflow.shapes import broadcast
 
@@ -14,7 +15,7 @@ def _(x):
 
 @relu.forward
 def _(xp, x):
-    return xp.maximum(x, 0)
+    return in_memory_order(lambda t: xp.maximum(t, 0), x)  # channels-last stays so
 
 
 @relu.vjp

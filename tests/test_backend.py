@@ -82,3 +82,17 @@ def test_cpu_and_gpu_paths_are_told_apart_in_one_place():
     assert on_cpu(np) and not on_gpu(np)
     stand_in = types.ModuleType("cupy")
     assert on_gpu(stand_in) and not on_cpu(stand_in)
+
+
+def test_relu_keeps_a_channels_last_layout_where_elementwise_ops_return_c_order():
+    """CuPy's element-wise ops return C order whatever their input's layout; relu works
+    in its input's memory order, so Conv1's channels-last output stays channels-last."""
+    from types import SimpleNamespace
+    from capsflow.backend import memory_order
+    from capsflow.opdef import get_op
+    x = np.random.default_rng(0).standard_normal((2, 5, 4, 3)).transpose(0, 3, 1, 2)
+    like_cupy = SimpleNamespace(maximum=lambda a, b: np.ascontiguousarray(np.maximum(a, b)))
+    out = get_op("relu").forward_fn(like_cupy, x)
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    assert memory_order(out) == memory_order(x) == (0, 2, 3, 1)
+    assert out.transpose(0, 2, 3, 1).flags.c_contiguous

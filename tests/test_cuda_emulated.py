@@ -68,11 +68,11 @@ def test_sums(emu):
     np.testing.assert_allclose(cuda_kernels.column_sums(emu, odd), odd.sum(axis=0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 4, 2 and 1 lanes; im2col at 24
+@pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 4, 2 and 1 lanes; im2col kernel at 24
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])
 def test_conv2d_gpu_branches(emu, stride, padding, channels):
-    """im2col (its windows kept for the VJP), the batched input-gradient GEMMs, col2im
-    and the bias sum, against NumPy's conv2d."""
+    """The windows (by the im2col kernel, or copied) kept for the VJP, the batched
+    input-gradient GEMMs, col2im and the bias sum, against NumPy's conv2d."""
     rng = _rng()
     c = channels
     x, w, b = rng.standard_normal((2, c, 11, 12)), rng.standard_normal((5, c, 3, 4)), rng.standard_normal(5)

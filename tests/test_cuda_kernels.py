@@ -56,7 +56,7 @@ class _GpuBranchesOnNumpy:
         return a.sum(axis=0)
 
 
-@pytest.mark.parametrize("channels", [16, 1])  # the saved-windows branch; _gram's split
+@pytest.mark.parametrize("channels", [16, 1])  # windows by the im2col kernel, or copied
 def test_conv_gpu_branches_match_the_plain_path(monkeypatch, channels):
     rng = np.random.default_rng(0)
     c = channels
@@ -64,7 +64,7 @@ def test_conv_gpu_branches_match_the_plain_path(monkeypatch, channels):
     op = get_op("conv2d")
     m = 8 * 26 * 26
     assert (3 * c >= conv.MIN_GPU_ROW) == (c == 16)
-    assert m > 4 * conv.SPLIT_K_RATIO * 3 * 3 * c
+    assert m > 4 * conv.SPLIT_K_RATIO * 3 * 3 * c  # _gram splits the weight gradient's rows
 
     def run():
         out, extras = op.forward_fn(np, x, w, b, stride=1, padding=0)
