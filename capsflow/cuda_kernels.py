@@ -102,8 +102,9 @@ extern "C" __global__ void softmax_fwd(const T* __restrict__ x, T* __restrict__ 
     T m = xr[0];
     for (int d = 1; d < D; ++d) m = xr[d] > m ? xr[d] : m;
     T total = 0;
-    for (int d = 0; d < D; ++d) { T e = exp(xr[d] - m); y[d] = e; total += e; }
-    for (int d = 0; d < D; ++d) y[d] /= total;
+    for (int d = 0; d < D; ++d) total += exp(xr[d] - m);
+    // exp again rather than write y and read it back: the same values, no round trip
+    for (int d = 0; d < D; ++d) y[d] = exp(xr[d] - m) / total;
 }
 
 extern "C" __global__ void softmax_vjp(const T* __restrict__ o, const T* __restrict__ g,
@@ -202,9 +203,17 @@ extern "C" __global__ void sum_leading(const T* __restrict__ a, T* __restrict__ 
                                        int S, long long K) {
     long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (k >= K) return;
-    T acc = a[k];
-    for (int s = 1; s < S; ++s) acc += a[(long long)s * K + k];
-    out[k] = acc;
+    // Four running sums: four loads in flight per thread instead of one.
+    T a0 = a[k], a1 = 0, a2 = 0, a3 = 0;
+    int s = 1;
+    for (; s + 3 < S; s += 4) {
+        a0 += a[(long long)s * K + k];
+        a1 += a[(long long)(s + 1) * K + k];
+        a2 += a[(long long)(s + 2) * K + k];
+        a3 += a[(long long)(s + 3) * K + k];
+    }
+    for (; s < S; ++s) a0 += a[(long long)s * K + k];
+    out[k] = (a0 + a1) + (a2 + a3);
 }
 
 extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ out,
@@ -500,23 +509,28 @@ def relu_vjp(xp: Any, g: Any, y: Any):
 def adam_update(xp: Any, p: Any, g: Any, m: Any, v: Any, hyper: Any, betas: tuple,
                 eps: float) -> bool:
     """One Adam update of ``p``, ``m``, ``v`` in place, with the arithmetic of the ``xp``
-    path in optim.Adam; ``hyper`` is a device array (step_size, sqrt(1 - b2^t)), read
-    when the kernel runs (so a captured CUDA graph sees each step's values). False when
-    the kernel does not apply."""
+    path in optim.Adam; ``hyper`` is a device array (step_size, sqrt(1 - b2^t)[, go]),
+    read when the kernel runs (so a captured CUDA graph sees each step's values). With a
+    third value the update happens only where it is nonzero: a graphed step skips itself
+    on the device when its loss is not finite (capsflow/train_step.py). False when the
+    kernel does not apply."""
     if not _usable(xp, p, g, m, v) or not all(a.flags.c_contiguous for a in (p, g, m, v)):
         return False
     if "adam" not in _compiled:
         _compiled["adam"] = xp.ElementwiseKernel(
-            "T g, raw float64 hyper, float64 b1, float64 b2, float64 eps",
+            "T g, raw float64 hyper, int32 guarded, float64 b1, float64 b2, float64 eps",
             "T p, T m, T v",
             """
-            T mm = m + (g - m) * (T)(1.0 - b1);
-            T vv = v * (T)b2 + (T)(1.0 - b2) * (g * g);
-            T denom = sqrt(vv) / (T)hyper[1] + (T)eps;
-            p = p - (mm / denom) * (T)hyper[0];
-            m = mm;
-            v = vv;
+            if (!guarded || hyper[2] != 0) {
+                T mm = m + (g - m) * (T)(1.0 - b1);
+                T vv = v * (T)b2 + (T)(1.0 - b2) * (g * g);
+                T denom = sqrt(vv) / (T)hyper[1] + (T)eps;
+                p = p - (mm / denom) * (T)hyper[0];
+                m = mm;
+                v = vv;
+            }
             """,
             "capsflow_adam")
-    _compiled["adam"](g, hyper, float(betas[0]), float(betas[1]), float(eps), p, m, v)
+    _compiled["adam"](g, hyper, np.int32(hyper.size > 2), float(betas[0]), float(betas[1]),
+                      float(eps), p, m, v)
     return True

@@ -113,7 +113,8 @@ class Adam:
         """The array half of a step: update ``params`` and the moments in place.
 
         ``hyper`` is ``advance``'s pair, as Python floats or as a float64 device array
-        (which CuPy's fused kernel reads when it runs).
+        (which CuPy's fused kernel reads when it runs). A device array may carry a third
+        value, ``go``: where it is 0 nothing changes (see capsflow/train_step.py).
         """
         b1, b2 = self.betas
         device_hyper = host_hyper = None  # made once, on first need
@@ -129,7 +130,9 @@ class Adam:
                     continue
             if host_hyper is None:
                 host_hyper = tuple(float(h) for h in to_host(hyper))
-            step_size, bias2_sqrt = host_hyper
+            if len(host_hyper) > 2 and host_hyper[2] == 0:
+                continue
+            step_size, bias2_sqrt = host_hyper[:2]
             # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
             m += (g - m) * (1.0 - b1)
             v *= b2

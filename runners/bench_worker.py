@@ -113,14 +113,15 @@ def setup_capsflow(cfg: dict) -> Setup:
     inputs = {k: be.asarray(v) for k, v in batch_np.items()}
     opt = Adam(lr=cfg["lr"])
     state = opt.init_state(params)
-    # The trainer's step: both halves, the loss read in between (the trainer checks it
-    # before updating); on CuPy replayed as CUDA graphs unless switched off.
+    # The trainer's step: both halves, then the loss read (the update skips itself when
+    # the loss is not finite); on CuPy replayed as CUDA graphs unless switched off.
     train_step = TrainStep(graph, params, opt, state, backend=be.name, outputs=["loss"],
                            cuda_graph=cfg.get("cuda_graph", True))
 
     def step() -> float:
-        loss = float(to_numpy(train_step.gradients(inputs)["loss"]))
+        out = train_step.gradients(inputs)
         train_step.update()
+        loss = float(to_numpy(out["loss"]))
         be.synchronize()
         return loss
 

@@ -460,13 +460,15 @@ class Trainer:
             # A diverging run is reported once, below, instead of by NumPy's warnings.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 out = self.train_step.gradients({"x": x, "y": y})
-            loss = float(to_numpy(out["loss"]))
-            if not np.isfinite(loss):
-                raise TrainingDiverged(self._diverged_message(
-                    f"the loss became {loss} at iteration {st.iteration + 1}", lr))
-            correct = int((to_numpy(out["lengths"]).argmax(axis=1) == y.argmax(axis=1)).sum())
             with _interrupts_deferred():  # never stop half-way through an update
+                # Queued before the loss is read (a GPU runs the whole step before the
+                # host waits); a step whose loss is not finite is not applied.
                 self.train_step.update(lr)
+                loss = float(to_numpy(out["loss"]))
+                if not np.isfinite(loss):
+                    raise TrainingDiverged(self._diverged_message(
+                        f"the loss became {loss} at iteration {st.iteration + 1}", lr))
+                correct = int((to_numpy(out["lengths"]).argmax(axis=1) == y.argmax(axis=1)).sum())
                 st.iteration += 1
                 st.iterator = self.batches.get_state()
                 st.epoch_sums.add(loss, correct, y.shape[0])

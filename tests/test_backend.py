@@ -96,3 +96,36 @@ def test_relu_keeps_a_channels_last_layout_where_elementwise_ops_return_c_order(
     np.testing.assert_array_equal(out, np.maximum(x, 0))
     assert memory_order(out) == memory_order(x) == (0, 2, 3, 1)
     assert out.transpose(0, 2, 3, 1).flags.c_contiguous
+
+
+def test_host_to_device_copies_asynchronously_and_waits_before_reusing_its_buffer():
+    """On CuPy the values go through pinned memory by a copy on the current stream; the
+    next write waits for that copy's event first. Here a stand-in records the calls."""
+    from types import SimpleNamespace
+    from capsflow.backend import HostToDevice
+    calls = []
+
+    class Event:
+        def synchronize(self):
+            calls.append("wait")
+
+    stream = SimpleNamespace(record=lambda: calls.append("record") or Event())
+    cuda = SimpleNamespace(alloc_pinned_memory=lambda n: bytearray(n),
+                           get_current_stream=lambda: stream)
+    fake_cupy = SimpleNamespace(__name__="cupy", cuda=cuda)
+
+    class DeviceArray(np.ndarray):
+        def set(self, host, stream=None):
+            calls.append(("set", tuple(host), stream is not None))
+            self[...] = host
+
+    dst = np.zeros(2).view(DeviceArray)
+    box = HostToDevice(fake_cupy, dst)
+    box.write((1.0, 2.0))
+    box.write((3.0, 4.0))
+    assert calls == [("set", (1.0, 2.0), True), "record", "wait", ("set", (3.0, 4.0), True),
+                     "record"]
+    np.testing.assert_array_equal(dst, [3.0, 4.0])
+    plain = HostToDevice(np, np.zeros(2))  # NumPy: an assignment
+    plain.write((5.0, 6.0))
+    np.testing.assert_array_equal(plain.dst, [5.0, 6.0])

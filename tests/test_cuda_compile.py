@@ -59,7 +59,7 @@ def test_kernel_sources_compile(name, dtype):
 
 @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
 def test_a_broken_source_fails_to_compile():
-    status, log = compile_log(cuda_kernels.typed_source(SOURCES["_CONV"].replace("acc +=", "acc +=="),
+    status, log = compile_log(cuda_kernels.typed_source(SOURCES["_CONV"].replace("+=", "+==", 1),
                                                         np.float32))
     assert status != 0 and "error" in log
 

@@ -60,8 +60,9 @@ def test_routing_contractions(emu, subs, out):
 
 def test_sums(emu):
     rng = _rng()
-    a = rng.standard_normal((5, 33))
-    np.testing.assert_allclose(cuda_kernels.sum_leading(emu, a), a.sum(axis=0), rtol=1e-12)
+    for rows in (1, 2, 4, 5, 8, 11):  # four running sums, and every remainder after them
+        a = rng.standard_normal((rows, 33))
+        np.testing.assert_allclose(cuda_kernels.sum_leading(emu, a), a.sum(axis=0), rtol=1e-12)
     tall = rng.standard_normal((960, 7))
     np.testing.assert_allclose(cuda_kernels.sum_rows(emu, tall), tall.sum(axis=0), rtol=1e-12)
     odd = rng.standard_normal((97, 3))  # a prime number of rows: one partial sum per row

@@ -95,3 +95,42 @@ def test_adam_advance_then_apply_is_step():
         opt.apply(p2, g, s2, np.asarray(opt.advance(s2, lr=0.01 / (k + 1))))
     assert s1["t"] == s2["t"] == 3
     np.testing.assert_array_equal(p1["w"], p2["w"])
+
+
+@pytest.mark.parametrize("simulate", [False, True])
+def test_a_step_with_a_non_finite_loss_is_not_applied(graph, simulate):
+    """update() skips a step whose loss is nan: on the host when eager, in the replayed
+    update itself (Adam reads the flag its first kernel sets) on the graph path; the
+    steps around it are applied as usual."""
+    good = _batches(graph, [3, 3])
+    bad = {k: v.copy() for k, v in good[1].items()}
+    bad["x"][0, 0, 0, 0] = np.nan
+    params = graph.init_params(0, "float64")
+    opt = Adam(1e-3)
+    step = TrainStep(graph, params, opt, opt.init_state(params), outputs=["loss"],
+                     simulate=simulate)
+    for batch in good:  # an eager step, then (simulated) graphs
+        step.gradients(batch)
+        step.update()
+    before = {k: v.copy() for k, v in params.items()}
+    assert not np.isfinite(float(step.gradients(bad)["loss"]))
+    step.update()
+    assert step.mode == ("cuda graph" if simulate else "eager")
+    for name in params:
+        np.testing.assert_array_equal(params[name], before[name])
+    step.gradients(good[0])
+    step.update()
+    assert all(not np.array_equal(params[k], before[k]) for k in params)
+
+
+def test_adam_with_a_go_flag_of_zero_changes_nothing():
+    rng = np.random.default_rng(0)
+    p = {"w": rng.standard_normal((3, 4))}
+    opt = Adam(1e-2)
+    state = opt.init_state(p)
+    before = p["w"].copy()
+    opt.apply(p, {"w": rng.standard_normal((3, 4))}, state, np.array([1e-2, 0.5, 0.0]))
+    np.testing.assert_array_equal(p["w"], before)
+    assert not state["m"]["w"].any()
+    opt.apply(p, {"w": rng.standard_normal((3, 4))}, state, np.array([1e-2, 0.5, 1.0]))
+    assert not np.array_equal(p["w"], before)
