@@ -69,24 +69,33 @@ def test_sums(emu):
     np.testing.assert_allclose(cuda_kernels.column_sums(emu, odd), odd.sum(axis=0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 4, 2 and 1 lanes; im2col kernel at 24
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])
-def test_conv2d_gpu_branches(emu, stride, padding, channels):
-    """The windows (by the im2col kernel, or copied) kept for the VJP, the batched
-    input-gradient GEMMs, col2im and the bias sum, against NumPy's conv2d."""
+def test_conv2d_gpu_branches(emu, stride, padding, channels, bias):
+    """The windows (by the im2col kernel, or copied with a ones column for the bias)
+    kept for the VJP, the batched input-gradient GEMMs, col2im and the bias sum, against
+    NumPy's conv2d."""
     rng = _rng()
     c = channels
-    x, w, b = rng.standard_normal((2, c, 11, 12)), rng.standard_normal((5, c, 3, 4)), rng.standard_normal(5)
+    x, w = rng.standard_normal((2, c, 11, 12)), rng.standard_normal((5, c, 3, 4))
+    b = rng.standard_normal(5) if bias else None
     assert (4 * c >= conv.MIN_GPU_ROW) == (c == 24)
     op = get_op("conv2d")
     outs = {}
     for name, xp in (("numpy", np), ("emulated", emu)):
         out, extras = op.forward_fn(xp, x, w, b, stride=stride, padding=padding)
+        if name == "emulated":
+            assert extras["cols"].shape[1] == 3 * 4 * c + (bias and c != 24)
         g = np.random.default_rng(1).standard_normal(out.shape)
-        grads = op.vjp_fn(xp, {**extras, "w": w}, g, (True, True, True),
-                          stride=stride, padding=padding)
+        needs = (True, True, True) if bias else (True, True)
+        grads = op.vjp_fn(xp, {**extras, "w": w}, g, needs, stride=stride, padding=padding)
         outs[name] = (out,) + tuple(grads)
     for got, want in zip(outs["emulated"], outs["numpy"]):
+        if want is None:
+            assert got is None
+            continue
+        assert got.flags.c_contiguous or got.ndim == 4  # gx is a channels-last view
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
 
