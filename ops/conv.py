@@ -22,14 +22,12 @@ forward to backward, against 0.14 ms to copy it again), and the input gradient i
 batched GEMM and one gather kernel (cuda_kernels.col2im) instead of a strided add per
 kernel offset.
 """
-import threading
-
 from capsflow import cuda_kernels, gemm
 from capsflow.backend import on_cpu, sliding_windows
 from capsflow.opdef import defop
 from capsflow.shapes import ShapeError, fmt
 
-from .parallel import batch_parts, in_parallel
+from .parallel import OrderedSum, batch_parts, in_parallel
 
 #: Largest window copy (bytes) made at once for the whole batch: bounds the extra memory
 #: a convolution takes. A single kernel row's windows are copied even when larger.
@@ -214,7 +212,7 @@ def _(xp, saved, g, needs, *, stride, padding):
     if needs_gb and gb is None:
         gb = cuda_kernels.column_sums(xp, g4.reshape(-1, o))
     from_windows = gwt is not None
-    if needs[1] and not from_windows:  # summed over the parts under a lock
+    if needs[1] and not from_windows:  # summed over the parts, in their order
         gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype)
     gxt = None
     if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):
@@ -229,15 +227,15 @@ def _(xp, saved, g, needs, *, stride, padding):
     col2im_done = gxt is not None
     if needs[0] and not col2im_done:
         gxt = xp.zeros(xt.shape, dtype=g4.dtype)
-    lock = threading.Lock()
+    parts = batch_parts(xp, n)
+    gw_sum = OrderedSum(parts)
 
     def part(rows):
         g2 = g4[rows].reshape(-1, o)                                   # (n_part*OH*OW, O)
         if needs[1] and not from_windows:
             for r0, r1 in chunks:
                 prod = _gram(xp, g2, _chunk_cols(xp, win[rows], r0, r1)).reshape(o, r1 - r0, kw, c)
-                with lock:
-                    gwt[:, r0:r1] += prod
+                gw_sum.add(r0, gwt[:, r0:r1], rows, prod)
         if needs[0] and not col2im_done:
             dst = gxt[rows]
             for r0, r1 in chunks:
@@ -249,7 +247,7 @@ def _(xp, saved, g, needs, *, stride, padding):
                         dst[:, i:i + stride * oh:stride, j:j + stride * ow:stride] += \
                             gcols[:, :, :, i - r0, j]
 
-    in_parallel(part, batch_parts(xp, n))
+    in_parallel(part, parts)
     gw = xp.ascontiguousarray(gwt.transpose(0, 3, 1, 2)) if needs[1] else None
     gx = None
     if needs[0]:

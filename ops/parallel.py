@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -33,6 +34,30 @@ def in_parallel(fn: Callable, parts: list) -> list:
         return [fn(parts[0])]
     with _blas().limit(limits=1, user_api="blas"):
         return list(_pool(len(parts)).map(fn, parts))
+
+
+class OrderedSum:
+    """Sums the parts' contributions into shared arrays in the order of the parts, which
+    ever thread finishes first: floating-point addition is not associative, so adding in
+    arrival order would make results differ in the last bits from run to run (with three
+    or more parts). A contribution that arrives early waits in a list, not its thread."""
+
+    def __init__(self, parts: list) -> None:
+        self._rank = {(p.start, p.stop): k for k, p in enumerate(parts)}
+        self._lock = threading.Lock()
+        self._next: dict = {}     # per key: the rank whose contribution is added next
+        self._early: dict = {}    # per key: {rank: contribution} that came before their turn
+
+    def add(self, key: Any, dst: Any, part: slice, value: Any) -> None:
+        """``dst += value`` for ``part``, once every earlier part has added to ``key``."""
+        with self._lock:
+            early = self._early.setdefault(key, {})
+            early[self._rank[(part.start, part.stop)]] = value
+            turn = self._next.get(key, 0)
+            while turn in early:
+                dst += early.pop(turn)
+                turn += 1
+            self._next[key] = turn
 
 
 def single_threaded_blas(xp: Any):

@@ -179,6 +179,39 @@ def test_batch_parallel_conv_matches_one_part(monkeypatch):
     assert all(rel(a, b) <= 1e-14 for a, b in zip(g3, g1))
 
 
+def test_ordered_sum_adds_in_part_order_whatever_the_arrival_order():
+    """Where float addition's order shows (1e16 - 1e16 + 1), every arrival order of the
+    parts' contributions gives the sum in part order: results repeat from run to run."""
+    import itertools
+    from capsflow.ops.parallel import OrderedSum
+    parts = [slice(0, 2), slice(2, 4), slice(4, 6)]
+    values = [np.array([1e16]), np.array([-1e16]), np.array([1.0])]
+    in_order = (values[0] + values[1]) + values[2]
+    for arrival in itertools.permutations(range(3)):
+        total, summer = np.zeros(1), OrderedSum(parts)
+        for k in arrival:
+            summer.add("w", total, parts[k], values[k])
+        np.testing.assert_array_equal(total, in_order)
+    assert in_order[0] != values[0][0] + (values[1][0] + values[2][0])  # order does matter
+
+
+def test_batch_parallel_conv_gradients_repeat_exactly(monkeypatch):
+    """With several parts the conv's weight gradient is the same, bit for bit, on every run."""
+    from capsflow.ops import parallel
+    from capsflow.opdef import get_op
+    op = get_op("conv2d")
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((8, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
+    monkeypatch.setitem(parallel._state, "workers", 4)
+    out, extras = op.forward_fn(np, x, w, None, stride=1, padding=0)
+    g = rng.standard_normal(out.shape)
+    first = op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True), stride=1, padding=0)
+    for _ in range(5):
+        again = op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True), stride=1, padding=0)
+        for a, b in zip(again, first):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_batch_parts_split_numpy_batches_only():
     from types import SimpleNamespace
     from capsflow.ops.parallel import batch_parts, in_parallel
