@@ -177,8 +177,8 @@ extern "C" __global__ void contract_i(const T* __restrict__ C, const T* __restri
 # col2im: the gradient of every input pixel (n, h, w, c) gathered from the windows'
 # gradients cols (KH, N, OH, OW, KW, C) that cover it (the layout of conv2d's batched
 # GEMMs, one per kernel row), visiting only the offsets that land on it, in the order the
-# xp path adds them. A thread takes V channels C/V apart (V = 4 when C allows): each of
-# its loads is coalesced over the warp, and it has V loads in flight, not one.
+# xp path adds them. A thread takes V channels C/V apart (V <= COL2IM_LANES, as C
+# allows): each of its loads is coalesced over the warp, and it has V loads in flight.
 _CONV = r"""
 extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
                                   int M, int H, int W, int C, int OH, int OW, int KH, int KW,
@@ -234,7 +234,7 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ ou
     int ow_hi = min(OW - 1, w / stride);
     int ow_lo = w >= KW ? (w - KW + stride) / stride : 0;
     long long plane = (long long)N * OH * OW * KW * C;  // one kernel row's block of cols
-    T acc[4] = {0, 0, 0, 0};
+    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int oh = oh_hi; oh >= oh_lo; --oh) {
         int i = h - stride * oh;
         for (int ow = ow_hi; ow >= ow_lo; --ow) {
@@ -242,12 +242,12 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ ou
             const T* src = cols + i * plane
                            + ((((long long)n * OH + oh) * OW + ow) * KW + j) * C + q;
             #pragma unroll
-            for (int k = 0; k < 4; ++k) if (k < V) acc[k] += src[k * CV];
+            for (int k = 0; k < 8; ++k) if (k < V) acc[k] += src[k * CV];
         }
     }
     T* dst = out + (((long long)n * H + h) * W + w) * C + q;
     #pragma unroll
-    for (int k = 0; k < 4; ++k) if (k < V) dst[k * CV] = acc[k];
+    for (int k = 0; k < 8; ++k) if (k < V) dst[k * CV] = acc[k];
 }
 """
 
@@ -293,6 +293,8 @@ INT_MAX = 2 ** 31 - 1
 
 #: Blocks per example over which contract_i splits the sum over i.
 SPLITS = 16
+#: Most channels one col2im thread gathers (8, 4, 2 or 1; the kernel holds up to 8).
+COL2IM_LANES = 8
 
 
 def enabled(xp: Any) -> bool:
@@ -477,7 +479,7 @@ def col2im(xp: Any, cols: Any, in_shape: tuple, stride: int):
         return None
     cols = xp.ascontiguousarray(cols)
     out = xp.empty((n, h, w, c), dtype=cols.dtype)
-    lanes = next(v for v in (4, 2, 1) if c % v == 0)
+    lanes = next(v for v in (8, 4, 2, 1) if v <= COL2IM_LANES and c % v == 0)
     threads = out.size // lanes
     _launch(_kernel(xp, _CONV, "col2im", cols.dtype), threads,
             (cols, out, np.int32(threads), np.int32(n), np.int32(h), np.int32(w), np.int32(c),

@@ -70,7 +70,7 @@ def test_sums(emu):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 4, 2 and 1 lanes; im2col kernel at 24
+@pytest.mark.parametrize("channels", [24, 6, 5])  # col2im's 8, 2 and 1 lanes; im2col kernel at 24
 @pytest.mark.parametrize("stride,padding", [(1, 0), (2, 0), (2, 1), (3, 2)])
 def test_conv2d_gpu_branches(emu, stride, padding, channels, bias):
     """The windows (by the im2col kernel, or copied with a ones column for the bias)
@@ -171,3 +171,16 @@ def test_vector_and_scalar_branches_agree(emu):
         assert cuda_kernels.outer_sum(emu, lefts, rights, out, True)
         want = 1.0 + sum(np.einsum("blj,bjr->bljr", l, r) for l, r in zip(lefts, rights))
         np.testing.assert_allclose(out, want, rtol=1e-13)
+
+
+@pytest.mark.parametrize("lanes", [8, 4, 2, 1])
+def test_col2im_with_each_number_of_lanes(emu, monkeypatch, lanes):
+    """col2im gathers the same sums whether a thread takes 8, 4, 2 or 1 channels."""
+    monkeypatch.setattr(cuda_kernels, "COL2IM_LANES", lanes)
+    rng = _rng()
+    cols = rng.standard_normal((3, 2, 4, 4, 3, 16))          # (KH, N, OH, OW, KW, C)
+    want = np.zeros((2, 9, 9, 16))
+    for i in range(3):
+        for j in range(3):
+            want[:, i:i + 2 * 4:2, j:j + 2 * 4:2] += cols[i, :, :, :, j]
+    np.testing.assert_allclose(cuda_kernels.col2im(emu, cols, want.shape, 2), want, rtol=1e-13)
