@@ -224,13 +224,15 @@ def report(fig: dict, top: int) -> str:
         lines.append(f"note: {' and '.join(blas_env)} set: OpenBLAS may not pick its "
                      "fastest kernel")
     device = fig["backend"] == "cupy"
-    header = (f"{'framework':<10} {'median s/step':>14} {'min s/step':>11} {'CPU s/step':>11} "
-              f"{'step peak RSS MB':>17} {'live peak MB':>13}"
+    # A GPU step takes milliseconds: seconds to three places would print 0.004.
+    unit, scale, places = ("ms", 1e3, 2) if device else ("s", 1.0, 3)
+    header = (f"{'framework':<10} {f'median {unit}/step':>14} {f'min {unit}/step':>11} "
+              f"{f'CPU {unit}/step':>11} {'step peak RSS MB':>17} {'live peak MB':>13}"
               + (f" {'device peak MB':>15}" if device else ""))
     lines += ["", header]
     for name, row in fig["frameworks"].items():
-        lines.append(f"{name:<10} {row['median']:>14.3f} {row['min']:>11.3f} "
-                     f"{row['cpu_median']:>11.3f} "
+        lines.append(f"{name:<10} {scale * row['median']:>14.{places}f} "
+                     f"{scale * row['min']:>11.{places}f} {scale * row['cpu_median']:>11.{places}f} "
                      f"{_mb(row.get('rss_peak')):>17} {_mb(row.get('live_peak')):>13}"
                      + (f" {_mb(row.get('device_peak')):>15}" if device else ""))
     if "ratio_median" in fig:

@@ -63,3 +63,15 @@ def test_bench_rejects_bad_numbers(capsys):
         main(["bench", str(CAPSNET), "--repeats", "0"])
     assert exc.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_report_gives_gpu_steps_in_milliseconds():
+    """A GPU step is a few ms: the table says ms/step with two places, not 0.004 s."""
+    from capsflow.runners.bench import report
+    row = {"info": "x", "first_loss": 0.5, "median": 0.00427, "min": 0.0041,
+           "cpu_median": 0.00431, "rss_peak": None, "live_peak": None, "device_peak": 476e6}
+    fig = {"graph": "g", "bs": 100, "backend": "cupy", "repeats": 3, "warmup": 1,
+           "machine": "m", "frameworks": {"capsflow": row}, "profile": None}
+    text = report(fig, 5)
+    assert "median ms/step" in text and re.search(r"^capsflow\s+4\.27\s+4\.10\s+4\.31\s", text, re.M)
+    assert "median s/step" in report(dict(fig, backend="numpy"), 5)
