@@ -3,7 +3,7 @@
 Each kernel implements one op (or one einsum pattern) that the ``xp`` code also
 implements, and does it in a single launch: squash and softmax over a capsule's last
 axis (forward and VJP), the two routing contractions, a convolution's im2col copy and
-the col2im sum of its input gradient, the sum of outer-product gradients
+the col2im sum of its input gradient, relu's VJP, the sum of outer-product gradients
 (capsflow/outer_grads.py) and the Adam update. On NumPy nothing here runs; on CuPy a
 caller asks the function here and falls back to its ``xp`` code when the answer is
 None or False (another layout, another dtype, or kernels switched off).

@@ -14,7 +14,7 @@ element type, as on the GPU, where a strided array passed as a pointer reads the
 wrong elements; the emulator refuses anything else.
 
 With the emulated module registered as the 'cupy' backend, every CuPy-only branch of
-the ops (split-K convolutions, the routing kernels, im2col/col2im, the fused Adam
+the ops (the GPU convolution path, the routing kernels, im2col/col2im, the fused Adam
 update, the fused gradient sums) runs on the CPU and can be compared with NumPy.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """What the CPU can check of the CuPy kernel paths (capsflow/cuda_kernels.py): which
-einsums the routing kernels take, and the GPU-only branches of conv2d (split-K GEMMs),
-run on NumPy with the kernels' switch forced on. The kernels themselves are checked
+einsums the routing kernels take, and the GPU-only branches of conv2d (windows kept for
+the VJP, the ones column, batched input-gradient GEMMs, split-K weight gradients), run
+on NumPy with the kernels' switch forced on. The kernels themselves are checked
 against the xp code on a GPU by runners/gpu_check.py."""
 import numpy as np
 import pytest
