@@ -493,7 +493,8 @@ def relu_vjp(xp: Any, g: Any, y: Any):
     """relu's input gradient ``g * (y > 0)`` from its output ``y``, in one pass and laid out
     in memory as ``y`` is (Conv1's output is channels-last, and so stays its gradient);
     None when the kernel does not apply."""
-    if not _usable(xp, g, y) or g.shape != y.shape or not y.transpose(memory_order(y)).flags.c_contiguous:
+    dense = y.transpose(memory_order(y)).flags.c_contiguous  # a (transposed) contiguous array
+    if not _usable(xp, g, y) or g.shape != y.shape or not dense:
         return None
     if "relu_vjp" not in _compiled:
         _compiled["relu_vjp"] = xp.ElementwiseKernel(

@@ -215,7 +215,7 @@ def _(xp, saved, g, needs, *, stride, padding):
     if needs[1] and not from_windows:  # summed over the parts, in their order
         gwt = xp.zeros((o, kh, kw, c), dtype=g4.dtype)
     gxt = None
-    if needs[0] and len(chunks) == 1 and cuda_kernels.enabled(xp):
+    if needs[0] and _gpu_windows(xp, chunks):
         # One GEMM per kernel row, batched (faster than one GEMM of the same size on an
         # H200), then one gather kernel.
         w_cols = saved.get("w_cols")  # the forward's (kh, kw*C, O) copy, read transposed
