@@ -1,5 +1,10 @@
 """Element-wise ops. Binary ops broadcast like NumPy; the executor sums each gradient
-back to its input's shape, so the VJPs here return full broadcast-shaped gradients."""
+back to its input's shape, so the VJPs here return full broadcast-shaped gradients.
+
+The one-input ops, forward and VJP, work in their input's memory order
+(backend.in_memory_order): CuPy's element-wise ops return C order whatever the input's
+layout, and a convolution's channels-last output would otherwise come back in
+(N, C, H, W) order, for the next convolution to copy back."""
 from capsflow import cuda_kernels
 from capsflow.backend import in_memory_order
 from capsflow.opdef import defop
@@ -15,13 +20,15 @@ def _(x):
 
 @relu.forward
 def _(xp, x):
-    return in_memory_order(lambda t: xp.maximum(t, 0), x)  # channels-last stays so
+    return in_memory_order(lambda t: xp.maximum(t, 0), x)
 
 
 @relu.vjp
 def _(xp, saved, g, needs):
     fused = cuda_kernels.relu_vjp(xp, g, saved["out"])
-    return (g * (saved["out"] > 0) if fused is None else fused,)
+    if fused is None:
+        fused = in_memory_order(lambda out, gm: gm * (out > 0), saved["out"], g)
+    return (fused,)
 
 
 sigmoid = defop("sigmoid", inputs=("x",), saves=("out",), doc="1 / (1 + exp(-x))")
@@ -34,15 +41,16 @@ def _(x):
 
 @sigmoid.forward
 def _(xp, x):
-    # Split by sign so exp never overflows.
-    e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+    def stable(t):  # split by sign so exp never overflows
+        e = xp.exp(-xp.abs(t))
+        return xp.where(t >= 0, 1 / (1 + e), e / (1 + e))
+
+    return in_memory_order(stable, x)
 
 
 @sigmoid.vjp
 def _(xp, saved, g, needs):
-    out = saved["out"]
-    return (g * out * (1 - out),)
+    return (in_memory_order(lambda out, gm: gm * out * (1 - out), saved["out"], g),)
 
 
 def _binary(name: str, doc: str, saves: tuple = ()):
@@ -66,8 +74,8 @@ mul.vjp(lambda xp, saved, g, needs: (g * saved["b"] if needs[0] else None,
 
 scale = defop("scale", inputs=("x",), attrs={"by": 1.0}, doc="x * by, a constant factor")
 scale.shape(lambda x, *, by: x)
-scale.forward(lambda xp, x, *, by: x * by)
-scale.vjp(lambda xp, saved, g, needs, *, by: (g * by,))
+scale.forward(lambda xp, x, *, by: in_memory_order(lambda t: t * by, x))
+scale.vjp(lambda xp, saved, g, needs, *, by: (in_memory_order(lambda t: t * by, g),))
 
 stop_gradient = defop("stop_gradient", inputs=("x",), nondiff=("x",),
                       doc="identity forward; no gradient flows back through it")

@@ -84,18 +84,34 @@ def test_cpu_and_gpu_paths_are_told_apart_in_one_place():
     assert on_gpu(stand_in) and not on_cpu(stand_in)
 
 
-def test_relu_keeps_a_channels_last_layout_where_elementwise_ops_return_c_order():
-    """CuPy's element-wise ops return C order whatever their input's layout; relu works
-    in its input's memory order, so Conv1's channels-last output stays channels-last."""
-    from types import SimpleNamespace
+class COrder(np.ndarray):
+    """Arrays whose element-wise results come out in C order whatever the inputs' layout,
+    as CuPy's do (NumPy's keep the inputs' layout)."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        plain = [np.asarray(a) if isinstance(a, COrder) else a for a in inputs]
+        return np.ascontiguousarray(getattr(ufunc, method)(*plain, **kwargs)).view(COrder)
+
+
+@pytest.mark.parametrize("name,attrs", [("relu", {}), ("sigmoid", {}), ("scale", {"by": 2.0})])
+def test_one_input_ops_keep_a_channels_last_layout_where_elementwise_ops_return_c_order(
+        name, attrs):
+    """The one-input ops work in their input's memory order, forward and VJP, so Conv1's
+    channels-last output (and its gradient) stays channels-last on CuPy too."""
     from capsflow.backend import memory_order
     from capsflow.opdef import get_op
-    x = np.random.default_rng(0).standard_normal((2, 5, 4, 3)).transpose(0, 3, 1, 2)
-    like_cupy = SimpleNamespace(maximum=lambda a, b: np.ascontiguousarray(np.maximum(a, b)))
-    out = get_op("relu").forward_fn(like_cupy, x)
-    np.testing.assert_array_equal(out, np.maximum(x, 0))
-    assert memory_order(out) == memory_order(x) == (0, 2, 3, 1)
-    assert out.transpose(0, 2, 3, 1).flags.c_contiguous
+    rng = np.random.default_rng(0)
+    x, g = (rng.standard_normal((2, 5, 4, 3)).view(COrder).transpose(0, 3, 1, 2)
+            for _ in range(2))                                    # channels-last memory
+    assert memory_order(np.maximum(x, 0)) == (0, 1, 2, 3)          # what the ops must undo
+    op = get_op(name)
+    out = op.forward_fn(np, x, **attrs)
+    np.testing.assert_allclose(np.asarray(out), op.forward_fn(np, np.asarray(x), **attrs),
+                               rtol=1e-15)
+    (gx,) = op.vjp_fn(np, {"out": out}, g, (True,), **attrs)
+    for result in (out, gx):
+        assert memory_order(result) == memory_order(x) == (0, 2, 3, 1)
+        assert result.transpose(0, 2, 3, 1).flags.c_contiguous
 
 
 def test_host_to_device_copies_asynchronously_and_waits_before_reusing_its_buffer():
