@@ -70,7 +70,9 @@ def format_timeline(rows: list, shortest_us: float, title: str) -> str:
     return "\n".join(lines)
 
 
-def profile_steps(cuda_graph: bool, steps: int, timeline: bool = False):
+def profile_steps(cuda_graph: bool, steps: int, timeline: bool = False) -> tuple:
+    """(kernel rows per step over ``steps`` profiled steps, and with ``timeline`` the
+    kernel timeline of one more step, else None), from one set-up and warm-up."""
     import capsflow
     from torch.profiler import ProfilerActivity, profile
     from capsflow.backend import get_backend, to_numpy
@@ -90,16 +92,18 @@ def profile_steps(cuda_graph: bool, steps: int, timeline: bool = False):
         step.update()
         float(to_numpy(out["loss"]))
 
+    def profiled(count: int):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(count):
+                one()
+            be.synchronize()
+        return prof
+
     for _ in range(3):  # compile kernels, capture the graphs
         one()
     be.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            one()
-        be.synchronize()
-    if timeline:
-        return kernel_timeline(prof.events())
-    return kernel_rows(prof.key_averages(), steps)
+    rows = kernel_rows(profiled(steps).key_averages(), steps)
+    return rows, kernel_timeline(profiled(1).events()) if timeline else None
 
 
 def main(argv: list | None = None) -> int:
@@ -113,10 +117,11 @@ def main(argv: list | None = None) -> int:
         return 2
     for cuda_graph in (False, True):
         mode = "replayed as CUDA graphs" if cuda_graph else "eager"
-        print(format_rows(profile_steps(cuda_graph, args.steps), args.top,
+        rows, timeline = profile_steps(cuda_graph, args.steps, args.timeline)
+        print(format_rows(rows, args.top,
                           f"\nGPU kernels of one training step ({mode}), batch 100, float32:"))
-        if args.timeline:
-            print(format_timeline(profile_steps(cuda_graph, 1, timeline=True), 5.0,
+        if timeline is not None:
+            print(format_timeline(timeline, 5.0,
                                   f"\nOne training step ({mode}), kernels of 5 us or more in order:"))
     return 0
 
