@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import CapsflowError
+from capsflow.errors import CapsflowError
 
 COMMANDS = {
     "check": ("check", "compile a graph and print its nodes, shapes and parameter counts"),
@@ -41,8 +41,8 @@ def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compile_from_args(args: argparse.Namespace):
     """Compile ``args.graph`` with the ``--set`` overrides."""
-    from .graph import compile as compile_graph
-    from .yamlio import parse_override
+    from capsflow.core.graph import compile as compile_graph
+    from capsflow.lang.yamlio import parse_override
     overrides = dict(parse_override(o) for o in args.overrides)
     return compile_graph(args.graph, overrides)
 

@@ -1,4 +1,4 @@
-"""The op library. Importing this package registers every op in ``capsflow.opdef.OPS``.
+"""The op library. Importing this package registers every op in ``capsflow.core.opdef.OPS``.
 
 One module per op family; each op sits next to its shape rule, forward and VJP.
 """

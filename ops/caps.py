@@ -1,8 +1,8 @@
 """Capsule ops: softmax (for routing), squash, and the decoder's capsule mask."""
-from capsflow import cuda_kernels
-from capsflow.backend import on_cpu
-from capsflow.opdef import defop
-from capsflow.shapes import ShapeError, fmt, norm_axis
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends import on_cpu
+from capsflow.core.opdef import defop
+from capsflow.core.shapes import ShapeError, fmt, norm_axis
 
 softmax = defop("softmax", inputs=("x",), attrs={"axis": -1}, saves=("out",),
                 doc="exp(x) / sum(exp(x), axis), max-subtracted so it never overflows")

@@ -22,10 +22,11 @@ forward to backward, against 0.14 ms to copy it again), and the input gradient i
 batched GEMM and one gather kernel (cuda_kernels.col2im) instead of a strided add per
 kernel offset.
 """
-from capsflow import cuda_kernels, gemm
-from capsflow.backend import on_cpu, sliding_windows
-from capsflow.opdef import defop
-from capsflow.shapes import ShapeError, fmt
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends.cuda import gemm
+from capsflow.backends import on_cpu, sliding_windows
+from capsflow.core.opdef import defop
+from capsflow.core.shapes import ShapeError, fmt
 
 from .parallel import OrderedSum, batch_parts, in_parallel
 

@@ -5,10 +5,10 @@ The one-input ops, forward and VJP, work in their input's memory order
 (backend.in_memory_order): CuPy's element-wise ops return C order whatever the input's
 layout, and a convolution's channels-last output would otherwise come back in
 (N, C, H, W) order, for the next convolution to copy back."""
-from capsflow import cuda_kernels
-from capsflow.backend import in_memory_order
-from capsflow.opdef import defop
-from capsflow.shapes import broadcast
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends import in_memory_order
+from capsflow.core.opdef import defop
+from capsflow.core.shapes import broadcast
 
 relu = defop("relu", inputs=("x",), saves=("out",), doc="max(x, 0)")
 

@@ -1,10 +1,14 @@
 """Contractions: matmul, linear (fully connected) and two-operand einsum."""
 from math import prod
 
-from capsflow import cuda_kernels, gemm, outer_grads
-from capsflow.backend import on_cpu
-from capsflow.opdef import Attr, defop
-from capsflow.shapes import ShapeError, broadcast, fmt
+from capsflow.backends.cuda import kernels as cuda_kernels
+
+from capsflow.backends.cuda import gemm
+
+from capsflow.core import gradients as outer_grads
+from capsflow.backends import on_cpu
+from capsflow.core.opdef import Attr, defop
+from capsflow.core.shapes import ShapeError, broadcast, fmt
 
 from .parallel import single_threaded_blas
 

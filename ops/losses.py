@@ -1,6 +1,6 @@
 """Per-example losses; the graph takes their mean over the batch."""
-from capsflow.opdef import defop
-from capsflow.shapes import ShapeError, fmt
+from capsflow.core.opdef import defop
+from capsflow.core.shapes import ShapeError, fmt
 
 margin_loss = defop(
     "margin_loss", inputs=("lengths", "target"),

@@ -16,7 +16,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from capsflow.backend import on_cpu
+from capsflow.backends import on_cpu
 
 _state: dict = {}
 

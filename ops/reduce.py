@@ -1,6 +1,6 @@
 """Reductions over one or more axes."""
-from capsflow.opdef import Attr, defop
-from capsflow.shapes import norm_axis
+from capsflow.core.opdef import Attr, defop
+from capsflow.core.shapes import norm_axis
 
 AXIS = Attr((int, list, type(None)), None)
 

@@ -1,7 +1,7 @@
 """Ops that routing variants need beyond the paper's: leaky softmax and Efficient-CapsNet's
 exponential squash (graphs/routing/leaky.yaml and graphs/routing/efficient.yaml)."""
-from capsflow.opdef import defop
-from capsflow.shapes import norm_axis
+from capsflow.core.opdef import defop
+from capsflow.core.shapes import norm_axis
 
 from .caps import capsule_axis_shape
 

@@ -1,6 +1,6 @@
 """Ops that move data around without arithmetic, and constants."""
-from capsflow.opdef import Attr, defop
-from capsflow.shapes import ShapeError, fmt, norm_axis, reshape as reshape_shape
+from capsflow.core.opdef import Attr, defop
+from capsflow.core.shapes import ShapeError, fmt, norm_axis, reshape as reshape_shape
 
 reshape = defop("reshape", inputs=("x",), attrs={"shape": Attr(list)}, saves=("shape_in",),
                 doc="reshape to `shape` (ints; one -1 is inferred, e.g. the batch)")

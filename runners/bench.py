@@ -132,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     """Start the workers, time them in lockstep, and return every figure."""
     graph = compile_from_args(args)
     if args.backend == "cupy":
-        from capsflow.backend import get_backend
+        from capsflow.backends import get_backend
         get_backend("cupy")  # one clear line when CuPy or a GPU is missing
     names = ["capsflow"] if args.no_torch else ["capsflow", "pytorch"]
     if not args.no_torch:
@@ -241,7 +241,7 @@ def report(fig: dict, top: int) -> str:
                      f"{fig['ratio_min']:.2f} (min); peak memory "
                      + ("-" if memory is None else f"{memory:.2f}"))
     if fig["profile"]:
-        from capsflow.profile import format_table
+        from capsflow.core.profile import format_table
         lines += ["", format_table(fig["profile"]["by_op"], title="capsflow per op (per step):"),
                   "", format_table(fig["profile"]["by_node"], limit=top,
                                    title=f"capsflow slowest {top} nodes (per step):")]

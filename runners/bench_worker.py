@@ -102,10 +102,10 @@ def _graph_and_batch(cfg: dict):
 
 
 def setup_capsflow(cfg: dict) -> Setup:
-    from capsflow.backend import get_backend, to_numpy, use_precision
-    from capsflow.optim import Adam
-    from capsflow.profile import profiling
-    from capsflow.train_step import TrainStep
+    from capsflow.backends import get_backend, to_numpy, use_precision
+    from capsflow.training.optim import Adam
+    from capsflow.core.profile import profiling
+    from capsflow.training.train_step import TrainStep
     use_precision(cfg["precision"])  # before CuPy's first float32 matmul
     graph, params_np, batch_np = _graph_and_batch(cfg)
     be = get_backend(cfg["backend"])

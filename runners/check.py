@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from capsflow.cli import add_graph_arguments, compile_from_args
-from capsflow.shapes import fmt
+from capsflow.core.shapes import fmt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

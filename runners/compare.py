@@ -29,9 +29,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from capsflow.backend import BACKENDS, get_backend
+from capsflow.backends import BACKENDS, get_backend
 from capsflow.errors import CapsflowError
-from capsflow.optim import OPTIMIZERS
+from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
 from capsflow.runners.train import add_shift_arguments, config_from_args
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, load_data,
@@ -179,8 +179,8 @@ def main(args: argparse.Namespace) -> int:
 
 def compile_all(paths: list, overrides: list) -> list:
     """Compile every graph with the same overrides; names must tell them apart."""
-    from capsflow.graph import compile as compile_graph
-    from capsflow.yamlio import parse_override
+    from capsflow.core.graph import compile as compile_graph
+    from capsflow.lang.yamlio import parse_override
     values = dict(parse_override(o) for o in overrides)
     graphs, seen = [], {}
     for path in paths:

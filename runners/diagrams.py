@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 
 from capsflow.errors import CapsflowError
-from capsflow.opdef import OPS, REQUIRED
+from capsflow.core.opdef import OPS, REQUIRED
 
 from .drawing import MUTED, LogScale, Sketch, esc, label, norm_text, shape_text
 from .gradflow import GradNorms, ReverseFlow

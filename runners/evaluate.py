@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from capsflow.backend import BACKENDS
+from capsflow.backends import BACKENDS
 from capsflow.cli import add_graph_arguments
 from capsflow.runners.data import DATASETS, NUM_CLASSES, load_split
 from capsflow.runners.training import batched_outputs, load_model
-from capsflow.yamlio import parse_override
+from capsflow.lang.yamlio import parse_override
 
 CLASS_NAMES = {
     "mnist": [str(k) for k in range(NUM_CLASSES)],

@@ -5,8 +5,8 @@
 1. every op's VJP on CuPy against finite differences (float64, the cases of the CPU tests);
 2. the whole CapsNet on CuPy against NumPy: outputs and every parameter gradient, in float64
    and float32, and a whole-graph finite-difference check on CuPy; then the fast paths
-   against the plain one on CuPy: the CUDA kernels (capsflow/cuda_kernels.py) and the
-   factored outer-product gradients (capsflow/outer_grads.py) against the ops' ``xp``
+   against the plain one on CuPy: the CUDA kernels (capsflow/backends/cuda/kernels.py) and the
+   factored outer-product gradients (capsflow/core/gradients.py) against the ops' ``xp``
    code, and Adam steps replayed as CUDA graphs against eager ones;
 3. optionally (--data-dir) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
@@ -33,8 +33,8 @@ OP_TOLERANCE = 1e-6
 
 
 def check_ops() -> bool:
-    from capsflow.gradcases import CASES
-    from capsflow.gradcheck import op_gradcheck
+    from capsflow.core.gradcases import CASES
+    from capsflow.core.gradcheck import op_gradcheck
     worst, failures = 0.0, []
     for name, args, attrs in CASES:
         for err in op_gradcheck(name, args, attrs, backend="cupy"):
@@ -53,8 +53,8 @@ def _rel(a, b) -> float:
 
 def check_parity() -> bool:
     import capsflow
-    from capsflow.backend import to_numpy
-    from capsflow.gradcheck import graph_gradcheck
+    from capsflow.backends import to_numpy
+    from capsflow.core.gradcheck import graph_gradcheck
     from capsflow.runners.gradcheck import DEFAULT_TOLERANCE, random_batch
     graph = capsflow.compile(CAPSNET)
     ok = True
@@ -82,19 +82,20 @@ def check_parity() -> bool:
 @contextlib.contextmanager
 def plain_xp_path():
     """Every op through its plain xp code: no CUDA kernels, no factored gradients."""
-    from capsflow import cuda_kernels, outer_grads
+    from capsflow.backends.cuda import kernels as cuda_kernels
+    from capsflow.core import gradients as outer_grads
     with cuda_kernels.disabled(), outer_grads.disabled():
         yield
 
 
 def check_kernels() -> bool:
-    """The CUDA kernels (capsflow/cuda_kernels.py) and the factored outer-product
-    gradients (capsflow/outer_grads.py) against the ops' plain xp code, on CuPy in
+    """The CUDA kernels (capsflow/backends/cuda/kernels.py) and the factored outer-product
+    gradients (capsflow/core/gradients.py) against the ops' plain xp code, on CuPy in
     float64: a whole CapsNet step's outputs and gradients, then three Adam updates (the
     fused kernel against the xp arithmetic)."""
     import capsflow
-    from capsflow.backend import get_backend, to_numpy
-    from capsflow.optim import Adam
+    from capsflow.backends import get_backend, to_numpy
+    from capsflow.training.optim import Adam
     from capsflow.runners.gradcheck import random_batch
     graph = capsflow.compile(CAPSNET)
     be = get_backend("cupy")
@@ -126,11 +127,11 @@ def check_graphs() -> bool:
     """Five Adam steps replayed as CUDA graphs (new batch and learning rate each step)
     against five eager steps through the plain xp code, float64."""
     import capsflow
-    from capsflow import gemm
-    from capsflow.backend import get_backend, to_numpy
-    from capsflow.optim import Adam
+    from capsflow.backends.cuda import gemm
+    from capsflow.backends import get_backend, to_numpy
+    from capsflow.training.optim import Adam
     from capsflow.runners.gradcheck import random_batch
-    from capsflow.train_step import TrainStep
+    from capsflow.training.train_step import TrainStep
     graph = capsflow.compile(CAPSNET)
     be = get_backend("cupy")
     own_gemm = be.name != "cupy" or gemm._cublas(be.xp) is not None
@@ -218,7 +219,7 @@ def _mb(value) -> str:
 
 def cupy_or_say_why(program: str) -> bool:
     """Whether CuPy and a GPU are there; if not, one line on stderr says why."""
-    from capsflow.backend import get_backend
+    from capsflow.backends import get_backend
     from capsflow.errors import BackendError
     try:
         get_backend("cupy")

@@ -75,10 +75,10 @@ def profile_steps(cuda_graph: bool, steps: int, timeline: bool = False) -> tuple
     kernel timeline of one more step, else None), from one set-up and warm-up."""
     import capsflow
     from torch.profiler import ProfilerActivity, profile
-    from capsflow.backend import get_backend, to_numpy
-    from capsflow.optim import Adam
+    from capsflow.backends import get_backend, to_numpy
+    from capsflow.training.optim import Adam
     from capsflow.runners.gradcheck import random_batch
-    from capsflow.train_step import TrainStep
+    from capsflow.training.train_step import TrainStep
     be = get_backend("cupy")
     graph = capsflow.compile(CAPSNET)
     params = {k: be.asarray(v) for k, v in graph.init_params(0, "float32").items()}

@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 
 from capsflow.cli import add_graph_arguments, compile_from_args
-from capsflow.gradcheck import graph_gradcheck
+from capsflow.core.gradcheck import graph_gradcheck
 
 # Whole-graph finite differences cross ReLU kinks and hit round-off on tiny gradients,
 # so their bound is looser than the per-op one (1e-6); exactness is the PyTorch parity test's job.

@@ -14,10 +14,10 @@ from typing import Any
 
 import networkx as nx
 
-from capsflow.backend import get_backend
+from capsflow.backends import get_backend
 from capsflow.errors import CapsflowError
-from capsflow.opdef import OPS
-from capsflow.schedule import Plan
+from capsflow.core.opdef import OPS
+from capsflow.core.schedule import Plan
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from capsflow.opdef import OPS, REQUIRED, get_op
+from capsflow.core.opdef import OPS, REQUIRED, get_op
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

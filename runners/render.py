@@ -15,8 +15,8 @@ import json
 import re
 from pathlib import Path
 
-from capsflow.backend import BACKENDS
-from capsflow.checkpoint import load_params
+from capsflow.backends import BACKENDS
+from capsflow.training.checkpoint import load_params
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.errors import CapsflowError
 

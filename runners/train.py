@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from capsflow.backend import BACKENDS, PRECISIONS, get_backend, use_precision
+from capsflow.backends import BACKENDS, PRECISIONS, get_backend, use_precision
 from capsflow.cli import add_graph_arguments, compile_from_args
-from capsflow.optim import OPTIMIZERS
+from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
 from capsflow.runners.training import LAST, TrainConfig, Trainer, load_data, read_checkpoint
 
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     graph = compile_from_args(args)
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
     get_backend(config.backend)  # an unusable backend fails before the data is loaded
-    use_precision(getattr(args, "precision", "fp32"))  # read by capsflow.gemm on CuPy
+    use_precision(getattr(args, "precision", "fp32"))  # read by capsflow.backends.cuda.gemm on CuPy
     if args.save_dir:
         save_dir = Path(args.save_dir)
     else:

@@ -38,11 +38,11 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from capsflow.backend import get_backend, to_numpy
-from capsflow.checkpoint import load_npz, save_npz_atomic
+from capsflow.backends import get_backend, to_numpy
+from capsflow.training.checkpoint import load_npz, save_npz_atomic
 from capsflow.errors import CapsflowError
-from capsflow.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
-from capsflow.train_step import TrainStep
+from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
+from capsflow.training.train_step import TrainStep
 from capsflow.runners.data import BatchIterator, load_split, one_hot
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
@@ -137,7 +137,7 @@ class Checkpoint:
 
     path: Path
     params: dict                   # name -> array, the spec's parameter names
-    optim: dict                    # capsflow.optim.state_to_flat layout
+    optim: dict                    # capsflow.training.optim.state_to_flat layout
     meta: dict                     # JSON record, see Trainer.meta()
     sources: dict                  # spec files the run was compiled from: relative path -> text
 
@@ -208,7 +208,7 @@ def spec_sources(graph: Any) -> dict:
 def graph_from_checkpoint(ckpt: Checkpoint, overrides: Optional[dict] = None) -> Any:
     """Compile the spec stored in ``ckpt`` with its overrides (updated by ``overrides``),
     independent of the YAML files on disk now."""
-    from capsflow.graph import compile as compile_graph
+    from capsflow.core.graph import compile as compile_graph
     merged = dict(ckpt.overrides, **(overrides or {}))
     main = next(iter(ckpt.sources))
     with tempfile.TemporaryDirectory(prefix="capsflow-spec-") as tmp:
@@ -568,7 +568,7 @@ def read_metrics(path: str | Path) -> list:
 
 def _declared_overrides(graph: Any) -> dict:
     """Graph variables whose value differs from the YAML file's own ``vars``."""
-    from capsflow.spec import load_spec
+    from capsflow.lang.spec import load_spec
     default = load_spec(graph.spec.file).vars
     return {k: v for k, v in graph.spec.vars.items() if default.get(k) != v}
 
@@ -616,7 +616,7 @@ def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Option
     files on disk differ from those stored in the checkpoint, the stored ones are used
     (with a note through ``log``): they are what the parameters were trained with.
     """
-    from capsflow.graph import compile as compile_graph
+    from capsflow.core.graph import compile as compile_graph
     ckpt = read_checkpoint(checkpoint)
     graph = compile_graph(graph_path, dict(ckpt.overrides, **(overrides or {})))
     if spec_sources(graph) != ckpt.sources:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from capsflow.backend import to_numpy
+from capsflow.backends import to_numpy
 from capsflow.errors import CapsflowError
 from capsflow.runners.data import IMAGE_SIZE, one_hot
 from capsflow.runners.evaluate import CLASS_NAMES, add_model_arguments, open_model

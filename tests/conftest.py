@@ -35,7 +35,9 @@ def emu(monkeypatch):
     """tests/cuda_emulator.py's stand-in for CuPy, registered as the 'cupy' backend for
     one test (skipped without g++)."""
     import cuda_emulator
-    from capsflow import backend, cuda_kernels, optim
+    from capsflow import backends as backend
+    from capsflow.backends.cuda import kernels as cuda_kernels
+    from capsflow.training import optim
     if not cuda_emulator.available():
         pytest.skip("needs g++")
     xp = cuda_emulator.emulated_cupy()

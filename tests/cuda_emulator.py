@@ -2,7 +2,7 @@
 
 ``emulated_cupy()`` is a stand-in for the ``cupy`` module: NumPy arrays and functions,
 plus ``RawKernel`` and ``ElementwiseKernel`` that compile the very CUDA source strings
-of capsflow/cuda_kernels.py with g++ and run them on NumPy buffers. A small shim
+of capsflow/backends/cuda/kernels.py with g++ and run them on NumPy buffers. A small shim
 defines ``__global__``, ``blockIdx``/``threadIdx``/``blockDim``/``gridDim``, and a
 generated launcher calls the kernel once per (block, thread), one after another.
 

@@ -4,7 +4,7 @@ import builtins
 import numpy as np
 import pytest
 
-from capsflow.backend import get_array_module, get_backend, sliding_windows
+from capsflow.backends import get_array_module, get_backend, sliding_windows
 from capsflow.errors import BackendError
 
 
@@ -29,7 +29,7 @@ def test_unknown_backend_is_one_line():
 
 
 def test_cupy_missing_is_one_clear_line(monkeypatch):
-    import capsflow.backend as backend
+    import capsflow.backends as backend
     monkeypatch.setattr(backend, "_cache", {})
     real_import = builtins.__import__
 
@@ -62,7 +62,7 @@ def test_sliding_windows_is_a_view_of_every_window():
 
 
 def test_tf32_precision_sets_cupys_switch(monkeypatch):
-    from capsflow.backend import use_precision
+    from capsflow.backends import use_precision
     monkeypatch.delenv("CUPY_TF32", raising=False)
     use_precision("tf32")
     import os
@@ -78,7 +78,7 @@ def test_cpu_and_gpu_paths_are_told_apart_in_one_place():
 
     import numpy as np
 
-    from capsflow.backend import on_cpu, on_gpu
+    from capsflow.backends import on_cpu, on_gpu
     assert on_cpu(np) and not on_gpu(np)
     stand_in = types.ModuleType("cupy")
     assert on_gpu(stand_in) and not on_cpu(stand_in)
@@ -98,8 +98,8 @@ def test_one_input_ops_keep_a_channels_last_layout_where_elementwise_ops_return_
         name, attrs):
     """The one-input ops work in their input's memory order, forward and VJP, so Conv1's
     channels-last output (and its gradient) stays channels-last on CuPy too."""
-    from capsflow.backend import memory_order
-    from capsflow.opdef import get_op
+    from capsflow.backends import memory_order
+    from capsflow.core.opdef import get_op
     rng = np.random.default_rng(0)
     x, g = (rng.standard_normal((2, 5, 4, 3)).view(COrder).transpose(0, 3, 1, 2)
             for _ in range(2))                                    # channels-last memory
@@ -118,7 +118,7 @@ def test_host_to_device_copies_asynchronously_and_waits_before_reusing_its_buffe
     """On CuPy the values go through pinned memory by a copy on the current stream; the
     next write waits for that copy's event first. Here a stand-in records the calls."""
     from types import SimpleNamespace
-    from capsflow.backend import HostToDevice
+    from capsflow.backends import HostToDevice
     calls = []
 
     class Event:

@@ -1,4 +1,4 @@
-"""Every RawKernel source in capsflow/cuda_kernels.py compiles with NVRTC, the compiler
+"""Every RawKernel source in capsflow/backends/cuda/kernels.py compiles with NVRTC, the compiler
 CuPy uses, for float and double, on a machine without a GPU: compiling needs only the
 library (pip's nvidia-cuda-nvrtc, which the CUDA build of torch brings). Together with
 the CPU emulation (tests/test_cuda_emulated.py) this leaves a GPU run to check only
@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from capsflow import cuda_kernels
+from capsflow.backends.cuda import kernels as cuda_kernels
 
 
 def _nvrtc():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import cuda_emulator
-from capsflow import cuda_kernels
-from capsflow.opdef import get_op
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.core.opdef import get_op
 from capsflow.ops import conv
 
 pytestmark = pytest.mark.skipif(not cuda_emulator.available(), reason="needs g++")

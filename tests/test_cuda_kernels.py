@@ -1,4 +1,4 @@
-"""What the CPU can check of the CuPy kernel paths (capsflow/cuda_kernels.py): which
+"""What the CPU can check of the CuPy kernel paths (capsflow/backends/cuda/kernels.py): which
 einsums the routing kernels take, and the GPU-only branches of conv2d (windows kept for
 the VJP, the ones column, batched input-gradient GEMMs, split-K weight gradients), run
 on NumPy with the kernels' switch forced on. The kernels themselves are checked
@@ -6,8 +6,8 @@ against the xp code on a GPU by runners/gpu_check.py."""
 import numpy as np
 import pytest
 
-from capsflow import cuda_kernels
-from capsflow.opdef import get_op
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.core.opdef import get_op
 from capsflow.ops import conv
 
 

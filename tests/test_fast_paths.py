@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import capsflow
-from capsflow import fusion
-from capsflow.gradcheck import op_gradcheck
+from capsflow.core import fusion
+from capsflow.core.gradcheck import op_gradcheck
 
 
 def rel(a, b):
@@ -144,7 +144,7 @@ def test_in_place_gradient_sums_leave_shared_gradients_alone(tmp_path):
 
 
 def test_private_recognises_only_unshared_arrays():
-    from capsflow.executor import _private
+    from capsflow.core.executor import _private
     fresh = np.ones(3)
     assert _private(fresh)
     alias = fresh
@@ -161,7 +161,7 @@ def test_private_recognises_only_unshared_arrays():
 def test_batch_parallel_conv_matches_one_part(monkeypatch):
     """The conv's batch split over threads sums the same products as one part does."""
     from capsflow.ops import parallel
-    from capsflow.opdef import get_op
+    from capsflow.core.opdef import get_op
     op = get_op("conv2d")
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((5, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
@@ -198,7 +198,7 @@ def test_ordered_sum_adds_in_part_order_whatever_the_arrival_order():
 def test_batch_parallel_conv_gradients_repeat_exactly(monkeypatch):
     """With several parts the conv's weight gradient is the same, bit for bit, on every run."""
     from capsflow.ops import parallel
-    from capsflow.opdef import get_op
+    from capsflow.core.opdef import get_op
     op = get_op("conv2d")
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((8, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))

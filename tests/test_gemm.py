@@ -1,11 +1,11 @@
-"""capsflow.gemm's cuBLAS call plan, checked on the CPU: an emulation of
+"""capsflow.backends.cuda.gemm's cuBLAS call plan, checked on the CPU: an emulation of
 cublasGemmStridedBatchedEx (column-major, leading dimensions, batch strides) reads the
 operands' memory exactly as cuBLAS would, and must reproduce numpy.matmul."""
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import as_strided
 
-from capsflow import gemm
+from capsflow.backends.cuda import gemm
 
 
 def _stored(op: gemm.Operand, rows: int, cols: int, batch: int):

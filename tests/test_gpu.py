@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from capsflow.backend import get_backend, to_numpy
+from capsflow.backends import get_backend, to_numpy
 from capsflow.errors import BackendError
 
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 
 def test_op_vjps_on_cupy_match_finite_differences():
     _cupy_or_skip()
-    from capsflow.gradcheck import op_gradcheck
-    from capsflow.gradcases import CASES
+    from capsflow.core.gradcheck import op_gradcheck
+    from capsflow.core.gradcases import CASES
     for name, args, attrs in CASES:
         for e in op_gradcheck(name, args, attrs, backend="cupy"):
             assert e is None or e <= 1e-6, (name, attrs, e)

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-import capsflow.backend as backend
+import capsflow.backends as backend
 from capsflow.runners import gpu_check
 
 
@@ -22,7 +22,7 @@ def test_op_and_parity_checks_pass_and_report(numpy_as_cupy, capsys):
 
 
 def test_a_broken_vjp_fails_the_op_check(numpy_as_cupy, monkeypatch, capsys):
-    from capsflow.opdef import get_op
+    from capsflow.core.opdef import get_op
     relu = get_op("relu")
     monkeypatch.setattr(relu, "vjp_fn", lambda xp, saved, g, needs: (2 * g,))
     assert not gpu_check.check_ops()
@@ -52,7 +52,7 @@ def test_graph_check_passes_with_simulated_graphs(numpy_as_cupy, monkeypatch, ca
     """Graphs against eager steps, with NumPy standing in for CuPy and
     cudagraph.Replayed for a captured graph."""
     import functools
-    from capsflow import train_step
+    from capsflow.training import train_step
     monkeypatch.setattr(train_step.TrainStep, "__init__", functools.partialmethod(
         train_step.TrainStep.__init__, simulate=True))
     assert gpu_check.check_graphs()

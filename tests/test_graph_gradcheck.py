@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import capsflow
-from capsflow.gradcheck import graph_gradcheck
+from capsflow.core.gradcheck import graph_gradcheck
 from capsflow.runners.gradcheck import DEFAULT_TOLERANCE, random_batch
 from conftest import CAPSNET
 
@@ -20,7 +20,7 @@ def test_capsnet_gradients_match_finite_differences(iters):
 
 def test_gradcheck_catches_a_wrong_vjp(monkeypatch):
     """A check that cannot fail proves nothing: break squash's VJP and watch it fail."""
-    from capsflow.opdef import get_op
+    from capsflow.core.opdef import get_op
     graph = capsflow.compile(CAPSNET, overrides={"routing_iters": 1})
     squash = get_op("squash")
     original = squash.vjp_fn

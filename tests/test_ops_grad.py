@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from capsflow.gradcases import CASES, R, one_hot
-from capsflow.gradcheck import op_gradcheck
-from capsflow.opdef import OPS, get_op
+from capsflow.core.gradcases import CASES, R, one_hot
+from capsflow.core.gradcheck import op_gradcheck
+from capsflow.core.opdef import OPS, get_op
 
 
 @pytest.mark.parametrize("name,args,attrs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
@@ -32,13 +32,13 @@ def test_stop_gradient_and_mask_give_no_gradient():
 
 
 def test_softmax_is_max_subtracted():
-    from capsflow.gradcheck import apply_op
+    from capsflow.core.gradcheck import apply_op
     out, _, _ = apply_op("softmax", np, [np.array([[1000.0, 1001.0, 999.0]])], {"axis": -1})
     assert np.isfinite(out).all() and np.isclose(out.sum(), 1.0)
 
 
 def test_squash_is_finite_at_zero():
-    from capsflow.gradcheck import apply_op
+    from capsflow.core.gradcheck import apply_op
     op = get_op("squash")
     s = np.zeros((2, 4))
     out, saved, attrs = apply_op("squash", np, [s], {"axis": -1})
@@ -47,7 +47,7 @@ def test_squash_is_finite_at_zero():
 
 
 def test_leaky_softmax_is_softmax_with_a_dropped_zero_logit():
-    from capsflow.gradcheck import apply_op
+    from capsflow.core.gradcheck import apply_op
     x = R(3, 4) * 3
     out, _, _ = apply_op("leaky_softmax", np, [x], {"axis": -1})
     padded = np.concatenate([x, np.zeros((3, 1))], axis=1)
@@ -59,7 +59,7 @@ def test_leaky_softmax_is_softmax_with_a_dropped_zero_logit():
 
 
 def test_squash_exp_matches_its_formula_and_is_finite_at_zero():
-    from capsflow.gradcheck import apply_op
+    from capsflow.core.gradcheck import apply_op
     s = R(2, 5, 16)
     out, _, _ = apply_op("squash_exp", np, [s], {"axis": -1, "eps": 0.0})
     n = np.linalg.norm(s, axis=-1, keepdims=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from capsflow.optim import (
+from capsflow.training.optim import (
     SGD,
     Adam,
     ExponentialDecay,

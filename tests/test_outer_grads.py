@@ -1,11 +1,13 @@
-"""Outer-product gradients kept as factors and summed in one pass (capsflow/outer_grads.py):
+"""Outer-product gradients kept as factors and summed in one pass (capsflow/core/gradients.py):
 which einsums qualify, the sums on NumPy and (emulated) CuPy against the plain
 products, and the whole CapsNet with the deferral against without it."""
 import numpy as np
 import pytest
 
-from capsflow import cuda_kernels, outer_grads
-from capsflow.outer_grads import Outer, OuterLayout, outer_layout
+from capsflow.backends.cuda import kernels as cuda_kernels
+
+from capsflow.core import gradients as outer_grads
+from capsflow.core.gradients import Outer, OuterLayout, outer_layout
 
 
 @pytest.mark.parametrize("subs,out,expected", [

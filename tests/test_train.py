@@ -14,7 +14,7 @@ from conftest import CAPSNET, SHARED_DATA
 
 import capsflow
 from capsflow.cli import main as cli_main
-from capsflow.graph import Graph
+from capsflow.core.graph import Graph
 from capsflow.runners.training import read_checkpoint, read_metrics
 
 pytestmark = [pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
@@ -171,7 +171,7 @@ def test_checkpoint_meta_is_plain_json(reference):
 
 
 def test_precision_flag_reaches_the_gemms(tmp_path, monkeypatch):
-    """--precision tf32 sets CUPY_TF32, which capsflow.gemm reads for each float32 GEMM."""
+    """--precision tf32 sets CUPY_TF32, which capsflow.backends.cuda.gemm reads for each float32 GEMM."""
     monkeypatch.setenv("CUPY_TF32", "0")
     assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir", str(tmp_path),
                  "--precision", "tf32") == 0

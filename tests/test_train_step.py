@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import capsflow
-from capsflow import train_step as ts_module
-from capsflow.cudagraph import CaptureError
-from capsflow.optim import SGD, Adam
+from capsflow.training import train_step as ts_module
+from capsflow.backends.cuda.cudagraph import CaptureError
+from capsflow.training.optim import SGD, Adam
 from capsflow.runners.gradcheck import random_batch
-from capsflow.train_step import TrainStep
+from capsflow.training.train_step import TrainStep
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import capsflow
-from capsflow.gradcheck import graph_gradcheck
-from capsflow.optim import Adam
+from capsflow.core.gradcheck import graph_gradcheck
+from capsflow.training.optim import Adam
 from capsflow.runners.gradcheck import DEFAULT_TOLERANCE, random_batch
 from conftest import CAPSNET, REPO
 

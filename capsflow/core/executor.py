@@ -3,7 +3,7 @@
 No composite backward exists anywhere: the reverse pass only calls per-op VJPs and
 sums the contributions that meet at a value, reducing broadcast gradients to the
 value's shape at that one place. Contributions that are outer products may arrive
-factored (capsflow/outer_grads.py); their sum is made when the value's VJP needs it.
+factored (capsflow/core/gradients.py); their sum is made when the value's VJP needs it.
 """
 from __future__ import annotations
 
@@ -14,10 +14,14 @@ from typing import Any
 
 import networkx as nx
 
-from . import fusion, outer_grads, profile
-from .memory import LiveBytes
-from .opdef import OPS
-from .schedule import Plan
+from capsflow.core import fusion
+
+from capsflow.core import gradients as outer_grads
+
+from capsflow.core import profile
+from capsflow.core.memory import LiveBytes
+from capsflow.core.opdef import OPS
+from capsflow.core.schedule import Plan
 
 
 @dataclass

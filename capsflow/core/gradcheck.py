@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import get_backend, to_numpy
-from .executor import _saves, _split, unbroadcast
-from .opdef import get_op
+from capsflow.backends import get_backend, to_numpy
+from capsflow.core.executor import _saves, _split, unbroadcast
+from capsflow.core.opdef import get_op
 
 
 def _rel_err(fd: np.ndarray, an: np.ndarray) -> float:

@@ -5,7 +5,7 @@
 without saving that state), and it checks that without making the host wait for the
 loss: so ``gradients``, ``update``, and then reading the loss, queues the whole step on
 a GPU before the host waits once. On CuPy with Adam and ``cuda_graph=True`` each half is
-captured once (capsflow/cudagraph.py) and then replayed: the batch is copied into the
+captured once (capsflow/backends/cuda/cudagraph.py) and then replayed: the batch is copied into the
 same device buffers, Adam's per-step numbers into a small device array (asynchronously,
 from pinned memory), and one launch runs all the kernels of that half. The update's
 graph starts by setting a flag from the forward graph's loss, and Adam's kernel updates
@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .backend import HostToDevice, get_backend, to_numpy
-from .cudagraph import CaptureError, capture
-from .optim import Adam
+from capsflow.backends import HostToDevice, get_backend, to_numpy
+from capsflow.backends.cuda.cudagraph import CaptureError, capture
+from capsflow.training.optim import Adam
 
 
 class TrainStep:

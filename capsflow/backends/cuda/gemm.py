@@ -3,7 +3,7 @@
 On NumPy ``matmul(xp, a, b)`` is ``numpy.matmul``. On CuPy it calls cuBLAS itself,
 ``cublasGemmStridedBatchedEx`` through ctypes on a handle of capsflow's own: CuPy
 refuses to call cuBLAS while a stream is being captured, and a training step captured
-as a CUDA graph (capsflow/cudagraph.py) needs its GEMMs inside the graph. The product
+as a CUDA graph (capsflow/backends/cuda/cudagraph.py) needs its GEMMs inside the graph. The product
 is the same one CuPy would compute (same library, same routine family, fp32 or TF32
 by ``CUPY_TF32``, see backend.use_precision).
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import on_cpu, on_gpu
+from capsflow.backends import on_cpu, on_gpu
 
 _OP_N, _OP_T = 0, 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1

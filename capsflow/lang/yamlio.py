@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SpecError
+from capsflow.errors import SpecError
 
 
 class LocDict(dict):

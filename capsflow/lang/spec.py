@@ -1,7 +1,7 @@
 """Graph spec: YAML -> variables substituted -> repeat blocks unrolled -> a flat list of
 named nodes. Plain data in, plain data out; the compiler turns it into a DAG.
 
-See docs/spec.md for the language; capsflow/compose.py handles ``extends``, ``replace``
+See docs/spec.md for the language; capsflow/lang/compose.py handles ``extends``, ``replace``
 and ``include``. In short::
 
     vars:    {routing_iters: 3}               # ${routing_iters}, overridable with --set
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compose import VAR as _VAR
-from .compose import Document, compose
-from .compose import check_keys as _check_keys
-from .errors import SpecError
-from .yamlio import LocDict
+from capsflow.lang.compose import VAR as _VAR
+from capsflow.lang.compose import Document, compose
+from capsflow.lang.compose import check_keys as _check_keys
+from capsflow.errors import SpecError
+from capsflow.lang.yamlio import LocDict
 
 NODE_KEYS = {"id", "op", "in", "attrs", "when", "doc"}
 REPEAT_KEYS = {"id", "repeat", "carry", "body", "doc"}

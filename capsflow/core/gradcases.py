@@ -39,7 +39,7 @@ CASES = [
     ("einsum", [R(3, 2, 4, 5), R(6, 3, 5)], {"eq": "ijdk,nik->nijd"}),
     ("einsum", [R(2, 3, 4), R(2, 4)], {"eq": "nij,nj->ni"}),
     ("einsum", [R(2, 3), R(3, 4)], {"eq": "ab,bc->a"}),
-    # routing's contractions, which CuPy runs as kernels (capsflow/cuda_kernels.py)
+    # routing's contractions, which CuPy runs as kernels (capsflow/backends/cuda/kernels.py)
     ("einsum", [R(2, 3, 4, 5), R(2, 4, 5)], {"eq": "nijd,njd->nij"}),
     ("einsum", [R(2, 3, 4), R(2, 3, 4, 5)], {"eq": "nij,nijd->njd"}),
     ("conv2d", [R(2, 3, 7, 7), R(4, 3, 3, 3), R(4)], {"stride": 2}),

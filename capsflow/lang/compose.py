@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError
-from .yamlio import LocDict, load_yaml
+from capsflow.errors import SpecError
+from capsflow.lang.yamlio import LocDict, load_yaml
 
 GRAPH_KEYS = {"name", "description", "vars", "inputs", "params", "nodes", "outputs",
               "extends", "replace"}

@@ -9,13 +9,13 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from .backend import get_backend
-from .compiler import build_dag, topological_order
-from .errors import CapsflowError
-from .executor import RunResult, execute
-from .memory import LiveBytes
-from .schedule import Plan, make_plan, unavailable_nodes
-from .spec import Spec, load_spec
+from capsflow.backends import get_backend
+from capsflow.core.compiler import build_dag, topological_order
+from capsflow.errors import CapsflowError
+from capsflow.core.executor import RunResult, execute
+from capsflow.core.memory import LiveBytes
+from capsflow.core.schedule import Plan, make_plan, unavailable_nodes
+from capsflow.lang.spec import Spec, load_spec
 
 DTYPES = ("float32", "float64")
 

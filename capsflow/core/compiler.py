@@ -11,10 +11,10 @@ import heapq
 
 import networkx as nx
 
-from .errors import SpecError
-from .opdef import OPS, REQUIRED, get_op
-from .shapes import ShapeError, fmt
-from .spec import NodeSpec, Spec
+from capsflow.errors import SpecError
+from capsflow.core.opdef import OPS, REQUIRED, get_op
+from capsflow.core.shapes import ShapeError, fmt
+from capsflow.lang.spec import NodeSpec, Spec
 
 
 def build_dag(spec: Spec) -> nx.DiGraph:

@@ -26,9 +26,9 @@ from math import prod
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from . import cuda_kernels
-from .backend import on_cpu
-from .switch import Switch
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends import on_cpu
+from capsflow.core.switch import Switch
 
 _switch = Switch(os.environ.get("CAPSFLOW_OUTER_GRADS", "1") != "0")
 #: ``with disabled():`` makes every outer-product gradient at once, as a plain array.
@@ -196,6 +196,6 @@ def _stacked_gemm(xp: Any, lefts: list, rights: list, out: Any) -> None:
     (nl, K) @ (K, nr), written straight into ``out`` through a transposed view."""
     lhs = xp.stack(lefts, axis=-1).transpose(0, 2, 1, 3)       # (nb, nj, nl, K)
     rhs = xp.stack(rights, axis=2)                             # (nb, nj, K, nr)
-    from .ops.parallel import single_threaded_blas  # here: the ops package imports this module
+    from capsflow.ops.parallel import single_threaded_blas  # here: the ops package imports this module
     with single_threaded_blas(xp):  # many small GEMMs, whose BLAS threads would only spin
         xp.matmul(lhs, rhs, out=out.transpose(0, 2, 1, 3))

@@ -26,7 +26,7 @@ def active() -> "OpProfile | None":
 
 def array_bytes(obj: Any) -> int:
     """Bytes of the distinct arrays (views counted once, by owner) in ``obj``."""
-    from .memory import _arrays, _root
+    from capsflow.core.memory import _arrays, _root
     seen: dict = {}
     for a in _arrays(obj):
         root = _root(a)

@@ -10,13 +10,13 @@ What that asks of the captured function, and how it is met here:
 
 * no host synchronisation inside (the executor and the ops never read a device value);
 * no call that CuPy refuses while capturing: CuPy will not call cuBLAS then, so every
-  GEMM goes through capsflow.gemm, which calls cuBLAS itself;
+  GEMM goes through capsflow.backends.cuda.gemm, which calls cuBLAS itself;
 * every address it touches stays valid and private between replays: the capture
   allocates from a memory pool of its own that nothing else draws from, so blocks
   freed and reused during the capture are reused the same way at each replay, and the
   arrays it returns (``result``) stay alive with the object;
 * inputs that change between replays are written into the same buffers before each
-  replay (capsflow.train_step does that for the batch and Adam's per-step numbers).
+  replay (capsflow.training.train_step does that for the batch and Adam's per-step numbers).
 
 NumPy has no graphs: ``Replayed`` runs the function again at each replay and copies its
 results into the first run's arrays, so that the code around it (static buffers,
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .backend import on_gpu
+from capsflow.backends import on_gpu
 
 
 class CaptureError(RuntimeError):

@@ -4,7 +4,7 @@ Each kernel implements one op (or one einsum pattern) that the ``xp`` code also
 implements, and does it in a single launch: squash and softmax over a capsule's last
 axis (forward and VJP), the two routing contractions, a convolution's im2col copy and
 the col2im sum of its input gradient, relu's VJP, the sum of outer-product gradients
-(capsflow/outer_grads.py) and the Adam update. On NumPy nothing here runs; on CuPy a
+(capsflow/core/gradients.py) and the Adam update. On NumPy nothing here runs; on CuPy a
 caller asks the function here and falls back to its ``xp`` code when the answer is
 None or False (another layout, another dtype, or kernels switched off).
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import in_memory_order, memory_order, on_gpu
-from .switch import Switch
+from capsflow.backends import in_memory_order, memory_order, on_gpu
+from capsflow.core.switch import Switch
 
 #: Set CAPSFLOW_CUDA_KERNELS=0 to run every op through its plain ``xp`` code on CuPy.
 _switch = Switch(os.environ.get("CAPSFLOW_CUDA_KERNELS", "1") != "0")
@@ -252,7 +252,7 @@ extern "C" __global__ void col2im(const T* __restrict__ cols, T* __restrict__ ou
 """
 
 # outer_sum: out[b,l,j,r] (+)= sum_k L_k[b,l,j] R_k[b,j,r] for up to 8 terms: the
-# gradient that routing's uses of u_hat send back, written once (capsflow/outer_grads.py).
+# gradient that routing's uses of u_hat send back, written once (capsflow/core/gradients.py).
 # A thread makes W consecutive outputs (W = 4 when NR and the alignment allow, read and
 # written 4 at a time), so the index arithmetic and the left factors' loads are shared.
 # Unused pointers repeat the first and are never read.
@@ -515,7 +515,7 @@ def adam_update(xp: Any, p: Any, g: Any, m: Any, v: Any, hyper: Any, betas: tupl
     path in optim.Adam; ``hyper`` is a device array (step_size, sqrt(1 - b2^t)[, go]),
     read when the kernel runs (so a captured CUDA graph sees each step's values). With a
     third value the update happens only where it is nonzero: a graphed step skips itself
-    on the device when its loss is not finite (capsflow/train_step.py). False when the
+    on the device when its loss is not finite (capsflow/training/train_step.py). False when the
     kernel does not apply."""
     if not _usable(xp, p, g, m, v) or not all(a.flags.c_contiguous for a in (p, g, m, v)):
         return False

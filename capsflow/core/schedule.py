@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from .errors import CapsflowError
-from .opdef import OPS
+from capsflow.errors import CapsflowError
+from capsflow.core.opdef import OPS
 
 
 @dataclass

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import to_numpy
-from .errors import CapsflowError
+from capsflow.backends import to_numpy
+from capsflow.errors import CapsflowError
 
 
 def save_npz_atomic(path: str | Path, arrays: dict) -> None:

@@ -27,8 +27,8 @@ import weakref
 
 import networkx as nx
 
-from .schedule import Plan
-from .switch import Switch
+from capsflow.core.schedule import Plan
+from capsflow.core.switch import Switch
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _switch = Switch()

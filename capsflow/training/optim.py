@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from . import cuda_kernels
-from .backend import get_array_module, to_numpy
-from .errors import CapsflowError
+from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends import get_array_module, to_numpy
+from capsflow.errors import CapsflowError
 
 Array = Any  # numpy.ndarray or cupy.ndarray
 Params = Dict[str, Array]
@@ -114,7 +114,7 @@ class Adam:
 
         ``hyper`` is ``advance``'s pair, as Python floats or as a float64 device array
         (which CuPy's fused kernel reads when it runs). A device array may carry a third
-        value, ``go``: where it is 0 nothing changes (see capsflow/train_step.py).
+        value, ``go``: where it is 0 nothing changes (see capsflow/training/train_step.py).
         """
         b1, b2 = self.betas
         device_hyper = host_hyper = None  # made once, on first need

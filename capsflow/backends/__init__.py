@@ -1,0 +1,120 @@
+"""Array backends: the one place where NumPy and CuPy differ.
+
+Everything else in capsflow calls ``xp.<function>`` on the module returned here, so
+NumPy and CuPy run the same op code (the Chainer idiom). Where a path is for one of
+them only (threads and BLAS limits on the CPU, kernels and graphs on the GPU), the code
+asks ``on_cpu(xp)`` or ``on_gpu(xp)`` from here.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from capsflow.errors import BackendError
+from capsflow.options import BACKENDS, PRECISIONS, Options, as_options  # noqa: F401
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library with the options it runs under: what the executor, the ops'
+    variants and the optimizers receive (``be.xp`` is NumPy or CuPy)."""
+    options: Options
+    xp: ModuleType
+
+    @property
+    def name(self) -> str:
+        return self.options.backend
+
+    def asarray(self, a: Any, dtype: Any = None):
+        """Host or device array -> contiguous array of this backend."""
+        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+
+    def synchronize(self) -> None:
+        if self.name == "cupy":
+            self.xp.cuda.get_current_stream().synchronize()
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Any backend array (or scalar) -> NumPy array on the host."""
+    if hasattr(a, "get"):
+        return a.get()
+    return np.asarray(a)
+
+
+#: The package under capsflow.backends that registers each backend's variants of ops.
+VARIANT_PACKAGES = {"numpy": "cpu", "cupy": "cuda"}
+_cache: dict = {}
+
+
+def get_backend(spec: "str | Options | Backend | None" = None) -> Backend:
+    """The Backend for a name ("numpy", "cupy"), an Options object or a Backend (as
+    given): the one place where a backend name becomes an array module. The first call
+    for a backend imports its variant package, which registers its fast paths."""
+    if isinstance(spec, Backend):
+        return spec
+    options = as_options(spec)
+    if options not in _cache:
+        xp = ARRAY_MODULES[options.backend]()
+        importlib.import_module(f"capsflow.backends.{VARIANT_PACKAGES[options.backend]}")
+        _cache[options] = Backend(options, xp)
+    return _cache[options]
+
+
+def _import_numpy() -> ModuleType:
+    return np
+
+
+def _import_cupy() -> ModuleType:
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        raise BackendError("backend 'cupy' needs CuPy: pip install 'capsflow[cuda12]' "
+                           "(or [cuda13]) on a machine with an NVIDIA GPU") from None
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing or broken
+        raise BackendError(f"backend 'cupy': no usable CUDA device ({exc})") from None
+    if count < 1:
+        raise BackendError("backend 'cupy': CuPy is installed but no CUDA device was found")
+    return cupy
+
+
+#: How each backend's array module is imported (the tests put an emulated CuPy here).
+ARRAY_MODULES = {"numpy": _import_numpy, "cupy": _import_cupy}
+
+
+def on_cpu(xp: Any) -> bool:
+    """Whether ``xp`` is NumPy: the CPU-only tricks apply (batch threads, BLAS limits,
+    short-axis loops, window chunks sized for caches)."""
+    return getattr(xp, "__name__", "") == "numpy"
+
+
+def on_gpu(xp: Any) -> bool:
+    """Whether ``xp`` is CuPy (or a stand-in by that name): the GPU paths apply (own
+    cuBLAS call, CUDA kernels, CUDA graphs, one large launch rather than many)."""
+    return getattr(xp, "__name__", "") == "cupy"
+
+
+def get_array_module(*arrays: Any) -> ModuleType:
+    """NumPy or CuPy, whichever owns the arrays (NumPy for plain Python values)."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return importlib.import_module("cupy")
+    return np
+
+
+def sliding_windows(xp: ModuleType, x, kh: int, kw: int, stride: int):
+    """View (N, C, OH, OW, kh, kw) of all conv windows of x (N, C, H, W); no copy.
+
+    ``as_strided`` exists in both NumPy and CuPy, ``sliding_window_view`` not in all
+    CuPy versions, hence this helper.
+    """
+    n, c, h, w = x.shape
+    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
+    sn, sc, sh, sw = x.strides
+    return xp.lib.stride_tricks.as_strided(
+        x, shape=(n, c, oh, ow, kh, kw),
+        strides=(sn, sc, sh * stride, sw * stride, sh, sw))

@@ -1,0 +1,1 @@
+"""The graph language: YAML reading, composition (include, extends, fragments), variables and repeat unrolling."""

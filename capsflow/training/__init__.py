@@ -1,0 +1,1 @@
+"""Training: optimizers, the training step, checkpoints."""
