@@ -4,11 +4,13 @@
     graph = capsflow.compile("graphs/capsnet.yaml", overrides={"routing_iters": 1})
     params = graph.init_params(seed=0)
     outputs, grads = graph.value_and_grad(params, {"x": x, "y": y})
+    graph.run(params, {"x": x}, backend=capsflow.Options(backend="cupy", precision="tf32"))
 """
-from capsflow.training.checkpoint import load_params, save_params
-from capsflow.errors import BackendError, CapsflowError, SpecError
 from capsflow.core.graph import Graph, compile  # noqa: A004
+from capsflow.errors import BackendError, CapsflowError, SpecError
+from capsflow.options import Options
+from capsflow.training.checkpoint import load_params, save_params
 
-__all__ = ["compile", "Graph", "save_params", "load_params",
+__all__ = ["compile", "Graph", "Options", "save_params", "load_params",
            "CapsflowError", "SpecError", "BackendError"]
 __version__ = "0.1.0"

@@ -70,27 +70,49 @@ def as_options(spec: "str | Options | None" = None) -> Options:
                        f"got {type(spec).__name__}")
 
 
-def add_option_arguments(parser) -> None:
-    """The command-line flags that make an Options object (train, bench, compare...)."""
-    parser.add_argument("--backend", choices=BACKENDS, default="numpy",
+#: The on/off fields of Options: the flag that switches each off, and its help.
+SWITCHES = {
+    "fast_paths": ("--no-fast-paths", "run every op's reference xp code (no backend variants)"),
+    "factored_grads": ("--no-factored-grads",
+                       "make outer-product gradients as full arrays one by one"),
+    "fusion": ("--no-fusion", "run routing's weighted sum as three ops, as written"),
+    "replay_steps": ("--no-replay",
+                     "run every training step op by op (no recorded replay on CuPy)"),
+}
+
+
+def add_option_arguments(parser, keep_unset: bool = False) -> None:
+    """The command-line flags that make an Options object (train, bench, compare...).
+
+    With ``keep_unset`` a flag not given is None, so that ``options_from_args(args, base)``
+    keeps ``base``'s value (a resumed run keeps the options it was saved with)."""
+    default = Options()
+
+    def unless_kept(name: str):
+        return None if keep_unset else getattr(default, name)
+
+    parser.add_argument("--backend", choices=BACKENDS, default=unless_kept("backend"),
                         help="array library: numpy (CPU) or cupy (GPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=unless_kept("precision"),
                         help="float32 GEMMs on the GPU: fp32, or tf32 tensor cores")
-    parser.add_argument("--no-fast-paths", dest="fast_paths", action="store_false",
-                        help="run every op's reference xp code (no backend variants)")
-    parser.add_argument("--no-factored-grads", dest="factored_grads", action="store_false",
-                        help="make outer-product gradients as full arrays one by one")
-    parser.add_argument("--no-fusion", dest="fusion", action="store_false",
-                        help="run routing's weighted sum as three ops, as written")
-    parser.add_argument("--no-replay", dest="replay_steps", action="store_false",
-                        help="run every training step op by op (no recorded replay on CuPy)")
+    for name, (flag, help_text) in SWITCHES.items():
+        parser.add_argument(flag, dest=name, action="store_false", default=unless_kept(name),
+                            help=help_text)
 
 
-def options_from_args(args) -> Options:
-    """The Options that ``add_option_arguments``' flags chose."""
-    return Options(backend=getattr(args, "backend", "numpy"),
-                   precision=getattr(args, "precision", "fp32"),
-                   fast_paths=getattr(args, "fast_paths", True),
-                   factored_grads=getattr(args, "factored_grads", True),
-                   fusion=getattr(args, "fusion", True),
-                   replay_steps=getattr(args, "replay_steps", True))
+def option_arguments(options: Options) -> list:
+    """The flags that make ``options`` (none for the defaults), so that a printed
+    command line reproduces a run."""
+    default = Options()
+    words = []
+    for name in ("backend", "precision"):
+        if getattr(options, name) != getattr(default, name):
+            words += [f"--{name}", getattr(options, name)]
+    return words + [flag for name, (flag, _) in SWITCHES.items() if not getattr(options, name)]
+
+
+def options_from_args(args, base: Options | None = None) -> Options:
+    """The Options that ``add_option_arguments``' flags chose; ``base``'s value (default:
+    Options()) where a flag is None or missing from ``args``."""
+    chosen = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Options)}
+    return (base or Options()).replace(**{k: v for k, v in chosen.items() if v is not None})

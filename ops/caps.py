@@ -1,6 +1,4 @@
 """Capsule ops: softmax (for routing), squash, and the decoder's capsule mask."""
-from capsflow.backends.cuda import kernels as cuda_kernels
-from capsflow.backends import on_cpu
 from capsflow.core.opdef import defop
 from capsflow.core.shapes import ShapeError, fmt, norm_axis
 
@@ -14,45 +12,17 @@ def _(x, *, axis):
     return x
 
 
-#: Reductions over axes this short run as a loop of element-wise ops (see _reduce).
-SHORT_AXIS = 16
-
-
-def _reduce(xp, kind: str, x, axis):
-    """``x.max`` or ``x.sum`` ("max", "sum") over ``axis``, keepdims. NumPy reduces a
-    short inner axis (the 10 digit capsules of the routing logits, a capsule's 8 or 16
-    dimensions) several times slower than it combines whole slices, so a short axis is
-    folded slice by slice."""
-    n = x.shape[axis]
-    if n > SHORT_AXIS or not on_cpu(xp):  # on a GPU one launch beats n
-        return getattr(x, kind)(axis=axis, keepdims=True)
-    combine = xp.maximum if kind == "max" else xp.add
-    take = [slice(None)] * x.ndim
-    take[axis] = slice(0, 1)
-    acc = x[tuple(take)].copy()
-    for k in range(1, n):
-        take[axis] = slice(k, k + 1)
-        combine(acc, x[tuple(take)], out=acc)
-    return acc
-
-
 @softmax.forward
 def _(xp, x, *, axis):
-    fused = cuda_kernels.rowwise(xp, "softmax_fwd", axis, x)
-    if fused is not None:
-        return fused
-    e = xp.exp(x - _reduce(xp, "max", x, axis))
-    e /= _reduce(xp, "sum", e, axis)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    e /= e.sum(axis=axis, keepdims=True)
     return e
 
 
 @softmax.vjp
 def _(xp, saved, g, needs, *, axis):
     out = saved["out"]
-    fused = cuda_kernels.rowwise(xp, "softmax_vjp", axis, out, g)
-    if fused is not None:
-        return (fused,)
-    return (out * (g - _reduce(xp, "sum", g * out, axis)),)
+    return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
 
 
 squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=("s",),
@@ -73,10 +43,7 @@ squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
 
 @squash.forward
 def _(xp, s, *, axis, eps):
-    fused = cuda_kernels.rowwise(xp, "squash_fwd", axis, s, eps=eps)
-    if fused is not None:
-        return fused
-    n2 = _reduce(xp, "sum", s * s, axis)
+    n2 = (s * s).sum(axis=axis, keepdims=True)
     return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
 
 
@@ -85,15 +52,12 @@ def _(xp, saved, g, needs, *, axis, eps):
     # v = f(n2) s with f(n2) = n2 / ((1 + n2) r), r = sqrt(n2 + eps), n2 = |s|^2.
     # dv/ds . g = f g + 2 f'(n2) <g, s> s, with f' written so it stays finite at n2 = 0.
     s = saved["s"]
-    fused = cuda_kernels.rowwise(xp, "squash_vjp", axis, s, g, eps=eps)
-    if fused is not None:
-        return (fused,)
-    n2 = _reduce(xp, "sum", s * s, axis)
+    n2 = (s * s).sum(axis=axis, keepdims=True)
     r2 = n2 + eps
     r = xp.sqrt(r2)
     f = n2 / ((1 + n2) * r)
     df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-    return (f * g + (2 * df * _reduce(xp, "sum", g * s, axis)) * s,)
+    return (f * g + (2 * df * (g * s).sum(axis=axis, keepdims=True)) * s,)
 
 
 label_or_argmax = defop(

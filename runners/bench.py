@@ -23,10 +23,12 @@ import platform
 import statistics
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from capsflow.backends import get_backend
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.errors import CapsflowError
+from capsflow.options import SWITCHES, Options, add_option_arguments, options_from_args
 from capsflow.runners.bench_worker import PREFIX
 
 MB = 2 ** 20
@@ -39,13 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed steps per framework (5); the median and min are reported")
     parser.add_argument("--warmup", type=_positive, default=2,
                         help="untimed steps before timing (2, at least 1)")
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"],
-                        help="capsflow's array backend; with cupy PyTorch runs on 'cuda'")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"],
-                        help="float32 matmul/conv precision on CUDA, for capsflow-CuPy and PyTorch (fp32)")
+    # capsflow's options; PyTorch runs on 'cuda' with --backend cupy, at the same --precision.
+    add_option_arguments(parser)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    parser.add_argument("--no-cuda-graph", action="store_true",
-                        help="on CuPy, time capsflow's step op by op instead of as CUDA graphs")
     parser.add_argument("--profile", action="store_true",
                         help="also print capsflow's per-op time and bytes (forward and VJP)")
     parser.add_argument("--top", type=_positive, default=12,
@@ -131,16 +129,13 @@ def _check_reference(graph) -> None:
 def run_bench(args: argparse.Namespace) -> dict:
     """Start the workers, time them in lockstep, and return every figure."""
     graph = compile_from_args(args)
-    if args.backend == "cupy":
-        from capsflow.backends import get_backend
-        get_backend("cupy")  # one clear line when CuPy or a GPU is missing
+    options = options_from_args(args)
+    get_backend(options)  # one clear line when CuPy or a GPU is missing
     names = ["capsflow"] if args.no_torch else ["capsflow", "pytorch"]
     if not args.no_torch:
         _check_reference(graph)
     cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
-           "warmup": args.warmup, "seed": args.seed, "backend": args.backend,
-           "precision": args.precision, "lr": args.lr,
-           "cuda_graph": not getattr(args, "no_cuda_graph", False)}
+           "warmup": args.warmup, "seed": args.seed, "lr": args.lr, "options": asdict(options)}
     workers = []
     try:
         for name in names:
@@ -162,7 +157,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     finally:
         for w in workers:
             w.stop()
-    return _figures(args, graph, workers, profile)
+    return _figures(args, options, graph, workers, profile)
 
 
 def _progress(total: int):
@@ -176,20 +171,20 @@ def _progress(total: int):
     return tqdm(total=total, desc="bench steps", leave=False, file=sys.stderr)
 
 
-def _figures(args, graph, workers: list, profile: dict | None) -> dict:
+def _figures(args, options: Options, graph, workers: list, profile: dict | None) -> dict:
     rows = {}
     for w in workers:
         rows[w.name] = {"info": w.info, "first_loss": w.first_loss, "seconds": w.seconds,
                         "median": statistics.median(w.seconds), "min": min(w.seconds),
                         "cpu_median": statistics.median(w.cpu), **w.memory}
     out = {"graph": str(graph.spec.file), "bs": args.bs, "repeats": args.repeats,
-           "warmup": args.warmup, "backend": args.backend, "precision": args.precision,
-           "machine": machine(), "frameworks": rows, "profile": profile}
+           "warmup": args.warmup, "options": asdict(options), "machine": machine(),
+           "frameworks": rows, "profile": profile}
     if "pytorch" in rows:
         cf, pt = rows["capsflow"], rows["pytorch"]
         out["ratio_median"] = cf["median"] / pt["median"]
         out["ratio_min"] = cf["min"] / pt["min"]
-        key = "device_peak" if args.backend == "cupy" else "rss_peak"
+        key = "device_peak" if options.backend == "cupy" else "rss_peak"
         if cf.get(key) and pt.get(key):
             out["ratio_memory"] = cf[key] / pt[key]
     return out
@@ -213,8 +208,11 @@ def _mb(value) -> str:
 
 
 def report(fig: dict, top: int) -> str:
+    options = fig["options"]
+    switched_off = "".join(f", {flag}" for name, (flag, _) in SWITCHES.items()
+                           if not options[name])
     lines = [f"capsflow bench: {fig['graph']}, batch {fig['bs']}, float32, "
-             f"backend {fig['backend']}, "
+             f"backend {options['backend']} {options['precision']}{switched_off}, "
              f"{fig['repeats']} timed steps after {fig['warmup']} warm-up",
              f"machine: {fig['machine']}"]
     for name, row in fig["frameworks"].items():
@@ -223,7 +221,7 @@ def report(fig: dict, top: int) -> str:
     if blas_env:
         lines.append(f"note: {' and '.join(blas_env)} set: OpenBLAS may not pick its "
                      "fastest kernel")
-    device = fig["backend"] == "cupy"
+    device = options["backend"] == "cupy"
     # A GPU step takes milliseconds: seconds to three places would print 0.004.
     unit, scale, places = ("ms", 1e3, 2) if device else ("s", 1.0, 3)
     header = (f"{'framework':<10} {f'median {unit}/step':>14} {f'min {unit}/step':>11} "

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from capsflow.options import Options
+
 PREFIX = "@@bench "
 
 
@@ -91,6 +93,11 @@ class Setup:
         self.profile = profile
 
 
+def _options(cfg: dict) -> Options:
+    """The parent's Options, sent as a dict of their fields."""
+    return Options(**cfg["options"])
+
+
 def _graph_and_batch(cfg: dict):
     from capsflow.cli import compile_from_args
     from capsflow.runners.gradcheck import random_batch
@@ -102,21 +109,19 @@ def _graph_and_batch(cfg: dict):
 
 
 def setup_capsflow(cfg: dict) -> Setup:
-    from capsflow.backends import get_backend, to_numpy, use_precision
+    from capsflow.backends import get_backend, to_numpy
     from capsflow.training.optim import Adam
     from capsflow.core.profile import profiling
     from capsflow.training.train_step import TrainStep
-    use_precision(cfg["precision"])  # before CuPy's first float32 matmul
     graph, params_np, batch_np = _graph_and_batch(cfg)
-    be = get_backend(cfg["backend"])
+    be = get_backend(_options(cfg))
     params = {k: be.asarray(v) for k, v in params_np.items()}
     inputs = {k: be.asarray(v) for k, v in batch_np.items()}
     opt = Adam(lr=cfg["lr"])
-    state = opt.init_state(params)
+    state = opt.init_state(graph.trainable(params))
     # The trainer's step: both halves, then the loss read (the update skips itself when
-    # the loss is not finite); on CuPy replayed as CUDA graphs unless switched off.
-    train_step = TrainStep(graph, params, opt, state, backend=be.name, outputs=["loss"],
-                           cuda_graph=cfg.get("cuda_graph", True))
+    # the loss is not finite); recorded and replayed where the backend can, unless --no-replay.
+    train_step = TrainStep(graph, params, opt, state, backend=be, outputs=["loss"])
 
     def step() -> float:
         out = train_step.gradients(inputs)
@@ -126,8 +131,8 @@ def setup_capsflow(cfg: dict) -> Setup:
         return loss
 
     def eager_step(return_peak: bool = False):
-        result = graph.value_and_grad(params, inputs, backend=be.name, return_peak=return_peak)
-        opt.step(params, result[1], state)
+        result = graph.value_and_grad(params, inputs, backend=be, return_peak=return_peak)
+        opt.step(graph.trainable(params), result[1], state, backend=be)
         be.synchronize()
         return result
 
@@ -154,19 +159,19 @@ def setup_capsflow(cfg: dict) -> Setup:
     else:
         def info() -> str:
             return f"capsflow on NumPy {np.__version__}, BLAS {blas_info()}"
-    # The live-bytes figure needs an eager step; a replayed graph has none to give.
-    graphs = train_step.graphs_wanted
-    return Setup(step, info, None if graphs else live_peak_step, pool, profile)
+    # The live-bytes figure needs an eager step; a replayed step has none to give.
+    return Setup(step, info, None if train_step.replay_wanted else live_peak_step, pool, profile)
 
 
 def setup_torch(cfg: dict) -> Setup:
     import torch
     from capsflow.runners.torch_ref import TorchStep
     graph, params_np, batch_np = _graph_and_batch(cfg)
-    device = "cuda" if cfg["backend"] == "cupy" else "cpu"
+    options = _options(cfg)
+    device = "cuda" if options.backend == "cupy" else "cpu"
     hp = {k: graph.spec.vars[k] for k in ("routing_iters", "squash_eps", "recon_weight")
           if k in graph.spec.vars}
-    ts = TorchStep(params_np, device=device, dtype="float32", precision=cfg["precision"],
+    ts = TorchStep(params_np, device=device, dtype="float32", precision=options.precision,
                    optimizer="adam", lr=cfg["lr"], **hp)
     x = torch.as_tensor(batch_np["x"], device=device)
     y = torch.as_tensor(batch_np["y"], device=device)
@@ -183,7 +188,7 @@ def setup_torch(cfg: dict) -> Setup:
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
         pool = (reset, torch.cuda.max_memory_reserved)
-        info = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name()}, {cfg['precision']}"
+        info = f"PyTorch {torch.__version__} on {torch.cuda.get_device_name()}, {options.precision}"
     else:
         info = (f"PyTorch {torch.__version__} on CPU, {torch.get_num_threads()} threads, "
                 f"BLAS {'mkl' if torch.backends.mkl.is_available() else 'other'}, "

@@ -29,8 +29,9 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from capsflow.backends import BACKENDS, get_backend
+from capsflow.backends import get_backend
 from capsflow.errors import CapsflowError
+from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
 from capsflow.runners.train import add_shift_arguments, config_from_args
@@ -77,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="train on the first N training examples only")
     a("--limit-test", dest="limit_test", type=int, metavar="N",
       help="test on the first N test examples only (default: the whole test split)")
-    a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
+    add_option_arguments(parser)
     a("--keep-checkpoints", action="store_true",
       help="keep each graph's last.npz/best.npz (about 100 MB each for CapsNet); by default "
            "only metrics.jsonl stays")
@@ -142,7 +143,7 @@ class StepBudget:
 def main(args: argparse.Namespace) -> int:
     graphs = compile_all(args.graphs, args.overrides)
     config = config_from_args(args)
-    get_backend(config.backend)  # an unusable backend fails before the data is loaded
+    get_backend(config.options)  # an unusable backend fails before the data is loaded
     data = load_data(config)
     per_epoch = math.ceil(data.train_images.shape[0] / config.batch_size)
     steps = args.steps if args.steps is not None else per_epoch * (args.num_epochs or 1)
@@ -158,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
           f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "
           f"{steps} steps of batch {config.batch_size} ({config.num_epochs} epoch(s)), "
           f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, seed {config.seed}, "
-          f"{config.backend}; writing to {out}")
+          f"{config.options.backend}; writing to {out}")
     load_before = _load_average()
     results = []
     for graph in graphs:
@@ -246,7 +247,7 @@ def final_train_loss(records: list, steps: int) -> Optional[float]:
 
 
 # -- outputs ----------------------------------------------------------------------------
-def command_line(args: argparse.Namespace) -> str:
+def command_line(args: argparse.Namespace, options: Options) -> str:
     """The command that reproduces this comparison (the flags that were given)."""
     words = ["capsflow", "compare", *args.graphs]
     for override in args.overrides:
@@ -256,11 +257,11 @@ def command_line(args: argparse.Namespace) -> str:
                        ("--val_epoch", "val_epoch"), ("--disp", "disp"), ("--seed", "seed"),
                        ("--shift", "shift"), ("--dataset", "dataset"),
                        ("--data-dir", "data_dir"), ("--limit-train", "limit_train"),
-                       ("--limit-test", "limit_test"), ("--backend", "backend"),
-                       ("--out", "out")):
+                       ("--limit-test", "limit_test"), ("--out", "out")):
         value = getattr(args, dest)
         if value is not None:
             words += [flag, str(value)]
+    words += option_arguments(options)
     if args.keep_checkpoints:
         words.append("--keep-checkpoints")
     return " ".join(shlex.quote(w) for w in words)
@@ -268,12 +269,12 @@ def command_line(args: argparse.Namespace) -> str:
 
 def describe_run(args: argparse.Namespace, config: Any, data: Any, steps: int) -> str:
     shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
-    return (f"Command: `{command_line(args)}`\n\n"
+    return (f"Command: `{command_line(args, config.options)}`\n\n"
             f"{config.dataset}: {data.train_images.shape[0]} training examples, "
             f"{data.test_images.shape[0]} test examples; {steps} steps of batch "
             f"{config.batch_size} ({config.num_epochs} epoch(s)), {config.optimizer} lr "
             f"{config.lr:g} x{config.lr_decay:g} per epoch, {shifts}, seed {config.seed}, "
-            f"{config.backend} {config.dtype} on {platform.machine()} "
+            f"{config.options.backend} {config.dtype} on {platform.machine()} "
             f"({_cpu_count()} CPUs). ms/step is the median time of one training step "
             f"(forward, backward, update); final train loss the mean running train loss "
             f"over the last 10% of the steps.")

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from capsflow.backends import BACKENDS
+from capsflow.backends import Backend, get_backend
 from capsflow.cli import add_graph_arguments
+from capsflow.options import Options, add_option_arguments, options_from_args
 from capsflow.runners.data import DATASETS, NUM_CLASSES, load_split
 from capsflow.runners.training import batched_outputs, load_model
 from capsflow.lang.yamlio import parse_override
@@ -39,14 +40,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     a("--limit-test", dest="limit_test", type=int, metavar="N",
       help="use the first N test examples only")
     a("--bs", type=int, default=100, help="batch size of the forward passes (default 100)")
-    a("--backend", choices=BACKENDS, default="numpy", help="array backend (default numpy)")
+    add_option_arguments(parser)
 
 
-def open_model(args: argparse.Namespace) -> tuple:
-    """(graph, params, checkpoint, dataset name, test images, test labels) from the
-    shared flags; images float32 (N, 1, 28, 28), labels int64 (N,)."""
+def open_model(args: argparse.Namespace, backend: Backend) -> tuple:
+    """(graph, params on ``backend``, checkpoint, dataset name, test images, test labels)
+    from the shared flags; images float32 (N, 1, 28, 28), labels int64 (N,)."""
     overrides = dict(parse_override(o) for o in args.overrides)
-    graph, params, ckpt = load_model(args.graph, args.checkpoint, overrides, args.backend)
+    graph, params, ckpt = load_model(args.graph, args.checkpoint, overrides, backend)
     trained = ckpt.meta.get("config", {})
     dataset = args.dataset or trained.get("dataset", "mnist")
     data_dir = args.data_dir
@@ -57,7 +58,7 @@ def open_model(args: argparse.Namespace) -> tuple:
 
 
 def predict(graph: Any, params: dict, images: np.ndarray, batch_size: int = 100,
-            backend: str = "numpy", desc: str | None = "eval") -> tuple:
+            backend: Options | Backend = Options(), desc: str | None = "eval") -> tuple:
     """Predicted classes int64 (N,) and the mean SSE per image of the reconstructions,
     with the decoder masked by the predicted class (no labels are fed)."""
     pred = np.empty(images.shape[0], dtype=np.int64)
@@ -103,10 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    graph, params, ckpt, dataset, images, labels = open_model(args)
+    backend = get_backend(options_from_args(args))
+    graph, params, ckpt, dataset, images, labels = open_model(args, backend)
     progress = ckpt.meta["progress"]
     print(f"{ckpt.path}: {graph.spec.name}, {progress['epoch']} epoch(s), "
           f"{progress['iteration']} iterations; {dataset} test split, {images.shape[0]} examples")
-    pred, recon_sse = predict(graph, params, images, args.bs, args.backend)
+    pred, recon_sse = predict(graph, params, images, args.bs, backend)
     print(format_report(confusion_matrix(labels, pred), CLASS_NAMES[dataset], recon_sse))
     return 0

@@ -7,6 +7,7 @@ import numpy as np
 
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.core.gradcheck import graph_gradcheck
+from capsflow.options import add_option_arguments, options_from_args
 
 # Whole-graph finite differences cross ReLU kinks and hit round-off on tiny gradients,
 # so their bound is looser than the per-op one (1e-6); exactness is the PyTorch parity test's job.
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_graph_arguments(parser)
     parser.add_argument("--bs", type=int, default=2, help="batch size of the random batch (2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    add_option_arguments(parser)
     parser.add_argument("--tol", type=float, default=DEFAULT_TOLERANCE,
                         help=f"worst relative error allowed ({DEFAULT_TOLERANCE:g})")
 
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     graph = compile_from_args(args)
     params = graph.init_params(args.seed, dtype="float64")
     report = graph_gradcheck(graph, params, random_batch(graph, args.bs, args.seed),
-                             backend=args.backend, seed=args.seed)
+                             backend=options_from_args(args), seed=args.seed)
     width = max(len(n) for n in report)
     print(f"{'parameter'.ljust(width)}  worst relative error")
     for name, err in report.items():

@@ -14,10 +14,11 @@ from typing import Any
 
 import networkx as nx
 
-from capsflow.backends import get_backend
+from capsflow.backends import Backend, get_backend
 from capsflow.errors import CapsflowError
 from capsflow.core.opdef import OPS
 from capsflow.core.schedule import Plan
+from capsflow.options import Options
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,17 @@ class GradNorms:
                 "edges": edges, "values": values, "cut": cuts}
 
 
-def measure_grad_norms(graph, params: dict, inputs: dict, backend: str = "numpy",
-                       loss: str = "loss") -> GradNorms:
+def measure_grad_norms(graph, params: dict, inputs: dict,
+                       backend: Options | Backend = Options(), loss: str = "loss") -> GradNorms:
     """One forward + reverse pass on ``inputs`` (e.g. x (B, 1, 28, 28), y (B, 10));
-    returns the norm of every gradient contribution and of every summed gradient."""
+    returns the norm of every gradient contribution and of every summed gradient.
+
+    Runs ``backend``'s options without fusion and factored gradients: the gradient hook
+    must see each DAG edge's gradient, which those two would merge or leave unmade."""
     given = {k for k, v in inputs.items() if v is not None}
     flow = reverse_flow(graph, given, loss)
-    xp = get_backend(backend).xp
+    be = get_backend(get_backend(backend).options.replace(fusion=False, factored_grads=False))
+    xp = be.xp
     edges: dict = {}
     shapes: dict = {}
     sums: dict = {}  # running sums, kept only where contributions meet
@@ -146,7 +151,7 @@ def measure_grad_norms(graph, params: dict, inputs: dict, backend: str = "numpy"
         if flow.fan_in.get(value, 0) > 1:
             sums[value] = g.copy() if value not in sums else sums[value] + g
 
-    outputs, _ = graph.value_and_grad(params, inputs, backend=backend, loss=loss,
+    outputs, _ = graph.value_and_grad(params, inputs, backend=be, loss=loss,
                                       outputs=[loss], grad_hook=hook)
     totals = {v: _norm(xp, g) for v, g in sums.items()}
     for (_, value, _), n in edges.items():

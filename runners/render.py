@@ -15,10 +15,10 @@ import json
 import re
 from pathlib import Path
 
-from capsflow.backends import BACKENDS
 from capsflow.training.checkpoint import load_params
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.errors import CapsflowError
+from capsflow.options import add_option_arguments, options_from_args
 
 from .data import DATASETS, load_split, one_hot
 from .diagrams import backward_sketch, focus_members, forward_sketch
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--bs", type=int, default=8, help="batch size (8)")
     batch.add_argument("--seed", type=int, default=0,
                        help="seed of the initial weights and the random input (0)")
-    batch.add_argument("--backend", default="numpy", choices=BACKENDS)
+    add_option_arguments(batch)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -109,7 +109,8 @@ def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str):
     """Run one batch, report its gradient norms (and write --stats), and draw them."""
     params, weights = parameters(graph, args)
     inputs, source = batch_inputs(graph, args)
-    norms = measure_grad_norms(graph, params, inputs, backend=args.backend, loss=args.loss)
+    norms = measure_grad_norms(graph, params, inputs, backend=options_from_args(args),
+                               loss=args.loss)
     low, high = norms.range()
     print(f"one batch of {norms.batch} ({source}, {weights}): loss {norms.loss:.4f}, "
           f"gradient norms {low:.2e} .. {high:.2e}")

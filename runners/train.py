@@ -9,19 +9,20 @@ import argparse
 import json
 from pathlib import Path
 
-from capsflow.backends import BACKENDS, PRECISIONS, get_backend, use_precision
+from capsflow.backends import get_backend
 from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
 from capsflow.runners.training import LAST, TrainConfig, Trainer, load_data, read_checkpoint
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
+# The option flags (--backend, --precision, --no-replay...) work the same way.
 _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
                  "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
                  "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
-                 "limit_train": "limit_train", "limit_test": "limit_test", "backend": "backend",
-                 "cuda_graph": "cuda_graph"}
+                 "limit_train": "limit_train", "limit_test": "limit_test"}
 
 
 def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
@@ -51,11 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--save_dir", metavar="DIR",
       help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, or the "
            "checkpoint's folder with --resume)")
-    a("--backend", choices=BACKENDS, help=f"array backend (default {d.backend})")
-    a("--precision", choices=PRECISIONS, default="fp32",
-      help="float32 GEMMs on CuPy: fp32, or tf32 on tensor cores (default fp32)")
-    a("--no-cuda-graph", dest="cuda_graph", action="store_const", const=False,
-      help="on CuPy, run every step op by op instead of replaying it as CUDA graphs")
+    add_option_arguments(parser, keep_unset=True)
     a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
     a("--data-dir", dest="data_dir", metavar="ROOT",
       help="data root holding mnist/ or fashion-mnist/ (else $CAPSFLOW_DATA, then "
@@ -74,14 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
     """Defaults, then the checkpoint's settings (when resuming), then the flags given."""
-    config = TrainConfig()
-    for name, value in (saved or {}).items():
-        if hasattr(config, name):
-            setattr(config, name, value)
+    config = TrainConfig.from_json(saved or {})
     for flag, name in _CONFIG_FLAGS.items():
         value = getattr(args, flag, None)  # commands built on train (compare) lack some flags
         if value is not None:
             setattr(config, name, value)
+    config.options = options_from_args(args, config.options)
     config.check()
     return config
 
@@ -92,8 +87,7 @@ def main(args: argparse.Namespace) -> int:
         args.overrides = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
     graph = compile_from_args(args)
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
-    get_backend(config.backend)  # an unusable backend fails before the data is loaded
-    use_precision(getattr(args, "precision", "fp32"))  # read by capsflow.backends.cuda.gemm on CuPy
+    get_backend(config.options)  # an unusable backend fails before the data is loaded
     if args.save_dir:
         save_dir = Path(args.save_dir)
     else:
@@ -123,4 +117,4 @@ def describe(graph, config: TrainConfig, data, save_dir: Path) -> str:
             f"{config.dataset}: {data.train_images.shape[0]} train / "
             f"{data.test_images.shape[0]} test examples, batch {config.batch_size}, "
             f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, {shifts}, "
-            f"{config.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")
+            f"{config.options.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")

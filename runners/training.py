@@ -38,9 +38,10 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from capsflow.backends import get_backend, to_numpy
+from capsflow.backends import Backend, get_backend, to_numpy
 from capsflow.training.checkpoint import load_npz, save_npz_atomic
 from capsflow.errors import CapsflowError
+from capsflow.options import Options
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import TrainStep
 from capsflow.runners.data import BatchIterator, load_split, one_hot
@@ -76,12 +77,11 @@ class TrainConfig:
     data_dir: Optional[str] = None
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
-    backend: str = "numpy"
     dtype: str = "float32"
-    cuda_graph: bool = True        # on CuPy with Adam: replay each step as CUDA graphs
+    options: Options = Options()   # backend, precision, fast paths: how the numbers are made
 
     # Settings a resumed run must share with its checkpoint, or it would not continue
-    # the same run. The others (epochs, reporting, backend, test subset) may change.
+    # the same run. The others (epochs, reporting, options, test subset) may change.
     FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_decay", "seed", "shift",
                        "dataset", "limit_train", "dtype")
 
@@ -101,6 +101,20 @@ class TrainConfig:
         if self.shift < 0:
             raise CapsflowError(f"the shift must be >= 0 pixels, got {self.shift}")
         make_optimizer(self.optimizer, self.lr)  # unknown names raise one line
+
+    def to_json(self) -> dict:
+        """The record stored in checkpoints (``meta["config"]``)."""
+        return dict({f.name: getattr(self, f.name) for f in fields(self)},
+                    options=asdict(self.options))
+
+    @classmethod
+    def from_json(cls, record: dict) -> "TrainConfig":
+        """A checkpoint's config; settings it does not name keep their defaults."""
+        config = cls()
+        for name, value in record.items():
+            if hasattr(config, name):
+                setattr(config, name, Options(**value) if name == "options" else value)
+        return config
 
 
 _FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
@@ -236,7 +250,7 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 
 def batched_outputs(graph: Any, params: dict, images: np.ndarray,
                     labels: Optional[np.ndarray] = None, outputs: tuple = ("lengths",),
-                    batch_size: int = 100, backend: str = "numpy",
+                    batch_size: int = 100, backend: Options | Backend = Options(),
                     desc: Optional[str] = None) -> Iterator[tuple]:
     """Forward passes (``graph.run``, no backward) over ``images`` in order.
 
@@ -244,6 +258,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         images: float32 (N, 1, 28, 28). labels: int (N,) or None; when given, ``y`` is
             fed, so the decoder is masked by the true label and ``loss`` can be asked for;
             without labels the decoder uses the predicted class.
+        backend: the run's Options, or the Backend made from them (as graph.run takes).
         desc: show a tqdm bar with this description.
     Yields:
         (slice into the N examples, {output name: host NumPy array}) per batch.
@@ -263,7 +278,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
 
 
 def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
-                   batch_size: int = 100, backend: str = "numpy",
+                   batch_size: int = 100, backend: Options | Backend = Options(),
                    desc: Optional[str] = None) -> dict:
     """Mean loss and accuracy over a split, forward passes only.
 
@@ -330,8 +345,9 @@ class Trainer:
     """Trains ``graph`` on ``data`` with ``config``; checkpoints and metrics in ``save_dir``.
 
     ``log`` receives the human-readable lines (epoch summaries, notes); ``progress_bar``
-    switches the tqdm bars. Parameters live on the backend for the whole run and are
-    updated in place by the optimizer.
+    switches the tqdm bars. Parameters live on the backend for the whole run. The
+    optimizer holds and updates (in place) the trainable ones only: a ``trainable: false``
+    parameter keeps its initial (or restored) value and is saved with the others.
     """
 
     def __init__(self, graph: Any, data: Data, config: TrainConfig, save_dir: str | Path,
@@ -340,13 +356,15 @@ class Trainer:
         self.graph, self.data, self.config = graph, data, config
         self.save_dir = Path(save_dir)
         self.log, self.progress_bar = log, progress_bar
-        self.backend = get_backend(config.backend)
+        self.backend = get_backend(config.options)
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         host = graph.init_params(config.seed, config.dtype)
+        if not graph.trainable(host):
+            raise CapsflowError(f"{graph.spec.file} has no trainable parameter to train")
         self.params = {k: self.backend.asarray(v) for k, v in host.items()}
         self.optimizer = make_optimizer(config.optimizer, config.lr)
-        self.opt_state = self.optimizer.init_state(self.params)
+        self.opt_state = self.optimizer.init_state(graph.trainable(self.params))
         self.schedule = ExponentialDecay(config.lr, config.lr_decay)
         self.batches = BatchIterator(data.train_images, data.train_labels, config.batch_size,
                                      shuffle=True, augment_shift=config.shift,
@@ -371,7 +389,7 @@ class Trainer:
         """The JSON record stored with every checkpoint."""
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "graph_file": str(self.graph.spec.file), "graph_name": self.graph.spec.name,
-                "overrides": self.overrides, "config": _config_json(self.config),
+                "overrides": self.overrides, "config": self.config.to_json(),
                 "progress": self.state.to_json()}
 
     def save(self, path: str | Path) -> None:
@@ -399,7 +417,8 @@ class Trainer:
                        for k in self.graph.spec.params}
         try:
             self.opt_state = state_from_flat(ckpt.optim, self.backend.xp)
-            _check_opt_state(self.opt_state, self.optimizer.init_state(self.params))
+            fresh = self.optimizer.init_state(self.graph.trainable(self.params))
+            _check_opt_state(self.opt_state, fresh)
             self.state = Progress.from_json(ckpt.meta["progress"])
             if self.state.iterator is not None:
                 self.batches.set_state(self.state.iterator)
@@ -432,10 +451,9 @@ class Trainer:
             self.metrics_path.write_text("")  # a fresh run starts a fresh file
         records = []
         # Built here, after any restore() has replaced the parameters and optimizer state:
-        # captured CUDA graphs hold on to the arrays they were captured with.
+        # a recorded step holds on to the arrays it was recorded with.
         self.train_step = TrainStep(self.graph, self.params, self.optimizer, self.opt_state,
-                                    backend=self.config.backend, outputs=["loss", "lengths"],
-                                    cuda_graph=self.config.cuda_graph)
+                                    backend=self.backend, outputs=["loss", "lengths"])
         try:
             while self.state.epoch < self.config.num_epochs:
                 records.append(self._epoch())
@@ -480,7 +498,7 @@ class Trainer:
         test = None
         if validate:
             test = evaluate_split(self.graph, self.params, self.data.test_images,
-                                  self.data.test_labels, cfg.batch_size, cfg.backend,
+                                  self.data.test_labels, cfg.batch_size, self.backend,
                                   desc="test" if self.progress_bar else None)
         with _interrupts_deferred():
             return self._finish_epoch(lr, test, time.perf_counter() - started)
@@ -573,10 +591,6 @@ def _declared_overrides(graph: Any) -> dict:
     return {k: v for k, v in graph.spec.vars.items() if default.get(k) != v}
 
 
-def _config_json(config: TrainConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(config)}
-
-
 def _check_opt_state(state: dict, fresh: dict) -> None:
     """The restored optimizer state must have the slots and shapes of a fresh one."""
     for slot, arrays in fresh.items():
@@ -608,7 +622,8 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Optional[dict] = None,
-               backend: str = "numpy", log: Callable[[str], None] = print) -> tuple:
+               backend: Options | Backend = Options(),
+               log: Callable[[str], None] = print) -> tuple:
     """A trained model for inference: (graph, params on ``backend``, Checkpoint).
 
     The graph is ``graph_path`` compiled with the checkpoint's variable overrides,

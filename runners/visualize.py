@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from capsflow.backends import to_numpy
+from capsflow.backends import Backend, get_backend, to_numpy
 from capsflow.errors import CapsflowError
+from capsflow.options import Options, options_from_args
 from capsflow.runners.data import IMAGE_SIZE, one_hot
 from capsflow.runners.evaluate import CLASS_NAMES, add_model_arguments, open_model
 from capsflow.runners.training import METRICS, batched_outputs, read_metrics
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise CapsflowError(f"--count must be >= 1, got {args.count}")
-    graph, params, ckpt, dataset, images, labels = open_model(args)
+    backend = get_backend(options_from_args(args))
+    graph, params, ckpt, dataset, images, labels = open_model(args, backend)
     if CAPSULES not in graph.spec.outputs:
         raise CapsflowError(f"{args.graph} has no output '{CAPSULES}' (the digit capsules, "
                             f"N x 10 x 16) to perturb")
@@ -56,9 +58,9 @@ def main(args: argparse.Namespace) -> int:
     names = CLASS_NAMES[dataset]
     written = [
         reconstruction_figure(graph, params, images[:args.count], labels[:args.count], names,
-                              out / "recon.png", args.bs, args.backend),
+                              out / "recon.png", args.bs, backend),
         perturbation_figure(graph, params, images[args.index:args.index + 1], names,
-                            out / "perturbation.png", args.index, args.backend),
+                            out / "perturbation.png", args.index, backend),
     ]
     metrics = Path(args.metrics) if args.metrics else ckpt.path.parent / METRICS
     if metrics.is_file():
@@ -95,7 +97,7 @@ def _grid(images: np.ndarray, nrow: int) -> np.ndarray:
 
 def reconstruction_figure(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
                           names: list, path: Path, batch_size: int = 100,
-                          backend: str = "numpy") -> Path:
+                          backend: Options | Backend = Options()) -> Path:
     """Inputs (left) and reconstructions from the predicted capsule (right)."""
     recon = np.empty((images.shape[0], IMAGE_SIZE * IMAGE_SIZE), dtype=np.float32)
     pred = np.empty(images.shape[0], dtype=np.int64)
@@ -135,7 +137,7 @@ def perturbed_capsules(v: np.ndarray, cls: int, deltas: np.ndarray = DELTAS) -> 
 
 
 def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list, path: Path,
-                        index: int = 0, backend: str = "numpy") -> Path:
+                        index: int = 0, backend: Options | Backend = Options()) -> Path:
     """The 16 x 11 grid of decoded capsule perturbations for one image (1, 1, 28, 28)."""
     out = graph.run(params, {"x": image}, backend=backend, outputs=["lengths", CAPSULES])
     lengths, v = to_numpy(out["lengths"])[0], to_numpy(out[CAPSULES])[0]   # (10,), (10, 16)

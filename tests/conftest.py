@@ -32,16 +32,14 @@ def no_user_data(tmp_path, monkeypatch):
 
 @pytest.fixture
 def emu(monkeypatch):
-    """tests/cuda_emulator.py's stand-in for CuPy, registered as the 'cupy' backend for
-    one test (skipped without g++)."""
+    """tests/cuda_emulator.py's stand-in for CuPy, registered as the 'cupy' array module
+    for one test (skipped without g++); backends are made afresh during the test, so
+    that real and emulated CuPy never mix."""
     import cuda_emulator
-    from capsflow import backends as backend
-    from capsflow.backends.cuda import kernels as cuda_kernels
-    from capsflow.training import optim
+    import capsflow.backends
     if not cuda_emulator.available():
         pytest.skip("needs g++")
     xp = cuda_emulator.emulated_cupy()
-    monkeypatch.setattr(cuda_kernels, "_compiled", {})  # never mix with real CuPy kernels
-    monkeypatch.setitem(backend._cache, "cupy", backend.Backend("cupy", xp))
-    monkeypatch.setattr(optim, "get_xp", lambda arr: xp)
+    monkeypatch.setitem(capsflow.backends.ARRAY_MODULES, "cupy", lambda: xp)
+    monkeypatch.setattr(capsflow.backends, "_cache", {})
     return xp

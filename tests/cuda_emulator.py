@@ -13,9 +13,12 @@ passing wrongly. Pointer arguments must be C-contiguous NumPy arrays of the kern
 element type, as on the GPU, where a strided array passed as a pointer reads the
 wrong elements; the emulator refuses anything else.
 
-With the emulated module registered as the 'cupy' backend, every CuPy-only branch of
-the ops (the GPU convolution path, the routing kernels, im2col/col2im, the fused Adam
-update, the fused gradient sums) runs on the CPU and can be compared with NumPy.
+With the emulated module registered as the 'cupy' array module (the ``emu`` fixture of
+conftest.py), every CUDA variant of capsflow/backends/cuda (the GPU convolution, the
+routing kernels, im2col/col2im, the fused Adam update, the fused gradient sums) runs on
+the CPU and can be compared with the ops' reference code. Only capsflow's own cuBLAS
+call and CUDA graph capture cannot run here: gemm.py finds no cuBLAS and uses NumPy's
+matmul, and the recording of a training step is left to its reference.
 """
 from __future__ import annotations
 
@@ -187,7 +190,7 @@ def emulated_cupy() -> types.ModuleType:
     module.RawKernel = RawKernel
     module.ElementwiseKernel = ElementwiseKernel
     # Every kernel has run when its call returns: one stream with nothing to wait for.
-    # (No cuBLAS here: gemm.py finds none and uses NumPy's matmul.)
+    # (No cuBLAS, graph capture or pinned memory here: their variants step aside.)
     stream = types.SimpleNamespace(synchronize=lambda: None)
     module.cuda = types.SimpleNamespace(get_current_stream=lambda: stream)
     return module

@@ -4,10 +4,12 @@ No timing is asserted: only that every figure is there and well formed."""
 import importlib.util
 import json
 import re
+from dataclasses import asdict
 
 import pytest
 
 from capsflow.cli import main
+from capsflow.options import Options
 from conftest import CAPSNET
 
 NUMBER = r"\d+\.\d+"
@@ -70,8 +72,10 @@ def test_report_gives_gpu_steps_in_milliseconds():
     from capsflow.runners.bench import report
     row = {"info": "x", "first_loss": 0.5, "median": 0.00427, "min": 0.0041,
            "cpu_median": 0.00431, "rss_peak": None, "live_peak": None, "device_peak": 476e6}
-    fig = {"graph": "g", "bs": 100, "backend": "cupy", "repeats": 3, "warmup": 1,
-           "machine": "m", "frameworks": {"capsflow": row}, "profile": None}
+    fig = {"graph": "g", "bs": 100, "options": asdict(Options(backend="cupy", replay_steps=False)),
+           "repeats": 3, "warmup": 1, "machine": "m", "frameworks": {"capsflow": row},
+           "profile": None}
     text = report(fig, 5)
     assert "median ms/step" in text and re.search(r"^capsflow\s+4\.27\s+4\.10\s+4\.31\s", text, re.M)
-    assert "median s/step" in report(dict(fig, backend="numpy"), 5)
+    assert "backend cupy fp32, --no-replay, 3 timed steps" in text
+    assert "median s/step" in report(dict(fig, options=asdict(Options())), 5)

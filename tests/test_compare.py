@@ -27,7 +27,7 @@ def compared(tmp_path_factory):
     twin = out / "twin.yaml"
     twin.write_text(f"extends: {CAPSNET}\nname: twin\n")
     code = cli_main(["compare", str(CAPSNET), str(twin), str(LEAKY), "--steps", "3",
-                     "--out", str(out), *TINY])
+                     "--out", str(out), "--precision", "tf32", *TINY])
     return code, out
 
 
@@ -46,6 +46,7 @@ def test_compare_writes_the_table_csv_and_curves(compared, capsys):
     assert "| variant | parameters | ms/step | final train loss | test accuracy | routing " \
            "iterations |" in md
     assert "| capsnet-leaky | 8,215,568 |" in md and "--steps 3" in md
+    assert "--precision tf32" in md               # the options given, in the command line
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob("*/*.npz"))          # checkpoints only with --keep-checkpoints
 

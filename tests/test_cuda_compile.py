@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from capsflow.backends.cuda import kernels as cuda_kernels
+from capsflow.backends.cuda import kernels
 
 
 def _nvrtc():
@@ -31,7 +31,7 @@ def _nvrtc():
 
 
 NVRTC = _nvrtc()
-SOURCES = {name: getattr(cuda_kernels, name) for name in ("_ROWWISE", "_ROUTING", "_CONV", "_OUTER")}
+SOURCES = {name: getattr(kernels, name) for name in ("_ROWWISE", "_ROUTING", "_CONV", "_OUTER")}
 
 
 def compile_log(source: str) -> tuple:
@@ -53,20 +53,20 @@ def compile_log(source: str) -> tuple:
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_kernel_sources_compile(name, dtype):
-    status, log = compile_log(cuda_kernels.typed_source(SOURCES[name], dtype))
+    status, log = compile_log(kernels.typed_source(SOURCES[name], dtype))
     assert status == 0, log
 
 
 @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
 def test_a_broken_source_fails_to_compile():
-    status, log = compile_log(cuda_kernels.typed_source(SOURCES["_CONV"].replace("+=", "+==", 1),
+    status, log = compile_log(kernels.typed_source(SOURCES["_CONV"].replace("+=", "+==", 1),
                                                         np.float32))
     assert status != 0 and "error" in log
 
 
 def test_sources_are_typed_as_the_kernels_are():
-    assert set(cuda_kernels._CTYPES.values()) == {"float", "double"}
-    assert cuda_kernels._CTYPES[np.dtype(np.float32)] == "float"
+    assert set(kernels._CTYPES.values()) == {"float", "double"}
+    assert kernels._CTYPES[np.dtype(np.float32)] == "float"
 
 
 @pytest.mark.skipif(NVRTC is None, reason="needs libnvrtc (pip's nvidia-cuda-nvrtc)")
@@ -74,5 +74,5 @@ def test_nvrtc_takes_the_wide_loads_not_the_emulators_loops():
     """load4/store4 have a CUDA branch (16-byte accesses) and a plain-loop branch for
     the CPU emulator, chosen by __CUDACC__: NVRTC must define it."""
     status, log = compile_log("#ifndef __CUDACC__\n#error __CUDACC__ is not defined\n#endif\n"
-                              + cuda_kernels.typed_source(SOURCES["_OUTER"], np.float32))
+                              + kernels.typed_source(SOURCES["_OUTER"], np.float32))
     assert status == 0, log

@@ -1,13 +1,21 @@
 """The speed paths compute what the plain paths compute: fusion against the unfused graph,
-chunked convolutions against single-GEMM ones, in-place gradient sums against fresh ones."""
+the CPU backend's chunked, threaded convolution against itself in other splits, its
+outer products and short reductions against NumPy's."""
 import textwrap
 
 import numpy as np
 import pytest
 
 import capsflow
+from capsflow import Options
+from capsflow.backends import get_backend
+from capsflow.backends.cpu import conv as cpu_conv
+from capsflow.backends.cpu import parallel
 from capsflow.core import fusion
 from capsflow.core.gradcheck import op_gradcheck
+from capsflow.core.opdef import get_op
+
+UNFUSED = Options(fusion=False)
 
 
 def rel(a, b):
@@ -19,8 +27,7 @@ def test_capsnet_fused_matches_unfused_float64(capsnet, batch64):
     x, y = batch64
     params = capsnet.init_params(seed=3, dtype="float64")
     out, grads = capsnet.value_and_grad(params, {"x": x, "y": y})
-    with fusion.disabled():
-        ref_out, ref_grads = capsnet.value_and_grad(params, {"x": x, "y": y})
+    ref_out, ref_grads = capsnet.value_and_grad(params, {"x": x, "y": y}, backend=UNFUSED)
     for k in ref_out:
         assert rel(out[k], ref_out[k]) <= 1e-12, k
     for k in params:
@@ -44,17 +51,19 @@ def test_fusion_lowers_a_copy_and_leaves_the_dag_alone(capsnet):
     assert lowered.needs["routing/1/s"] == (True, True)
     freed = [v for dead in lowered.free_after.values() for v in dead]
     assert "u_hat" in freed and len(freed) == len(set(freed))
-    with fusion.disabled():
-        assert fusion.lower(capsnet.dag, plan) == (capsnet.dag, plan)
 
 
-def test_grad_hook_sees_the_unfused_edges(capsnet, batch64):
+def test_grad_hook_sees_the_unfused_edges_and_says_what_it_needs(capsnet, batch64):
     x, y = batch64
     seen = set()
-    capsnet.value_and_grad(capsnet.init_params(seed=1, dtype="float64"), {"x": x, "y": y},
-                           grad_hook=lambda consumer, value, slot, g: seen.add((consumer, value)))
+    params = capsnet.init_params(seed=1, dtype="float64")
+    hook = lambda consumer, value, slot, g: seen.add((consumer, value))  # noqa: E731
+    capsnet.value_and_grad(params, {"x": x, "y": y}, grad_hook=hook,
+                           backend=Options(fusion=False, factored_grads=False))
     assert ("routing/1/s", "routing/1/weighted") in seen
     assert ("routing/1/weighted", "routing/1/c_col") in seen
+    with pytest.raises(capsflow.CapsflowError, match="fusion=False, factored_grads=False"):
+        capsnet.value_and_grad(params, {"x": x, "y": y}, grad_hook=hook)
 
 
 SPEC = """
@@ -86,8 +95,7 @@ def test_small_graph_fusion_with_list_axis_and_second_slot(tmp_path):
     inputs = {"x": rng.standard_normal((2, 3, 4)), "c": rng.standard_normal((2, 4))}
     params = graph.init_params(seed=0, dtype="float64")
     out, grads = graph.value_and_grad(params, inputs)
-    with fusion.disabled():
-        ref_out, ref_grads = graph.value_and_grad(params, inputs)
+    ref_out, ref_grads = graph.value_and_grad(params, inputs, backend=UNFUSED)
     assert rel(out["s"], ref_out["s"]) <= 1e-14 and rel(grads["w"], ref_grads["w"]) <= 1e-14
 
 
@@ -99,80 +107,35 @@ def test_a_product_read_elsewhere_is_not_fused(tmp_path):
 @pytest.mark.parametrize("chunk_bytes", [1, 10 ** 9])
 def test_conv2d_row_chunks_give_the_same_gradients(monkeypatch, chunk_bytes):
     """One GEMM per kernel row (tiny budget) and one GEMM in all pass the same check."""
-    from capsflow.ops import conv
-    monkeypatch.setattr(conv, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(cpu_conv, "CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(2)
     args = [rng.standard_normal((2, 3, 9, 8)), rng.standard_normal((4, 3, 5, 3)),
             rng.standard_normal(4)]
     for attrs in ({"stride": 2, "padding": 1}, {"stride": 1, "padding": 0}):
-        errors = op_gradcheck("conv2d", args, attrs)
+        errors = op_gradcheck("conv2d", args, attrs)  # the CPU variant, on NumPy
         assert max(errors) <= 1e-6, (chunk_bytes, attrs, errors)
 
 
 def test_row_chunks_cover_the_kernel_within_budget():
-    from capsflow.ops.conv import row_chunks
+    row_chunks = cpu_conv.row_chunks
     assert row_chunks(9, 100, budget=250) == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9)]
     assert row_chunks(9, 100, budget=10 ** 6) == [(0, 9)]
     assert row_chunks(3, 10 ** 9, budget=1) == [(0, 1), (1, 2), (2, 3)]
 
 
-def test_in_place_gradient_sums_leave_shared_gradients_alone(tmp_path):
-    """add's VJP hands the same array to both inputs; summing into one of them later
-    must not change the other (the executor only adds in place into sums it made)."""
-    path = tmp_path / "fan.yaml"
-    path.write_text(textwrap.dedent("""
-        inputs: {x: {shape: [N, 3]}}
-        params:
-          w: {shape: [3], init: {constant: 0.5}}
-          v: {shape: [3], init: {constant: 2.0}}
-        nodes:
-          - {id: a, op: mul, in: [x, w]}
-          - {id: b, op: mul, in: [x, v]}
-          - {id: ab, op: add, in: [a, b]}      # VJP gives a and b the same array
-          - {id: a2, op: mul, in: [a, a]}      # a gets two more contributions
-          - {id: t, op: add, in: [ab, a2]}
-          - {id: loss, op: sum, in: [t], attrs: {axis: null}}
-        outputs: {loss: loss}
-    """))
-    graph = capsflow.compile(path)
-    x = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]])
-    params = graph.init_params(dtype="float64")
-    _, grads = graph.value_and_grad(params, {"x": x})
-    a = x * 0.5
-    np.testing.assert_allclose(grads["v"], x.sum(0))                 # d/dv sum(x v) untouched
-    np.testing.assert_allclose(grads["w"], (x * (1 + 2 * a)).sum(0))
-
-
-def test_private_recognises_only_unshared_arrays():
-    from capsflow.core.executor import _private
-    fresh = np.ones(3)
-    assert _private(fresh)
-    alias = fresh
-    assert not _private(fresh)
-    del alias
-    view = fresh[1:]
-    assert not _private(fresh) and not _private(view)
-    del view
-    assert _private(fresh)
-    assert not _private(np.broadcast_to(np.ones(3), (2, 3)))
-    assert not _private(np.float64(1.0))
-
-
 def test_batch_parallel_conv_matches_one_part(monkeypatch):
     """The conv's batch split over threads sums the same products as one part does."""
-    from capsflow.ops import parallel
-    from capsflow.core.opdef import get_op
-    op = get_op("conv2d")
+    be = get_backend("numpy")
     rng = np.random.default_rng(4)
     x, w = rng.standard_normal((5, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)
     results = []
     for workers in (1, 3):
         monkeypatch.setitem(parallel._state, "workers", workers)
-        out, extras = op.forward_fn(np, x, w, b, stride=2, padding=1)
+        out, extras = cpu_conv.threaded.forward_fn(be, x, w, b, stride=2, padding=1)
         g = rng.standard_normal(out.shape) if not results else results[0][1]
-        grads = op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True, True),
-                          stride=2, padding=1)
+        grads = cpu_conv.threaded.vjp_fn(be, {"xt": extras["xt"], "w": w}, g, (True, True, True),
+                                         stride=2, padding=1)
         results.append((out, g, grads))
     (out1, _, g1), (out3, _, g3) = results
     assert rel(out3, out1) <= 1e-14
@@ -183,7 +146,7 @@ def test_ordered_sum_adds_in_part_order_whatever_the_arrival_order():
     """Where float addition's order shows (1e16 - 1e16 + 1), every arrival order of the
     parts' contributions gives the sum in part order: results repeat from run to run."""
     import itertools
-    from capsflow.ops.parallel import OrderedSum
+    OrderedSum = parallel.OrderedSum
     parts = [slice(0, 2), slice(2, 4), slice(4, 6)]
     values = [np.array([1e16]), np.array([-1e16]), np.array([1.0])]
     in_order = (values[0] + values[1]) + values[2]
@@ -197,29 +160,26 @@ def test_ordered_sum_adds_in_part_order_whatever_the_arrival_order():
 
 def test_batch_parallel_conv_gradients_repeat_exactly(monkeypatch):
     """With several parts the conv's weight gradient is the same, bit for bit, on every run."""
-    from capsflow.ops import parallel
-    from capsflow.core.opdef import get_op
-    op = get_op("conv2d")
+    be = get_backend("numpy")
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((8, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
     monkeypatch.setitem(parallel._state, "workers", 4)
-    out, extras = op.forward_fn(np, x, w, None, stride=1, padding=0)
+    out, extras = cpu_conv.threaded.forward_fn(be, x, w, None, stride=1, padding=0)
     g = rng.standard_normal(out.shape)
-    first = op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True), stride=1, padding=0)
+    saved = {"xt": extras["xt"], "w": w}
+    first = cpu_conv.threaded.vjp_fn(be, saved, g, (True, True), stride=1, padding=0)
     for _ in range(5):
-        again = op.vjp_fn(np, {"xt": extras["xt"], "w": w}, g, (True, True), stride=1, padding=0)
+        again = cpu_conv.threaded.vjp_fn(be, saved, g, (True, True), stride=1, padding=0)
         for a, b in zip(again, first):
             np.testing.assert_array_equal(a, b)
 
 
-def test_batch_parts_split_numpy_batches_only():
-    from types import SimpleNamespace
-    from capsflow.ops.parallel import batch_parts, in_parallel
-    parts = batch_parts(np, 7)
-    assert parts[0].start == 0 and parts[-1].stop == 7
-    assert sum(p.stop - p.start for p in parts) == 7
-    assert batch_parts(SimpleNamespace(__name__="cupy"), 7) == [slice(0, 7)]
-    assert in_parallel(lambda s: s.stop - s.start, [slice(0, 3), slice(3, 7)]) == [3, 4]
+def test_batch_parts_cover_the_batch(monkeypatch):
+    monkeypatch.setitem(parallel._state, "workers", 3)
+    parts = parallel.batch_parts(7)
+    assert parts == [slice(0, 2), slice(2, 4), slice(4, 7)]
+    assert parallel.batch_parts(2) == [slice(0, 1), slice(1, 2)]
+    assert parallel.in_parallel(lambda s: s.stop - s.start, [slice(0, 3), slice(3, 7)]) == [3, 4]
 
 
 
@@ -230,18 +190,18 @@ def test_batch_parts_split_numpy_batches_only():
     ("ij,kl->ijkl", [(2, 3), (4, 5)]),
 ])
 def test_outer_products_equal_einsum_exactly(eq, shapes):
-    """No index is summed: one broadcast multiply into a C-ordered result."""
-    from capsflow.ops.linalg import contract, parse_equation
+    """No index is summed: the CPU variant's GEMM or broadcast multiply into a C-ordered
+    result."""
     rng = np.random.default_rng(6)
     xs = [rng.standard_normal(s) for s in shapes]
-    got = contract(np, *parse_equation(eq, 2), *xs)
+    got = get_op("einsum").compute(get_backend("numpy"), *xs, eq=eq)
     assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, np.einsum(eq, *xs))
 
 
 @pytest.mark.parametrize("size", [3, 20])
 @pytest.mark.parametrize("kind", ["max", "sum"])
 def test_short_axis_reductions_match_numpy(kind, size):
-    from capsflow.ops.caps import _reduce
+    from capsflow.backends.cpu.caps import reduce_axis
     x = np.random.default_rng(7).standard_normal((4, size, 5))
-    np.testing.assert_allclose(_reduce(np, kind, x, 1), getattr(x, kind)(axis=1, keepdims=True),
+    np.testing.assert_allclose(reduce_axis(kind, x, 1), getattr(x, kind)(axis=1, keepdims=True),
                                rtol=1e-14)

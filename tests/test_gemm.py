@@ -68,21 +68,26 @@ def test_plan_reproduces_matmul(name):
     np.testing.assert_allclose(emulate(a, b), a @ b, rtol=1e-12, atol=1e-12)
 
 
-def test_numpy_runs_numpy_matmul():
+def test_without_cublas_it_is_the_modules_matmul():
     a, b = R(2, 3, 4), R(4, 5)
-    np.testing.assert_array_equal(gemm.matmul(np, a, b), np.matmul(a, b))
+    assert gemm.cublas(np) is None
+    np.testing.assert_array_equal(gemm.matmul(np, a, b, tf32=True), np.matmul(a, b))
 
 
 @pytest.mark.parametrize("eq", ["ijdk,nik->nijd", "nijd,nik->ijdk", "nijd,ijdk->nik",
                                 "nij,nj->ni", "ab,bc->a", "nijd,njd->nij", "nij,nijd->njd",
                                 "ab,cb->ca"])
 def test_einsum_as_one_batched_matmul(eq):
-    """The lowering that CuPy's einsums take (ops.linalg.einsum_via_matmul), on NumPy."""
-    from capsflow.ops.linalg import einsum_via_matmul, parse_equation
+    """The lowering that CuPy's einsums take (backends/cuda/linalg.py), on NumPy."""
+    from capsflow.backends import Backend
+    from capsflow.backends.cuda.linalg import einsum_via_matmul
+    from capsflow.ops.linalg import parse_equation
+    from capsflow.options import Options
     subs, out = parse_equation(eq, 2)
     sizes = dict(zip("abcdijkn", (2, 3, 4, 5, 6, 3, 4, 2)))
     a, b = (R(*[sizes[i] for i in s]) for s in subs)
-    np.testing.assert_allclose(einsum_via_matmul(np, subs, out, a, b), np.einsum(eq, a, b),
+    be = Backend(Options(backend="cupy"), np)
+    np.testing.assert_allclose(einsum_via_matmul(be, subs, out, a, b), np.einsum(eq, a, b),
                                rtol=1e-12, atol=1e-12)
 
 
@@ -123,7 +128,7 @@ def test_plan_declines_an_out_it_cannot_address():
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_numpy_matmul_into_out(accumulate):
+def test_matmul_into_out_without_cublas(accumulate):
     a, b = R(2, 3, 4), R(4, 5)
     out = R(2, 5, 3).swapaxes(1, 2)
     want = a @ b + (out if accumulate else 0)

@@ -19,7 +19,8 @@ def test_capsnet_gradients_match_finite_differences(iters):
 
 
 def test_gradcheck_catches_a_wrong_vjp(monkeypatch):
-    """A check that cannot fail proves nothing: break squash's VJP and watch it fail."""
+    """A check that cannot fail proves nothing: break squash's VJP and watch it fail
+    (the reference VJP, which runs with the fast paths off)."""
     from capsflow.core.opdef import get_op
     graph = capsflow.compile(CAPSNET, overrides={"routing_iters": 1})
     squash = get_op("squash")
@@ -27,5 +28,6 @@ def test_gradcheck_catches_a_wrong_vjp(monkeypatch):
     monkeypatch.setattr(squash, "vjp_fn", lambda xp, saved, g, needs, **a:
                         tuple(1.01 * t for t in original(xp, saved, g, needs, **a)))
     params = graph.init_params(seed=1, dtype="float64")
-    report = graph_gradcheck(graph, params, random_batch(graph, 2, seed=1), directions=1)
+    report = graph_gradcheck(graph, params, random_batch(graph, 2, seed=1), directions=1,
+                             backend=capsflow.Options(fast_paths=False))
     assert report["digit.W"] > 1e-3

@@ -6,16 +6,19 @@ batches of 20), so the whole file takes well under a minute on two cores.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 from conftest import CAPSNET, SHARED_DATA
 
 import capsflow
+from capsflow.backends import get_backend
 from capsflow.cli import main as cli_main
 from capsflow.core.graph import Graph
-from capsflow.runners.training import read_checkpoint, read_metrics
+from capsflow.options import Options
+from capsflow.runners import training
+from capsflow.runners.training import TrainConfig, read_checkpoint, read_metrics
+from capsflow.training.train_step import TrainStep
 
 pytestmark = [pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
                                 reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}"),
@@ -170,9 +173,24 @@ def test_checkpoint_meta_is_plain_json(reference):
         assert "routing_iters" in str(data["spec/routing/paper.yaml"])
 
 
-def test_precision_flag_reaches_the_gemms(tmp_path, monkeypatch):
-    """--precision tf32 sets CUPY_TF32, which capsflow.backends.cuda.gemm reads for each float32 GEMM."""
-    monkeypatch.setenv("CUPY_TF32", "0")
-    assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir", str(tmp_path),
-                 "--precision", "tf32") == 0
-    assert os.environ["CUPY_TF32"] == "1"
+def test_options_reach_the_training_step_and_the_checkpoint(tmp_path, monkeypatch):
+    """--precision tf32 and the other option flags make one Options object: the run's
+    config, the TrainStep's backend and the checkpoint carry it, and a resumed run keeps
+    the options it is not given."""
+    seen = []
+
+    class Recording(TrainStep):
+        def __init__(self, *args, backend, **kwargs):
+            seen.append(get_backend(backend).options)
+            super().__init__(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(training, "TrainStep", Recording)
+    short = ["--limit-train", "20", "--save_dir", str(tmp_path)]
+    assert train("--num_epochs", "1", *short, "--precision", "tf32", "--no-fusion") == 0
+    chosen = Options(precision="tf32", fusion=False)
+    assert seen == [chosen]
+    saved = read_checkpoint(tmp_path / "last.npz").meta["config"]
+    assert TrainConfig.from_json(saved).options == chosen
+    assert train("--num_epochs", "2", *short, "--resume", str(tmp_path / "last.npz"),
+                 "--no-replay") == 0
+    assert seen[-1] == chosen.replace(replay_steps=False)

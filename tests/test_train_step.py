@@ -1,16 +1,15 @@
-"""TrainStep: the trainer's step in two halves, eager or replayed as CUDA graphs. On the
-CPU the graph path runs with cudagraph.Replayed standing in for a captured graph, so the
-static buffers, the per-step Adam numbers and the fallbacks are exercised here; the GPU
-check compares real captured graphs with eager steps."""
+"""TrainStep: the trainer's step in two halves, eager or recorded and replayed. On the
+CPU the replay path runs with train_step.Replayed (the reference recording) standing in
+for the GPU's, so the static buffers, the per-step Adam numbers and the fallbacks are
+exercised here; the GPU check compares real recordings with eager steps."""
 import numpy as np
 import pytest
 
 import capsflow
 from capsflow.training import train_step as ts_module
-from capsflow.backends.cuda.cudagraph import CaptureError
-from capsflow.training.optim import SGD, Adam
 from capsflow.runners.gradcheck import random_batch
-from capsflow.training.train_step import TrainStep
+from capsflow.training.optim import SGD, Adam
+from capsflow.training.train_step import RecordError, TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def test_graph_path_matches_eager_steps(graph):
     batches = _batches(graph, [3, 3, 3, 2, 3])  # the 2-example batch runs eagerly
     p_eager, l_eager, s_eager = _train(graph, False, batches)
     p_graph, l_graph, s_graph = _train(graph, True, batches)
-    assert s_eager.mode == "eager" and s_graph.mode == "cuda graph"
+    assert s_eager.mode == "eager" and s_graph.mode == "replay"
     assert l_graph == l_eager
     for name in p_eager:
         np.testing.assert_array_equal(p_graph[name], p_eager[name])
@@ -60,25 +59,29 @@ def test_eager_step_is_value_and_grad_then_adam(graph):
         np.testing.assert_array_equal(params[name], reference[name])
 
 
-def test_a_failed_capture_says_so_once_and_stays_eager(graph, monkeypatch, capsys):
+def test_a_failed_recording_says_so_once_and_stays_eager(graph, monkeypatch, capsys):
     def refuse(xp, fn):
-        raise CaptureError("NotImplementedError: no capture here")
-    monkeypatch.setattr(ts_module, "capture", refuse)
+        raise RecordError("NotImplementedError: no recording here")
+    monkeypatch.setattr(ts_module.record_step, "reference", refuse)
     batches = _batches(graph, [2, 2, 2])
     p_fallback, l_fallback, step = _train(graph, True, batches)
     p_eager, l_eager, _ = _train(graph, False, batches)
     assert step.mode == "eager" and l_fallback == l_eager
     err = capsys.readouterr().err
-    assert err.count("CUDA graph capture failed, running eagerly (NotImplementedError") == 1
+    assert err.count("recording the training step failed, running it op by op "
+                     "(NotImplementedError") == 1
 
 
-def test_graphs_only_for_adam_and_an_update_needs_gradients(graph):
+def test_replay_only_for_adam_and_an_update_needs_gradients(graph):
     params = graph.init_params(0, "float64")
     sgd = SGD(0.01)
-    assert not TrainStep(graph, params, sgd, sgd.init_state(params), simulate=True).graphs_wanted
+    assert not TrainStep(graph, params, sgd, sgd.init_state(params), simulate=True).replay_wanted
     adam = Adam()
     step = TrainStep(graph, params, adam, adam.init_state(params))
-    assert not step.graphs_wanted  # NumPy, no simulation
+    assert not step.replay_wanted  # NumPy, no simulation
+    no_replay = capsflow.Options(replay_steps=False)
+    assert not TrainStep(graph, params, adam, adam.init_state(params), backend=no_replay,
+                         simulate=True).replay_wanted
     with pytest.raises(RuntimeError, match="needs a gradients"):
         step.update()
 
@@ -100,7 +103,7 @@ def test_adam_advance_then_apply_is_step():
 @pytest.mark.parametrize("simulate", [False, True])
 def test_a_step_with_a_non_finite_loss_is_not_applied(graph, simulate):
     """update() skips a step whose loss is nan: on the host when eager, in the replayed
-    update itself (Adam reads the flag its first kernel sets) on the graph path; the
+    update itself (Adam reads the flag the recording sets first) on the replay path; the
     steps around it are applied as usual."""
     good = _batches(graph, [3, 3])
     bad = {k: v.copy() for k, v in good[1].items()}
@@ -115,7 +118,7 @@ def test_a_step_with_a_non_finite_loss_is_not_applied(graph, simulate):
     before = {k: v.copy() for k, v in params.items()}
     assert not np.isfinite(float(step.gradients(bad)["loss"]))
     step.update()
-    assert step.mode == ("cuda graph" if simulate else "eager")
+    assert step.mode == ("replay" if simulate else "eager")
     for name in params:
         np.testing.assert_array_equal(params[name], before[name])
     step.gradients(good[0])

@@ -1,9 +1,10 @@
-"""Array backends: the one place where NumPy and CuPy differ.
+"""Array backends: the one place where a backend name becomes an array module.
 
-Everything else in capsflow calls ``xp.<function>`` on the module returned here, so
-NumPy and CuPy run the same op code (the Chainer idiom). Where a path is for one of
-them only (threads and BLAS limits on the CPU, kernels and graphs on the GPU), the code
-asks ``on_cpu(xp)`` or ``on_gpu(xp)`` from here.
+The ops call ``xp.<function>`` on the module chosen here, so NumPy and CuPy run the
+same reference code (the Chainer idiom). What is faster on one of them lives in that
+backend's own package, as registered variants of ops and routines: capsflow/backends/cpu
+(threads, BLAS shapes) and capsflow/backends/cuda (GPU). ``get_backend`` imports the
+package the first time its backend is used.
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def get_backend(spec: "str | Options | Backend | None" = None) -> Backend:
     options = as_options(spec)
     if options not in _cache:
         xp = ARRAY_MODULES[options.backend]()
+        # The engine's own variants (factored gradients) register before any backend's,
+        # so that they are tried first.
+        importlib.import_module("capsflow.core.gradients")
         importlib.import_module(f"capsflow.backends.{VARIANT_PACKAGES[options.backend]}")
         _cache[options] = Backend(options, xp)
     return _cache[options]
@@ -86,35 +90,9 @@ def _import_cupy() -> ModuleType:
 ARRAY_MODULES = {"numpy": _import_numpy, "cupy": _import_cupy}
 
 
-def on_cpu(xp: Any) -> bool:
-    """Whether ``xp`` is NumPy: the CPU-only tricks apply (batch threads, BLAS limits,
-    short-axis loops, window chunks sized for caches)."""
-    return getattr(xp, "__name__", "") == "numpy"
-
-
-def on_gpu(xp: Any) -> bool:
-    """Whether ``xp`` is CuPy (or a stand-in by that name): the GPU paths apply (own
-    cuBLAS call, CUDA kernels, CUDA graphs, one large launch rather than many)."""
-    return getattr(xp, "__name__", "") == "cupy"
-
-
 def get_array_module(*arrays: Any) -> ModuleType:
     """NumPy or CuPy, whichever owns the arrays (NumPy for plain Python values)."""
     for a in arrays:
         if type(a).__module__.startswith("cupy"):
             return importlib.import_module("cupy")
     return np
-
-
-def sliding_windows(xp: ModuleType, x, kh: int, kw: int, stride: int):
-    """View (N, C, OH, OW, kh, kw) of all conv windows of x (N, C, H, W); no copy.
-
-    ``as_strided`` exists in both NumPy and CuPy, ``sliding_window_view`` not in all
-    CuPy versions, hence this helper.
-    """
-    n, c, h, w = x.shape
-    oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-    sn, sc, sh, sw = x.strides
-    return xp.lib.stride_tricks.as_strided(
-        x, shape=(n, c, oh, ow, kh, kw),
-        strides=(sn, sc, sh * stride, sw * stride, sh, sw))

@@ -14,10 +14,9 @@ as ``u``), and the reverse pass runs einsum's VJP: ``dc`` straight from ``g`` an
 without the full-size product ``g * u`` that mul's VJP makes before the executor sums
 it back to ``c``'s shape. The lowered op is the existing ``einsum`` op, so its forward
 and VJP are the ones tests/test_ops_grad.py checks, with the same ``xp`` code on NumPy
-and CuPy; tests/test_fusion.py checks the fused graph against the unfused one.
+and CuPy; tests/test_fast_paths.py checks the fused graph against the unfused one.
 
-The executor lowers every plan unless a ``grad_hook`` wants to see each DAG edge's
-gradient, or a ``disabled()`` block is open.
+The executor lowers every plan when ``Options.fusion`` is on (the default).
 """
 from __future__ import annotations
 
@@ -28,16 +27,8 @@ import weakref
 import networkx as nx
 
 from capsflow.core.schedule import Plan
-from capsflow.core.switch import Switch
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_switch = Switch()
-#: ``with disabled():`` runs the plain, unfused graph (e.g. to check fusion against it).
-disabled = _switch.disabled
-
-
-def enabled() -> bool:
-    return _switch.on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +106,6 @@ def lower(dag: nx.DiGraph, plan: Plan) -> tuple:
     of fusions, so a training loop copies it once; the plan is rewritten on each call
     (a pass over its steps), so every field of the caller's plan carries over.
     """
-    if not _switch.on:
-        return dag, plan
     fusions = tuple(find_weighted_sums(dag, plan))
     if not fusions:
         return dag, plan

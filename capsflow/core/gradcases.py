@@ -39,9 +39,11 @@ CASES = [
     ("einsum", [R(3, 2, 4, 5), R(6, 3, 5)], {"eq": "ijdk,nik->nijd"}),
     ("einsum", [R(2, 3, 4), R(2, 4)], {"eq": "nij,nj->ni"}),
     ("einsum", [R(2, 3), R(3, 4)], {"eq": "ab,bc->a"}),
-    # routing's contractions, which CuPy runs as kernels (capsflow/backends/cuda/kernels.py)
+    # routing's contractions, which the GPU backend runs as kernels of their own
     ("einsum", [R(2, 3, 4, 5), R(2, 4, 5)], {"eq": "nijd,njd->nij"}),
     ("einsum", [R(2, 3, 4), R(2, 3, 4, 5)], {"eq": "nij,nijd->njd"}),
+    # an outer product (routing's gradients): no index summed
+    ("einsum", [R(2, 3, 4), R(2, 4, 5)], {"eq": "nij,njd->nijd"}),
     ("conv2d", [R(2, 3, 7, 7), R(4, 3, 3, 3), R(4)], {"stride": 2}),
     ("conv2d", [R(1, 2, 5, 5), R(3, 2, 3, 3), R(3)], {"stride": 1, "padding": 1}),
     ("conv2d", [R(2, 1, 6, 6), R(2, 1, 3, 3)], {}),

@@ -11,6 +11,7 @@ import numpy as np
 
 from capsflow.backends import get_backend, to_numpy
 from capsflow.core.executor import _saves, _split, unbroadcast
+from capsflow.core.gradients import as_array
 from capsflow.core.opdef import get_op
 
 
@@ -19,32 +20,38 @@ def _rel_err(fd: np.ndarray, an: np.ndarray) -> float:
     return float(np.linalg.norm(fd - an) / scale)
 
 
-def apply_op(name: str, xp: Any, args: list, attrs: dict | None = None) -> tuple:
-    """Run one op's forward and return (out, saved) as the executor would."""
+def apply_op(name: str, backend: Any, args: list, attrs: dict | None = None) -> tuple:
+    """Run one op's forward on ``backend`` (a name or Options: its variant where one
+    applies) as the executor would: (out, saved, attributes, variant that ran)."""
     op = get_op(name)
+    be = get_backend(backend)
     full = {k: a.default for k, a in op.attrs.items()}
     full.update(attrs or {})
-    out, extras = _split(op.forward_fn(xp, *args, **full))
-    return out, _saves(op, {}, args, out, extras), full
+    result, variant = op.run_forward(be, list(args), full)
+    out, extras = _split(result)
+    return out, _saves(op, {}, args, out, extras), full, variant
 
 
-def op_gradcheck(name: str, args: list, attrs: dict | None = None, backend: str = "numpy",
+def op_gradcheck(name: str, args: list, attrs: dict | None = None, backend: Any = "numpy",
                  eps: float = 1e-6, seed: int = 0) -> list:
-    """Relative error of each differentiable input's VJP against central differences.
+    """Relative error of each differentiable input's VJP against central differences, for
+    the implementation that runs on ``backend`` (with ``Options(fast_paths=False)`` the
+    reference; by default the backend's variant where one applies).
 
     Checks <g, f(x)> for a random cotangent g, element by element: keep inputs small.
     Returns one float per input (None where the op gives no gradient by design).
     """
-    xp = get_backend(backend).xp
+    be = get_backend(backend)
+    xp = be.xp
     args = [None if a is None else xp.asarray(a, dtype=xp.float64) for a in args]
     op = get_op(name)
-    out, saved, full = apply_op(name, xp, args, attrs)
+    out, saved, full, variant = apply_op(name, be, args, attrs)
     g = xp.asarray(np.random.default_rng(seed).standard_normal(out.shape))
     needs = tuple(a is not None and op.differentiable(k, len(args)) for k, a in enumerate(args))
-    analytic = op.vjp_fn(xp, saved, g, needs, **full)
+    analytic = [as_array(be, a) for a in op.run_vjp(be, variant, saved, g, needs, full)]
 
     def objective(values: list) -> float:
-        return float((_split(op.forward_fn(xp, *values, **full))[0] * g).sum())
+        return float((op.compute(be, *values, **full) * g).sum())
 
     errors = []
     for k, a in enumerate(args):
@@ -67,7 +74,7 @@ def op_gradcheck(name: str, args: list, attrs: dict | None = None, backend: str 
     return errors
 
 
-def graph_gradcheck(graph: Any, params: dict, inputs: dict, backend: str = "numpy",
+def graph_gradcheck(graph: Any, params: dict, inputs: dict, backend: Any = "numpy",
                     seed: int = 0, loss: str = "loss", directions: int = 2) -> dict:
     """Worst relative error per parameter of the whole graph's gradient, in float64.
 

@@ -1,50 +1,31 @@
-"""Outer-product gradients, kept as their two small factors and summed in one pass.
+"""The gradient accumulator: where the reverse pass sums the contributions that meet at
+a value (a value read by several ops gets one per read), including outer products kept
+as their two factors.
 
-Routing uses u_hat (N, 1152, 10, 16) 2 * iterations - 1 times (each weighted sum and
-each agreement but the last), and einsum's VJP sends each use's gradient back as an
-outer product, 'nij,njd->nijd', as large as u_hat: 74 MB at batch 100 in float32.
-Made one by one, the reverse pass writes five of them and adds them up in four more
-passes over three such arrays each.
+**Factored outer products.** Routing uses u_hat (N, 1152, 10, 16) 2 * iterations - 1
+times, and einsum's VJP sends each use's gradient back as an outer product,
+'nij,njd->nijd', as large as u_hat: 74 MB at batch 100 in float32. Made one by one,
+the reverse pass writes five of them and adds them up in four more passes. With
+``Options.factored_grads`` einsum's VJP runs ``factored_einsum_vjp`` (a variant
+registered here, for every backend), which returns such a product unevaluated, as an
+``Outer`` of its factors; the accumulator keeps a value's terms and writes their sum
+once, when the value's own VJP needs the gradient (``sum_outer_terms``: a backend may
+register a one-pass variant; the reference adds term by term, in arrival order).
 
-While the executor runs a reverse pass (``collecting()``), einsum's VJP returns such a
-product unevaluated, as an ``Outer`` of its factors; the executor keeps a value's
-contributions in a ``Pending`` sum and calls ``total`` when the value's own VJP (or the
-caller) needs the gradient. ``total`` writes the sum once: on CuPy one kernel for up to
-eight terms (cuda_kernels.outer_sum), on NumPy one batched GEMM over the stacked
-factors, elsewhere term by term. The terms are added in the order they arrived, as the
-executor would have added the arrays.
-
-``disabled()`` turns collecting off (every product is made at once, as before), to
-check this path against the plain one (tests/test_outer_grads.py);
-CAPSFLOW_OUTER_GRADS=0 turns it off for a whole process (the GPU check's A/B row).
+**In-place policy.** A contribution may be a view of another array, another value's
+gradient, or an array an op saved: the accumulator never writes into one. The first
+contribution is kept as it is; the second makes a new array, the sum, which the
+accumulator owns; later ones are added into that sum in place.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-from math import prod
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from math import prod
+from typing import Any
 
-from capsflow.backends.cuda import kernels as cuda_kernels
-from capsflow.backends import on_cpu
-from capsflow.core.switch import Switch
-
-_switch = Switch(os.environ.get("CAPSFLOW_OUTER_GRADS", "1") != "0")
-#: ``with disabled():`` makes every outer-product gradient at once, as a plain array.
-disabled = _switch.disabled
-_collecting = Switch(False)
-
-
-@contextlib.contextmanager
-def collecting() -> Iterator[None]:
-    """The block in which einsum's VJP may return ``Outer`` terms (the executor's
-    reverse pass, which knows to ``total`` them); nothing changes when disabled."""
-    previous, _collecting.on = _collecting.on, _switch.on
-    try:
-        yield
-    finally:
-        _collecting.on = previous
+from capsflow.core.opdef import DECLINED, get_op
+from capsflow.core.routine import Routine
+from capsflow.ops.linalg import gradient_equation, parse_equation
 
 
 @dataclass(frozen=True)
@@ -105,14 +86,11 @@ class Outer:
     def dtype(self):
         return self.left.dtype
 
-    def arrays(self) -> tuple:
-        return self.left, self.right
 
-
-def defer(xp: Any, subs: list, out: str, xs: tuple) -> Outer | None:
-    """The einsum ``subs -> out`` of ``xs`` as an ``Outer``, when collecting and it is an
-    outer product of two same-typed operands; None otherwise (compute it at once)."""
-    if not _collecting.on or len(xs) != 2 or xs[0].dtype != xs[1].dtype:
+def as_outer(xp: Any, subs: list, out: str, xs: tuple) -> Outer | None:
+    """The einsum ``subs -> out`` of ``xs`` as an ``Outer`` when it is an outer product of
+    two same-typed operands; None otherwise."""
+    if len(xs) != 2 or xs[0].dtype != xs[1].dtype:
         return None
     layout = outer_layout(subs, out)
     if layout is None:
@@ -121,81 +99,100 @@ def defer(xp: Any, subs: list, out: str, xs: tuple) -> Outer | None:
     return Outer(xp.ascontiguousarray(left), xp.ascontiguousarray(right), shape)
 
 
+def _einsum_vjp_factored(be: Any, saved: dict, g: Any, needs: tuple, *, eq: str):
+    """einsum's VJP with every outer-product gradient returned as an ``Outer``; the other
+    operands' gradients are einsums too, run by einsum's own implementation on ``be``.
+    Declines (the plain VJP runs) when no gradient is an outer product, or when an
+    operand has an index of its own (its gradient is broadcast back)."""
+    xs = saved["operands"]
+    subs, out = parse_equation(eq, len(xs))
+    grads, deferred = [], False
+    for k, sub in enumerate(subs):
+        if not needs[k]:
+            grads.append(None)
+            continue
+        grad_subs, kept = gradient_equation(subs, out, k)
+        if kept != sub:
+            return DECLINED
+        operands = [g] + [xs[j] for j in range(len(xs)) if j != k]
+        term = as_outer(be.xp, grad_subs, kept, operands)
+        if term is None:
+            term = _EINSUM.compute(be, *operands, eq=f"{','.join(grad_subs)}->{kept}")
+        deferred = deferred or isinstance(term, Outer)
+        grads.append(term)
+    return tuple(grads) if deferred else DECLINED
+
+
+_EINSUM = get_op("einsum")
+_EINSUM.variant("*", option="factored_grads").vjp(_einsum_vjp_factored)
+
+
+def _sum_outer_terms_reference(xp: Any, terms: list) -> Any:
+    """A fresh array: the sum of the ``Outer`` terms, added in their order."""
+    first = terms[0]
+    out = xp.multiply(first.left[:, :, :, None], first.right[:, None, :, :])
+    for t in terms[1:]:
+        out += t.left[:, :, :, None] * t.right[:, None, :, :]
+    return out.reshape(first.shape)
+
+
+#: ``sum_outer_terms(be, terms)``: a fresh array holding the sum of the Outer terms.
+sum_outer_terms = Routine("sum_outer_terms", _sum_outer_terms_reference)
+
+
+def as_array(be: Any, g: Any) -> Any:
+    """A VJP's contribution as a plain array (an ``Outer`` evaluated)."""
+    return sum_outer_terms(be, [g]) if isinstance(g, Outer) else g
+
+
 @dataclass
-class Pending:
-    """A gradient still being summed: ``Outer`` terms and at most one plain array."""
-    terms: list = field(default_factory=list)
-    dense: Any = None
+class _Sum:
+    """One value's gradient while it is being summed."""
+    terms: list = field(default_factory=list)   # Outer terms, in arrival order
+    dense: Any = None                           # the sum of the plain contributions
+    owned: bool = False                         # ``dense`` was made here: safe to add into
+
+
+class GradientAccumulator:
+    """Per value, the sum of its gradient contributions (see the module docstring)."""
+
+    def __init__(self, be: Any) -> None:
+        self.be = be
+        self._sums: dict = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sums
+
+    def add(self, name: str, g: Any) -> None:
+        """Add contribution ``g`` (an array, already of the value's shape, or an Outer)."""
+        entry = self._sums.setdefault(name, _Sum())
+        if isinstance(g, Outer):
+            entry.terms.append(g)
+        elif entry.dense is None:
+            entry.dense = g                      # not ours: may be shared, never written
+        elif entry.owned:
+            entry.dense += g
+        else:
+            entry.dense = entry.dense + g        # a new array, ours from now on
+            entry.owned = True
+
+    def pop(self, name: str) -> Any:
+        """The value's total gradient as one array (None if nothing arrived); forgets it."""
+        entry = self._sums.pop(name, None)
+        if entry is None:
+            return None
+        if not entry.terms:
+            return entry.dense
+        total = sum_outer_terms(self.be, entry.terms)
+        if entry.dense is not None:
+            total += entry.dense
+        return total
 
     def arrays(self) -> list:
-        found = [a for t in self.terms for a in t.arrays()]
-        return found + ([self.dense] if self.dense is not None else [])
-
-
-def is_deferred(g: Any) -> bool:
-    return isinstance(g, (Outer, Pending))
-
-
-def add(current: Any, new: Any) -> Pending:
-    """``current + new`` where at least one is deferred, still unevaluated (a plain
-    array is added to the plain part at once)."""
-    pending = current if isinstance(current, Pending) else _pending(current)
-    if isinstance(new, Outer):
-        pending.terms.append(new)
-    elif isinstance(new, Pending):
-        pending.terms.extend(new.terms)
-        if new.dense is not None:
-            pending = add(pending, new.dense)
-    elif pending.dense is None:
-        pending.dense = new
-    else:
-        pending.dense = pending.dense + new  # never in place: either may be shared
-    return pending
-
-
-def _pending(g: Any) -> Pending:
-    return Pending([g]) if isinstance(g, Outer) else Pending([], g)
-
-
-def total(xp: Any, g: Any) -> Any:
-    """The plain array of a gradient, evaluating it when it is deferred."""
-    if not is_deferred(g):
-        return g
-    pending = _pending(g) if isinstance(g, Outer) else g
-    result = _sum_terms(xp, pending.terms)
-    if pending.dense is not None:
-        result += pending.dense
-    return result
-
-
-#: Terms one outer_sum launch takes (the kernel has this many pointer pairs).
-KERNEL_TERMS = 8
-
-
-def _sum_terms(xp: Any, terms: list) -> Any:
-    """A fresh array: the sum of the ``Outer`` terms, in their order."""
-    shape = terms[0].shape
-    lefts, rights = [t.left for t in terms], [t.right for t in terms]
-    out = xp.empty((lefts[0].shape[0], lefts[0].shape[1], lefts[0].shape[2], rights[0].shape[2]),
-                   dtype=terms[0].dtype)
-    if cuda_kernels.outer_sum(xp, lefts[:KERNEL_TERMS], rights[:KERNEL_TERMS], out, accumulate=False):
-        for k in range(KERNEL_TERMS, len(terms), KERNEL_TERMS):
-            cuda_kernels.outer_sum(xp, lefts[k:k + KERNEL_TERMS], rights[k:k + KERNEL_TERMS], out,
-                                   accumulate=True)
-    elif on_cpu(xp) and len(terms) > 1:
-        _stacked_gemm(xp, lefts, rights, out)
-    else:
-        xp.multiply(lefts[0][:, :, :, None], rights[0][:, None, :, :], out=out)
-        for t in terms[1:]:
-            out += t.left[:, :, :, None] * t.right[:, None, :, :]
-    return out.reshape(shape)
-
-
-def _stacked_gemm(xp: Any, lefts: list, rights: list, out: Any) -> None:
-    """out[b, l, j, r] = sum_k L_k[b, l, j] R_k[b, j, r] as a batched GEMM over (b, j):
-    (nl, K) @ (K, nr), written straight into ``out`` through a transposed view."""
-    lhs = xp.stack(lefts, axis=-1).transpose(0, 2, 1, 3)       # (nb, nj, nl, K)
-    rhs = xp.stack(rights, axis=2)                             # (nb, nj, K, nr)
-    from capsflow.ops.parallel import single_threaded_blas  # here: the ops package imports this module
-    with single_threaded_blas(xp):  # many small GEMMs, whose BLAS threads would only spin
-        xp.matmul(lhs, rhs, out=out.transpose(0, 2, 1, 3))
+        """Every array held (for the live-bytes meter)."""
+        found = []
+        for entry in self._sums.values():
+            found += [a for t in entry.terms for a in (t.left, t.right)]
+            if entry.dense is not None:
+                found.append(entry.dense)
+        return found

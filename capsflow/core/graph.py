@@ -31,6 +31,12 @@ class Graph:
     def param_specs(self) -> dict:
         return self.spec.params
 
+    def trainable(self, params: dict) -> dict:
+        """The entries of ``params`` that the spec does not mark ``trainable: false``
+        (the same arrays: an optimizer's in-place updates land in ``params``); only these
+        get gradients."""
+        return {k: params[k] for k, p in self.spec.params.items() if p.trainable}
+
     def param_count(self, names: list | None = None) -> int:
         specs = self.spec.params.values()
         return sum(int(np.prod(p.shape)) for p in specs if names is None or p.name in names)
@@ -63,7 +69,7 @@ class Graph:
         return make_plan(self.dag, self.order, given, chosen,
                          self.spec.outputs[loss] if loss else None, wrt, fed)
 
-    def run(self, params: dict, inputs: dict, backend: str = "numpy",
+    def run(self, params: dict, inputs: dict, backend: Any = "numpy",
             outputs: list | None = None, return_peak: bool = False,
             feed: dict | None = None) -> Any:
         """Forward pass -> {output name: backend array}. ``outputs=None``: every output
@@ -71,18 +77,22 @@ class Graph:
 
         ``feed`` maps op node ids (or aliases such as ``routing/v``) to values used
         instead of computing them, e.g. perturbed digit capsules (N, 10, 16) to decode;
-        nodes needed only by fed ones do not run. Required inputs must still be given."""
+        nodes needed only by fed ones do not run. Required inputs must still be given.
+
+        ``backend`` is a name ("numpy", "cupy") or a ``capsflow.Options`` (which also
+        chooses fast paths and precision)."""
         result = self._execute(params, inputs, backend, outputs, loss=None, feed=feed,
                                track_memory=return_peak)
         return (result.outputs, result.peak_bytes) if return_peak else result.outputs
 
-    def value_and_grad(self, params: dict, inputs: dict, backend: str = "numpy",
+    def value_and_grad(self, params: dict, inputs: dict, backend: Any = "numpy",
                        loss: str = "loss", outputs: list | None = None,
                        return_peak: bool = False, grad_hook: Any = None) -> Any:
         """Forward + reverse pass -> (outputs, {param name: gradient}).
 
         ``grad_hook(consumer, value, slot, gradient)`` sees each gradient contribution
-        (one per DAG edge of the reverse plan); see executor.execute."""
+        (one per DAG edge of the reverse plan); see executor.execute. Only the
+        graph's trainable parameters get gradients."""
         if loss not in self.spec.outputs:
             raise CapsflowError(f"the graph has no output '{loss}' to differentiate; "
                                 f"outputs: {', '.join(self.spec.outputs)}")
@@ -113,7 +123,7 @@ class Graph:
             values[node] = be.asarray(value, dtype=dtype)
             _check_shape(f"fed value '{node}'", self.dag.nodes[node]["shape"], values[node].shape)
         # Counting live bytes walks every held array after each op: only when asked.
-        return execute(self.dag, plan, values, be.xp, LiveBytes() if track_memory else None,
+        return execute(self.dag, plan, values, be, LiveBytes() if track_memory else None,
                        grad_hook)
 
     def _choose_outputs(self, given: set, outputs: list | None) -> dict:

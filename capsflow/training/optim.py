@@ -15,8 +15,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from capsflow.backends.cuda import kernels as cuda_kernels
-from capsflow.backends import get_array_module, to_numpy
+from capsflow.backends import get_array_module, get_backend, to_numpy
+from capsflow.core.routine import Routine
 from capsflow.errors import CapsflowError
 
 Array = Any  # numpy.ndarray or cupy.ndarray
@@ -87,20 +87,22 @@ class Adam:
         grads: Params,
         state: State,
         lr: Optional[float] = None,
+        backend: Any = None,
     ) -> None:
         """Apply one Adam update to ``params`` and ``state`` in place.
 
         ``grads[name]`` has the shape of ``params[name]``; ``lr`` overrides
-        ``self.lr`` for this step (e.g. from a schedule).
+        ``self.lr`` for this step (e.g. from a schedule); ``backend`` as in ``apply``.
         """
         _check_same_keys(params, grads)
-        self.apply(params, grads, state, self.advance(state, lr))
+        self.apply(params, grads, state, self.advance(state, lr), backend)
 
     def advance(self, state: State, lr: Optional[float] = None) -> Tuple[float, float]:
         """Count one step in ``state`` and return its (step_size, sqrt(1 - b2^t)).
 
-        The host half of a step: ``apply`` does the array work. A captured CUDA graph
-        replays only ``apply`` and reads these two numbers from a device buffer.
+        The host half of a step: ``apply`` does the array work. A recorded step
+        (training/train_step.py) replays only ``apply`` and reads these two numbers
+        from a device buffer.
         """
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
@@ -109,42 +111,54 @@ class Adam:
         # torch: step_size = lr / bc1; denom = sqrt(v) / sqrt(bc2) + eps
         return lr / (1.0 - b1 ** t), (1.0 - b2 ** t) ** 0.5
 
-    def apply(self, params: Params, grads: Params, state: State, hyper: Any) -> None:
+    def apply(self, params: Params, grads: Params, state: State, hyper: Any,
+              backend: Any = None) -> None:
         """The array half of a step: update ``params`` and the moments in place.
 
         ``hyper`` is ``advance``'s pair, as Python floats or as a float64 device array
-        (which CuPy's fused kernel reads when it runs). A device array may carry a third
-        value, ``go``: where it is 0 nothing changes (see capsflow/training/train_step.py).
+        (which a backend's fused update reads when it runs). A device array may carry a
+        third value, ``go``: where it is 0 nothing changes (see training/train_step.py).
+        ``backend`` (a name, Options or Backend; by default the parameters' array
+        library) chooses the implementation (``adam_update``).
         """
-        b1, b2 = self.betas
-        device_hyper = host_hyper = None  # made once, on first need
-        for name, p in params.items():
-            g = grads[name]
-            m = state["m"][name]
-            v = state["v"][name]
-            xp = get_xp(p)
-            if cuda_kernels.enabled(xp):
-                if device_hyper is None:
-                    device_hyper = hyper if hasattr(hyper, "dtype") else xp.asarray(hyper, dtype=xp.float64)
-                if cuda_kernels.adam_update(xp, p, g, m, v, device_hyper, self.betas, self.eps):
-                    continue
-            if host_hyper is None:
-                host_hyper = tuple(float(h) for h in to_host(hyper))
-            if len(host_hyper) > 2 and host_hyper[2] == 0:
-                continue
-            step_size, bias2_sqrt = host_hyper[:2]
-            # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
-            m += (g - m) * (1.0 - b1)
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            # out= keeps 0-d parameters as arrays (xp.sqrt would return a scalar)
-            denom = xp.sqrt(v, out=xp.empty_like(v))
-            denom /= bias2_sqrt
-            denom += self.eps
-            # p -= step_size * m / denom, reusing denom as the scratch buffer
-            xp.divide(m, denom, out=denom)
-            denom *= step_size
-            p -= denom
+        be = get_backend(backend if backend is not None else _backend_name(params))
+        adam_update(be, params, grads, state, hyper, self.betas, self.eps)
+
+
+def _adam_update_reference(xp: Any, params: Params, grads: Params, state: State, hyper: Any,
+                           betas: Tuple[float, float], eps: float) -> None:
+    """Adam's array work with ``xp``, as torch.optim.Adam does it."""
+    host_hyper = tuple(float(h) for h in to_host(hyper))
+    if len(host_hyper) > 2 and host_hyper[2] == 0:
+        return
+    step_size, bias2_sqrt = host_hyper[:2]
+    b1, b2 = betas
+    for name, p in params.items():
+        g = grads[name]
+        m = state["m"][name]
+        v = state["v"][name]
+        # m = b1*m + (1-b1)*g, written as torch's lerp: m += (g - m)*(1-b1)
+        m += (g - m) * (1.0 - b1)
+        v *= b2
+        v += (1.0 - b2) * (g * g)
+        # out= keeps 0-d parameters as arrays (xp.sqrt would return a scalar)
+        denom = xp.sqrt(v, out=xp.empty_like(v))
+        denom /= bias2_sqrt
+        denom += eps
+        # p -= step_size * m / denom, reusing denom as the scratch buffer
+        xp.divide(m, denom, out=denom)
+        denom *= step_size
+        p -= denom
+
+
+#: ``adam_update(be, params, grads, state, hyper, betas, eps)``: Adam's array half; a
+#: backend may register a fused variant (one kernel per parameter on CuPy).
+adam_update = Routine("adam_update", _adam_update_reference)
+
+
+def _backend_name(params: Params) -> str:
+    """The backend whose arrays ``params`` are (NumPy for an empty dict)."""
+    return "cupy" if any(type(p).__module__.startswith("cupy") for p in params.values()) else "numpy"
 
 
 class SGD:
@@ -178,8 +192,10 @@ class SGD:
         grads: Params,
         state: State,
         lr: Optional[float] = None,
+        backend: Any = None,
     ) -> None:
-        """Apply one SGD update to ``params`` and ``state`` in place."""
+        """Apply one SGD update to ``params`` and ``state`` in place (one ``xp`` code
+        path on every backend, so ``backend`` is accepted and not needed)."""
         _check_same_keys(params, grads)
         lr = self.lr if lr is None else float(lr)
         first = int(state["t"]) == 0

@@ -1,65 +1,135 @@
 """One training step in two halves, ``gradients`` (forward and backward) and ``update``
-(the optimizer), run op by op or replayed as CUDA graphs.
+(the optimizer), run op by op or recorded once and replayed.
 
 ``update`` never applies a step whose loss is not finite (the trainer then stops,
 without saving that state), and it checks that without making the host wait for the
 loss: so ``gradients``, ``update``, and then reading the loss, queues the whole step on
-a GPU before the host waits once. On CuPy with Adam and ``cuda_graph=True`` each half is
-captured once (capsflow/backends/cuda/cudagraph.py) and then replayed: the batch is copied into the
-same device buffers, Adam's per-step numbers into a small device array (asynchronously,
-from pinned memory), and one launch runs all the kernels of that half. The update's
-graph starts by setting a flag from the forward graph's loss, and Adam's kernel updates
-nothing where the flag is 0. (The step count still advances on the host; training stops
-at such a step anyway.) Eager updates check the loss on the host.
+a device before the host waits once. With ``Options.replay_steps`` and Adam, on a
+backend that registers a variant of ``record_step`` (CuPy), each half is recorded once
+and then replayed: the batch is copied into the same device buffers, Adam's per-step
+numbers into a small device array, and one launch runs all the work of that half. The
+update's recording starts by setting a flag from the forward's loss, and the fused
+Adam update changes nothing where the flag is 0. (The step count still advances on
+the host; training stops at such a step anyway.) Op-by-op updates check the loss on
+the host.
 
-The first step of a run is eager, so that every kernel is compiled before the capture;
-batches of another shape (an epoch's last, shorter batch) run eagerly too. If the
-capture fails, the step says so once on stderr and stays eager.
+The first step of a run is op by op, so that everything is compiled before the
+recording; batches of another shape (an epoch's last, shorter batch) run op by op too.
+If the recording fails, the step says so once on stderr and stays op by op.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from capsflow.backends import HostToDevice, get_backend, to_numpy
-from capsflow.backends.cuda.cudagraph import CaptureError, capture
+from capsflow.backends import get_backend, to_numpy
+from capsflow.core.routine import Routine
 from capsflow.training.optim import Adam
+
+
+class RecordError(RuntimeError):
+    """The step could not be recorded for replay (the caller runs it op by op)."""
+
+
+class Replayed:
+    """The reference recording, on any backend: each ``replay()`` runs ``fn`` again and
+    copies what it returns into the arrays of the first run, as a replayed recording
+    would update them. (The first run happens at construction, to have those arrays;
+    the first replay is that run.) It lets the code around a recording (static
+    buffers, replay order) run, and be tested, on the CPU."""
+
+    def __init__(self, xp: Any, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self.result = fn()
+        self._ran_at_record = True
+
+    def replay(self) -> None:
+        if self._ran_at_record:
+            self._ran_at_record = False
+            return
+        _copy_into(self.result, self._fn())
+
+    def device_bytes(self) -> int:
+        return 0
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    """Copy the arrays of ``src`` into those of ``dst`` (same nesting of dicts and
+    tuples); a NumPy scalar, which cannot be written, is replaced in its dict."""
+    if isinstance(dst, dict):
+        for k in dst:
+            if hasattr(dst[k], "__setitem__"):
+                _copy_into(dst[k], src[k])
+            else:
+                dst[k] = src[k]
+    elif isinstance(dst, (list, tuple)):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
+    elif dst is not None and src is not None:
+        dst[...] = src
+
+
+#: ``record_step(be, fn)``: ``fn``'s work recorded once, an object with ``result``
+#: (what ``fn`` returned), ``replay()`` and ``device_bytes()``; raises RecordError.
+record_step = Routine("record_step", Replayed)
+
+
+def _host_to_device_reference(xp: Any, dst: Any) -> Any:
+    """A writer of ``dst`` by plain assignment (see HostToDevice on CuPy)."""
+    return _Assign(xp, dst)
+
+
+class _Assign:
+    def __init__(self, xp: Any, dst: Any) -> None:
+        self.dst, self._xp = dst, xp
+
+    def write(self, values: Any) -> None:
+        self.dst[...] = self._xp.asarray(np.asarray(values, dtype=self.dst.dtype))
+
+
+#: ``host_to_device(be, dst)``: an object whose ``write(values)`` puts host values into
+#: the small device array ``dst`` every step (on CuPy without making the host wait).
+host_to_device = Routine("host_to_device", _host_to_device_reference)
 
 
 class TrainStep:
     """``gradients(inputs)`` then ``update(lr)``, for ``graph`` with ``params`` updated
-    in place by ``optimizer`` (whose state is ``opt_state``)."""
+    in place by ``optimizer`` (whose state is ``opt_state``, made for the trainable
+    parameters alone: ``optimizer.init_state(graph.trainable(params))``)."""
 
     def __init__(self, graph: Any, params: dict, optimizer: Any, opt_state: dict,
-                 backend: str = "numpy", outputs: Optional[list] = None,
-                 cuda_graph: bool = True, simulate: bool = False) -> None:
+                 backend: Any = "numpy", outputs: Optional[list] = None,
+                 simulate: bool = False) -> None:
         self.graph, self.params = graph, params
+        self.trainable = graph.trainable(params)  # what the optimizer updates (frozen ones not)
         self.optimizer, self.opt_state = optimizer, opt_state
         self.backend = get_backend(backend)
         self.outputs = outputs
-        # ``simulate`` runs the graph machinery on NumPy (cudagraph.Replayed), for tests.
-        self.graphs_wanted = bool(cuda_graph and isinstance(optimizer, Adam)
-                                  and (self.backend.name == "cupy" or simulate))
+        # ``simulate`` records even where only the reference recording exists (NumPy), so
+        # that the tests run the replay machinery.
+        recorded = any(v.applies(self.backend.options) for v in record_step.variants)
+        self.replay_wanted = bool(self.backend.options.replay_steps and isinstance(optimizer, Adam)
+                                  and (recorded or simulate))
         self._grads: Optional[dict] = None
         self._loss = None         # the last gradients() call's loss (eager), for update()
         self._from_graph = False
         self._eager_steps = 0
         self._shape_key: Optional[tuple] = None
-        self._inputs: dict = {}   # the static device buffers the captured graph reads
+        self._inputs: dict = {}   # the static device buffers the recording reads
         self._hyper = None        # static (step_size, sqrt(1 - b2^t), go) for Adam's kernel
-        self._hyper_in = None     # HostToDevice writing the first two of those
-        self._forward = None      # the captured gradients half
-        self._update = None       # the captured update half
+        self._hyper_in = None     # host_to_device's writer of the first two of those
+        self._forward = None      # the recorded gradients half
+        self._update = None       # the recorded update half
 
     @property
     def mode(self) -> str:
-        """'cuda graph' once the step replays captured graphs, else 'eager'."""
-        return "cuda graph" if self._forward is not None else "eager"
+        """'replay' once the step replays its recordings, else 'eager'."""
+        return "replay" if self._forward is not None else "eager"
 
     def device_bytes(self) -> int:
-        """Device memory held by the captured graphs' private pools."""
+        """Device memory held by the recordings' private pools."""
         return sum(c.device_bytes() for c in (self._forward, self._update) if c is not None)
 
     # -- the two halves ------------------------------------------------------------------
@@ -68,18 +138,18 @@ class TrainStep:
         with graphs, arrays that the next step overwrites)."""
         inputs = {k: v for k, v in inputs.items() if v is not None}
         key = tuple(sorted((k, tuple(v.shape)) for k, v in inputs.items()))
-        if self.graphs_wanted and self._eager_steps >= 1 and key == self._shape_key:
+        if self.replay_wanted and self._eager_steps >= 1 and key == self._shape_key:
             try:
                 return self._graphed_gradients(inputs)
-            except CaptureError as exc:
-                print(f"capsflow: CUDA graph capture failed, running eagerly ({exc})",
+            except RecordError as exc:
+                print(f"capsflow: recording the training step failed, running it op by op ({exc})",
                       file=sys.stderr)
-                self.graphs_wanted = False
+                self.replay_wanted = False
                 self._forward = self._update = None
         if self._shape_key is None:
             self._shape_key = key
         outputs, self._grads = self.graph.value_and_grad(
-            self.params, inputs, backend=self.backend.name, outputs=self.outputs)
+            self.params, inputs, backend=self.backend, outputs=self.outputs)
         self._loss = outputs.get("loss")
         self._from_graph = False
         return outputs
@@ -90,25 +160,27 @@ class TrainStep:
         if self._from_graph:
             self._hyper_in.write(self.optimizer.advance(self.opt_state, lr))
             if self._update is None:
-                self._update = capture(self.backend.xp, self._guarded_update)
+                self._update = record_step(self.backend, self._guarded_update)
             self._update.replay()
         else:
             if self._grads is None:
                 raise RuntimeError("update() needs a gradients() call first")
             if self._loss is None or np.isfinite(float(to_numpy(self._loss))):
-                self.optimizer.step(self.params, self._grads, self.opt_state, lr=lr)
+                self.optimizer.step(self.trainable, self._grads, self.opt_state, lr=lr,
+                                    backend=self.backend)
                 self._eager_steps += 1
         self._grads = self._loss = None
         self._from_graph = False
 
-    # -- capture and replay ----------------------------------------------------------------
+    # -- record and replay -----------------------------------------------------------------
     def _guarded_update(self) -> None:
-        """The update half as captured: go = isfinite(loss), then Adam, which reads it."""
+        """The update half as recorded: go = isfinite(loss), then Adam, which reads it."""
         xp = self.backend.xp
         loss = self._forward.result[0].get("loss")
         if loss is not None:
             xp.copyto(self._hyper[2:], xp.isfinite(loss))
-        self.optimizer.apply(self.params, self._forward.result[1], self.opt_state, self._hyper)
+        self.optimizer.apply(self.trainable, self._forward.result[1], self.opt_state, self._hyper,
+                             self.backend)
 
     def _graphed_gradients(self, inputs: dict) -> dict:
         xp = self.backend.xp
@@ -116,10 +188,10 @@ class TrainStep:
             dtype = next(iter(self.params.values())).dtype
             self._inputs = {k: xp.empty(v.shape, dtype=dtype) for k, v in inputs.items()}
             self._hyper = xp.ones(3, dtype=xp.float64)
-            self._hyper_in = HostToDevice(xp, self._hyper[:2])
+            self._hyper_in = host_to_device(self.backend, self._hyper[:2])
             self._load(inputs)
-            self._forward = capture(xp, lambda: self.graph.value_and_grad(
-                self.params, self._inputs, backend=self.backend.name, outputs=self.outputs))
+            self._forward = record_step(self.backend, lambda: self.graph.value_and_grad(
+                self.params, self._inputs, backend=self.backend, outputs=self.outputs))
         else:
             self._load(inputs)
         self._forward.replay()
@@ -127,6 +199,6 @@ class TrainStep:
         return self._forward.result[0]
 
     def _load(self, inputs: dict) -> None:
-        """Copy the batch into the static buffers the captured graph reads."""
+        """Copy the batch into the static buffers the recording reads."""
         for k, buf in self._inputs.items():
             buf[...] = self.backend.asarray(inputs[k], dtype=buf.dtype)

@@ -1,11 +1,11 @@
-"""Matrix products: the one function every op calls for a GEMM, on NumPy and CuPy.
+"""Matrix products: the one function every CUDA variant calls for a GEMM.
 
-On NumPy ``matmul(xp, a, b)`` is ``numpy.matmul``. On CuPy it calls cuBLAS itself,
-``cublasGemmStridedBatchedEx`` through ctypes on a handle of capsflow's own: CuPy
-refuses to call cuBLAS while a stream is being captured, and a training step captured
-as a CUDA graph (capsflow/backends/cuda/cudagraph.py) needs its GEMMs inside the graph. The product
-is the same one CuPy would compute (same library, same routine family, fp32 or TF32
-by ``CUPY_TF32``, see backend.use_precision).
+``matmul(xp, a, b)`` calls cuBLAS itself, ``cublasGemmStridedBatchedEx`` through ctypes
+on a handle of capsflow's own: CuPy refuses to call cuBLAS while a stream is being
+captured, and a training step captured as a CUDA graph (cudagraph.py) needs its GEMMs
+inside the graph. The product is the same one CuPy would compute (same library, same
+routine family), in fp32 or TF32 as ``Options.precision`` says (``matmul_on``). Where
+no cuBLAS can be loaded (NumPy, the CPU emulator of the tests) it is ``xp.matmul``.
 
 Row-major arrays meet column-major cuBLAS by the usual identity: C = A B is computed
 as C^T = B^T A^T, and a row-major matrix with row stride ld is, to cuBLAS, its own
@@ -17,13 +17,10 @@ cuBLAS call (tests/test_gemm.py); the GPU check compares the products with NumPy
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from capsflow.backends import on_cpu, on_gpu
 
 _OP_N, _OP_T = 0, 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
@@ -32,31 +29,32 @@ _GEMM_DEFAULT = -1
 _WORKSPACE_BYTES = 32 * 2 ** 20  # cuBLAS' recommendation for Hopper; set so no capture allocates
 
 
-def matmul(xp: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False) -> Any:
-    """``a @ b`` for a (..., M, K) and b (..., K, N), batch axes broadcast.
+def matmul(xp: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False,
+           tf32: bool = False) -> Any:
+    """``a @ b`` for a (..., M, K) and b (..., K, N), batch axes broadcast; float32
+    products on TF32 tensor cores with ``tf32``.
 
     With ``out`` (an array of the product's shape, any strides) the product is written
-    there, or added to it with ``accumulate``, and ``out`` is returned. On CuPy cuBLAS
-    writes it in place when ``out``'s matrices are row- or column-major with one batch
-    stride (beta = 1 to accumulate), which saves a copy of the product.
+    there, or added to it with ``accumulate``, and ``out`` is returned. cuBLAS writes it
+    in place when ``out``'s matrices are row- or column-major with one batch stride
+    (beta = 1 to accumulate), which saves a copy of the product.
     """
-    if not on_gpu(xp) or a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
+    if a.dtype != b.dtype or a.ndim < 2 or b.ndim < 2 \
             or np.dtype(a.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)) \
-            or (out is not None and out.dtype != a.dtype):
+            or (out is not None and out.dtype != a.dtype) or cublas(xp) is None:
         return _into(xp, a, b, out, accumulate)
-    lib = _cublas(xp)
-    if lib is None:
-        return _into(xp, a, b, out, accumulate)
-    return _run(xp, lib, a, b, out, accumulate)
+    return _run(xp, a, b, out, accumulate, tf32)
+
+
+def matmul_on(be: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False) -> Any:
+    """``matmul`` at the precision that backend ``be``'s options chose."""
+    return matmul(be.xp, a, b, out, accumulate, tf32=be.options.precision == "tf32")
 
 
 def _into(xp: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
     """``xp.matmul`` with ``matmul``'s ``out`` and ``accumulate``."""
-    if out is None:
-        return xp.matmul(a, b)
-    if on_cpu(xp) and not accumulate:
-        return xp.matmul(a, b, out=out)  # NumPy writes any strided ``out``
-    return _store(out, xp.matmul(a, b), accumulate)
+    product = xp.matmul(a, b)
+    return product if out is None else _store(out, product, accumulate)
 
 
 def _store(out: Any, product: Any, accumulate: bool) -> Any:
@@ -190,38 +188,50 @@ def merged_stride(shape: tuple, strides: tuple) -> int | None:
 
 
 # -- the cuBLAS side ---------------------------------------------------------------------------
-_state: dict = {}
+@dataclass(frozen=True)
+class _Cublas:
+    """capsflow's cuBLAS handle, its workspace and the two functions it calls."""
+    handle: Any
+    workspace: Any
+    gemm: Any
+    set_stream: Any
 
 
-def _cublas(xp: Any):
-    """capsflow's cuBLAS handle and functions, or None where they cannot be loaded (then
-    CuPy's own matmul runs, and steps are not captured as graphs)."""
-    if "lib" in _state:
-        return _state["lib"]
-    _state["lib"] = None
-    try:
-        lib = _load_library(xp)
-        handle = ctypes.c_void_p()
-        if lib.cublasCreate_v2(ctypes.byref(handle)) != 0:
-            return None
-        workspace = xp.empty(_WORKSPACE_BYTES, dtype=xp.uint8)
+#: By array module: its _Cublas, or None where none can be loaded (then ``xp.matmul``
+#: runs, and steps are not captured as graphs).
+_loaded: dict = {}
+
+
+def cublas(xp: Any) -> "_Cublas | None":
+    """capsflow's own cuBLAS for array module ``xp``, loaded on first use; None where
+    there is none."""
+    if xp not in _loaded:
         try:
-            lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
-                                      ctypes.c_size_t(_WORKSPACE_BYTES))
-        except AttributeError:  # older cuBLAS: it manages its own workspace
-            pass
-        f = lib.cublasGemmStridedBatchedEx
-        f.restype = ctypes.c_int
-        vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
-        matrix = [vp, i, i, ll]                       # pointer, data type, ld, batch stride
-        f.argtypes = ([vp] + [i] * 5 + [vp] + matrix + matrix  # handle, ops, m, n, k, alpha, A, B
-                      + [vp] + matrix + [i, i, i])             # beta, C, batch, compute, algo
-        lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-        _state.update(handle=handle, workspace=workspace, gemm=f, set_stream=lib.cublasSetStream_v2)
-        _state["lib"] = lib
-    except (OSError, AttributeError, StopIteration):
-        _state["lib"] = None
-    return _state["lib"]
+            _loaded[xp] = _open(xp)
+        except (OSError, AttributeError, StopIteration):
+            _loaded[xp] = None
+    return _loaded[xp]
+
+
+def _open(xp: Any) -> "_Cublas | None":
+    lib = _load_library(xp)
+    handle = ctypes.c_void_p()
+    if lib.cublasCreate_v2(ctypes.byref(handle)) != 0:
+        return None
+    workspace = xp.empty(_WORKSPACE_BYTES, dtype=xp.uint8)
+    try:
+        lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
+                                  ctypes.c_size_t(_WORKSPACE_BYTES))
+    except AttributeError:  # older cuBLAS: it manages its own workspace
+        pass
+    f = lib.cublasGemmStridedBatchedEx
+    f.restype = ctypes.c_int
+    vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+    matrix = [vp, i, i, ll]                       # pointer, data type, ld, batch stride
+    f.argtypes = ([vp] + [i] * 5 + [vp] + matrix + matrix  # handle, ops, m, n, k, alpha, A, B
+                  + [vp] + matrix + [i, i, i])             # beta, C, batch, compute, algo
+    lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    return _Cublas(handle, workspace, f, lib.cublasSetStream_v2)
 
 
 def _load_library(xp: Any):
@@ -242,10 +252,10 @@ def _load_library(xp: Any):
     raise OSError("libcublas not found")
 
 
-def _run(xp: Any, lib: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
+def _run(xp: Any, a: Any, b: Any, out: Any, accumulate: bool, tf32: bool) -> Any:
     p = plan(xp, a, b, out)
     if p is None:  # an ``out`` cuBLAS cannot write: make the product, then copy or add it
-        return _store(out, _run(xp, lib, a, b, None, False), accumulate)
+        return _store(out, _run(xp, a, b, None, False, tf32), accumulate)
     c = xp.empty(p.out_shape, dtype=a.dtype) if p.out is None else p.out
     result = c if out is None else out
     if c.size == 0:
@@ -258,13 +268,12 @@ def _run(xp: Any, lib: Any, a: Any, b: Any, out: Any, accumulate: bool) -> Any:
         dtype, compute, one = _CUDA_R_64F, _COMPUTE_64F, ctypes.c_double(1)
         beta = ctypes.c_double(1 if accumulate else 0)
     else:
-        tf32 = os.environ.get("CUPY_TF32", "0") == "1"
         dtype, compute = _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F
         one, beta = ctypes.c_float(1), ctypes.c_float(1 if accumulate else 0)
-    handle = _state["handle"]
-    _state["set_stream"](handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr))
-    status = _state["gemm"](
-        handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.c_void_p(ctypes.addressof(one)),
+    lib = cublas(xp)
+    lib.set_stream(lib.handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr))
+    status = lib.gemm(
+        lib.handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.c_void_p(ctypes.addressof(one)),
         ctypes.c_void_p(p.A.array.data.ptr), dtype, p.A.ld, p.A.batch_stride,
         ctypes.c_void_p(p.B.array.data.ptr), dtype, p.B.ld, p.B.batch_stride,
         ctypes.c_void_p(ctypes.addressof(beta)),

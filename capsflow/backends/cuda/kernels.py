@@ -1,37 +1,35 @@
 """Hand-written CUDA kernels that CuPy runs in place of chains of small ``xp`` calls.
 
-Each kernel implements one op (or one einsum pattern) that the ``xp`` code also
-implements, and does it in a single launch: squash and softmax over a capsule's last
-axis (forward and VJP), the two routing contractions, a convolution's im2col copy and
-the col2im sum of its input gradient, relu's VJP, the sum of outer-product gradients
-(capsflow/core/gradients.py) and the Adam update. On NumPy nothing here runs; on CuPy a
-caller asks the function here and falls back to its ``xp`` code when the answer is
-None or False (another layout, another dtype, or kernels switched off).
+Each kernel implements one op (or one einsum pattern) that the op's reference ``xp``
+code also implements, and does it in a single launch: squash and softmax over a
+capsule's last axis (forward and VJP), the two routing contractions, a convolution's
+im2col copy and the col2im sum of its input gradient, relu's VJP, the sum of
+outer-product gradients (capsflow/core/gradients.py) and the Adam update. Only the
+CUDA variants of this package call them, and those are on only for
+``Options(backend="cupy", fast_paths=True)``. A function here answers None or False
+where its kernel does not apply (another dtype or layout, too many elements for 32-bit
+indices); the variant then takes another way, or declines and the reference runs.
 
-The kernels are checked against the ``xp`` path on the GPU by ``runners/gpu_check.py``
-(``with disabled():`` runs the plain path). Without a GPU, tests/test_cuda_compile.py
-compiles every source with NVRTC and tests/test_cuda_emulated.py runs the kernels on
-the CPU (g++, one thread after another) against the ``xp`` path; which einsums take a
-kernel is in tests/test_cuda_kernels.py. Kernels must therefore keep their threads
-independent: no shared memory, no two threads writing one element.
+The kernels are checked against the reference on the GPU by check.py. Without a GPU,
+tests/test_cuda_compile.py compiles every source with NVRTC and
+tests/test_cuda_emulated.py runs the kernels on the CPU (g++, one thread after another)
+against the reference; which einsums take a kernel is in tests/test_cuda_kernels.py.
+Kernels must therefore keep their threads independent: no shared memory, no two
+threads writing one element.
 
 Sources are written once for a type ``T`` and compiled per dtype (``typedef float T``
 or ``double``) by NVRTC on first use; CuPy caches the binaries on disk.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
-from capsflow.backends import in_memory_order, memory_order, on_gpu
-from capsflow.core.switch import Switch
+from capsflow.backends.cuda.layout import in_memory_order, memory_order
 
-#: Set CAPSFLOW_CUDA_KERNELS=0 to run every op through its plain ``xp`` code on CuPy.
-_switch = Switch(os.environ.get("CAPSFLOW_CUDA_KERNELS", "1") != "0")
-#: ``with disabled():`` runs every op's plain ``xp`` code (to check the kernels against it).
-disabled = _switch.disabled
+#: Compiled kernels by (array module, name, dtype): the real CuPy's and the test
+#: emulator's never mix.
 _compiled: dict = {}
 
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -297,20 +295,23 @@ SPLITS = 16
 COL2IM_LANES = 8
 
 
-def enabled(xp: Any) -> bool:
-    """Whether ops on ``xp`` should use these kernels (CuPy, and not switched off)."""
-    return _switch.on and on_gpu(xp)
-
-
 def typed_source(source: str, dtype: Any) -> str:
     """What NVRTC compiles for ``source`` (one of the sources above) and ``dtype``."""
     return f"typedef {_CTYPES[np.dtype(dtype)]} T;\n{_VECTOR}{source}"
 
 
 def _kernel(xp: Any, source: str, name: str, dtype: Any):
-    key = (name, np.dtype(dtype))
+    key = (xp, name, np.dtype(dtype))
     if key not in _compiled:
         _compiled[key] = xp.RawKernel(typed_source(source, dtype), name)
+    return _compiled[key]
+
+
+def _elementwise(xp: Any, name: str, *definition: str):
+    """``xp.ElementwiseKernel(*definition, name)``, made once per array module."""
+    key = (xp, name)
+    if key not in _compiled:
+        _compiled[key] = xp.ElementwiseKernel(*definition, name)
     return _compiled[key]
 
 
@@ -320,9 +321,10 @@ def _launch(kernel, total: int, args: tuple) -> None:
         kernel((blocks,), (_THREADS,), args)
 
 
-def _usable(xp: Any, *arrays: Any) -> bool:
+def usable(*arrays: Any) -> bool:
+    """Whether the kernels take these arrays: all float32 or all float64."""
     dtype = arrays[0].dtype
-    return enabled(xp) and np.dtype(dtype) in _CTYPES and all(a.dtype == dtype for a in arrays)
+    return np.dtype(dtype) in _CTYPES and all(a.dtype == dtype for a in arrays)
 
 
 def _last_axis(x: Any, axis: int) -> bool:
@@ -340,7 +342,7 @@ def _aligned(*arrays: Any) -> bool:
 def rowwise(xp: Any, name: str, axis: int, *arrays: Any, eps: float | None = None):
     """``name`` (squash_fwd, squash_vjp, softmax_fwd, softmax_vjp) over the last axis of
     same-shaped ``arrays``, or None when the kernel does not apply."""
-    if not _usable(xp, *arrays) or not _last_axis(arrays[0], axis):
+    if not usable(*arrays) or not _last_axis(arrays[0], axis):
         return None
     arrays = tuple(xp.ascontiguousarray(a) for a in arrays)
     dtype = arrays[0].dtype.type
@@ -378,7 +380,7 @@ def routing_pattern(subs: list, out: str) -> tuple | None:
 def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
     """The einsum ``subs -> out`` of ``xs`` by a routing kernel, or None."""
     found = routing_pattern(subs, out)
-    if found is None or not _usable(xp, *xs):
+    if found is None or not usable(*xs):
         return None
     kind, (ka, kb) = found
     if kind == "contract_d" and int(np.prod(xs[ka].shape[:3])) > INT_MAX:
@@ -408,7 +410,7 @@ def routing_contraction(xp: Any, subs: list, out: str, xs: tuple):
 def outer_sum(xp: Any, lefts: list, rights: list, out: Any, accumulate: bool) -> bool:
     """out (nb, nl, nj, nr) = (or +=) the sum of the outer products of lefts[k] (nb, nl,
     nj) and rights[k] (nb, nj, nr), k < 8; False when the kernel does not apply."""
-    if not lefts or len(lefts) > 8 or out.size > INT_MAX or not _usable(xp, out, *lefts, *rights) \
+    if not lefts or len(lefts) > 8 or out.size > INT_MAX or not usable(out, *lefts, *rights) \
             or not all(a.flags.c_contiguous for a in (out, *lefts, *rights)):
         return False
     nb, nl, nj, nr = out.shape
@@ -424,7 +426,7 @@ def outer_sum(xp: Any, lefts: list, rights: list, out: Any, accumulate: bool) ->
 # -- reductions ------------------------------------------------------------------------------
 def sum_leading(xp: Any, a: Any):
     """``a.sum(axis=0)``, or None when the kernel does not apply."""
-    if not _usable(xp, a) or a.ndim < 1 or a.shape[0] < 1:
+    if not usable(a) or a.ndim < 1 or a.shape[0] < 1:
         return None
     a = xp.ascontiguousarray(a)
     out = xp.empty(a.shape[1:], dtype=a.dtype)
@@ -436,7 +438,7 @@ def sum_leading(xp: Any, a: Any):
 def sum_rows(xp: Any, a: Any):
     """``a.sum(axis=0)`` of a tall (M, K) array in two passes of sum_leading (the rows
     folded into 64 or so partial sums first, so that enough threads run), or None."""
-    if not _usable(xp, a) or a.ndim != 2:
+    if not usable(a) or a.ndim != 2:
         return None
     m = a.shape[0]
     r = next((d for d in range(64, 1, -1) if m % d == 0), 1)
@@ -455,7 +457,7 @@ def column_sums(xp: Any, a: Any):
 def im2col(xp: Any, xt: Any, kh: int, kw: int, stride: int):
     """The windows of xt (N, H, W, C) as (N*OH*OW, kh*kw*C), columns in (kh, kw, C)
     order, or None when the kernel does not apply."""
-    if not _usable(xp, xt):
+    if not usable(xt):
         return None
     xt = xp.ascontiguousarray(xt)
     n, h, w, c = xt.shape
@@ -475,7 +477,7 @@ def col2im(xp: Any, cols: Any, in_shape: tuple, stride: int):
     or None when the kernel does not apply."""
     kh, n, oh, ow, kw, c = cols.shape
     _, h, w, _ = in_shape
-    if not _usable(xp, cols) or n * h * w * c > INT_MAX:
+    if not usable(cols) or n * h * w * c > INT_MAX:
         return None
     cols = xp.ascontiguousarray(cols)
     out = xp.empty((n, h, w, c), dtype=cols.dtype)
@@ -494,15 +496,13 @@ def relu_vjp(xp: Any, g: Any, y: Any):
     in memory as ``y`` is (Conv1's output is channels-last, and so stays its gradient);
     None when the kernel does not apply."""
     dense = y.transpose(memory_order(y)).flags.c_contiguous  # a (transposed) contiguous array
-    if not _usable(xp, g, y) or g.shape != y.shape or not dense:
+    if not usable(g, y) or g.shape != y.shape or not dense:
         return None
-    if "relu_vjp" not in _compiled:
-        _compiled["relu_vjp"] = xp.ElementwiseKernel(
-            "T g, T y", "T dx", "dx = g * (T)(y > 0);", "capsflow_relu_vjp")
+    kernel = _elementwise(xp, "capsflow_relu_vjp", "T g, T y", "T dx", "dx = g * (T)(y > 0);")
 
     def run(y_mem, g_mem):
         dx = xp.empty(y_mem.shape, dtype=y_mem.dtype)
-        _compiled["relu_vjp"](xp.ascontiguousarray(g_mem), y_mem, dx)
+        kernel(xp.ascontiguousarray(g_mem), y_mem, dx)
         return dx
 
     return in_memory_order(run, y, g)
@@ -511,29 +511,28 @@ def relu_vjp(xp: Any, g: Any, y: Any):
 # -- Adam ---------------------------------------------------------------------------------------
 def adam_update(xp: Any, p: Any, g: Any, m: Any, v: Any, hyper: Any, betas: tuple,
                 eps: float) -> bool:
-    """One Adam update of ``p``, ``m``, ``v`` in place, with the arithmetic of the ``xp``
-    path in optim.Adam; ``hyper`` is a device array (step_size, sqrt(1 - b2^t)[, go]),
-    read when the kernel runs (so a captured CUDA graph sees each step's values). With a
-    third value the update happens only where it is nonzero: a graphed step skips itself
-    on the device when its loss is not finite (capsflow/training/train_step.py). False when the
-    kernel does not apply."""
-    if not _usable(xp, p, g, m, v) or not all(a.flags.c_contiguous for a in (p, g, m, v)):
+    """One Adam update of ``p``, ``m``, ``v`` in place, with the arithmetic of the
+    reference (training/optim.py); ``hyper`` is a device array (step_size,
+    sqrt(1 - b2^t)[, go]), read when the kernel runs (so a captured CUDA graph sees each
+    step's values). With a third value the update happens only where it is nonzero: a
+    replayed step skips itself on the device when its loss is not finite
+    (capsflow/training/train_step.py). False when the kernel does not apply."""
+    if not usable(p, g, m, v) or not all(a.flags.c_contiguous for a in (p, g, m, v)):
         return False
-    if "adam" not in _compiled:
-        _compiled["adam"] = xp.ElementwiseKernel(
-            "T g, raw float64 hyper, int32 guarded, float64 b1, float64 b2, float64 eps",
-            "T p, T m, T v",
-            """
-            if (!guarded || hyper[2] != 0) {
-                T mm = m + (g - m) * (T)(1.0 - b1);
-                T vv = v * (T)b2 + (T)(1.0 - b2) * (g * g);
-                T denom = sqrt(vv) / (T)hyper[1] + (T)eps;
-                p = p - (mm / denom) * (T)hyper[0];
-                m = mm;
-                v = vv;
-            }
-            """,
-            "capsflow_adam")
-    _compiled["adam"](g, hyper, np.int32(hyper.size > 2), float(betas[0]), float(betas[1]),
-                      float(eps), p, m, v)
+    kernel = _elementwise(
+        xp, "capsflow_adam",
+        "T g, raw float64 hyper, int32 guarded, float64 b1, float64 b2, float64 eps",
+        "T p, T m, T v",
+        """
+        if (!guarded || hyper[2] != 0) {
+            T mm = m + (g - m) * (T)(1.0 - b1);
+            T vv = v * (T)b2 + (T)(1.0 - b2) * (g * g);
+            T denom = sqrt(vv) / (T)hyper[1] + (T)eps;
+            p = p - (mm / denom) * (T)hyper[0];
+            m = mm;
+            v = vv;
+        }
+        """)
+    kernel(g, hyper, np.int32(hyper.size > 2), float(betas[0]), float(betas[1]), float(eps),
+           p, m, v)
     return True

@@ -28,31 +28,21 @@ def in_memory_order(fn: Any, *arrays: Any) -> Any:
 
 class HostToDevice:
     """A small device array that the host rewrites every step without waiting for the
-    device: on CuPy the values go through pinned host memory by an asynchronous copy on
-    the current stream (a copy from pageable memory, as ``xp.asarray`` makes, waits for
-    the work queued before it). Elsewhere it is a plain assignment."""
+    device: the values go through pinned host memory by an asynchronous copy on the
+    current stream (a copy from pageable memory, as ``xp.asarray`` makes, waits for the
+    work queued before it). Needs ``xp.cuda.alloc_pinned_memory`` and ``dst.set``."""
 
     def __init__(self, xp: ModuleType, dst: Any) -> None:
         self.dst = dst
         self._xp = xp
-        pinned = getattr(getattr(xp, "cuda", None), "alloc_pinned_memory", None)
-        self._async = on_gpu(xp) and pinned is not None and hasattr(dst, "set")
-        if self._async:
-            memory = pinned(dst.nbytes)
-            self.host = np.frombuffer(memory, dst.dtype, dst.size).reshape(dst.shape)
-        else:
-            self.host = np.empty(dst.shape, dst.dtype)
+        memory = xp.cuda.alloc_pinned_memory(dst.nbytes)
+        self.host = np.frombuffer(memory, dst.dtype, dst.size).reshape(dst.shape)
         self._copied = None  # event after the last copy: the host buffer is free again
 
     def write(self, values: Any) -> None:
         if self._copied is not None:
             self._copied.synchronize()  # at once, unless the last copy has not run yet
         self.host[...] = values
-        if not self._async:
-            self.dst[...] = self._xp.asarray(self.host)
-            return
         stream = self._xp.cuda.get_current_stream()
         self.dst.set(self.host, stream=stream)
         self._copied = stream.record()
-
-

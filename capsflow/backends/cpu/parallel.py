@@ -5,8 +5,8 @@ its batch over a few Python threads and run every part of its work in parallel, 
 memory-bound copies and adds included, where a multi-threaded BLAS would parallelise
 only the GEMMs. There are as many threads as BLAS has (which follows
 OPENBLAS_NUM_THREADS and the CPU affinity), and BLAS runs single-threaded meanwhile,
-so the cores are not oversubscribed. Off NumPy (CuPy), and without threadpoolctl to
-hold BLAS to one thread, the batch stays in one part and runs in the calling thread.
+so the cores are not oversubscribed. Without threadpoolctl to hold BLAS to one thread,
+the batch stays in one part and runs in the calling thread.
 """
 from __future__ import annotations
 
@@ -16,14 +16,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from capsflow.backends import on_cpu
-
 _state: dict = {}
 
 
-def batch_parts(xp: Any, n: int) -> list:
-    """Batch rows 0..n as one slice per worker thread (a single slice off NumPy)."""
-    workers = _workers() if on_cpu(xp) else 1
+def batch_parts(n: int) -> list:
+    """Batch rows 0..n as one slice per worker thread."""
+    workers = _workers()
     bounds = [n * k // workers for k in range(workers + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
@@ -60,10 +58,10 @@ class OrderedSum:
             self._next[key] = turn
 
 
-def single_threaded_blas(xp: Any):
-    """Context in which NumPy's BLAS runs on one thread (nothing changes off NumPy or
-    without threadpoolctl): for many small GEMMs, whose threads would only spin."""
-    if not on_cpu(xp) or _blas() is None:
+def single_threaded_blas():
+    """Context in which NumPy's BLAS runs on one thread (nothing changes without
+    threadpoolctl): for many small GEMMs, whose threads would only spin."""
+    if _blas() is None:
         return contextlib.nullcontext()
     return _blas().limit(limits=1, user_api="blas")
 
