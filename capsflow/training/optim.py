@@ -81,14 +81,8 @@ class Adam:
             "v": {k: get_xp(p).zeros_like(p) for k, p in params.items()},
         }
 
-    def step(
-        self,
-        params: Params,
-        grads: Params,
-        state: State,
-        lr: Optional[float] = None,
-        backend: Any = None,
-    ) -> None:
+    def step(self, params: Params, grads: Params, state: State,
+             lr: Optional[float] = None, backend: Any = None) -> None:
         """Apply one Adam update to ``params`` and ``state`` in place.
 
         ``grads[name]`` has the shape of ``params[name]``; ``lr`` overrides
@@ -186,14 +180,8 @@ class SGD:
             "buf": {k: get_xp(p).zeros_like(p) for k, p in params.items()},
         }
 
-    def step(
-        self,
-        params: Params,
-        grads: Params,
-        state: State,
-        lr: Optional[float] = None,
-        backend: Any = None,
-    ) -> None:
+    def step(self, params: Params, grads: Params, state: State,
+             lr: Optional[float] = None, backend: Any = None) -> None:
         """Apply one SGD update to ``params`` and ``state`` in place (one ``xp`` code
         path on every backend, so ``backend`` is accepted and not needed)."""
         _check_same_keys(params, grads)

@@ -175,7 +175,7 @@ extern "C" __global__ void contract_i(const T* __restrict__ C, const T* __restri
 # col2im: the gradient of every input pixel (n, h, w, c) gathered from the windows'
 # gradients cols (KH, N, OH, OW, KW, C) that cover it (the layout of conv2d's batched
 # GEMMs, one per kernel row), visiting only the offsets that land on it, in the order the
-# xp path adds them. A thread takes V channels C/V apart (V <= COL2IM_LANES, as C
+# reference adds them. A thread takes V channels C/V apart (V <= COL2IM_LANES, as C
 # allows): each of its loads is coalesced over the warp, and it has V loads in flight.
 _CONV = r"""
 extern "C" __global__ void im2col(const T* __restrict__ xt, T* __restrict__ out,
@@ -286,7 +286,7 @@ extern "C" __global__ void outer_sum(
 
 #: Kernels that decompose a flat index do it in 32-bit ints (a GPU has no integer
 #: divider: a 64-bit division is a long subroutine, a 32-bit one a few instructions),
-#: so their callers fall back to the xp path for arrays of more elements than this.
+#: so they decline arrays of more elements than this.
 INT_MAX = 2 ** 31 - 1
 
 #: Blocks per example over which contract_i splits the sum over i.
