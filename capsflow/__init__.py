@@ -8,9 +8,10 @@
 """
 from capsflow.core.graph import Graph, compile  # noqa: A004
 from capsflow.errors import BackendError, CapsflowError, SpecError
+from capsflow.lang.limits import Limits
 from capsflow.options import Options
 from capsflow.training.checkpoint import load_params, save_params
 
-__all__ = ["compile", "Graph", "Options", "save_params", "load_params",
+__all__ = ["compile", "Graph", "Limits", "Options", "save_params", "load_params",
            "CapsflowError", "SpecError", "BackendError"]
 __version__ = "0.1.0"

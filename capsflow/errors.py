@@ -23,7 +23,17 @@ class SpecError(CapsflowError):
         if self.file:
             where = self.file + (f":{self.line}" if self.line else "") + ": "
         who = f"node '{self.node}': " if self.node else ""
-        return f"{where}{who}{self.message}"
+        return _one_line(f"{where}{who}{self.message}")
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """A message quotes names and values from the spec, which may hold newlines, control
+    characters or lone surrogates, or be megabytes long: keep it one printable line."""
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit:,} more characters)"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class BackendError(CapsflowError):

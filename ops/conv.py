@@ -18,6 +18,8 @@ def _(x, w, b=None, *, stride, padding):
         raise ShapeError(f"conv2d: input has {x[1]} channels, weight {fmt(w)} expects {w[1]}")
     if b is not None and tuple(b) != (w[0],):
         raise ShapeError(f"conv2d: bias {fmt(b)} should be ({w[0]},)")
+    if not all(isinstance(k, int) for k in w[2:]):
+        raise ShapeError(f"conv2d: kernel size of {fmt(w)} must be known")
     if stride < 1 or padding < 0:
         raise ShapeError(f"conv2d: stride must be >= 1 and padding >= 0, got {stride}, {padding}")
     out_hw = []

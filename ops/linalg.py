@@ -32,7 +32,7 @@ linear = defop("linear", inputs=("x", "w", "b?"), saves=("x", "w"),
 
 @linear.shape
 def _(x, w, b=None):
-    if len(w) != 2 or x[-1] != w[0]:
+    if len(w) != 2 or not x or x[-1] != w[0]:
         raise ShapeError(f"linear: input {fmt(x)} does not fit weight {fmt(w)} (in, out)")
     if b is not None and tuple(b) != (w[1],):
         raise ShapeError(f"linear: bias {fmt(b)} should be ({w[1]},)")
@@ -59,14 +59,16 @@ def _(xp, saved, g, needs):
 
 def parse_equation(eq: str, count: int) -> tuple[list[str], str]:
     """'ijdk,nik->nijd' -> (['ijdk', 'nik'], 'nijd'), validated."""
-    if "->" not in eq or "." in eq:
-        raise ShapeError(f"einsum equation '{eq}' needs an explicit '->' output and no '...'")
+    if eq.count("->") != 1 or "." in eq:
+        raise ShapeError(f"einsum equation '{eq:.80}' needs one explicit '->' output and no '...'")
+    if len(eq) > 64 * (count + 1):  # each term has at most 52 letters: no need to read on
+        raise ShapeError(f"einsum equation '{eq:.80}...' is too long for {count} operands")
     lhs, out = eq.replace(" ", "").split("->")
     subs = lhs.split(",")
     if len(subs) != count:
         raise ShapeError(f"einsum equation '{eq}' names {len(subs)} operands, the node passes {count}")
     for s in subs + [out]:
-        if len(set(s)) != len(s) or not s.isalpha() and s:
+        if len(set(s)) != len(s) or s and not (s.isascii() and s.isalpha()):
             raise ShapeError(f"einsum term '{s}' in '{eq}' repeats an index or uses non-letters")
     if set(out) - set("".join(subs)):
         raise ShapeError(f"einsum output '{out}' has indices that no operand has")

@@ -13,6 +13,8 @@ margin_loss = defop(
 def _(lengths, target, **_):
     if tuple(lengths) != tuple(target):
         raise ShapeError(f"lengths {fmt(lengths)} and one-hot target {fmt(target)} differ in shape")
+    if not lengths:
+        raise ShapeError("margin_loss needs the class axis last, got a 0-D input")
     return tuple(lengths[:-1])
 
 
@@ -41,6 +43,8 @@ sum_squared_error = defop(
 def _(pred, target):
     if tuple(pred) != tuple(target):
         raise ShapeError(f"prediction {fmt(pred)} and target {fmt(target)} differ in shape")
+    if not pred:
+        raise ShapeError("sum_squared_error sums over the last axis; it got a 0-D input")
     return tuple(pred[:-1])
 
 

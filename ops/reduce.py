@@ -1,6 +1,6 @@
 """Reductions over one or more axes."""
 from capsflow.core.opdef import Attr, defop
-from capsflow.core.shapes import norm_axis
+from capsflow.core.shapes import ShapeError, axis_list
 
 AXIS = Attr((int, list, type(None)), None)
 
@@ -8,8 +8,10 @@ AXIS = Attr((int, list, type(None)), None)
 def _axes(axis, ndim: int) -> tuple:
     if axis is None:
         return tuple(range(ndim))
-    axes = axis if isinstance(axis, list) else [axis]
-    return tuple(sorted(norm_axis(a, ndim) for a in axes))
+    axes = sorted(axis_list(axis if isinstance(axis, list) else [axis], ndim, "axis"))
+    if len(set(axes)) != len(axes):
+        raise ShapeError(f"axis {axis} names an axis twice")
+    return tuple(axes)
 
 
 def _reduced_shape(x, axis, keepdims):

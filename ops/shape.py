@@ -1,6 +1,7 @@
 """Ops that move data around without arithmetic, and constants."""
 from capsflow.core.opdef import Attr, defop
-from capsflow.core.shapes import ShapeError, fmt, norm_axis, reshape as reshape_shape
+from capsflow.core.shapes import MAX_NDIM, ShapeError, axis_list, fmt, norm_axis
+from capsflow.core.shapes import reshape as reshape_shape
 
 reshape = defop("reshape", inputs=("x",), attrs={"shape": Attr(list)}, saves=("shape_in",),
                 doc="reshape to `shape` (ints; one -1 is inferred, e.g. the batch)")
@@ -8,8 +9,10 @@ reshape = defop("reshape", inputs=("x",), attrs={"shape": Attr(list)}, saves=("s
 
 @reshape.shape
 def _(x, *, shape):
-    if not all(isinstance(d, int) for d in shape):
-        raise ShapeError(f"attribute shape must hold integers (use -1 for the batch), got {shape}")
+    if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool)
+                                        for d in shape):
+        raise ShapeError(f"attribute shape must hold at most {MAX_NDIM} integers (use -1 for "
+                         f"the batch), got {shape!r:.80}")
     return reshape_shape(x, shape)
 
 
@@ -29,8 +32,9 @@ transpose = defop("transpose", inputs=("x",), attrs={"axes": Attr(list)},
 
 @transpose.shape
 def _(x, *, axes):
-    if sorted(axes) != list(range(len(x))):
-        raise ShapeError(f"axes {axes} is not a permutation of the {len(x)} axes of {fmt(x)}")
+    if len(axes) != len(x) or not all(type(a) is int for a in axes) \
+            or sorted(axes) != list(range(len(x))):
+        raise ShapeError(f"axes {axes!r:.80} is not a permutation of the {len(x)} axes of {fmt(x)}")
     return tuple(x[a] for a in axes)
 
 
@@ -74,7 +78,7 @@ zeros = defop("zeros", inputs=("like",), attrs={"dims": Attr(list)}, nondiff=("l
 
 @zeros.shape
 def _(like, *, dims):
-    return tuple(like[norm_axis(d, len(like))] for d in dims)
+    return tuple(like[d] for d in axis_list(dims, len(like), "dims"))
 
 
 @zeros.forward

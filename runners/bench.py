@@ -26,7 +26,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from capsflow.backends import get_backend
-from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.cli import (add_graph_arguments, compile_from_args, non_negative_int,
+                          positive_float, positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import SWITCHES, Options, add_option_arguments, options_from_args
 from capsflow.runners.bench_worker import PREFIX
@@ -36,31 +37,23 @@ MB = 2 ** 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_graph_arguments(parser)
-    parser.add_argument("--bs", type=_positive, default=100, help="batch size (100)")
-    parser.add_argument("--repeats", type=_positive, default=5,
+    parser.add_argument("--bs", type=positive_int, default=100, help="batch size (100)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
                         help="timed steps per framework (5); the median and min are reported")
-    parser.add_argument("--warmup", type=_positive, default=2,
+    parser.add_argument("--warmup", type=positive_int, default=2,
                         help="untimed steps before timing (2, at least 1)")
     # capsflow's options; PyTorch runs on 'cuda' with --backend cupy, at the same --precision.
     add_option_arguments(parser)
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--profile", action="store_true",
                         help="also print capsflow's per-op time and bytes (forward and VJP)")
-    parser.add_argument("--top", type=_positive, default=12,
+    parser.add_argument("--top", type=positive_int, default=12,
                         help="nodes listed in the per-node profile (12)")
-    parser.add_argument("--seed", type=int, default=0, help="weights and batch seed (0)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="weights and batch seed (0)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3,
+                        help="Adam learning rate (1e-3)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 # -- workers ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.core.shapes import fmt
@@ -17,7 +18,7 @@ def summary_rows(graph) -> list:
     rows = []
     for name in graph.order:
         d = graph.dag.nodes[name]
-        count = graph.param_count([name]) if d["kind"] == "param" else 0
+        count = math.prod(d["shape"]) if d["kind"] == "param" else 0
         rows.append((name, d.get("op", d["kind"]), fmt(d["shape"]), count))
     return rows
 

@@ -30,6 +30,8 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from capsflow.backends import get_backend
+from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
+                          positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
@@ -52,31 +54,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a variable in every graph (repeatable); each graph "
                              "must declare it")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, metavar="N",
+    budget.add_argument("--steps", type=positive_int, metavar="N",
                         help="train every graph for N optimizer steps")
-    budget.add_argument("--num_epochs", type=int, metavar="N",
+    budget.add_argument("--num_epochs", type=positive_int, metavar="N",
                         help="train every graph for N epochs (default 1)")
     a = parser.add_argument
     a("--out", default="runs/compare", metavar="DIR",
       help="folder for compare.md/.csv/.png and one subfolder per graph (runs/compare)")
-    a("--bs", type=int, metavar="N", help=f"batch size (default {d.batch_size})")
-    a("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr:g})")
+    a("--bs", type=positive_int, metavar="N", help=f"batch size (default {d.batch_size})")
+    a("--lr", type=positive_float, metavar="LR", help=f"learning rate (default {d.lr:g})")
     a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
     a("--lr-decay", dest="lr_decay", type=float, metavar="F",
       help=f"learning rate factor per epoch (default {d.lr_decay}; 1 = constant)")
-    a("--val_epoch", type=int, metavar="N",
+    a("--val_epoch", type=positive_int, metavar="N",
       help="evaluate on the test split every N epochs (default: once, at the end)")
-    a("--disp", type=int, metavar="N",
+    a("--disp", type=positive_int, metavar="N",
       help=f"record the running train loss every N steps (default: about {CURVE_POINTS} "
            f"points per curve)")
-    a("--seed", type=int, metavar="S",
+    a("--seed", type=non_negative_int, metavar="S",
       help=f"seed of init, batch order and shifts (default {d.seed})")
     add_shift_arguments(parser, d.shift)
     a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
     a("--data-dir", dest="data_dir", metavar="ROOT", help="data root holding mnist/")
-    a("--limit-train", dest="limit_train", type=int, metavar="N",
+    a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
       help="train on the first N training examples only")
-    a("--limit-test", dest="limit_test", type=int, metavar="N",
+    a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
       help="test on the first N test examples only (default: the whole test split)")
     add_option_arguments(parser)
     a("--keep-checkpoints", action="store_true",
@@ -144,16 +146,14 @@ def main(args: argparse.Namespace) -> int:
     graphs = compile_all(args.graphs, args.overrides)
     config = config_from_args(args)
     get_backend(config.options)  # an unusable backend fails before the data is loaded
+    out = check_output_dir(args.out, "--out")
     data = load_data(config)
     per_epoch = math.ceil(data.train_images.shape[0] / config.batch_size)
     steps = args.steps if args.steps is not None else per_epoch * (args.num_epochs or 1)
-    if steps < 1:
-        raise CapsflowError(f"--steps must be >= 1, got {steps}")
     config.num_epochs = math.ceil(steps / per_epoch)
     config.val_epoch = args.val_epoch or config.num_epochs
     config.disp = args.disp or max(1, steps // CURVE_POINTS)
     config.check()
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"comparing {len(graphs)} graphs on {config.dataset}: "
           f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "

@@ -9,10 +9,12 @@ gzip-compressed (``.gz``) or not::
     ROOT/mnist/t10k-labels-idx1-ubyte[.gz]
 
 torchvision's own layout (``ROOT/MNIST/raw/...``, ``ROOT/FashionMNIST/raw/...``) is
-accepted too. Roots are searched in this order: the ``data_dir`` argument (the CLI's
-``--data-dir``; it may also name the dataset folder itself), ``$CAPSFLOW_DATA``, the
-user cache (``$XDG_CACHE_HOME/capsflow/data`` or ``~/.cache/capsflow/data``), and for
-Fashion-MNIST the system folder ``/usr/share/datasets``.
+accepted too. A ``data_dir`` argument (the CLI's ``--data-dir``; it may also name the
+dataset folder itself) is the only place searched when given: a folder without all four
+files is an error naming the missing ones, never silently replaced by another copy.
+Without it the roots are searched in this order: ``$CAPSFLOW_DATA``, the user cache
+(``$XDG_CACHE_HOME/capsflow/data`` or ``~/.cache/capsflow/data``), and for Fashion-MNIST
+the system folder ``/usr/share/datasets``.
 
 torchvision reads only *uncompressed* files from ``<root>/MNIST/raw/``, so the found
 files are decompressed (or symlinked, when already uncompressed) once into a staging
@@ -122,16 +124,18 @@ def _names_other_dataset(folder: Path, info: DatasetInfo) -> bool:
 
 
 def _candidate_folders(info: DatasetInfo, data_dir: Optional[Path]) -> List[Path]:
-    """Folders that may hold the four IDX files, in search order."""
+    """Folders that may hold the four IDX files, in search order: under ``data_dir``
+    only, when it is given."""
     roots: List[Path] = []
     if data_dir is not None:
         roots.append(data_dir)
-    env = os.environ.get(ENV_VAR)
-    if env:
-        roots.append(Path(env).expanduser())
-    roots.append(default_data_root())
-    if info.system_fallback:
-        roots.append(SYSTEM_ROOT)
+    else:
+        env = os.environ.get(ENV_VAR)
+        if env:
+            roots.append(Path(env).expanduser())
+        roots.append(default_data_root())
+        if info.system_fallback:
+            roots.append(SYSTEM_ROOT)
 
     folders: List[Path] = []
     for i, root in enumerate(roots):
@@ -154,6 +158,8 @@ def find_dataset_folder(dataset: str, data_dir: Optional[Union[str, Path]] = Non
     for folder in folders:
         if _has_all_files(folder):
             return folder
+    if explicit is not None:
+        raise DataNotFoundError(_incomplete_message(info, explicit, folders))
     raise DataNotFoundError(_not_found_message(info, folders))
 
 
@@ -166,6 +172,22 @@ def _check_data_dir(data_dir: Optional[Union[str, Path]]) -> Optional[Path]:
             f"data directory {path} does not exist; pass --data-dir ROOT, "
             f"a folder holding mnist/ or fashion-mnist/ with the four IDX files")
     return path
+
+
+def _incomplete_message(info: DatasetInfo, data_dir: Path, folders: List[Path]) -> str:
+    """--data-dir lacks some (or all) of the files: name the missing ones of the folder
+    that holds the most (the one the user most likely meant)."""
+    names = list(IDX_FILES.values())
+    folder = max(folders, key=lambda f: sum(_idx_file(f, n) is not None for n in names))
+    missing = [n for n in names if _idx_file(folder, n) is None]
+    if len(missing) < len(names):
+        what = f"{folder} lacks {', '.join(missing)}"
+    else:
+        looked = ", ".join(str(f) for f in folders)
+        what = f"no IDX files (looked in: {looked}), missing {', '.join(missing)}"
+    return (f"{info.name} data not found in --data-dir {data_dir}: {what} (optionally .gz); "
+            f"an explicit --data-dir is used alone, not replaced by ${ENV_VAR} or the "
+            f"cache: add the files or drop --data-dir")
 
 
 def _not_found_message(info: DatasetInfo, folders: List[Path]) -> str:
@@ -487,6 +509,8 @@ def _to_jsonable(obj: Any) -> Any:
 
 def _set_rng_state(rng: np.random.Generator, state: Dict[str, Any]) -> None:
     expected = type(rng.bit_generator).__name__
+    if not isinstance(state, dict):
+        raise DataArgumentError(f"batch iterator state holds no {expected} generator state")
     if state.get("bit_generator") != expected:
         raise DataArgumentError(
             f"batch iterator state is for a {state.get('bit_generator')} generator, "

@@ -7,15 +7,15 @@ at test time in the paper; the mean reconstruction error is reported with that m
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from capsflow.backends import Backend, get_backend
-from capsflow.cli import add_graph_arguments
+from capsflow.cli import add_graph_arguments, positive_int
 from capsflow.options import Options, add_option_arguments, options_from_args
-from capsflow.runners.data import DATASETS, NUM_CLASSES, load_split
+from capsflow.runners.data import (DATASETS, NUM_CLASSES, DataNotFoundError,
+                                   find_dataset_folder, load_split)
 from capsflow.runners.training import batched_outputs, load_model
 from capsflow.lang.yamlio import parse_override
 
@@ -37,9 +37,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data-dir", dest="data_dir", metavar="ROOT",
       help="data root holding mnist/ or fashion-mnist/ (default: the training run's, "
            "else $CAPSFLOW_DATA, then ~/.cache/capsflow/data)")
-    a("--limit-test", dest="limit_test", type=int, metavar="N",
+    a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
       help="use the first N test examples only")
-    a("--bs", type=int, default=100, help="batch size of the forward passes (default 100)")
+    a("--bs", type=positive_int, default=100,
+      help="batch size of the forward passes (default 100)")
     add_option_arguments(parser)
 
 
@@ -48,11 +49,14 @@ def open_model(args: argparse.Namespace, backend: Backend) -> tuple:
     from the shared flags; images float32 (N, 1, 28, 28), labels int64 (N,)."""
     overrides = dict(parse_override(o) for o in args.overrides)
     graph, params, ckpt = load_model(args.graph, args.checkpoint, overrides, backend)
-    trained = ckpt.meta.get("config", {})
-    dataset = args.dataset or trained.get("dataset", "mnist")
+    dataset = args.dataset or ckpt.config.dataset
     data_dir = args.data_dir
-    if data_dir is None and trained.get("data_dir") and Path(trained["data_dir"]).is_dir():
-        data_dir = trained["data_dir"]
+    if data_dir is None and ckpt.config.data_dir:  # the training run's, where it still is
+        try:
+            find_dataset_folder(dataset, ckpt.config.data_dir)
+            data_dir = ckpt.config.data_dir
+        except DataNotFoundError:
+            pass
     images, labels = load_split(dataset, "test", data_dir, args.limit_test)
     return graph, params, ckpt, dataset, images, labels
 
@@ -106,9 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     backend = get_backend(options_from_args(args))
     graph, params, ckpt, dataset, images, labels = open_model(args, backend)
-    progress = ckpt.meta["progress"]
-    print(f"{ckpt.path}: {graph.spec.name}, {progress['epoch']} epoch(s), "
-          f"{progress['iteration']} iterations; {dataset} test split, {images.shape[0]} examples")
+    print(f"{ckpt.path}: {graph.spec.name}, {ckpt.progress.epoch} epoch(s), "
+          f"{ckpt.progress.iteration} iterations; {dataset} test split, "
+          f"{images.shape[0]} examples")
     pred, recon_sse = predict(graph, params, images, args.bs, backend)
     print(format_report(confusion_matrix(labels, pred), CLASS_NAMES[dataset], recon_sse))
     return 0

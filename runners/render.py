@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 from capsflow.training.checkpoint import load_params
-from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_args,
+                          non_negative_int, positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, options_from_args
 
@@ -64,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                           "the user cache)")
     batch.add_argument("--dataset", default="mnist", choices=list(DATASETS))
     batch.add_argument("--split", default="test", choices=["train", "test"])
-    batch.add_argument("--bs", type=int, default=8, help="batch size (8)")
-    batch.add_argument("--seed", type=int, default=0,
+    batch.add_argument("--bs", type=positive_int, default=8, help="batch size (8)")
+    batch.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of the initial weights and the random input (0)")
     add_option_arguments(batch)
 
@@ -73,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     out = Path(args.output)
     fmt = output_format(out)
+    check_output_dir(out.parent, "-o")
     measuring = check_flags(args)
     graph = compile_from_args(args)
     if args.focus:
@@ -97,8 +99,6 @@ def check_flags(args: argparse.Namespace) -> bool:
                         ("--norm-range", args.norm_range)):
         if given and not measuring:
             raise CapsflowError(f"{flag} only matters with --grad-norms (or --stats)")
-    if args.bs < 1:
-        raise CapsflowError(f"--bs must be a positive batch size, got {args.bs}")
     if args.norm_range and not 0 < args.norm_range[0] < args.norm_range[1]:
         raise CapsflowError(f"--norm-range needs 0 < LOW < HIGH, got {args.norm_range[0]:g} "
                             f"{args.norm_range[1]:g}")

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from capsflow.backends import get_backend
-from capsflow.cli import add_graph_arguments, compile_from_args
+from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_args,
+                          non_negative_int, positive_float, positive_int)
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
@@ -28,7 +29,7 @@ _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay":
 def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
     """--shift PIXELS / --no-shift: the training augmentation (also used by compare)."""
     shift = parser.add_mutually_exclusive_group()
-    shift.add_argument("--shift", type=int, metavar="PIXELS",
+    shift.add_argument("--shift", type=non_negative_int, metavar="PIXELS",
                        help=f"random shifts of up to PIXELS in training (default {default})")
     shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
                        help="no shift augmentation")
@@ -38,16 +39,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add_graph_arguments(parser)
     a = parser.add_argument
-    a("--bs", type=int, metavar="N", help=f"batch size (default {d.batch_size})")
-    a("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr:g})")
+    a("--bs", type=positive_int, metavar="N", help=f"batch size (default {d.batch_size})")
+    a("--lr", type=positive_float, metavar="LR", help=f"learning rate (default {d.lr:g})")
     a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
     a("--lr-decay", dest="lr_decay", type=float, metavar="F",
       help=f"learning rate factor per epoch: lr * F**epoch (default {d.lr_decay}; 1 = constant)")
-    a("--num_epochs", type=int, metavar="N", help=f"epochs to train (default {d.num_epochs})")
-    a("--val_epoch", type=int, metavar="N",
+    a("--num_epochs", type=positive_int, metavar="N",
+      help=f"epochs to train (default {d.num_epochs})")
+    a("--val_epoch", type=positive_int, metavar="N",
       help=f"validate on the test split every N epochs, and after the last "
            f"(default {d.val_epoch})")
-    a("--disp", type=int, metavar="N",
+    a("--disp", type=positive_int, metavar="N",
       help=f"log running loss/accuracy every N iterations (default {d.disp})")
     a("--save_dir", metavar="DIR",
       help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, or the "
@@ -57,11 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--data-dir", dest="data_dir", metavar="ROOT",
       help="data root holding mnist/ or fashion-mnist/ (else $CAPSFLOW_DATA, then "
            "~/.cache/capsflow/data)")
-    a("--limit-train", dest="limit_train", type=int, metavar="N",
+    a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
       help="train on the first N training examples only")
-    a("--limit-test", dest="limit_test", type=int, metavar="N",
+    a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
       help="validate on the first N test examples only")
-    a("--seed", type=int, metavar="S",
+    a("--seed", type=non_negative_int, metavar="S",
       help=f"seed of parameter init, batch order and shifts (default {d.seed})")
     add_shift_arguments(parser, d.shift)
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
@@ -92,6 +94,7 @@ def main(args: argparse.Namespace) -> int:
         save_dir = Path(args.save_dir)
     else:
         save_dir = ckpt.path.parent if ckpt else Path("runs") / graph.spec.name
+    check_output_dir(save_dir, "--save_dir")
     data = load_data(config)
     trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress)
     if ckpt is not None:

@@ -18,12 +18,17 @@ Design points:
   the epoch, the spec's YAML text and a JSON ``meta`` record with the settings, the
   overrides, the batch iterator's RNG state and the running sums of the epoch, so that
   ``--resume`` reproduces an uninterrupted run number for number.
-* Ctrl-C saves a checkpoint at the last completed step and returns; a loss that turns
-  NaN or inf stops training with one line and leaves the last good checkpoint alone.
+* Ctrl-C saves a checkpoint at the last completed step and returns; a loss (train or
+  test) that turns NaN or inf stops training with one line and leaves the last good
+  checkpoint alone: a non-finite state is never saved.
+* A checkpoint is untrusted input (it may come from anywhere): ``read_checkpoint`` checks
+  the type of every metadata field and never uses a stored file name as a path unchecked.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import shutil
 import signal
@@ -31,15 +36,18 @@ import sys
 import tempfile
 import threading
 import time
+import typing
+import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from capsflow.backends import Backend, get_backend, to_numpy
-from capsflow.training.checkpoint import load_npz, save_npz_atomic
+from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
+                                         remove_stale_temporaries, save_npz_atomic)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
@@ -55,6 +63,10 @@ METRICS = "metrics.jsonl"
 
 class TrainingDiverged(CapsflowError):
     """The loss became NaN or infinite; training stopped without saving that state."""
+
+
+class CheckpointError(CapsflowError):
+    """A checkpoint file that is damaged, crafted or not capsflow's."""
 
 
 # ---------------------------------------------------------------------- settings
@@ -94,12 +106,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise CapsflowError(f"--{_flag(name)} must be >= 1 examples, got {value}")
-        if not self.lr > 0:
-            raise CapsflowError(f"--lr must be > 0, got {self.lr}")
+        if self.seed < 0:
+            raise CapsflowError(f"--seed must be >= 0, got {self.seed}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise CapsflowError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise CapsflowError(f"--lr-decay must lie in (0, 1], got {self.lr_decay}")
         if self.shift < 0:
             raise CapsflowError(f"the shift must be >= 0 pixels, got {self.shift}")
+        from capsflow.core.graph import DTYPES
+        if self.dtype not in DTYPES:
+            raise CapsflowError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         make_optimizer(self.optimizer, self.lr)  # unknown names raise one line
 
     def to_json(self) -> dict:
@@ -109,12 +126,9 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, record: dict) -> "TrainConfig":
-        """A checkpoint's config; settings it does not name keep their defaults."""
-        config = cls()
-        for name, value in record.items():
-            if hasattr(config, name):
-                setattr(config, name, Options(**value) if name == "options" else value)
-        return config
+        """A checkpoint's config; settings it does not name keep their defaults, a value
+        of the wrong type raises CheckpointError."""
+        return from_record(cls, record, "config", complete=False)
 
 
 _FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
@@ -147,22 +161,29 @@ def load_data(config: TrainConfig) -> Data:
 
 @dataclass
 class Checkpoint:
-    """A training checkpoint read back from disk (all arrays on the host)."""
+    """A training checkpoint read back from disk (all arrays on the host), its metadata
+    checked by ``read_checkpoint``."""
 
     path: Path
     params: dict                   # name -> array, the spec's parameter names
     optim: dict                    # capsflow.training.optim.state_to_flat layout
     meta: dict                     # JSON record, see Trainer.meta()
     sources: dict                  # spec files the run was compiled from: relative path -> text
+    config: TrainConfig            # meta["config"], typed (defaults where it names none)
+    progress: "Progress"           # meta["progress"], typed
 
     @property
     def overrides(self) -> dict:
         return dict(self.meta.get("overrides") or {})
 
     @property
+    def graph_name(self) -> str:
+        return self.meta.get("graph_name") or Path(next(iter(self.sources))).stem
+
+    @property
     def epoch(self) -> int:
         """Completed epochs."""
-        return int(self.meta["progress"]["epoch"])
+        return self.progress.epoch
 
 
 def write_checkpoint(path: str | Path, params: dict, optim_flat: dict, meta: dict,
@@ -180,34 +201,81 @@ def write_checkpoint(path: str | Path, params: dict, optim_flat: dict, meta: dic
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint written by ``write_checkpoint``; anything else is one clear line."""
+    """Read a checkpoint written by ``write_checkpoint``; anything else is one clear line.
+
+    The file is untrusted input: every metadata field is type-checked (TrainConfig and
+    Progress field by field), arrays must hold numbers (spec files: text), and the stored
+    spec file names must be relative paths inside the stored tree (see ``_stored_name``).
+    """
     path = Path(path)
     arrays = load_npz(path)  # missing or truncated files raise one line there
     not_ours = (f"{path} is not a capsflow training checkpoint ({{}}); pass a last.npz or "
                 f"best.npz written by capsflow train")
     if "meta" not in arrays:
-        raise CapsflowError(not_ours.format("no 'meta' entry"))
+        raise CheckpointError(not_ours.format("no 'meta' entry"))
     try:
-        meta = json.loads(str(arrays["meta"]))
-    except json.JSONDecodeError as exc:
-        raise CapsflowError(f"{path}: the checkpoint's meta record is not valid JSON "
-                            f"({exc.msg}); the file is damaged") from None
+        meta = json.loads(_text(arrays["meta"], "meta", path))
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint's meta record is not valid JSON "
+                              f"({getattr(exc, 'msg', 'nested too deeply')}); the file is "
+                              f"damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CapsflowError(not_ours.format("its meta record is not capsflow's"))
+        raise CheckpointError(not_ours.format("its meta record is not capsflow's"))
     if meta.get("version") != CHECKPOINT_VERSION:
-        raise CapsflowError(f"{path} is checkpoint version {meta.get('version')}; this capsflow "
-                            f"reads version {CHECKPOINT_VERSION}")
-    missing = [f"spec/{n}" for n in meta.get("spec_files") or [] if f"spec/{n}" not in arrays]
-    if not meta.get("spec_files") or missing or "progress" not in meta:
-        raise CapsflowError(f"{path}: the checkpoint is incomplete (no "
-                            f"{missing[0] if missing else 'spec files or progress'}); "
-                            f"the file is damaged")
-    sources = {name: str(arrays[f"spec/{name}"]) for name in meta["spec_files"]}
+        raise CheckpointError(f"{path} is checkpoint version {meta.get('version')!r}; this "
+                              f"capsflow reads version {CHECKPOINT_VERSION}")
+    try:
+        names = meta.get("spec_files")
+        if not isinstance(names, list) or not names:
+            raise CheckpointError("'spec_files' is not a non-empty list of file names")
+        names = [_stored_name(n) for n in names]
+        if len(set(names)) != len(names):
+            raise CheckpointError("'spec_files' names a file twice")
+        for key in ("graph_name", "graph_file"):
+            if not isinstance(meta.get(key, ""), str):
+                raise CheckpointError(f"'{key}' is {_json_type(meta[key])}, expected a string")
+        overrides = meta.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise CheckpointError(f"'overrides' is {_json_type(overrides)}, expected an object")
+        config = TrainConfig.from_json(meta.get("config", {}))
+        config.check()
+        progress = Progress.from_json(meta.get("progress"))
+    except CapsflowError as exc:
+        raise CheckpointError(f"{path}: damaged checkpoint metadata: {exc}") from None
+    missing = [f"spec/{n}" for n in names if f"spec/{n}" not in arrays]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint is incomplete (no {missing[0]}); "
+                              f"the file is damaged")
+    sources = {name: _text(arrays[f"spec/{name}"], f"spec/{name}", path) for name in names}
     params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
     optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     if not params:
-        raise CapsflowError(f"{path} holds no parameters (no 'param/<name>' entries)")
-    return Checkpoint(path, params, optim, meta, sources)
+        raise CheckpointError(f"{path} holds no parameters (no 'param/<name>' entries)")
+    check_numeric(params, path, "parameter")
+    check_numeric(optim, path, "optimizer entry")
+    return Checkpoint(path, params, optim, meta, sources, config, progress)
+
+
+def _text(array: np.ndarray, key: str, path: Path) -> str:
+    """A text entry of a checkpoint (a 0-d string array, as np.asarray(str) saves)."""
+    if array.dtype.kind != "U" or array.ndim != 0:
+        raise CheckpointError(f"{path}: '{key}' is not text ({array.dtype}, shape "
+                              f"{array.shape}); the file is damaged")
+    return str(array)
+
+
+def _stored_name(name: Any) -> str:
+    """A spec file name stored in a checkpoint, accepted only as a relative path that
+    stays inside the stored tree: ``graph_from_checkpoint`` writes the files under a
+    temporary folder by these names, and a crafted ``/etc/x`` or ``../x`` must never
+    write outside it."""
+    parts = name.split("/") if isinstance(name, str) else []
+    bad = (not parts or any(p in ("", ".", "..") for p in parts)
+           or "\\" in name or ":" in name or not name.isprintable())
+    if bad:
+        raise CheckpointError(f"'spec_files' holds {json.dumps(name)[:60]}, not a relative "
+                              f"file name inside the stored spec folder")
+    return name
 
 
 def spec_sources(graph: Any) -> dict:
@@ -226,23 +294,25 @@ def graph_from_checkpoint(ckpt: Checkpoint, overrides: Optional[dict] = None) ->
     merged = dict(ckpt.overrides, **(overrides or {}))
     main = next(iter(ckpt.sources))
     with tempfile.TemporaryDirectory(prefix="capsflow-spec-") as tmp:
+        root = Path(tmp).resolve()
         for name, text in ckpt.sources.items():
-            target = Path(tmp, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-        return compile_graph(Path(tmp, main), merged)
+            target = root.joinpath(*_stored_name(name).split("/"))
+            if not target.resolve().is_relative_to(root):  # a second guard: never outside
+                raise CheckpointError(f"{ckpt.path}: spec file '{name}' lies outside the "
+                                      f"stored spec folder")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            except OSError as exc:  # e.g. 'a' and 'a/b' both stored
+                raise CheckpointError(f"{ckpt.path}: cannot rebuild the stored spec file "
+                                      f"'{name}' ({exc.strerror}); the file is damaged") from None
+        return compile_graph(root / main, merged)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` through a temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=dst.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(src, "rb") as fin, atomic_file(dst) as fout:
+        shutil.copyfileobj(fin, fout, length=1 << 20)
 
 
 # --------------------------------------------------------------------- evaluation
@@ -335,10 +405,70 @@ class Progress:
 
     @classmethod
     def from_json(cls, record: dict) -> "Progress":
-        record = dict(record)
-        record["epoch_sums"] = _Sums(**record["epoch_sums"])
-        record["window"] = _Sums(**record["window"])
-        return cls(**record)
+        """Every field must be there, of its type (else CheckpointError)."""
+        return from_record(cls, record, "progress", complete=True)
+
+
+def from_record(cls: type, record: Any, where: str, complete: bool) -> Any:
+    """The dataclass ``cls`` made from a JSON record, each field checked against its
+    annotation (a checkpoint is untrusted input: a wrong type would otherwise surface as
+    a TypeError deep inside training). Unknown keys are ignored (written by a newer
+    capsflow). ``complete``: every field must be given. Counts are never negative and
+    numbers never NaN or infinite, in any record capsflow writes.
+
+    Raises CheckpointError naming the field, e.g. ``progress.epoch``.
+    """
+    if not isinstance(record, dict):
+        raise CheckpointError(f"'{where}' is {_json_type(record)}, not a JSON object")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        name, hint = f"{where}.{f.name}", hints[f.name]
+        if f.name not in record:
+            if complete:
+                raise CheckpointError(f"'{name}' is missing")
+            continue
+        value = record[f.name]
+        if is_dataclass(hint):
+            value = from_record(hint, value, name, complete)
+        elif not _matches(value, hint):
+            raise CheckpointError(f"'{name}' is {_json_type(value)} {json.dumps(value)[:40]}, "
+                                  f"expected {_hint_name(hint)}")
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except CapsflowError as exc:  # e.g. Options with an unknown backend
+        raise CheckpointError(f"'{where}': {exc}") from None
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if typing.get_origin(hint) is typing.Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) or hint is bool:  # bool is an int to Python, not to JSON
+        return isinstance(value, bool) and hint is bool
+    if hint is int:
+        return isinstance(value, int) and value >= 0
+    if hint is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def _hint_name(hint: Any) -> str:
+    names = {int: "an integer >= 0", float: "a finite number", str: "a string",
+             bool: "true or false", dict: "an object", type(None): "null"}
+    if typing.get_origin(hint) is typing.Union:
+        return " or ".join(_hint_name(h) for h in typing.get_args(hint))
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
+                       (str, "a string"), (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
 
 
 class Trainer:
@@ -401,6 +531,13 @@ class Trainer:
 
         Raises one line when the checkpoint belongs to another graph or to a run with
         other fixed settings (see TrainConfig.FIXED_ON_RESUME)."""
+        # Another graph's parameters may well have the same names and shapes (routing
+        # variants do), so the names decide; an edited file of the same graph is noted.
+        if ckpt.graph_name != self.graph.spec.name:
+            raise CapsflowError(
+                f"{ckpt.path} is a checkpoint of graph '{ckpt.graph_name}', not of "
+                f"'{self.graph.spec.name}' ({self.graph.spec.file}); resume it with the graph "
+                f"it was trained with, or train '{self.graph.spec.name}' without --resume")
         saved = ckpt.meta.get("config", {})
         for name in TrainConfig.FIXED_ON_RESUME:
             if name in saved and saved[name] != getattr(self.config, name):
@@ -419,7 +556,7 @@ class Trainer:
             self.opt_state = state_from_flat(ckpt.optim, self.backend.xp)
             fresh = self.optimizer.init_state(self.graph.trainable(self.params))
             _check_opt_state(self.opt_state, fresh)
-            self.state = Progress.from_json(ckpt.meta["progress"])
+            self.state = copy.deepcopy(ckpt.progress)
             if self.state.iterator is not None:
                 self.batches.set_state(self.state.iterator)
         except (KeyError, TypeError, ValueError) as exc:
@@ -435,8 +572,8 @@ class Trainer:
         the checkpoint, so a resumed run's file equals an uninterrupted run's)."""
         records = read_metrics(source) if source.is_file() else []
         kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration]
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with atomic_file(self.metrics_path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # -- the loop --------------------------------------------------------------------
     def fit(self) -> list:
@@ -447,6 +584,8 @@ class Trainer:
         Raises TrainingDiverged when the loss is not finite.
         """
         self.save_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_stale_temporaries(self.save_dir):
+            self.log(f"note: removed {path}, left by a run that was killed while writing")
         if self.state.iteration == 0 and self.state.epoch == 0:
             self.metrics_path.write_text("")  # a fresh run starts a fresh file
         records = []
@@ -475,8 +614,7 @@ class Trainer:
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")
         for x, y in batches:
-            # A diverging run is reported once, below, instead of by NumPy's warnings.
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            with _overflow_quiet():
                 out = self.train_step.gradients({"x": x, "y": y})
             with _interrupts_deferred():  # never stop half-way through an update
                 # Queued before the loss is read (a GPU runs the whole step before the
@@ -497,9 +635,10 @@ class Trainer:
         validate = (e + 1) % cfg.val_epoch == 0 or e + 1 == cfg.num_epochs
         test = None
         if validate:
-            test = evaluate_split(self.graph, self.params, self.data.test_images,
-                                  self.data.test_labels, cfg.batch_size, self.backend,
-                                  desc="test" if self.progress_bar else None)
+            with _overflow_quiet():
+                test = evaluate_split(self.graph, self.params, self.data.test_images,
+                                      self.data.test_labels, cfg.batch_size, self.backend,
+                                      desc="test" if self.progress_bar else None)
         with _interrupts_deferred():
             return self._finish_epoch(lr, test, time.perf_counter() - started)
 
@@ -519,6 +658,11 @@ class Trainer:
         if bad:  # a finite loss with non-finite gradients: do not checkpoint that
             raise TrainingDiverged(self._diverged_message(
                 f"parameter '{bad[0]}' became nan or inf by iteration {st.iteration}", lr))
+        if test is not None and not math.isfinite(test["loss"]):
+            # The last step's update was applied with a finite loss, but it left
+            # parameters (finite, huge) that overflow: the same divergence, seen later.
+            raise TrainingDiverged(self._diverged_message(
+                f"the test loss became {test['loss']} after iteration {st.iteration}", lr))
         train_loss, train_acc = st.epoch_sums.means()
         record = {"kind": "epoch", "epoch": st.epoch + 1, "iteration": st.iteration,
                   "train_loss": train_loss, "train_acc": train_acc,
@@ -532,9 +676,13 @@ class Trainer:
         st.iterator = self.batches.get_state()  # between epochs: next epoch's draws
         self._append(record)
         self.log(format_epoch(record, self.config.num_epochs))
-        self.save(self.last_path)
+        # best before last: a run killed between the two resumes from the previous
+        # last.npz, replays the epoch and writes best.npz again.
         if improved:
-            _copy_atomic(self.last_path, self.best_path)
+            self.save(self.best_path)
+            _copy_atomic(self.best_path, self.last_path)
+        else:
+            self.save(self.last_path)
         return record
 
     def _diverged_message(self, what: str, lr: float) -> str:
@@ -603,6 +751,17 @@ def _check_opt_state(state: dict, fresh: dict) -> None:
 
 
 @contextmanager
+def _overflow_quiet() -> Iterator[None]:
+    """A diverging run is reported once, by the trainer, instead of by NumPy's overflow
+    warnings. np.errstate holds for this thread only; the warnings filter also silences
+    the worker threads of the CPU convolution."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+@contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block is done (an update or a save is never cut in half)."""
     if threading.current_thread() is not threading.main_thread():
@@ -639,7 +798,7 @@ def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Option
             f"{ckpt.path}; using the stored spec")
         graph = graph_from_checkpoint(ckpt, overrides)
     graph.check_params(ckpt.params)
-    dtype = np.dtype(ckpt.meta.get("config", {}).get("dtype", "float32"))
+    dtype = np.dtype(ckpt.config.dtype)
     be = get_backend(backend)
     params = {k: be.asarray(ckpt.params[k], dtype=dtype) for k in graph.spec.params}
     return graph, params, ckpt

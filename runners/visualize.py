@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from capsflow.backends import Backend, get_backend, to_numpy
+from capsflow.cli import check_output_dir, non_negative_int, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, options_from_args
 from capsflow.runners.data import IMAGE_SIZE, one_hot
@@ -35,16 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     a = parser.add_argument
     a("--out", required=True, metavar="DIR", help="folder for the PNG files")
-    a("--count", type=int, default=32, help="test images in the reconstruction grid (default 32)")
-    a("--index", type=int, default=0,
+    a("--count", type=positive_int, default=32,
+      help="test images in the reconstruction grid (default 32)")
+    a("--index", type=non_negative_int, default=0,
       help="test image whose capsule is perturbed (default 0, the first)")
     a("--metrics", metavar="FILE",
       help="metrics.jsonl for the curves (default: the one beside the checkpoint)")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise CapsflowError(f"--count must be >= 1, got {args.count}")
+    out = check_output_dir(args.out, "--out")
     backend = get_backend(options_from_args(args))
     graph, params, ckpt, dataset, images, labels = open_model(args, backend)
     if CAPSULES not in graph.spec.outputs:
@@ -53,7 +54,6 @@ def main(args: argparse.Namespace) -> int:
     if not 0 <= args.index < images.shape[0]:
         raise CapsflowError(f"--index {args.index} is outside the {images.shape[0]} test "
                             f"images loaded (see --limit-test)")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = CLASS_NAMES[dataset]
     written = [

@@ -43,3 +43,19 @@ def emu(monkeypatch):
     monkeypatch.setitem(capsflow.backends.ARRAY_MODULES, "cupy", lambda: xp)
     monkeypatch.setattr(capsflow.backends, "_cache", {})
     return xp
+
+
+def pytest_addoption(parser):
+    """tests/test_fuzz.py's options: CI runs it as it is; before a release, e.g.
+    ``pytest tests/test_fuzz.py --fuzz-examples 5000 --fuzz-seed 1 --fuzz-findings DIR``
+    (docs/errors.md, "Fuzzing")."""
+    group = parser.getgroup("capsflow fuzz", "tests/test_fuzz.py")
+    group.addoption("--fuzz-examples", type=int, default=None, metavar="N",
+                    help="cases to run (default: the CI's fixed, derandomized set)")
+    group.addoption("--fuzz-seed", type=int, default=None, metavar="SEED",
+                    help="random cases from this seed instead of the CI's fixed ones")
+    group.addoption("--fuzz-findings", default=None, metavar="DIR",
+                    help="record each distinct finding under DIR and go on, instead of "
+                         "stopping and shrinking the first")
+    group.addoption("--fuzz-timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="a case running longer is a hang (default 10)")

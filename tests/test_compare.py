@@ -79,6 +79,7 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["compare", str(CAPSNET), str(CAPSNET), "--steps", "1",
                      "--out", str(tmp_path), *TINY]) == 2
     assert "are both named 'capsnet'" in capsys.readouterr().err
-    assert cli_main(["compare", str(CAPSNET), "--steps", "0", "--out", str(tmp_path),
-                     *TINY]) == 2
+    with pytest.raises(SystemExit) as refused:  # by argparse, before any work
+        cli_main(["compare", str(CAPSNET), "--steps", "0", "--out", str(tmp_path), *TINY])
+    assert refused.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err

@@ -118,8 +118,7 @@ def test_env_var_then_user_cache(tmp_path, monkeypatch):
 
 def test_fashion_falls_back_to_system_folder(tmp_path):
     written = _make_dataset(tmp_path / "system" / "fashion-mnist", compress=True, seed=2)
-    (tmp_path / "root" / "mnist").mkdir(parents=True)  # a root without fashion-mnist
-    _, labels = load_split("fashion-mnist", "test", data_dir=tmp_path / "root")
+    _, labels = load_split("fashion-mnist", "test")  # (an explicit data_dir is used alone)
     np.testing.assert_array_equal(labels, written["test"][1])
 
 
@@ -136,15 +135,13 @@ def test_changed_source_is_staged_again(tmp_path):
 
 
 def test_missing_data_error_lists_searched_folders(tmp_path, monkeypatch):
-    root = tmp_path / "empty-root"
-    root.mkdir()
     monkeypatch.setenv("CAPSFLOW_DATA", str(tmp_path / "env-root"))
     with pytest.raises(DataError) as info:
-        load_split("mnist", "train", data_dir=root)
+        load_split("mnist", "train")
     message = str(info.value)
     assert "\n" not in message
     assert isinstance(info.value, FileNotFoundError)
-    for folder in (root / "mnist", tmp_path / "env-root" / "mnist",
+    for folder in (tmp_path / "env-root" / "mnist",
                    tmp_path / "cache" / "capsflow" / "data" / "mnist"):
         assert str(folder) in message
     assert "--data-dir" in message and "CAPSFLOW_DATA" in message

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from capsflow.errors import BackendError
-from capsflow.options import BACKENDS, PRECISIONS, Options, as_options  # noqa: F401
+from capsflow.options import Options, as_options
+
 
 @dataclass(frozen=True)
 class Backend:

@@ -1,8 +1,10 @@
 """The compiled graph: what ``capsflow.compile`` returns."""
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,12 @@ import numpy as np
 
 from capsflow.backends import get_backend
 from capsflow.core.compiler import build_dag, topological_order
-from capsflow.errors import CapsflowError
+from capsflow.errors import CapsflowError, SpecError
 from capsflow.core.executor import RunResult, execute
 from capsflow.core.memory import LiveBytes
 from capsflow.core.schedule import Plan, make_plan, unavailable_nodes
-from capsflow.lang.spec import Spec, load_spec
+from capsflow.lang.limits import Limits
+from capsflow.lang.spec import ParamSpec, Spec, load_spec
 
 DTYPES = ("float32", "float64")
 
@@ -25,6 +28,7 @@ class Graph:
     spec: Spec
     dag: nx.DiGraph
     order: list
+    limits: Limits = field(default_factory=Limits)
 
     # -- parameters ------------------------------------------------------------------
     @property
@@ -38,17 +42,27 @@ class Graph:
         return {k: params[k] for k, p in self.spec.params.items() if p.trainable}
 
     def param_count(self, names: list | None = None) -> int:
-        specs = self.spec.params.values()
-        return sum(int(np.prod(p.shape)) for p in specs if names is None or p.name in names)
+        """Number of parameter values (a Python int: it never overflows)."""
+        chosen = None if names is None else set(names)
+        return sum(math.prod(p.shape) for p in self.spec.params.values()
+                   if chosen is None or p.name in chosen)
 
     def init_params(self, seed: int = 0, dtype: str = "float32") -> dict:
         """Fresh parameters as NumPy arrays. Each parameter draws from its own stream
-        (seeded by ``seed`` and its name), so adding a parameter changes no other."""
+        (seeded by ``seed`` and its name), so adding a parameter changes no other.
+        The bytes the shapes need are checked against ``Limits.max_param_bytes`` first."""
         _check_dtype(dtype)
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+            raise CapsflowError(f"seed must be a whole number >= 0, got {seed!r:.40}")
+        needed = self.param_count() * np.dtype(dtype).itemsize
+        if needed > self.limits.max_param_bytes:
+            raise SpecError(f"the parameters need {needed:,} bytes as {dtype}, more than "
+                            f"{self.limits.max_param_bytes:,} (Limits.max_param_bytes)",
+                            file=self.spec.file)
         params = {}
         for p in self.spec.params.values():
             rng = np.random.default_rng([seed, zlib.crc32(p.name.encode())])
-            params[p.name] = _initialise(rng, p.init, p.shape).astype(dtype)
+            params[p.name] = _initialise(rng, p, dtype)
         return params
 
     def check_params(self, params: dict) -> None:
@@ -116,9 +130,10 @@ class Graph:
         plan = self.plan(given, outputs, loss, fed=frozenset(fed))
         dtype = _value(params[next(iter(params))], be.xp).dtype if params else np.float32
         values = {n: be.asarray(params[n], dtype=dtype) for n in self.spec.params}
-        for name in given:
+        sizes: dict = {}   # batch symbol -> (size, the input that set it)
+        for name in sorted(given, key=list(self.spec.inputs).index):
             values[name] = be.asarray(inputs[name], dtype=dtype)
-            self._check_input(name, values[name].shape)
+            self._check_input(name, values[name].shape, sizes)
         for node, value in fed.items():
             values[node] = be.asarray(value, dtype=dtype)
             _check_shape(f"fed value '{node}'", self.dag.nodes[node]["shape"], values[node].shape)
@@ -140,8 +155,16 @@ class Graph:
             chosen = {k: v for k, v in chosen.items() if v not in unavailable}
         return chosen
 
-    def _check_input(self, name: str, shape: tuple) -> None:
-        _check_shape(f"input '{name}'", self.spec.inputs[name].shape, shape)
+    def _check_input(self, name: str, shape: tuple, sizes: dict) -> None:
+        """``shape`` must match the declaration, and a symbol (N) has one size in all inputs."""
+        declared = self.spec.inputs[name].shape
+        _check_shape(f"input '{name}'", declared, shape)
+        for d, s in zip(declared, shape):
+            if isinstance(d, str):
+                size, first = sizes.setdefault(d, (s, name))
+                if size != s:
+                    raise CapsflowError(f"input '{name}' has shape {tuple(shape)}: {d} is {s} "
+                                        f"here but {size} in input '{first}'")
 
     def _fed_node(self, name: str) -> str:
         """A ``feed`` key -> the op node id it names (aliases resolved)."""
@@ -166,12 +189,34 @@ def _value(a: Any, xp: Any) -> Any:
 
 
 def _check_dtype(dtype: str) -> None:
-    if str(np.dtype(dtype)) not in DTYPES:
-        raise CapsflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+    try:
+        name = str(np.dtype(dtype))
+    except TypeError:  # not a dtype at all
+        name = None
+    if name not in DTYPES:
+        raise CapsflowError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r:.40}")
 
 
-def _initialise(rng: np.random.Generator, init: tuple, shape: tuple) -> np.ndarray:
-    kind, arg = init
+def _initialise(rng: np.random.Generator, p: ParamSpec, dtype: str) -> np.ndarray:
+    """``p``'s initial values; values that numpy rejects or that ``dtype`` cannot hold
+    (``{normal: 1e300}`` as float32) are an error at the parameter's line."""
+    kind, arg = p.init
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            values = _draw(rng, kind, arg, p.shape).astype(dtype)
+    except (ValueError, OverflowError, FloatingPointError) as exc:
+        raise SpecError(f"parameter '{p.name}': init {{{kind}: {arg}}} cannot make {dtype} "
+                        f"values ({exc})", file=p.file, line=p.line) from None
+    except MemoryError:
+        raise SpecError(f"parameter '{p.name}': not enough memory for shape {p.shape}",
+                        file=p.file, line=p.line) from None
+    if not np.isfinite(values).all():
+        raise SpecError(f"parameter '{p.name}': init {{{kind}: {arg}}} makes values too large "
+                        f"for {dtype}", file=p.file, line=p.line)
+    return values
+
+
+def _draw(rng: np.random.Generator, kind: str, arg: float | None, shape: tuple) -> np.ndarray:
     if kind == "zeros":
         return np.zeros(shape)
     if kind == "ones":
@@ -184,8 +229,14 @@ def _initialise(rng: np.random.Generator, init: tuple, shape: tuple) -> np.ndarr
     return rng.uniform(-bound, bound, size=shape)
 
 
-def compile(path: str | Path, overrides: dict | None = None) -> Graph:  # noqa: A001
-    """YAML spec -> checked, compiled Graph (``graph.dag`` is the networkx DiGraph)."""
-    spec = load_spec(path, overrides)
+def compile(path: str | Path, overrides: dict | None = None,  # noqa: A001
+            limits: Limits | None = None) -> Graph:
+    """YAML spec -> checked, compiled Graph (``graph.dag`` is the networkx DiGraph).
+    ``limits`` bounds what reading, compiling and ``init_params`` may cost
+    (capsflow/lang/limits.py; default ``Limits()``)."""
+    if limits is not None and not isinstance(limits, Limits):
+        raise CapsflowError(f"limits must be a capsflow Limits, got {type(limits).__name__}")
+    limits = limits or Limits()
+    spec = load_spec(path, overrides, limits)
     dag = build_dag(spec)
-    return Graph(spec, dag, topological_order(dag))
+    return Graph(spec, dag, topological_order(dag), limits)

@@ -12,6 +12,10 @@ from typing import Sequence, Union
 Dim = Union[int, str]
 Shape = tuple
 
+MAX_NDIM = 32           # NumPy's (and CuPy's) most axes
+MAX_DIM = 2 ** 63 - 1   # the largest size an array axis can have
+MAX_SYMBOLS = 8         # symbols in one dimension: N*N is fine, N*N*...*N (2**20 times) is not
+
 
 class ShapeError(ValueError):
     """A shape rule failed; the compiler adds file, line and node to the message."""
@@ -56,9 +60,35 @@ def fmt(shape: Sequence[Dim]) -> str:
 
 
 def norm_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise ShapeError(f"an axis must be a whole number, got {axis!r:.40}")
     if not -ndim <= axis < ndim:
         raise ShapeError(f"axis {axis} is out of range for a {ndim}-D input")
     return axis % ndim
+
+
+def axis_list(values: Sequence, ndim: int, what: str) -> list[int]:
+    """``values`` (an attribute list of axes) normalised; one line if one is not an axis.
+    The length is checked first, so a hostile list costs nothing per node."""
+    if len(values) > MAX_NDIM:
+        raise ShapeError(f"{what} lists {len(values)} axes; an array has at most {MAX_NDIM}")
+    return [norm_axis(a, ndim) for a in values]
+
+
+def check_dims(shape: Sequence) -> None:
+    """What a shape rule returned must be a shape NumPy can hold: at most MAX_NDIM
+    dimensions, each a size 1..MAX_DIM or a batch symbol of at most MAX_SYMBOLS factors."""
+    if len(shape) > MAX_NDIM:
+        raise ShapeError(f"the result would have {len(shape)} axes; NumPy allows {MAX_NDIM}")
+    for d in shape:
+        if not isinstance(d, (int, str)) or isinstance(d, bool):
+            raise ShapeError(f"the result would have a dimension {d!r:.40}, not a size")
+        symbols, factor = split_dim(d)
+        if not 0 < factor <= MAX_DIM:
+            raise ShapeError(f"the result would have a dimension of size {d!r:.40}")
+        if sum(symbols.values()) > MAX_SYMBOLS:
+            raise ShapeError(f"the result's dimension {d!r:.40} multiplies more than "
+                             f"{MAX_SYMBOLS} batch symbols")
 
 
 def broadcast(*shapes: Sequence[Dim]) -> Shape:
@@ -79,6 +109,9 @@ def reshape(shape: Sequence[Dim], target: Sequence[Dim]) -> Shape:
     """Result of reshaping ``shape`` to ``target`` (which may hold one -1)."""
     if list(target).count(-1) > 1:
         raise ShapeError(f"reshape target {fmt(target)} has more than one -1")
+    if any(d == 0 or (isinstance(d, int) and d < -1) for d in target):
+        raise ShapeError(f"reshape target {fmt(target)} may hold sizes >= 1 and one -1, no 0 "
+                         "or other negative number")
     total_s, total_f = split_dim(prod(shape))
     known = [d for d in target if d != -1]
     known_s, known_f = split_dim(prod(known))

@@ -16,16 +16,24 @@ and any node list can splice in a fragment file (its vars, params and nodes)::
 Everything here works on the raw YAML mappings (``LocDict``), which keep the file and
 line they were read from, so a later error points at the variant or fragment that wrote
 the entry. The result is one flat ``Document`` that spec.py substitutes and unrolls.
+
+Paths: an ``extends`` may name a graph file (``.yaml`` or ``.yml``) anywhere, so that a
+variant kept in another folder can extend the project's graphs; an ``include`` may not
+leave the folder tree of the graph file it belongs to (the graph whose node list, or
+whose fragments' node lists, hold it). Both read regular files only.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from capsflow.errors import SpecError
+from capsflow.lang.limits import Budget, show
 from capsflow.lang.yamlio import LocDict, load_yaml
 
 GRAPH_KEYS = {"name", "description", "vars", "inputs", "params", "nodes", "outputs",
@@ -34,6 +42,9 @@ FRAGMENT_KEYS = {"description", "vars", "params", "nodes"}
 INCLUDE_KEYS = {"include", "doc"}
 SECTIONS = ("inputs", "params", "outputs")   # merged by name; ``name: null`` removes one
 VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+GRAPH_SUFFIXES = (".yaml", ".yml")
+MAX_PATH = 4096   # PATH_MAX: a longer include or extends is not a path
+SCALARS = (str, int, float, bool, type(None))
 
 
 @dataclass
@@ -80,20 +91,20 @@ class _Group:
         return any(e is o for e in self.entries for o in self.original)
 
 
-def compose(path: str, overrides: dict) -> Document:
+def compose(path: str, overrides: dict, budget: Budget) -> Document:
     """Read ``path``, follow ``extends``, apply ``replace``s and splice ``include``s."""
-    chain = _load_chain(path)
+    chain = _load_chain(path, budget)
     variables, origins = _chain_vars(chain, overrides)
     declared = {n for doc in chain if isinstance(doc.get("vars"), dict) for n in doc["vars"]}
-    composer = _Composer(variables, origins)
+    composer = _Composer(variables, origins, budget)
     nodes = composer.splice(chain[0].get("nodes"), chain[0].file, {})
     for doc in chain[1:]:
         replace = doc.get("replace") or {}
         if not isinstance(replace, dict):
             raise SpecError("'replace' must map node or block ids to new entries",
                             file=doc.file, line=doc.key_line("replace"))
-        for target in replace:
-            composer.replace(nodes, target, replace, doc)
+        if replace:
+            nodes = composer.replace_all(nodes, replace, doc)
         if doc.get("nodes") is not None:
             added = composer.splice(doc["nodes"], doc.file, {})
             if not isinstance(added, list):
@@ -114,36 +125,70 @@ def compose(path: str, overrides: dict) -> Document:
         sources=[d.file for d in reversed(chain)] + [f.path for f in fragments])
 
 
+# -- paths --------------------------------------------------------------------------------
+def _follow(ref: str, file: str, what: str, line: int | None) -> tuple[Path, Path]:
+    """(``ref`` relative to the folder of ``file``, the same with every symlink followed)."""
+    if "\0" in ref or len(ref) > MAX_PATH:
+        raise SpecError(f"{what} {show(ref)} is not a usable path", file=file, line=line)
+    path = Path(file).parent / ref
+    try:
+        return path, path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+        reason = getattr(exc, "strerror", None) or "symbolic links go round in a circle"
+        raise SpecError(f"{what} '{ref}': cannot follow {path}: {reason}", file=file,
+                        line=line) from None
+
+
+def _not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a graph file: 'missing', another reason, or None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
 # -- extends ----------------------------------------------------------------------------
-def _load_chain(path: str) -> list:
+def _load_chain(path: str, budget: Budget) -> list:
     """The graph and the graphs it extends, root base first."""
     chain: list[LocDict] = []
-    seen: list[str] = []
+    seen: list[Path] = []
     while True:
-        raw = load_yaml(path)
+        raw = load_yaml(path, budget)
+        seen.append(Path(path).resolve())  # it could be read, so it resolves
         if not isinstance(raw, dict):
             raise SpecError("a graph spec must be a YAML mapping with 'nodes' and 'outputs'",
                             file=path)
         check_keys(raw, GRAPH_KEYS, "top level")
         chain.append(raw)
-        seen.append(str(Path(path).resolve()))
         base = raw.get("extends")
+        line = raw.key_line("extends")
         if base is None:
             if "replace" in raw:
                 raise SpecError("'replace' needs 'extends': there is no base graph to "
                                 "replace nodes in", file=path, line=raw.key_line("replace"))
             break
         if not isinstance(base, str) or not base:
-            raise SpecError(f"'extends' must be the path of a graph spec, got {base!r}",
-                            file=path, line=raw.key_line("extends"))
-        base_path = Path(path).parent / base
-        if str(base_path.resolve()) in seen:
-            loop = " -> ".join([Path(p).name for p in seen] + [base_path.name])
-            raise SpecError(f"'extends' goes round in a circle: {loop}", file=path,
-                            line=raw.key_line("extends"))
-        if not base_path.is_file():
+            raise SpecError(f"'extends' must be the path of a graph spec, got {show(base)}",
+                            file=path, line=line)
+        base_path, resolved = _follow(base, path, "extends", line)
+        if resolved in seen:
+            loop = " -> ".join([p.name for p in seen] + [resolved.name])
+            raise SpecError(f"'extends' goes round in a circle: {loop}", file=path, line=line)
+        problem = _not_a_file(resolved)
+        if problem == "missing":
             raise SpecError(f"extends '{base}': no such graph spec {base_path}", file=path,
-                            line=raw.key_line("extends"))
+                            line=line)
+        if problem:
+            raise SpecError(f"extends '{base}': {base_path} {problem}", file=path, line=line)
+        if resolved.suffix not in GRAPH_SUFFIXES:
+            raise SpecError(f"extends '{base}': a graph spec is a .yaml or .yml file",
+                            file=path, line=line)
+        if len(chain) >= budget.limits.max_include_depth:
+            raise SpecError(f"the 'extends' chain is longer than {budget.limits.max_include_depth} "
+                            "files (Limits.max_include_depth)", file=path, line=line)
         path = str(base_path)
     return chain[::-1]
 
@@ -192,48 +237,86 @@ def _merge_sections(chain: list, key: str) -> LocDict:
     return merged
 
 
+# -- variables in text --------------------------------------------------------------------
+def fill_text(text: str, value_of: Callable[[str], Any], limit: int, limit_name: str,
+              error: Callable[[str], SpecError]) -> str:
+    """``text`` with each ``${name}`` replaced by the text of its value, which must be a
+    string, number, boolean or null; an error past ``limit`` characters (checked as it
+    grows, so a hostile text never gets built)."""
+    parts: list[str] = []
+    size = pos = 0
+    for match in VAR.finditer(text):
+        value = value_of(match.group(1))
+        if not isinstance(value, SCALARS):
+            kind = "mapping" if isinstance(value, dict) else type(value).__name__
+            raise error(f"variable '{match.group(1)}' is a {kind}; only a string or number "
+                        "can be part of a longer string")
+        try:
+            piece = str(value)
+        except ValueError:  # an integer with more digits than Python prints
+            raise error(f"variable '{match.group(1)}' is too large a number to write out") from None
+        size += match.start() - pos + len(piece)
+        if size > limit:
+            raise error(f"substituting variables into {show(text)} makes a string longer "
+                        f"than {limit:,} characters ({limit_name})")
+        parts += [text[pos:match.start()], piece]
+        pos = match.end()
+    parts.append(text[pos:])
+    return "".join(parts)
+
+
 # -- include and replace ------------------------------------------------------------------
 class _Composer:
     """Splices includes (as ``_Group``s) and applies replaces to the raw node tree."""
 
-    def __init__(self, variables: dict, origins: dict):
+    def __init__(self, variables: dict, origins: dict, budget: Budget):
         self.variables = variables
         self.origins = origins
-        self.stack: list[str] = []   # resolved paths of the fragments being spliced
+        self.budget = budget
+        self.limits = budget.limits
+        self.stack: list[Path] = []   # resolved paths of the fragments being spliced
+        self.read: dict[Path, tuple] = {}   # resolved path -> (raw YAML, what it cost)
+        self.targets: dict[tuple, tuple] = {}   # (file, include text, home) -> _target()
 
-    def splice(self, entries: Any, file: str, scope: dict) -> Any:
+    def splice(self, entries: Any, home: str, scope: dict, depth: int = 2) -> Any:
         """``entries`` with each ``{include: PATH}`` replaced by the fragment's nodes.
-        ``scope`` holds the vars of the fragments that enclose these entries."""
+        ``home`` is the graph file the entries belong to (includes stay in its folder
+        tree), ``scope`` holds the vars of the fragments that enclose these entries and
+        ``depth`` is how deep the list is nested in the composed graph."""
         if not isinstance(entries, list):
             return entries  # the expander reports a malformed list
+        if depth > self.limits.max_depth:
+            where = entries[0] if entries else None
+            raise SpecError(f"node lists (stages, repeat bodies) nested more than "
+                            f"{self.limits.max_depth} levels deep in the composed graph "
+                            "(Limits.max_depth)", file=getattr(where, "file", None) or home,
+                            line=getattr(where, "line", None))
         out = []
         for entry in entries:
             if isinstance(entry, dict) and "include" in entry:
-                out.append(self.include(entry, scope))
+                out.append(self.include(entry, home, scope, depth))
                 continue
-            if isinstance(entry, dict):
-                key = "nodes" if "stage" in entry else "body" if "repeat" in entry else None
-                if key and key in entry:
-                    entry[key] = self.splice(entry[key], getattr(entry, "file", file), scope)
+            key = _inner_list(entry)
+            if key:
+                entry[key] = self.splice(entry[key], home, scope, depth + 2)
             out.append(entry)
         return out
 
-    def include(self, entry: LocDict, scope: dict) -> _Group:
+    def include(self, entry: LocDict, home: str, scope: dict, depth: int) -> _Group:
         check_keys(entry, INCLUDE_KEYS, "include")
         ref = entry["include"]
         if not isinstance(ref, str) or not ref:
-            raise SpecError(f"include must be the path of a YAML fragment, got {ref!r}",
+            raise SpecError(f"include must be the path of a YAML fragment, got {show(ref)}",
                             file=entry.file, line=entry.line)
-        resolved = self._interpolate(ref, scope, entry)
-        path = Path(entry.file).parent / resolved
-        if not path.is_file():
-            raise self._missing(ref, path, entry, scope)
-        key = str(path.resolve())
-        if key in self.stack:
-            loop = " -> ".join(Path(p).name for p in self.stack + [key])
+        path, resolved = self._target(ref, entry, home, scope)
+        if resolved in self.stack:
+            loop = " -> ".join(p.name for p in self.stack + [resolved])
             raise SpecError(f"include goes round in a circle: {loop}", file=entry.file,
                             line=entry.line)
-        raw = load_yaml(path)
+        if len(self.stack) >= self.limits.max_include_depth:
+            raise SpecError(f"includes nested more than {self.limits.max_include_depth} deep "
+                            "(Limits.max_include_depth)", file=entry.file, line=entry.line)
+        raw = self._load(path, resolved, entry)
         if not isinstance(raw, dict):
             raise SpecError("an included fragment must be a YAML mapping with 'nodes'",
                             file=str(path))
@@ -244,33 +327,76 @@ class _Composer:
         inner = dict(scope)
         for name, value in fragment.vars.items():
             inner.setdefault(name, (value, (fragment.path, fragment.vars.key_line(name))))
-        self.stack.append(key)
+        self.stack.append(resolved)
         try:
-            return _Group(self.splice(raw["nodes"], str(path), inner), fragment)
+            return _Group(self.splice(raw["nodes"], home, inner, depth), fragment)
         finally:
             self.stack.pop()
+
+    def _target(self, ref: str, entry: LocDict, home: str, scope: dict) -> tuple[Path, Path]:
+        """(path, path with symlinks followed) of the fragment an include names, checked
+        to be a regular file in the folder tree of ``home``; memoised, as a fan-out of
+        includes asks for the same few files many times."""
+        text = self._interpolate(ref, scope, entry)
+        key = (entry.file, text, home)
+        if key not in self.targets:
+            path, resolved = _follow(text, entry.file, "include", entry.line)
+            root = Path(home).parent
+            if not resolved.is_relative_to(root.resolve()):
+                raise SpecError(f"include '{ref}': {path} is outside {root}/, the folder of "
+                                f"{home}; an include may not leave the folder tree of its graph",
+                                file=entry.file, line=entry.line)
+            problem = _not_a_file(resolved)
+            if problem == "missing":
+                raise self._missing(ref, path, resolved, entry, scope)
+            if problem:
+                raise SpecError(f"include '{ref}': {path} {problem}", file=entry.file,
+                                line=entry.line)
+            self.targets[key] = path, resolved
+        return self.targets[key]
+
+    def _load(self, path: Path, resolved: Path, entry: LocDict) -> Any:
+        """A fragment's YAML, parsed once per compile: including a file many times (a
+        fan-out of includes) costs a copy each time, which counts like a fresh read."""
+        if resolved in self.read:
+            raw, cost = self.read[resolved]
+            self.budget.spend_nodes(cost, f"including {path} again", entry.file, entry.line)
+        else:
+            before = self.budget.nodes
+            raw = load_yaml(path, self.budget)
+            self.read[resolved] = raw, self.budget.nodes - before
+        return _copy(raw)  # splicing changes what it is given
 
     def _lookup(self, name: str, scope: dict) -> tuple[Any, tuple] | None:
         if name in self.variables:
             return self.variables[name], self.origins[name]
         return scope.get(name)
 
-    def _interpolate(self, text: str, scope: dict, entry: LocDict, depth: int = 0) -> str:
-        def value(match: re.Match) -> str:
-            found = self._lookup(match.group(1), scope)
+    def _interpolate(self, text: str, scope: dict, entry: LocDict) -> str:
+        def value_of(name: str) -> Any:
+            found = self._lookup(name, scope)
             if found is None:
                 known = ", ".join(sorted(set(self.variables) | set(scope))) or "none"
-                raise SpecError(f"include: unknown variable '${{{match.group(1)}}}'; "
-                                f"defined: {known}", file=entry.file, line=entry.line)
-            return str(found[0])
-        out = VAR.sub(value, text)
-        if "${" in out and depth < 20:  # a variable whose value names another variable
-            return self._interpolate(out, scope, entry, depth + 1)
-        return out
+                raise error(f"unknown variable '${{{name}}}'; defined: {known}")
+            return found[0]
 
-    def _missing(self, ref: str, path: Path, entry: LocDict, scope: dict) -> SpecError:
-        """'no such fragment', pointing at the line that chose it when a variable did."""
-        there = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        def error(message: str) -> SpecError:
+            return SpecError(f"include: {message}", file=entry.file, line=entry.line)
+
+        for _ in range(20):  # a variable whose value names another variable
+            if "${" not in text:
+                break
+            text = fill_text(text, value_of, MAX_PATH, "the longest path", error)
+        return text
+
+    def _missing(self, ref: str, path: Path, resolved: Path, entry: LocDict,
+                 scope: dict) -> SpecError:
+        """'no such fragment', pointing at the line that chose it when a variable did.
+        The files offered are those of the target's folder, which is inside the graph's."""
+        folder = resolved.parent
+        there = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        if len(there) > 30:
+            there = there[:30] + ["..."]
         choices = f"; {path.parent} has: {', '.join(there)}" if there else ""
         names = VAR.findall(ref)
         if not names:
@@ -281,67 +407,119 @@ class _Composer:
         where = f"included at {entry.file}:{entry.line}"
         if file is None:
             return SpecError(f"--set {name}={value}: there is no {path} ({where}){choices}")
-        return SpecError(f"{name}: {value!r} names no fragment: there is no {path} ({where})"
+        return SpecError(f"{name}: {show(value)} names no fragment: there is no {path} ({where})"
                          f"{choices}", file=file, line=line)
 
-    def replace(self, nodes: Any, target: Any, section: LocDict, doc: LocDict) -> None:
-        line = section.key_line(target)
-        if not isinstance(target, str) or not isinstance(nodes, list):
-            raise SpecError(f"replace: '{target}' must name a node or repeat block id",
-                            file=doc.file, line=line)
-        matches = _locate(nodes, target)
-        if not matches:
-            close = difflib.get_close_matches(target, _all_ids(nodes), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else \
-                " (inside a repeat block write BLOCK/ID, e.g. routing/c)"
-            raise SpecError(f"replace: the base graph has no node or repeat block '{target}'"
-                            + hint, file=doc.file, line=line)
-        new = section[target]
-        entries = [] if new is None else new if isinstance(new, list) else [new]
-        if not all(isinstance(e, dict) for e in entries):
-            raise SpecError(f"replace '{target}': give a node, a repeat block, an include or "
-                            "a list of them (an empty list removes it)", file=doc.file, line=line)
-        entries = self.splice(entries, doc.file, {})
-        first_list, first = matches[0]
-        for entries_list, k in reversed(matches[1:]):
-            del entries_list[k]  # the same id defined twice (e.g. with when: last / not_last)
-        first_list[first:first + 1] = entries
+    def replace_all(self, nodes: Any, section: LocDict, doc: LocDict) -> list:
+        """``nodes`` with every target of one file's ``replace`` swapped, in order (a
+        later target may lie inside an earlier replacement)."""
+        if not isinstance(nodes, list):
+            raise SpecError("replace: the base graph has no node list to replace in",
+                            file=doc.file, line=doc.key_line("replace"))
+        ids = _Ids(nodes)
+        swaps: dict[int, tuple] = {}
+        for target, new in section.items():
+            line = section.key_line(target)
+            matches = ids.pop(target)
+            if not matches:
+                close = difflib.get_close_matches(target, ids.names(), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else \
+                    " (inside a repeat block write BLOCK/ID, e.g. routing/c)"
+                raise SpecError(f"replace: the base graph has no node or repeat block '{target}'"
+                                + hint, file=doc.file, line=line)
+            entries = [] if new is None else new if isinstance(new, list) else [new]
+            if not all(isinstance(e, dict) for e in entries):
+                raise SpecError(f"replace '{target}': give a node, a repeat block, an include or "
+                                "a list of them (an empty list removes it)", file=doc.file, line=line)
+            (first, where), *others = matches
+            entries = self.splice(entries, doc.file, {}, where[1])  # at the target's depth
+            swaps[id(first)] = (first, entries)
+            for entry, _ in others:  # the same id defined twice (e.g. with when: last / not_last)
+                swaps[id(entry)] = (entry, [])
+            ids.add(entries, *where)
+        return _swap(nodes, swaps)
 
 
-def _locate(entries: Any, target: str, prefix: str = "") -> list:
-    """(list, index) of every entry whose full id is ``target``; ids inside repeat
-    blocks are written BLOCK/ID, as in the aliases (``routing/v``)."""
-    found: list = []
+class _Ids:
+    """Full ids of a node tree (``BLOCK/ID`` inside repeat blocks) -> their entries, kept
+    up to date while replaces swap entries: one replace costs what it changes, not a walk
+    of the whole graph (a long ``replace`` section would cost its length times the graph's)."""
+
+    def __init__(self, entries: list):
+        # full id -> {id(entry): (entry, (prefix of its id, depth of its list))}
+        self.found: dict[str, dict[int, tuple]] = {}
+        self.add(entries, "", 2)
+
+    def add(self, entries: Any, prefix: str, depth: int) -> None:
+        for entry, full, where in _walk(entries, prefix, depth):
+            self.found.setdefault(full, {})[id(entry)] = (entry, where)
+
+    def pop(self, target: str) -> list:
+        """The entries with full id ``target``; they and what they hold leave the index."""
+        matches = list(self.found.pop(target, {}).values())
+        for entry, (_, depth) in matches:
+            if "repeat" in entry:
+                for inner, full, _ in _walk(entry.get("body"), target + "/", depth + 2):
+                    self.found.get(full, {}).pop(id(inner), None)
+        return matches
+
+    def names(self) -> list:
+        return [name for name, entries in self.found.items() if entries]
+
+
+def _copy(value: Any) -> Any:
+    """A fresh copy of loaded YAML, LocDicts with their file and lines."""
+    if isinstance(value, dict):
+        out = LocDict((k, _copy(v)) for k, v in value.items())
+        out.file, out.line = getattr(value, "file", None), getattr(value, "line", None)
+        out.key_lines = dict(getattr(value, "key_lines", {}))
+        return out
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _inner_list(entry: Any) -> str | None:
+    """The key of the node list an entry holds: a stage's ``nodes``, a repeat's ``body``."""
+    if isinstance(entry, dict):
+        key = "nodes" if "stage" in entry else "body" if "repeat" in entry else None
+        return key if key in entry else None
+    return None
+
+
+def _walk(entries: Any, prefix: str, depth: int) -> Iterator[tuple]:
+    """(entry, full id, (prefix, depth of its list)) of every entry with an id, in tree
+    order; ``depth`` is that of ``entries`` in the composed graph, as in splice."""
     if not isinstance(entries, list):
-        return found
-    for k, e in enumerate(entries):
-        if isinstance(e, _Group):
-            found += _locate(e.entries, target, prefix)
-        elif isinstance(e, dict) and "stage" in e:
-            found += _locate(e.get("nodes"), target, prefix)
-        elif isinstance(e, dict):
-            full = f"{prefix}{e.get('id')}"
-            if full == target:
-                found.append((entries, k))
-            elif "repeat" in e:
-                found += _locate(e.get("body"), target, full + "/")
-    return found
-
-
-def _all_ids(entries: Any, prefix: str = "") -> list:
-    ids: list = []
-    if not isinstance(entries, list):
-        return ids
+        return
     for e in entries:
         if isinstance(e, _Group):
-            ids += _all_ids(e.entries, prefix)
+            yield from _walk(e.entries, prefix, depth)
         elif isinstance(e, dict) and "stage" in e:
-            ids += _all_ids(e.get("nodes"), prefix)
-        elif isinstance(e, dict):
-            ids.append(f"{prefix}{e.get('id')}")
+            yield from _walk(e.get("nodes"), prefix, depth + 2)
+        elif isinstance(e, dict) and isinstance(e.get("id"), str):
+            full = prefix + e["id"]
+            yield e, full, (prefix, depth)
             if "repeat" in e:
-                ids += _all_ids(e.get("body"), f"{prefix}{e.get('id')}/")
-    return ids
+                yield from _walk(e.get("body"), full + "/", depth + 2)
+
+
+def _swap(entries: Any, swaps: dict) -> Any:
+    """``entries`` with each entry in ``swaps`` replaced by its replacement, at any depth."""
+    if not swaps or not isinstance(entries, list):
+        return entries
+    out = []
+    for e in entries:
+        if id(e) in swaps and swaps[id(e)][0] is e:
+            out.extend(_swap(swaps[id(e)][1], swaps))
+            continue
+        key = _inner_list(e)
+        if isinstance(e, _Group):
+            e.entries = _swap(e.entries, swaps)
+        elif key:
+            e[key] = _swap(e[key], swaps)
+        out.append(e)
+    return out
 
 
 def _flatten(entries: Any, fragments: list) -> Any:
@@ -356,10 +534,9 @@ def _flatten(entries: Any, fragments: list) -> Any:
                 fragments.append(e.fragment)
             out.extend(_flatten(e.entries, fragments))
             continue
-        if isinstance(e, dict):
-            key = "nodes" if "stage" in e else "body" if "repeat" in e else None
-            if key and key in e:
-                e[key] = _flatten(e[key], fragments)
+        key = _inner_list(e)
+        if key:
+            e[key] = _flatten(e[key], fragments)
         out.append(e)
     return out
 
@@ -375,8 +552,8 @@ def _fragment_vars(fragments: list, variables: dict, origins: dict,
             if name in variables:
                 continue
             if name in chosen and values[name] != value:
-                raise SpecError(f"variable '{name}' defaults to {values[name]!r} in "
-                                f"{chosen[name]} and to {value!r} in {fragment.path}; "
+                raise SpecError(f"variable '{name}' defaults to {show(values[name])} in "
+                                f"{chosen[name]} and to {show(value)} in {fragment.path}; "
                                 f"set it in the graph's vars", file=path)
             chosen[name] = fragment.path
             values[name] = value

@@ -17,14 +17,19 @@ and ``include``. In short::
 """
 from __future__ import annotations
 
+import math
+import os
+from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsflow.lang.compose import VAR as _VAR
-from capsflow.lang.compose import Document, compose
-from capsflow.lang.compose import check_keys as _check_keys
+from capsflow.core.shapes import MAX_DIM, MAX_NDIM
 from capsflow.errors import SpecError
+from capsflow.lang.compose import VAR as _VAR
+from capsflow.lang.compose import Document, compose, fill_text
+from capsflow.lang.compose import check_keys as _check_keys
+from capsflow.lang.limits import Budget, Limits, measure, plain_data_problem, show, value_children
 from capsflow.lang.yamlio import LocDict
 
 NODE_KEYS = {"id", "op", "in", "attrs", "when", "doc"}
@@ -80,32 +85,61 @@ class Spec:
     sources: list = field(default_factory=list)   # files read: the graph, its bases, fragments
 
 
-def load_spec(path: str | Path, overrides: dict | None = None) -> Spec:
+def load_spec(path: str | Path, overrides: dict | None = None,
+              limits: Limits | None = None) -> Spec:
     """Read a YAML graph spec (following ``extends`` and ``include``), apply variable
-    overrides and unroll repeats."""
-    path = str(path)
-    overrides = overrides or {}
-    doc = compose(path, overrides)
-    variables = _resolve_vars(doc, overrides, path)
+    overrides and unroll repeats, within ``limits`` (default: ``Limits()``)."""
+    path = _check_path(path)
+    limits = limits or Limits()
+    overrides = _check_overrides(overrides, limits)
+    budget = Budget(limits)
+    doc = compose(path, overrides, budget)
+    variables = _resolve_vars(doc, overrides, path, budget)
     body = {"name": doc.name, "description": doc.description, "inputs": doc.inputs,
             "params": doc.params, "nodes": doc.nodes, "outputs": doc.outputs}
-    body = _substitute(body, variables, (path, None))
+    body = _substitute(body, variables, (path, None), budget)
     for key in ("nodes", "outputs"):
         if not body.get(key):
             raise SpecError(f"the spec has no '{key}' section", file=path)
-    builder = _Expander(path)
+    for key in ("name", "description"):
+        if not isinstance(body[key], (str, type(None))):
+            raise SpecError(f"'{key}' must be a string, got {show(body[key])}", file=path)
+    builder = _Expander(path, budget)
     builder.expand(body["nodes"], prefix="", scope={}, stage=None, block=None)
     return Spec(
-        name=str(body.get("name") or Path(path).stem), file=path, vars=variables,
+        name=body["name"] or Path(path).stem, file=path, vars=variables,
         inputs=_parse_inputs(body.get("inputs") or {}, path),
         params=_parse_params(body.get("params") or {}, path),
         nodes=builder.nodes, outputs=_parse_outputs(body["outputs"], path),
         aliases=builder.aliases, blocks=builder.blocks,
-        description=str(body.get("description") or ""), sources=doc.sources)
+        description=body["description"] or "", sources=doc.sources)
+
+
+def _check_path(path: Any) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        path = None
+    if not isinstance(path, str) or not path:
+        raise SpecError("the graph must be given as a file path (a str or pathlib.Path)")
+    return path
+
+
+def _check_overrides(overrides: Any, limits: Limits) -> dict:
+    """Overrides from Python are checked like --set values: names to plain data."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+        raise SpecError(f"overrides must map variable names to values, got {show(overrides)}")
+    for name, value in overrides.items():
+        problem = plain_data_problem(value, limits)
+        if problem:
+            raise SpecError(f"override '{name}': {problem}")
+    return overrides
 
 
 # -- variables ---------------------------------------------------------------------
-def _resolve_vars(doc: Document, overrides: dict, path: str) -> dict:
+def _resolve_vars(doc: Document, overrides: dict, path: str, budget: Budget) -> dict:
     """Values of all variables, with ``${}`` references between them substituted."""
     unknown = sorted(set(overrides) - doc.declared)
     if unknown:
@@ -115,45 +149,71 @@ def _resolve_vars(doc: Document, overrides: dict, path: str) -> dict:
     values, origins = dict(doc.vars), doc.origins
     # Variables may refer to earlier variables.
     for name in list(values):
-        values[name] = _substitute(values[name], values, origins.get(name, (path, None)))
+        values[name] = _substitute(values[name], values, origins.get(name, (path, None)), budget)
     return values
 
 
-def _substitute(obj: Any, variables: dict, loc: tuple) -> Any:
+def _substitute(obj: Any, variables: dict, loc: tuple, budget: Budget) -> Any:
     """Replace ${name} everywhere; a string that is exactly '${name}' takes the value's type.
-    ``loc`` is the (file, line) of the innermost mapping, for errors."""
+    ``loc`` is the (file, line) of the innermost mapping, for errors. What substitution
+    copies in counts towards ``budget`` (an alias bomb in a variable is caught here)."""
     if isinstance(obj, dict):
         here = (getattr(obj, "file", None) or loc[0], getattr(obj, "line", None) or loc[1])
-        out = LocDict((k, _substitute(v, variables, here)) for k, v in obj.items())
+        out = LocDict((k, _substitute(v, variables, here, budget)) for k, v in obj.items())
         out.file, out.line = here
         out.key_lines = dict(getattr(obj, "key_lines", {}))
         return out
     if isinstance(obj, list):
-        return [_substitute(v, variables, loc) for v in obj]
+        return [_substitute(v, variables, loc, budget) for v in obj]
     if not isinstance(obj, str) or "${" not in obj:
         return obj
+
+    def error(message: str) -> SpecError:
+        return SpecError(message, file=loc[0], line=loc[1])
 
     def lookup(name: str) -> Any:
         if name not in variables:
             known = ", ".join(sorted(variables)) or "none"
-            raise SpecError(f"unknown variable '${{{name}}}'; defined: {known}",
-                            file=loc[0], line=loc[1])
+            raise error(f"unknown variable '${{{name}}}'; defined: {known}")
         return variables[name]
 
     whole = _VAR.fullmatch(obj)
     if whole:
-        return lookup(whole.group(1))
-    return _VAR.sub(lambda m: str(lookup(m.group(1))), obj)
+        value = lookup(whole.group(1))
+        if isinstance(value, (dict, list)):
+            try:
+                size, _ = measure(value, value_children, budget.remaining_nodes())
+            except ValueError:  # only Python overrides can hold themselves; they are checked
+                raise error(f"variable '{obj}' contains itself") from None
+            budget.spend_nodes(size, f"variable '{obj}'", *loc)
+        return value
+    text = fill_text(obj, lookup, budget.limits.max_bytes - budget.bytes,
+                     "what is left of Limits.max_bytes", error)
+    budget.spend_bytes(len(text), f"substituting variables into {show(obj)}", *loc)
+    return text
 
 
 # -- inputs, params, outputs -----------------------------------------------------------
 def _shape(value: Any, what: str, path: str, line: int | None) -> tuple:
-    if not isinstance(value, list) or not all(
-            (isinstance(d, int) and d > 0) or (isinstance(d, str) and d.isidentifier())
+    if not isinstance(value, list) or len(value) > MAX_NDIM or not all(
+            (_whole(d) and 0 < d <= MAX_DIM) or (isinstance(d, str) and d.isidentifier())
             for d in value):
-        raise SpecError(f"{what}: shape must be a list of positive integers or a batch "
-                        f"symbol such as N, got {value!r}", file=path, line=line)
+        raise SpecError(f"{what}: shape must be a list of at most {MAX_NDIM} positive integers "
+                        f"or batch symbols such as N, got {show(value)}", file=path, line=line)
     return tuple(value)
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _flag(entry: dict, key: str, default: bool, what: str, path: str, line: int | None) -> bool:
+    """A true/false key (``optional``, ``trainable``): bool('no') would be True."""
+    value = entry.get(key, default)
+    if not isinstance(value, bool):
+        raise SpecError(f"{what}: '{key}' must be true or false, got {show(value)}",
+                        file=path, line=line)
+    return value
 
 
 def _where(section: Any, name: str, entry: Any, path: str) -> tuple:
@@ -174,9 +234,10 @@ def _parse_inputs(section: Any, path: str) -> dict:
         if not isinstance(entry, dict) or "shape" not in entry:
             raise SpecError(f"input '{name}' needs a shape, e.g. {{shape: [N, 1, 28, 28]}}",
                             file=file, line=line)
-        _check_keys(entry, {"shape", "optional", "doc"}, f"input '{name}'", file)
-        inputs[name] = InputSpec(name, _shape(entry["shape"], f"input '{name}'", file, line),
-                                 bool(entry.get("optional", False)), line)
+        what = f"input '{name}'"
+        _check_keys(entry, {"shape", "optional", "doc"}, what, file)
+        inputs[name] = InputSpec(name, _shape(entry["shape"], what, file, line),
+                                 _flag(entry, "optional", False, what, file, line), line)
     return inputs
 
 
@@ -189,13 +250,22 @@ def _parse_params(section: Any, path: str) -> dict:
         file, line = _where(section, name, entry, path)
         if not isinstance(entry, dict) or "shape" not in entry:
             raise SpecError(f"parameter '{name}' needs a shape", file=file, line=line)
-        _check_keys(entry, {"shape", "init", "trainable", "doc"}, f"parameter '{name}'", file)
-        shape = _shape(entry["shape"], f"parameter '{name}'", file, line)
+        what = f"parameter '{name}'"
+        _check_keys(entry, {"shape", "init", "trainable", "doc"}, what, file)
+        shape = _shape(entry["shape"], what, file, line)
         if any(isinstance(d, str) for d in shape):
-            raise SpecError(f"parameter '{name}': shape must be all integers", file=file, line=line)
+            raise SpecError(f"{what}: shape must be all integers", file=file, line=line)
         params[name] = ParamSpec(name, shape, _parse_init(entry.get("init", "zeros"), name, file, line),
-                                 bool(entry.get("trainable", True)), line, file)
+                                 _flag(entry, "trainable", True, what, file, line), line, file)
     return params
+
+
+# What each init's number must be; numpy would fail later, or make NaN or infinite values.
+INIT_RULES = {"zeros": ("any number", lambda a: True), "ones": ("any number", lambda a: True),
+              "constant": ("any number", lambda a: True),
+              "normal": ("a standard deviation >= 0", lambda a: a >= 0),
+              "uniform": ("a bound >= 0", lambda a: a >= 0),
+              "uniform_fan_in": ("a fan-in > 0", lambda a: a > 0)}
 
 
 def _parse_init(init: Any, name: str, path: str, line: int | None) -> tuple:
@@ -204,10 +274,24 @@ def _parse_init(init: Any, name: str, path: str, line: int | None) -> tuple:
     if isinstance(init, dict) and len(init) == 1:
         kind, arg = next(iter(init.items()))
         if kind in INIT_KINDS and isinstance(arg, (int, float)) and not isinstance(arg, bool):
-            return kind, float(arg)
-    raise SpecError(f"parameter '{name}': init {init!r} is not one of zeros, ones, "
+            rule, ok = INIT_RULES[kind]
+            value = _finite(arg)
+            if value is None or not ok(value):
+                raise SpecError(f"parameter '{name}': {kind} needs {rule} (finite), got "
+                                f"{show(arg)}", file=path, line=line)
+            return kind, value
+    raise SpecError(f"parameter '{name}': init {show(init)} is not one of zeros, ones, "
                     "{normal: STD}, {uniform: BOUND}, {uniform_fan_in: FAN_IN}, {constant: VALUE}",
                     file=path, line=line)
+
+
+def _finite(number: int | float) -> float | None:
+    """``number`` as a finite float, or None (NaN, infinite, or too large for a float)."""
+    try:
+        value = float(number)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _parse_outputs(section: Any, path: str) -> dict:
@@ -217,17 +301,23 @@ def _parse_outputs(section: Any, path: str) -> dict:
     for name, ref in section.items():
         if not isinstance(ref, str):
             file, line = _where(section, name, ref, path)
-            raise SpecError(f"output '{name}' must name a node id, got {ref!r}", file=file,
+            raise SpecError(f"output '{name}' must name a node id, got {show(ref)}", file=file,
                             line=line)
     return dict(section)
 
 
 # -- node expansion ----------------------------------------------------------------------
 class _Expander:
-    """Flattens stage groups and unrolls repeat blocks into NodeSpecs with stable ids."""
+    """Flattens stage groups and unrolls repeat blocks into NodeSpecs with stable ids.
 
-    def __init__(self, path: str):
+    ``scope`` maps the names visible at a point (body ids, carried names, aliases) to
+    resolved ids; an iteration's scope is a ChainMap over the enclosing one, so unrolling
+    costs what the body holds, not what the graph holds so far."""
+
+    def __init__(self, path: str, budget: Budget):
         self.path = path
+        self.budget = budget
+        self.limits = budget.limits
         self.nodes: list[NodeSpec] = []
         self.aliases: dict[str, str] = {}
         self.blocks: dict[str, int] = {}
@@ -239,19 +329,29 @@ class _Expander:
 
     def expand(self, entries: Any, prefix: str, scope: dict, stage: str | None,
                block: tuple | None) -> None:
-        """Append the nodes of ``entries``; ``scope`` maps local names to resolved ids."""
+        """Append the nodes of ``entries``; ``scope`` maps local names to resolved ids;
+        ``block`` is (block id, iteration, count) inside a repeat body, else None."""
         if not isinstance(entries, list):
             raise self.error("'nodes' (and a repeat's 'body') must be a list of nodes", entries)
         for entry in entries:
             if not isinstance(entry, dict):
-                raise self.error(f"each node must be a mapping with id and op, got {entry!r}", entries)
+                raise self.error(f"each node must be a mapping with id and op, got {show(entry)}",
+                                 entries)
             if "stage" in entry:
-                _check_keys(entry, STAGE_KEYS, f"stage '{entry['stage']}'", self.path)
-                self.expand(entry.get("nodes") or [], prefix, scope, str(entry["stage"]), block)
+                self.expand_stage(entry, prefix, scope, block)
             elif "repeat" in entry:
                 self.expand_repeat(entry, prefix, scope, stage)
-            else:
+            elif self._runs(entry, block):
                 self.add_node(entry, prefix, scope, stage, block)
+
+    def expand_stage(self, entry: dict, prefix: str, scope: dict, block: tuple | None) -> None:
+        name = entry["stage"]
+        if not isinstance(name, str) or not name:
+            raise self.error(f"a stage must be named by a string, got {show(name)}", entry)
+        _check_keys(entry, STAGE_KEYS, f"stage '{name}'", self.path)
+        if not isinstance(entry.get("nodes"), list):
+            raise self.error(f"stage '{name}' needs a 'nodes' list", entry)
+        self.expand(entry["nodes"], prefix, scope, name, block)
 
     def add_node(self, entry: dict, prefix: str, scope: dict, stage: str | None,
                  block: tuple | None) -> None:
@@ -262,20 +362,26 @@ class _Expander:
         _check_keys(entry, NODE_KEYS, f"node '{full_id}'", self.path)
         if "op" not in entry:
             raise self.error("missing 'op'", entry, full_id)
+        if not isinstance(entry["op"], str):
+            raise self.error(f"'op' must name an op, got {show(entry['op'])}", entry, full_id)
         inputs = entry.get("in", [])
         if isinstance(inputs, str):
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
-            raise self.error(f"'in' must be a list of names, got {inputs!r}", entry, full_id)
-        attrs = entry.get("attrs") or {}
+            raise self.error(f"'in' must be a list of names, got {show(inputs)}", entry, full_id)
+        attrs = entry.get("attrs", {})
         if not isinstance(attrs, dict):
-            raise self.error(f"'attrs' must be a mapping, got {attrs!r}", entry, full_id)
+            empty = " (it is empty: give attributes or leave 'attrs' out)" if attrs is None else ""
+            raise self.error(f"'attrs' must be a mapping, got {show(attrs)}{empty}", entry, full_id)
         if full_id in self.seen:
             raise self.error(f"duplicate id '{full_id}'", entry, full_id)
+        if len(self.nodes) >= self.limits.max_nodes:
+            raise self.error(f"the graph has more than {self.limits.max_nodes:,} nodes after "
+                             "unrolling repeat blocks (Limits.max_nodes)", entry, full_id)
         self.seen.add(full_id)
         scope[node_id] = full_id
         self.nodes.append(NodeSpec(
-            full_id, str(entry["op"]), [scope.get(i, i) for i in inputs], dict(attrs),
+            full_id, entry["op"], [scope.get(i, i) for i in inputs], dict(attrs),
             getattr(entry, "file", None) or self.path, getattr(entry, "line", None), stage,
             block[0] if block else None, block[1] if block else None))
 
@@ -285,40 +391,65 @@ class _Expander:
             raise self.error("repeat block without an 'id'", entry)
         _check_keys(entry, REPEAT_KEYS, f"repeat block '{block_id}'", self.path)
         count = entry["repeat"]
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise self.error(f"repeat must be a whole number >= 1, got {count!r}", entry, block_id)
-        carry = entry.get("carry") or {}
+        if not _whole(count) or count < 1:
+            raise self.error(f"repeat must be a whole number >= 1, got {show(count)}", entry, block_id)
+        if count > self.limits.max_repeat:
+            raise self.error(f"repeat {count:,} is more than {self.limits.max_repeat:,} "
+                             "(Limits.max_repeat)", entry, block_id)
+        carry = entry.get("carry", {})
         if not isinstance(carry, dict) or not all(
-                isinstance(c, dict) and set(c) == {"init", "next"} for c in carry.values()):
+                isinstance(c, dict) and set(c) == {"init", "next"}
+                and all(isinstance(v, str) for v in c.values()) for c in carry.values()):
             raise self.error("carry must map names to {init: OUTER_NAME, next: BODY_NODE_ID}",
                              entry, block_id)
         body = entry.get("body")
+        if not isinstance(body, list) or not body:
+            raise self.error(f"repeat block '{block_id}' needs a 'body': a list of nodes",
+                             entry, block_id)
         full_block = prefix + block_id
+        # Unrolling writes the body out ``count`` times: count the copies before making them.
+        size, _ = measure(body, value_children, self.budget.remaining_nodes())
+        self.budget.spend_nodes((count - 1) * size, f"unrolling '{full_block}' ({count:,} x "
+                                f"{size:,} values)", getattr(entry, "file", None) or self.path,
+                                getattr(entry, "line", None), full_block)
         self.blocks[full_block] = count
+        made: dict = {}      # body name -> its node in the last iteration that has it
         previous: dict = {}
         for k in range(count):
-            local = dict(scope)
+            local = ChainMap({}, scope)
             for name, c in carry.items():
                 local[name] = scope.get(c["init"], c["init"]) if k == 0 else previous[c["next"]]
-            kept = [e for e in (body or []) if self._runs(e, k, count, entry, block_id)]
-            self.expand(kept, f"{full_block}/{k}/", local, stage, (full_block, k))
+            self.expand(body, f"{full_block}/{k}/", local, stage, (full_block, k, count))
+            # What this iteration defined: body ids and the aliases of blocks in the body.
+            previous = {n: v for n, v in local.maps[0].items()
+                        if v.startswith(f"{full_block}/{k}/")}
             for name, c in carry.items():
-                if c["next"] not in local or local[c["next"]] == scope.get(c["next"]):
-                    if k < count - 1:
-                        raise self.error(f"carry '{name}': next '{c['next']}' is not a node of "
-                                         "the body", entry, block_id)
-            previous = {n: local[n] for n in local if local[n].startswith(f"{full_block}/{k}/")}
-            for name, full in previous.items():
-                self.aliases[f"{full_block}/{name}"] = full  # outer names see the last iteration
+                if k < count - 1 and c["next"] not in previous:
+                    raise self.error(f"carry '{name}': next '{c['next']}' is not a node of "
+                                     "the body", entry, block_id)
+            made.update(previous)
         for name, c in carry.items():  # the carried value after the last iteration
             if c["next"] in previous:
-                self.aliases.setdefault(f"{full_block}/{name}", previous[c["next"]])
-        scope.update({k: v for k, v in self.aliases.items() if k.startswith(full_block + "/")})
+                made.setdefault(name, previous[c["next"]])
+        # Outer names see the last iteration: BLOCK/NAME, relative to the enclosing body,
+        # so a block nested in a body adds one name per name of its own, never a copy of
+        # every alias inside it (which doubled with each level of nesting).
+        for name, target in made.items():
+            self.aliases[f"{full_block}/{name}"] = target
+            scope[f"{block_id}/{name}"] = target
 
-    def _runs(self, entry: Any, k: int, count: int, block: dict, block_id: str) -> bool:
-        when = entry.get("when", "always") if isinstance(entry, dict) else "always"
-        if when not in WHEN:
-            raise self.error(f"when must be one of {', '.join(WHEN)}, got {when!r}", entry, block_id)
+    def _runs(self, entry: dict, block: tuple | None) -> bool:
+        """Whether a node exists in this iteration of the enclosing repeat block."""
+        if "when" not in entry:
+            return True
+        when = entry["when"]
+        node = entry.get("id") if isinstance(entry.get("id"), str) else None
+        if block is None:
+            raise self.error("'when' works only inside a repeat body", entry, node)
+        if not isinstance(when, str) or when not in WHEN:
+            raise self.error(f"when must be one of {', '.join(WHEN)}, got {show(when)}", entry,
+                             block[0])
+        _, k, count = block
         last, first = k == count - 1, k == 0
         return {"always": True, "first": first, "not_first": not first,
                 "last": last, "not_last": not last}[when]

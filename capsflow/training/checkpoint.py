@@ -1,10 +1,19 @@
-"""Parameters on disk: ``.npz`` files keyed by the YAML parameter names."""
+"""Parameters on disk: ``.npz`` files keyed by the YAML parameter names.
+
+Every file is written through ``atomic_file``: a temporary file beside the target, named
+``.<target>.<pid>.<random>.capsflow-tmp``, flushed to disk and renamed over the target.
+A run killed at any moment (SIGKILL during a write included) leaves the previous file
+whole; the temporary file it leaves behind is removed by the next run that writes into
+the folder (``remove_stale_temporaries``).
+"""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
@@ -12,19 +21,74 @@ from capsflow.backends import to_numpy
 from capsflow.errors import CapsflowError
 
 
-def save_npz_atomic(path: str | Path, arrays: dict) -> None:
-    """Write ``arrays`` to ``path`` via a temporary file and a rename, so a crash never
-    leaves a half-written file where a good one was."""
+TEMP_SUFFIX = ".capsflow-tmp"
+# .<target>.<pid of the writer>.<mkstemp's random part>.capsflow-tmp
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[A-Za-z0-9_]+" + re.escape(TEMP_SUFFIX) + "$")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: the data goes to a temporary file in the
+    same folder (a rename within one file system is atomic), which is fsync'ed and then
+    renamed over ``path``. An exception removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
+                               suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{k: to_numpy(v) for k, v in arrays.items()})
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points to it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)  # and so is the rename
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some systems (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list:
+    """Delete the temporary files that killed runs left in ``folder``: only names of
+    ``atomic_file``'s pattern, and only when the process that wrote them is gone (a run
+    writing into the same folder keeps its own). Returns the removed paths."""
+    removed = []
+    for path in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        match = _TEMP_NAME.match(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # another user's process, or cannot tell: leave its file alone
+    return True
+
+
+def save_npz_atomic(path: str | Path, arrays: dict) -> None:
+    """Write ``arrays`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path) as f:
+        np.savez(f, **{k: to_numpy(v) for k, v in arrays.items()})
 
 
 def load_npz(path: str | Path) -> dict:
@@ -35,9 +99,14 @@ def load_npz(path: str | Path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except Exception as exc:
+        # The file is untrusted and the parsers are zipfile's and numpy's: fuzzing damaged
+        # files made them raise a dozen types (BadZipFile, ValueError, EOFError,
+        # NotImplementedError, RuntimeError, tokenize.TokenError, MemoryError for a header
+        # that declares a huge array...). Each means the file cannot be read.
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CapsflowError(f"{path} is not a readable .npz file ({exc.__class__.__name__}: "
-                            f"{exc}); was it truncated?") from None
+                            f"{message}); was it truncated?") from None
 
 
 def save_params(path: str | Path, params: dict) -> None:
@@ -50,5 +119,19 @@ def load_params(path: str | Path) -> dict:
     data = load_npz(path)
     prefix = "param/"
     if any(k.startswith(prefix) for k in data):  # a training checkpoint
-        return {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
-    return data
+        data = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
+    return check_numeric(data, path, "parameter")
+
+
+def check_numeric(arrays: dict, path: str | Path, what: str) -> dict:
+    """``arrays`` when every one holds finite real numbers; a file is untrusted input, and
+    a string array would fail far from here, inside an op. capsflow never saves a NaN or
+    an infinity (a diverging run stops first), so one means damage."""
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise CapsflowError(f"{path}: {what} '{name}' holds {array.dtype} values, not "
+                                f"real numbers; the file is damaged or not capsflow's")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CapsflowError(f"{path}: {what} '{name}' holds NaN or infinite values; "
+                                f"the file is damaged")
+    return arrays

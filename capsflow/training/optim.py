@@ -152,7 +152,7 @@ adam_update = Routine("adam_update", _adam_update_reference)
 
 def _backend_name(params: Params) -> str:
     """The backend whose arrays ``params`` are (NumPy for an empty dict)."""
-    return "cupy" if any(type(p).__module__.startswith("cupy") for p in params.values()) else "numpy"
+    return get_array_module(*params.values()).__name__
 
 
 class SGD:

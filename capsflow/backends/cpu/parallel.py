@@ -16,6 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy as np
+
 _state: dict = {}
 
 
@@ -27,11 +29,19 @@ def batch_parts(n: int) -> list:
 
 
 def in_parallel(fn: Callable, parts: list) -> list:
-    """[fn(part) for part in parts]: one thread each, BLAS single-threaded meanwhile."""
+    """[fn(part) for part in parts]: one thread each, BLAS single-threaded meanwhile. The
+    caller's floating-point error settings (np.errstate, which is per thread) hold in
+    the workers too."""
     if len(parts) == 1:
         return [fn(parts[0])]
+    settings = np.geterr()
+
+    def under_callers_errstate(part):
+        with np.errstate(**settings):
+            return fn(part)
+
     with _blas().limit(limits=1, user_api="blas"):
-        return list(_pool(len(parts)).map(fn, parts))
+        return list(_pool(len(parts)).map(under_callers_errstate, parts))
 
 
 class OrderedSum:

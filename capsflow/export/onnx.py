@@ -1,0 +1,304 @@
+"""A compiled capsflow graph -> an ONNX model of its inference forward pass.
+
+The DAG is already unrolled (``routing/0/c``, ``routing/1/c``, ...), so each op node
+becomes one or a few standard ONNX nodes, in the DAG's topological order, and no Loop is
+needed. Names come from the YAML: the value an op node makes is named by its id (helper
+values of a node that takes several ONNX nodes are ``id/what``), parameters are
+initializers under their own names, graph outputs carry the graph's output names, and
+every value has its DAG shape with the symbolic batch ``N``, which Netron shows on the
+edges.
+
+What is exported is what ``graph.run`` computes without the optional inputs (the label
+``y``): the decoder is masked by the predicted class, and the losses are left out. Each
+mapping below follows its op's reference forward in ops/, constants in float32 as NumPy
+rounds them there.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import capsflow
+from capsflow.backends import to_numpy
+from capsflow.core.opdef import OPS
+from capsflow.errors import CapsflowError, SpecError
+
+# Softmax over one axis needs opset 13; up to 17, ReduceMean, ReduceMax and ReduceSumSquare
+# still take `axes` as an attribute (ReduceSum as an input, from 13).
+OPSET = 17
+IR_VERSION = 8  # the IR of opset 17, so that older runtimes and viewers read the file
+
+#: Ops that have no place in an inference model, and why.
+NOT_EXPORTED = {"margin_loss": "a training loss", "sum_squared_error": "a training loss"}
+
+
+@dataclass
+class Call:
+    """One capsflow op node, as its ONNX mapping sees it."""
+    op: str
+    id: str         # the node id: the name of the ONNX value it makes
+    inputs: list    # ONNX value names of its inputs, None for an absent optional one
+    shapes: list    # their DAG shapes (None where absent)
+    attrs: dict     # the node's attributes, defaults filled in
+
+    def name(self, what: str) -> str:
+        """The name of a helper value (and of the ONNX node that makes it)."""
+        return f"{self.id}/{what}"
+
+
+class Builder:
+    """The ONNX nodes and initializers of one model. An ONNX node is named after the
+    value it makes, so the node that makes op node ``id``'s value is named ``id``."""
+
+    def __init__(self, inputs: list) -> None:
+        self.nodes: list = []
+        self.initializers: list = []
+        self.names = set(inputs)
+
+    def op(self, op_type: str, inputs: list, out: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op_type, inputs, [self._claim(out)], name=out,
+                                           **attrs))
+        return out
+
+    def const(self, name: str, value, dtype=np.float32) -> str:
+        array = np.asarray(value, dtype=dtype)
+        self.initializers.append(numpy_helper.from_array(array, self._claim(name)))
+        return name
+
+    def _claim(self, name: str) -> str:
+        if name in self.names:
+            raise CapsflowError(f"two values of the ONNX model would be named '{name}': "
+                                "inputs, parameters, node ids, output names and the "
+                                "exporter's helper values 'ID/what' share one namespace")
+        self.names.add(name)
+        return name
+
+
+#: capsflow op -> the function that writes its ONNX nodes.
+EXPORTERS: dict[str, Callable[[Builder, Call], None]] = {}
+
+
+def exports(*ops: str):
+    def register(fn: Callable[[Builder, Call], None]):
+        for op in ops:
+            EXPORTERS[op] = fn
+        return fn
+    return register
+
+
+# -- one mapping per op ------------------------------------------------------------------
+#: Ops that are one ONNX op with the same inputs (NumPy broadcasting is ONNX's too).
+SAME = {"relu": "Relu", "sigmoid": "Sigmoid", "add": "Add", "sub": "Sub", "mul": "Mul",
+        "matmul": "MatMul", "stop_gradient": "Identity"}
+
+
+@exports(*SAME)
+def _same(b: Builder, c: Call) -> None:
+    b.op(SAME[c.op], c.inputs, c.id)
+
+
+@exports("scale")
+def _scale(b: Builder, c: Call) -> None:
+    b.op("Mul", [c.inputs[0], b.const(c.name("by"), c.attrs["by"])], c.id)
+
+
+@exports("conv2d")
+def _conv2d(b: Builder, c: Call) -> None:
+    stride, pad = c.attrs["stride"], c.attrs["padding"]
+    b.op("Conv", [i for i in c.inputs if i is not None], c.id,
+         strides=[stride, stride], pads=[pad] * 4)
+
+
+@exports("linear")
+def _linear(b: Builder, c: Call) -> None:
+    x, w, bias = c.inputs
+    if bias is None:
+        b.op("MatMul", [x, w], c.id)
+    else:
+        b.op("Add", [b.op("MatMul", [x, w], c.name("matmul")), bias], c.id)
+
+
+@exports("einsum")
+def _einsum(b: Builder, c: Call) -> None:
+    b.op("Einsum", c.inputs, c.id, equation=c.attrs["eq"].replace(" ", ""))
+
+
+def _axes(c: Call) -> list:
+    """A reduction's ``axis`` (an int, a list, or None for all) as an ONNX axes list."""
+    axis = c.attrs["axis"]
+    if axis is None:
+        return list(range(len(c.shapes[0])))
+    return list(axis) if isinstance(axis, list) else [axis]
+
+
+@exports("sum")
+def _sum(b: Builder, c: Call) -> None:
+    axes = b.const(c.name("axes"), _axes(c), np.int64)  # an input since opset 13
+    b.op("ReduceSum", [c.inputs[0], axes], c.id, keepdims=int(c.attrs["keepdims"]))
+
+
+@exports("mean")
+def _mean(b: Builder, c: Call) -> None:
+    b.op("ReduceMean", [c.inputs[0]], c.id, axes=_axes(c), keepdims=int(c.attrs["keepdims"]))
+
+
+def _squared_norm(b: Builder, c: Call, keepdims: int) -> str:
+    """sum(x * x) over the node's ``axis``."""
+    return b.op("ReduceSumSquare", [c.inputs[0]], c.name("n2"), axes=[c.attrs["axis"]],
+                keepdims=keepdims)
+
+
+def _sqrt_plus_eps(b: Builder, c: Call, n2: str, out: str) -> str:
+    """sqrt(n2 + eps) with the node's ``eps``, rounded to float32 as NumPy does."""
+    return b.op("Sqrt", [b.op("Add", [n2, b.const(c.name("eps"), c.attrs["eps"])],
+                              c.name("n2_eps"))], out)
+
+
+@exports("norm")
+def _norm(b: Builder, c: Call) -> None:
+    _sqrt_plus_eps(b, c, _squared_norm(b, c, keepdims=0), c.id)
+
+
+@exports("squash")
+def _squash(b: Builder, c: Call) -> None:
+    # s * (n2 / ((1 + n2) * sqrt(n2 + eps))), in the order of ops/caps.py
+    n2 = _squared_norm(b, c, keepdims=1)
+    one_plus = b.op("Add", [b.const(c.name("one"), 1.0), n2], c.name("one_plus_n2"))
+    r = _sqrt_plus_eps(b, c, n2, c.name("r"))
+    den = b.op("Mul", [one_plus, r], c.name("den"))
+    b.op("Mul", [c.inputs[0], b.op("Div", [n2, den], c.name("factor"))], c.id)
+
+
+@exports("squash_exp")
+def _squash_exp(b: Builder, c: Call) -> None:
+    # s * (1 - exp(-r)) / r with r = sqrt(|s|^2 + eps). ONNX has no expm1, and 1 - exp(-r)
+    # loses digits at the small r of unused capsules; 2 sinh(r/2) exp(-r/2) is the same
+    # number without the cancellation.
+    r = _sqrt_plus_eps(b, c, _squared_norm(b, c, keepdims=1), c.name("r"))
+    half = b.op("Mul", [r, b.const(c.name("half"), 0.5)], c.name("half_r"))
+    decay = b.op("Exp", [b.op("Neg", [half], c.name("neg_half_r"))], c.name("exp_neg_half_r"))
+    sinh = b.op("Sinh", [half], c.name("sinh_half_r"))
+    prod = b.op("Mul", [sinh, decay], c.name("sinh_exp"))
+    one_minus = b.op("Add", [prod, prod], c.name("one_minus_exp"))  # 2 sinh(r/2) e^(-r/2)
+    b.op("Mul", [c.inputs[0], b.op("Div", [one_minus, r], c.name("factor"))], c.id)
+
+
+@exports("softmax")
+def _softmax(b: Builder, c: Call) -> None:
+    b.op("Softmax", c.inputs, c.id, axis=c.attrs["axis"])
+
+
+@exports("leaky_softmax")
+def _leaky_softmax(b: Builder, c: Call) -> None:
+    # exp(x - top) / (exp(-top) + sum(exp(x - top))) with top = max(max(x), 0): the zero
+    # orphan logit takes part in the max, as in ops/routing.py, so nothing overflows.
+    x, axis = c.inputs[0], c.attrs["axis"]
+    top = b.op("Max", [b.op("ReduceMax", [x], c.name("max"), axes=[axis], keepdims=1),
+                       b.const(c.name("zero"), 0.0)], c.name("top"))
+    e = b.op("Exp", [b.op("Sub", [x, top], c.name("shifted"))], c.name("exp"))
+    orphan = b.op("Exp", [b.op("Neg", [top], c.name("neg_top"))], c.name("orphan"))
+    total = b.op("ReduceSum", [e, b.const(c.name("axes"), [axis], np.int64)], c.name("sum"),
+                 keepdims=1)
+    b.op("Div", [e, b.op("Add", [orphan, total], c.name("den"))], c.id)
+
+
+@exports("label_or_argmax")
+def _label_or_argmax(b: Builder, c: Call) -> None:
+    scores, label = c.inputs
+    if label is not None:  # the label is a required input of this graph: it is the mask
+        b.op("Identity", [label], c.id)
+        return
+    # one-hot argmax (first maximum, as NumPy): argmax == [0, 1, ..., K-1]
+    best = b.op("ArgMax", [scores], c.name("argmax"), axis=-1, keepdims=1)
+    classes = b.const(c.name("classes"), np.arange(c.shapes[0][-1]), np.int64)
+    hit = b.op("Equal", [best, classes], c.name("one_hot"))
+    b.op("Cast", [hit], c.id, to=TensorProto.FLOAT)
+
+
+@exports("reshape")
+def _reshape(b: Builder, c: Call) -> None:
+    b.op("Reshape", [c.inputs[0], b.const(c.name("shape"), c.attrs["shape"], np.int64)], c.id)
+
+
+@exports("transpose")
+def _transpose(b: Builder, c: Call) -> None:
+    b.op("Transpose", c.inputs, c.id, perm=c.attrs["axes"])
+
+
+@exports("expand_dims")
+def _expand_dims(b: Builder, c: Call) -> None:
+    b.op("Unsqueeze", [c.inputs[0], b.const(c.name("axes"), [c.attrs["axis"]], np.int64)], c.id)
+
+
+@exports("zeros")
+def _zeros(b: Builder, c: Call) -> None:
+    # The shape is read from `like` at run time, so the batch stays symbolic.
+    dims = b.const(c.name("dims"), c.attrs["dims"], np.int64)
+    shape = b.op("Gather", [b.op("Shape", [c.inputs[0]], c.name("like_shape")), dims],
+                 c.name("shape"))
+    b.op("ConstantOfShape", [shape], c.id,
+         value=helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0]))
+
+
+# -- the model ---------------------------------------------------------------------------
+def export_model(graph, params: dict) -> onnx.ModelProto:
+    """The inference forward pass of ``graph`` with ``params`` (float32) as a checked
+    ONNX model. An op without an ONNX mapping raises one line naming it and its node."""
+    dag = graph.dag
+    required = {n for n, d in dag.nodes(data=True) if d["kind"] == "input" and not d["optional"]}
+    plan = graph.plan(required)  # as graph.run without the optional inputs
+    input_names = [n for n in graph.spec.inputs if n in required]
+    b = Builder(input_names)
+    for node in plan.steps:
+        _export_node(b, dag, node, plan.absent)
+    used = {ref for node in plan.steps for ref in dag.nodes[node]["inputs"]}
+    for name in graph.order:
+        if dag.nodes[name]["kind"] == "param" and name in used:
+            b.const(name, to_numpy(params[name]))
+    outputs = []
+    for out_name, node in plan.outputs.items():
+        if out_name != node:  # e.g. digitcaps -> routing/2/v: the output keeps its own name
+            b.op("Identity", [node], out_name)
+        outputs.append(_value_info(out_name, dag.nodes[node]["shape"]))
+    inputs = [_value_info(n, dag.nodes[n]["shape"]) for n in input_names]
+    shapes = [_value_info(n, dag.nodes[n]["shape"]) for n in plan.steps
+              if n not in plan.outputs]
+    body = helper.make_graph(b.nodes, graph.spec.name, inputs, outputs, b.initializers,
+                             doc_string=graph.spec.description, value_info=shapes)
+    model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="capsflow", producer_version=capsflow.__version__,
+                              ir_version=IR_VERSION, doc_string=graph.spec.description)
+    helper.set_model_props(model, {"capsflow.graph": str(graph.spec.file),
+                                   "capsflow.vars": json.dumps(graph.spec.vars)})
+    model = onnx.shape_inference.infer_shapes(model)  # shapes of the helper values too
+    onnx.checker.check_model(model)
+    return model
+
+
+def _export_node(b: Builder, dag, node: str, absent: set) -> None:
+    d = dag.nodes[node]
+    if d["op"] not in EXPORTERS:
+        why = NOT_EXPORTED.get(d["op"], "no ONNX mapping")
+        raise SpecError(f"op '{d['op']}' cannot be exported to ONNX ({why}); exportable ops: "
+                        f"{', '.join(sorted(EXPORTERS))}", file=d["file"], line=d["line"],
+                        node=node)
+    refs = list(d["inputs"])
+    if not OPS[d["op"]].variadic:
+        refs += [None] * (len(OPS[d["op"]].inputs) - len(refs))  # absent optional slots
+    refs = [None if r in absent else r for r in refs]
+    call = Call(d["op"], node, refs, [dag.nodes[r]["shape"] if r else None for r in refs],
+                d["attrs"])
+    first = len(b.nodes)
+    EXPORTERS[d["op"]](b, call)
+    for onnx_node in b.nodes[first:]:  # Netron shows where each node came from
+        onnx_node.doc_string = f"{d['op']} '{node}' ({d['file']}:{d['line']})"
+
+
+def _value_info(name: str, shape: tuple):
+    """A float32 value with its DAG shape; a symbolic dimension (N) stays a dim_param."""
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))

@@ -1,0 +1,491 @@
+"""Hostile input at run time (issue 17): bad flags, crafted or damaged checkpoints, a
+diverging run, resuming another graph, an incomplete --data-dir, a run killed by SIGKILL
+at any moment, and the CLI's last resort for a bug. Every one ends in one line: exit
+status 2 for the user's input, 1 for a bug in capsflow.
+
+A linear model on synthetic IDX data keeps it fast; its ``ballast`` parameter (unused
+by the loss) makes checkpoints big, and so slow to write, where a test needs that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data import _make_dataset
+
+import capsflow.runners.check
+from capsflow.cli import main as cli_main
+from capsflow.errors import CapsflowError
+from capsflow.runners import data as data_module
+from capsflow.runners import train as train_module
+from capsflow.runners.training import (CheckpointError, graph_from_checkpoint,
+                                       read_checkpoint)
+from capsflow.training.checkpoint import TEMP_SUFFIX, remove_stale_temporaries
+
+GRAPH = """\
+name: {name}
+vars:
+  ballast: 1
+inputs:
+  x: {{shape: [N, 1, 28, 28]}}
+  y: {{shape: [N, 10], optional: true}}
+params:
+  w: {{shape: [784, 10], init: {{uniform_fan_in: 784}}}}
+  b: {{shape: [10], init: zeros}}
+  dec.w: {{shape: [10, 784], init: {{uniform_fan_in: 10}}}}
+  dec.b: {{shape: [784], init: zeros}}
+  ballast: {{shape: ["${{ballast}}"], init: zeros}}
+nodes:
+  - {{id: x_flat, op: reshape, in: [x], attrs: {{shape: [-1, 784]}}}}
+  - {{id: lengths, op: linear, in: [x_flat, w, b]}}
+  - {{id: dec, op: linear, in: [lengths, dec.w, dec.b]}}
+  - {{id: recon, op: sigmoid, in: [dec]}}
+  - {{id: margin, op: margin_loss, in: [lengths, y]}}
+  - {{id: sse, op: sum_squared_error, in: [recon, x_flat]}}
+  - {{id: recon_term, op: scale, in: [sse], attrs: {{by: 0.0005}}}}
+  - {{id: per_example, op: add, in: [margin, recon_term]}}
+  - {{id: mean_loss, op: mean, in: [per_example]}}
+  - {{id: ballast_sum, op: sum, in: [ballast]}}
+  - {{id: ballast_term, op: scale, in: [ballast_sum], attrs: {{by: 0.0}}}}
+  - {{id: loss, op: add, in: [mean_loss, ballast_term]}}
+outputs:
+  loss: loss
+  lengths: lengths
+  recon: recon
+"""
+
+pytestmark = pytest.mark.usefixtures("no_user_data")
+
+
+def write_graph(folder: Path, name: str = "tiny") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(GRAPH.format(name=name))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(graph, data root, a 1-epoch run's folder) shared by the tests that only read."""
+    root = tmp_path_factory.mktemp("world")
+    graph = write_graph(root)
+    _make_dataset(root / "data" / "mnist", compress=False, n_train=40, n_test=20)
+    run = root / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        assert cli_main(["train", str(graph), "--data-dir", str(root / "data"), "--bs", "10",
+                         "--num_epochs", "1", "--no-progress", "--save_dir", str(run)]) == 0
+    return graph, root / "data", run
+
+
+def cli(capsys, *argv) -> tuple:
+    """(exit status, stderr) of ``capsflow ARGV`` run in this process."""
+    try:
+        rc = cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    return rc, capsys.readouterr().err.strip()
+
+
+def one_line(capsys, *argv, status: int = 2) -> str:
+    """The error line of a command that must fail with ``status`` and one line."""
+    rc, err = cli(capsys, *argv)
+    assert rc == status, err
+    command = next(a for a in argv if not str(a).startswith("-"))
+    assert err.startswith(f"capsflow {command}: ") and "\n" not in err, err
+    return err
+
+
+def train_args(world, save_dir, *flags) -> list:
+    graph, data, _ = world
+    return ["train", graph, "--data-dir", data, "--bs", "10", "--no-progress",
+            "--save_dir", save_dir, *flags]
+
+
+# ------------------------------------------------------------- last resort
+
+
+def test_unexpected_exception_is_one_line_naming_the_bug(monkeypatch, capsys, world):
+    def broken(args):
+        return {}["no such key"]  # the bug, on this line
+
+    monkeypatch.setattr(capsflow.runners.check, "main", broken)
+    err = one_line(capsys, "check", world[0], status=1)
+    line = broken.__code__.co_firstlineno + 1
+    assert "bug in capsflow" in err and "KeyError" in err and "report it" in err
+    assert f"tests/test_hostile_runtime.py:{line}" in err and "--debug" in err
+
+    for argv in (["--debug", "check", world[0]], ["check", world[0], "--debug"]):
+        rc, err = cli(capsys, *argv)
+        assert rc == 1 and err.startswith("Traceback (most recent call last)"), err
+        assert "bug in capsflow" in err.splitlines()[-1]
+
+
+def test_user_errors_stay_one_line_with_status_2(monkeypatch, capsys, world, tmp_path):
+    def refuses(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+
+    def bad_input(args):
+        raise CapsflowError("bad input")
+
+    assert "unrecognized arguments: --nope" in one_line(capsys, "check", world[0], "--nope")
+    monkeypatch.setattr(capsflow.runners.check, "main", refuses)
+    err = one_line(capsys, "check", world[0])
+    assert "Permission denied" in err and str(tmp_path / "x") in err
+    monkeypatch.setattr(capsflow.runners.check, "main", bad_input)
+    assert one_line(capsys, "check", world[0]) == "capsflow check: error: bad input"
+
+
+# ------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["eval", "--bs", "0"], "--bs must be >= 1"),
+    (["eval", "--bs", "-1"], "--bs must be >= 1"),
+    (["eval", "--limit-test", "-5"], "--limit-test must be >= 1"),
+    (["train", "--seed", "-1"], "--seed must be >= 0"),
+    (["train", "--num_epochs", "0"], "--num_epochs must be >= 1"),
+    (["train", "--num_epochs", "-2"], "--num_epochs must be >= 1"),
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0"),
+    (["train", "--lr", "inf"], "--lr must be a finite number > 0"),
+    (["train", "--lr", "-0.1"], "--lr must be a finite number > 0"),
+    (["train", "--limit-train", "-1"], "--limit-train must be >= 1"),
+    (["train", "--limit-test", "0"], "--limit-test must be >= 1"),
+    (["train", "--shift", "-2"], "--shift must be >= 0"),
+    (["visualize", "--index", "-1"], "--index must be >= 0"),
+])
+def test_bad_numbers_stop_at_parsing(world, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(train_module, "load_data", _no_work)
+    command, *rest = flags
+    graph, data, run = world
+    required = {"train": ["--save_dir", tmp_path / "run"],
+                "eval": ["--checkpoint", run / "last.npz"],
+                "visualize": ["--checkpoint", run / "last.npz", "--out", tmp_path / "pics"]}
+    argv = [command, graph, "--data-dir", data, *rest, *required[command]]
+    assert message in one_line(capsys, *argv)
+    assert not any(tmp_path.iterdir())
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("the flags should have been refused before any data was loaded")
+
+
+def test_save_dir_that_cannot_be_a_folder(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_module, "load_data", _no_work)
+    file = tmp_path / "a-file"
+    file.write_text("not a folder")
+    err = one_line(capsys, *train_args(world, file))
+    assert f"--save_dir {file} is not a folder" in err
+    err = one_line(capsys, *train_args(world, file / "run"))
+    assert f"{file} is not a folder" in err
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "no permission to write" in one_line(capsys, *train_args(world, locked / "r"))
+    assert file.read_text() == "not a folder"
+
+
+# ------------------------------------------------------------- checkpoints
+
+
+def craft(source: Path, target: Path, edit=None, **arrays) -> Path:
+    """A copy of checkpoint ``source`` with ``edit(record)`` applied to its JSON meta
+    record and entries replaced (``None`` deletes); keys use '__' for '/'."""
+    with np.load(source) as f:
+        entries = {k: f[k] for k in f.files}
+    record = json.loads(str(entries["meta"]))
+    if edit is not None:
+        edit(record)
+    entries["meta"] = np.asarray(json.dumps(record))
+    for key, value in arrays.items():
+        key = key.replace("__", "/")
+        if value is None:
+            entries.pop(key)
+        else:
+            entries[key] = value
+    np.savez(target, **entries)
+    return target
+
+
+def _set(path: str, value):
+    """An edit for ``craft``: set the field at 'a.b.c' to ``value``."""
+    *parents, last = path.split(".")
+
+    def change(record):
+        for key in parents:
+            record = record[key]
+        record[last] = value
+    return change
+
+
+def _delete(key: str):
+    return lambda record: record.pop(key)
+
+
+BAD_META = {
+    "epoch is text": _set("progress.epoch", "x"),
+    "negative epoch": _set("progress.epoch", -1),
+    "iteration is a float": _set("progress.iteration", 1.5),
+    "sums are a list": _set("progress.epoch_sums", [1, 2]),
+    "sums lack a count": lambda r: r["progress"]["window"].pop("count"),
+    "iterator is a list": _set("progress.iterator", [1, 2]),
+    "best accuracy is NaN": _set("progress.best_acc", float("nan")),
+    "no progress": _delete("progress"),
+    "batch size is text": _set("config.batch_size", "x"),
+    "batch size is zero": _set("config.batch_size", 0),
+    "lr is a boolean": _set("config.lr", True),
+    "unknown dtype": _set("config.dtype", "int8"),
+    "dtype is a list": _set("config.dtype", ["float32"]),
+    "data_dir is a number": _set("config.data_dir", 5),
+    "config is text": _set("config", "x"),
+    "options backend is a number": _set("config.options", {"backend": 3}),
+    "unknown backend": _set("config.options", {"backend": "tpu"}),
+    "overrides are a list": _set("overrides", [1]),
+    "graph name is a number": _set("graph_name", 5),
+    "spec files is text": _set("spec_files", "tiny.yaml"),
+    "no spec files": _set("spec_files", []),
+    "spec file name is a number": _set("spec_files", [1]),
+    "a spec file twice": _set("spec_files", ["tiny.yaml", "tiny.yaml"]),
+    "version is text": _set("version", "1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_META))
+def test_checkpoint_metadata_of_the_wrong_type_is_one_line(world, tmp_path, capsys, case):
+    graph, data, run = world
+    ckpt = craft(run / "last.npz", tmp_path / "crafted.npz", BAD_META[case])
+    with pytest.raises(CheckpointError):
+        read_checkpoint(ckpt)
+    err = one_line(capsys, "eval", graph, "--checkpoint", ckpt, "--data-dir", data)
+    assert str(ckpt) in err
+    err = one_line(capsys, *train_args(world, tmp_path / "resumed", "--resume", ckpt))
+    assert str(ckpt) in err and not (tmp_path / "resumed").exists()
+
+
+@pytest.mark.parametrize("edit, entries", [
+    (_set("progress.iterator.rng", [1, 2]), {}),
+    (_set("progress.iterator.position", 10 ** 6), {}),
+    (None, {"optim__m__w": None}),
+    (None, {"optim__v__w": np.zeros(3, np.float32)}),
+], ids=["rng-list", "position", "no-moment", "moment-shape"])
+def test_damaged_training_state_is_one_line_on_resume(world, tmp_path, capsys, edit, entries):
+    """What only a resumed run reads: the batch order's state, the optimizer's."""
+    ckpt = craft(world[2] / "last.npz", tmp_path / "crafted.npz", edit, **entries)
+    err = one_line(capsys, *train_args(world, tmp_path / "resumed", "--resume", ckpt,
+                                       "--num_epochs", "2"))
+    assert str(ckpt) in err or "batch iterator state" in err
+
+
+@pytest.mark.parametrize("entries", [
+    {"meta": np.asarray("[" * 100_000)},                     # JSON nested too deeply
+    {"meta": np.asarray("[]")},                               # not an object
+    {"meta": np.arange(3)},                                   # not text
+    {"spec__tiny.yaml": np.arange(3)},                        # spec text that is not text
+    {"spec__tiny.yaml": None},                                # spec file missing
+    {"param__w": np.full((784, 10), "a")},                    # parameters that are text
+    {"param__b": np.full(10, np.nan, np.float32)},            # NaN parameters
+    {"optim__t": np.asarray(1 + 2j)},                         # complex optimizer state
+], ids=["deep-json", "json-list", "meta-numbers", "spec-numbers", "spec-missing",
+        "param-text", "param-nan", "optim-complex"])
+def test_damaged_checkpoint_entries_are_one_line(world, tmp_path, capsys, entries):
+    graph, data, run = world
+    ckpt = craft(run / "last.npz", tmp_path / "crafted.npz", **entries)
+    err = one_line(capsys, "eval", graph, "--checkpoint", ckpt, "--data-dir", data)
+    assert str(ckpt) in err
+
+
+def test_truncated_or_corrupt_npz_is_one_line(world, tmp_path, capsys):
+    """A seeded sample; a longer run of the same loop (4000 damaged files) found only
+    CapsflowError after load_npz learnt the dozen exception types numpy and zipfile raise."""
+    graph, data, run = world
+    good = (run / "last.npz").read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = [good[:n] for n in (0, 10, 100, len(good) // 2, len(good) - 1)]
+    for _ in range(12):  # random bytes overwritten: headers, data, the zip directory
+        copy = bytearray(good)
+        start = int(rng.integers(0, len(good) - 16))
+        copy[start:start + 16] = rng.integers(0, 256, 16, dtype=np.uint8).tobytes()
+        damaged.append(bytes(copy))
+    for k, content in enumerate(damaged):
+        path = tmp_path / f"damaged{k}.npz"
+        path.write_bytes(content)
+        try:
+            read_checkpoint(path)  # a flip inside parameter data may still load
+        except CapsflowError as exc:
+            assert "\n" not in str(exc)
+    half = tmp_path / "damaged3.npz"
+    assert "truncated" in one_line(capsys, "eval", graph, "--checkpoint", half, "--data-dir", data)
+
+
+UNIQUE = f"capsflow-escape-{uuid.uuid4().hex}"
+
+
+def _escapes(tmp_path: Path) -> dict:
+    """Stored spec file names that would write outside the temporary spec folder."""
+    return {"absolute": str(tmp_path / "escaped" / "evil.yaml"),
+            "dot-dot": f"../{UNIQUE}/evil.yaml",
+            "inner dot-dot": f"sub/../../{UNIQUE}.yaml",
+            "backslash": "..\\evil.yaml",
+            "empty part": "sub//evil.yaml"}
+
+
+def _nothing_escaped(tmp_path: Path) -> bool:
+    outside = [tmp_path / "escaped", Path(tempfile.gettempdir(), UNIQUE),
+               Path(tempfile.gettempdir(), f"{UNIQUE}.yaml")]
+    return not any(p.exists() for p in outside)
+
+
+@pytest.mark.parametrize("main_file", [True, False], ids=["as-graph", "as-include"])
+def test_stored_spec_names_never_become_paths(world, tmp_path, capsys, main_file):
+    graph, data, run = world
+    text = np.asarray(GRAPH.format(name="tiny"))
+    for case, name in _escapes(tmp_path).items():
+        names = [name] if main_file else ["tiny.yaml", name]
+        ckpt = craft(run / "last.npz", tmp_path / "crafted.npz", _set("spec_files", names),
+                     **{f"spec/{name}": text})
+        shared = [graph, "--checkpoint", ckpt, "--data-dir", data]
+        for argv in (["eval", *shared], ["visualize", *shared, "--out", tmp_path / "pics"]):
+            err = one_line(capsys, *argv)
+            assert "not a relative file name" in err, (case, err)
+    assert _nothing_escaped(tmp_path) and not (tmp_path / "pics").exists()
+
+
+def test_graph_from_checkpoint_checks_names_itself(world, tmp_path):
+    """The second guard, for Checkpoint objects made by API users."""
+    ckpt = read_checkpoint(world[2] / "last.npz")
+    text = next(iter(ckpt.sources.values()))
+    for name in _escapes(tmp_path).values():
+        with pytest.raises(CheckpointError):
+            graph_from_checkpoint(replace(ckpt, sources={"tiny.yaml": text, name: text}))
+    assert _nothing_escaped(tmp_path)
+    clash = replace(ckpt, sources={"a": text, "a/tiny.yaml": text})  # a file and a folder
+    with pytest.raises(CheckpointError, match="cannot rebuild"):
+        graph_from_checkpoint(clash)
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_diverging_run_stops_without_saving(world, tmp_path, capsys):
+    # One step per epoch: the step's loss is finite, the test loss after it is not.
+    out = tmp_path / "one-step"
+    err = one_line(capsys, *train_args(world, out, "--lr", "1e30", "--limit-train", "10",
+                                       "--num_epochs", "3"))
+    assert re.search(r"test loss became (nan|inf) after iteration 1 ", err), err
+    assert "smaller --lr" in err
+    assert not (out / "last.npz").exists() and not (out / "best.npz").exists()
+    # Four steps per epoch: the second step's loss is not finite.
+    out = tmp_path / "four-steps"
+    err = one_line(capsys, *train_args(world, out, "--lr", "1e30"))
+    assert re.search(r"the loss became (nan|inf) at iteration 2 ", err), err
+    assert "no checkpoint was written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+def test_resuming_another_graphs_checkpoint_is_refused(world, tmp_path, capsys):
+    graph, data, run = world
+    other = write_graph(tmp_path, "other")  # same parameters, another graph
+    before = (run / "last.npz").read_bytes()
+    err = one_line(capsys, "train", other, "--data-dir", data, "--bs", "10", "--no-progress",
+                   "--resume", run / "last.npz", "--num_epochs", "2")
+    assert "checkpoint of graph 'tiny', not of 'other'" in err and str(other) in err
+    assert (run / "last.npz").read_bytes() == before
+
+
+def test_explicit_data_dir_is_never_replaced(tmp_path, capsys, monkeypatch, world):
+    graph, data, run = world
+    monkeypatch.setenv("CAPSFLOW_DATA", str(data))  # a complete copy elsewhere
+    monkeypatch.setattr(data_module, "default_data_root", lambda: data)
+    partial = tmp_path / "partial" / "mnist"
+    partial.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (partial / name).write_bytes((data / "mnist" / name).read_bytes())
+    err = one_line(capsys, "eval", graph, "--checkpoint", run / "last.npz", "--data-dir",
+                   partial.parent)
+    assert f"{partial} lacks train-labels-idx1-ubyte, t10k-images-idx3-ubyte" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = one_line(capsys, *train_args(world, tmp_path / "run")[:2], "--data-dir", empty)
+    assert f"mnist data not found in --data-dir {empty}: no IDX files" in err
+    assert "t10k-images-idx3-ubyte" in err
+    assert str(data) not in err
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    dead, alive = int(finished.stdout), os.getpid()
+    stale = tmp_path / f".last.npz.{dead}.abc_123{TEMP_SUFFIX}"
+    live = tmp_path / f".last.npz.{alive}.abc_123{TEMP_SUFFIX}"
+    foreign = tmp_path / f".notes.{dead}.tmp"  # not capsflow's pattern
+    for path in (stale, live, foreign):
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert live.exists() and foreign.exists()
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(world, tmp_path):
+    """`capsflow train` in a subprocess, killed with SIGKILL while it writes a checkpoint
+    (a 12 MB ballast parameter makes each write take a while) and at a random moment
+    after one: last.npz always loads, and the next run resumes and cleans up."""
+    graph, data, _ = world
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "capsflow", "train", str(graph), "--data-dir", str(data),
+            "--bs", "10", "--no-progress", "--save_dir", str(run), "--set",
+            "ballast=3000000", "--lr-decay", "1"]
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    rng = np.random.default_rng(1)
+
+    def temporaries() -> list:
+        return [p for p in run.glob(f".*{TEMP_SUFFIX}")] if run.is_dir() else []
+
+    def kill_when(flags: list, ready) -> None:
+        proc = subprocess.Popen(base + flags, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 60
+            while not ready():
+                assert proc.poll() is None, proc.stderr.read().decode()
+                assert time.monotonic() < deadline, "the run never reached the moment"
+                time.sleep(0.001)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        read_checkpoint(run / "last.npz")  # whole and readable
+
+    # 1. During the second checkpoint write (a good last.npz exists already).
+    kill_when(["--num_epochs", "1000"],
+              lambda: (run / "last.npz").exists() and bool(temporaries()))
+    left = temporaries()
+    assert left, "the kill should have landed during a write (a 45 ms window)"
+    # 2. At a random moment after the next completed checkpoint.
+    resume = ["--resume", str(run / "last.npz"), "--num_epochs", "1000"]
+    written = (run / "last.npz").stat().st_mtime_ns
+    wait_until = []
+
+    def after_next_write() -> bool:
+        if not wait_until and (run / "last.npz").stat().st_mtime_ns != written:
+            wait_until.append(time.monotonic() + rng.uniform(0, 0.3))
+        return bool(wait_until) and time.monotonic() >= wait_until[0]
+    kill_when(resume, after_next_write)
+    assert not any(p.exists() for p in left)  # removed by the run that started after
+
+    # 3. The next run resumes, finishes one more epoch and leaves no temporary files.
+    done = read_checkpoint(run / "last.npz").epoch
+    finished = subprocess.run(base + ["--resume", str(run / "last.npz"), "--num_epochs",
+                                      str(done + 1)], env=env, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr
+    assert read_checkpoint(run / "last.npz").epoch == done + 1
+    assert temporaries() == []
