@@ -346,14 +346,17 @@ def test_limits_are_overridable(tmp_path):
 
 
 WORST = """
-import contextlib, io, resource, sys, time
+import contextlib, io, re, sys, time
 from capsflow.cli import main
 for path in sys.argv[1:]:
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = main(["check", path])
     print(code, time.perf_counter() - start)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak MB (Linux: KB)
+# Peak MB of this process image: VmHWM (getrusage's ru_maxrss keeps the forking pytest's
+# peak across exec, so it would measure the test runner).
+status = open("/proc/self/status").read()
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
 """
 
 
@@ -500,3 +503,26 @@ def test_an_input_used_with_another_batch_size_than_its_symbol(capsnet):
 def test_the_param_count_is_exact(capsnet):
     assert capsnet.param_count() == sum(math.prod(p.shape) for p in capsnet.spec.params.values())
     assert isinstance(capsnet.param_count(), int)
+
+
+# -- 5. found by tests/test_fuzz.py ------------------------------------------------------------
+@pytest.mark.parametrize("escape", ["\\UFFFFFFFF", "\\U00110000", "\\UDEADBEEF"])
+def test_a_yaml_escape_that_names_no_character(escape, tmp_path, capsys):
+    """PyYAML's scanner calls chr() on the escape: OverflowError or ValueError, no YAMLError."""
+    path = write(tmp_path, "g.yaml", graph(f'- {{id: h, op: relu, in: [x], doc: "a{escape}"}}'))
+    line = check_line(capsys, path)
+    assert f"{path}:4: YAML syntax error: an escape names no Unicode character" in line, line
+    assert parse_override(f'routing="{escape}"') == ("routing", f'"{escape}"')  # stays text
+
+
+@pytest.mark.parametrize("section", ["inputs", "params", "outputs"])
+def test_a_variant_adding_to_a_base_section_that_is_not_a_mapping(section, tmp_path, capsys):
+    """The base's section was kept for spec.py to report, and the variant's merged into it."""
+    base = {"inputs": "{x: {shape: [N, 4]}}", "params": "{}", "outputs": "{h: h}", section: "[a, b]"}
+    write(tmp_path, "base.yaml", "".join(f"{k}: {v}\n" for k, v in base.items())
+          + "nodes: [{id: h, op: relu, in: [x]}]\n")
+    entry = {"inputs": "y: {shape: [N, 4]}", "params": "v: {shape: [4]}", "outputs": "g: h"}[section]
+    path = write(tmp_path, "variant.yaml", f"extends: base.yaml\n{section}:\n  {entry}\n")
+    line = check_line(capsys, path)
+    assert f"base.yaml:{list(base).index(section) + 1}: '{section}' must map names to entries " \
+           f"({path} adds to it by name), got ['a', 'b']" in line, line

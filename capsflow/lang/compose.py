@@ -217,13 +217,18 @@ def _merge_sections(chain: list, key: str) -> LocDict:
     """``inputs``, ``params`` or ``outputs`` of the chain merged by name."""
     merged = LocDict()
     merged.key_lines = {}
+    where: tuple = (None, None)   # the file and line of a section that is not a mapping
     for doc in chain:
         section = doc.get(key)
         if section is None:
             continue
         if not isinstance(section, dict):
-            merged = section  # spec.py reports the malformed section with its file
+            # spec.py reports it, unless ${} substitution makes it a mapping
+            merged, where = section, (doc.file, doc.key_line(key))
             continue
+        if not isinstance(merged, dict):   # a base's section the names cannot be added to
+            raise SpecError(f"'{key}' must map names to entries ({doc.file} adds to it by "
+                            f"name), got {show(merged)}", file=where[0], line=where[1])
         merged.file, merged.line = section.file, section.line
         for name, value in section.items():
             if value is None:

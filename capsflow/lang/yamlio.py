@@ -118,7 +118,13 @@ def _parse(text: str, name: str, budget: Budget):
     """YAML text -> data, charged to ``budget``; yaml.YAMLError propagates."""
     loader = _Loader(text, name, budget)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except (ValueError, OverflowError):  # PyYAML's scanner calls chr() on "\UFFFFFFFF"
+            raise yaml.scanner.ScannerError(
+                "while scanning a double-quoted scalar", None,
+                "an escape names no Unicode character (at most \\U0010FFFF)",
+                loader.get_mark()) from None
         if node is None:
             return None
         try:  # what the document is when every alias is copied out
