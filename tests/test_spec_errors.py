@@ -96,3 +96,18 @@ def test_docs_ops_md_is_up_to_date(capsys):
     assert main(["ops", "--markdown"]) == 0
     assert capsys.readouterr().out == (REPO / "docs" / "ops.md").read_text(), \
         "run: capsflow ops --markdown > docs/ops.md"
+
+
+@pytest.mark.parametrize("text,value", [("1e-9", 1e-9), ("-2E+3", -2000.0), ("1.0e-9", 1e-9),
+                                        ("3", 3), ("1e", "1e"), ("2026-01-01", "2026-01-01")])
+def test_numbers_are_read_as_users_mean_them(text, value):
+    """An exponent without a dot is a float (YAML 1.1 would keep 1e-9 as a string), in
+    --set values and in graph files alike."""
+    from capsflow.lang.yamlio import parse_override
+    assert parse_override(f"eps={text}") == ("eps", value)
+    assert type(parse_override(f"eps={text}")[1]) is type(value)
+
+
+def test_set_with_an_exponent_reaches_the_attribute(capsys):
+    from conftest import CAPSNET
+    assert main(["check", str(CAPSNET), "--set", "squash_eps=1e-9"]) == 0

@@ -8,6 +8,7 @@ null) is accepted; nesting, size and alias expansion are bounded (capsflow/lang/
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from capsflow.lang.limits import Budget, Limits, measure, show
 _TAG = "tag:yaml.org,2002:"
 # Plain data only: no timestamps, sets, binary or ordered maps (the graph language has none).
 _PLAIN_TAGS = {_TAG + t for t in ("null", "bool", "int", "float", "str", "seq", "map")}
+_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
 
 
 class LocDict(dict):
@@ -37,9 +39,11 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that counts and bounds what it composes and names the line of every
     value it cannot construct."""
 
-    # A date-like scalar stays a string (no timestamp tag).
+    # A date-like scalar stays a string (no timestamp tag), and a number with an exponent
+    # but no dot (1e-9, 2E+3) is a float as in YAML 1.2 and Python, not a string as in 1.1.
     yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag != _TAG + "timestamp"]
+        + ([(_TAG + "float", _EXPONENT_FLOAT)] if first and first in "-+0123456789" else [])
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def __init__(self, text: str, name: str, budget: Budget):
