@@ -22,7 +22,9 @@ class Options:
     #: Array library: "numpy" (CPU) or "cupy" (GPU).
     backend: str = "numpy"
     #: float32 matrix products on the GPU: "fp32" (exact) or "tf32" (tensor cores, about
-    #: 10 mantissa bits). NumPy ignores it.
+    #: 10 mantissa bits). It reaches capsflow's own GEMMs, that is the GPU fast paths; an op
+    #: that runs its reference (fast paths off, or a variant declined) multiplies with
+    #: CuPy's own matmul in fp32. NumPy ignores it.
     precision: str = "fp32"
     #: Run the backend's registered variants of ops (threaded CPU convolution, GPU
     #: kernels, ...) where they apply; off, every op runs its reference ``xp`` code.
@@ -49,8 +51,8 @@ class Options:
 
     @property
     def plain(self) -> "Options":
-        """The same backend and precision with every fast path off: the reference
-        computation that each fast path is checked against."""
+        """The same backend with every fast path off: the reference computation that each
+        fast path is checked against (in fp32 on the GPU: see ``precision``)."""
         return self.replace(fast_paths=False, factored_grads=False, fusion=False,
                             replay_steps=False)
 

@@ -43,11 +43,14 @@ nodes:
   - {id: leaky, op: leaky_softmax, in: [prod], attrs: {axis: 1}}
   - {id: total, op: sum, in: [conv], attrs: {axis: [1, 3], keepdims: true}}
   - {id: avg, op: mean, in: [conv]}
+  - {id: same, op: sum, in: [lin], attrs: {axis: []}}     # sums over nothing: ONNX must not reduce
+  - {id: same_mean, op: mean, in: [lin], attrs: {axis: []}}
   - {id: mask, op: label_or_argmax, in: [lin, y]}
   - {id: caps, op: squash_exp, in: [prod], attrs: {axis: -1}}
   - {id: tiny, op: scale, in: [prod], attrs: {by: 1.0e-5}}
   - {id: tiny_caps, op: squash_exp, in: [tiny], attrs: {axis: -1}}   # where 1 - exp(-r) cancels
-outputs: {leaky: leaky, total: total, avg: avg, mask: mask, caps: caps, tiny_caps: tiny_caps}
+outputs: {leaky: leaky, total: total, avg: avg, same: same, same_mean: same_mean, mask: mask,
+          caps: caps, tiny_caps: tiny_caps}
 """
 
 

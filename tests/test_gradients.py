@@ -172,6 +172,24 @@ def test_factored_gradients_only_where_asked():
                                                                          saved["operands"][1]))
 
 
+def test_factored_vjp_declines_before_computing_anything(monkeypatch):
+    """u_hat's 'ijdk,nik->nijd' has no outer-product gradient: the factored VJP declines
+    without first making the two gradient GEMMs that the plain VJP then makes again."""
+    einsum = get_op("einsum")
+    calls = []
+    real = einsum.compute
+    monkeypatch.setattr(einsum, "compute", lambda be, *xs, eq: calls.append(eq) or real(be, *xs, eq=eq))
+    rng = np.random.default_rng(0)
+    w, u = rng.standard_normal((6, 5, 4, 3)), rng.standard_normal((2, 6, 3))
+    grad = rng.standard_normal((2, 6, 5, 4))
+    be = get_backend(Options(factored_grads=True))
+    gw, gu = einsum.run_vjp(be, None, {"operands": (w, u)}, grad, (True, True),
+                            {"eq": "ijdk,nik->nijd"})
+    assert calls == []
+    np.testing.assert_allclose(gw, np.einsum("nijd,nik->ijdk", grad, u))
+    np.testing.assert_allclose(gu, np.einsum("nijd,ijdk->nik", grad, w))
+
+
 @pytest.mark.parametrize("count", [1, 3, 9])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_outer_sum_kernel_emulated(emu, count, dtype):

@@ -72,6 +72,26 @@ def test_a_failed_recording_says_so_once_and_stays_eager(graph, monkeypatch, cap
                      "(NotImplementedError") == 1
 
 
+def test_a_failed_update_recording_applies_that_step_and_stays_eager(graph, monkeypatch, capsys):
+    """The gradients half records, the update half does not: that step is applied op by
+    op from the recorded gradients, and the run goes on eagerly with the same numbers."""
+    real = ts_module.record_step.reference
+
+    def refuse_updates(xp, fn):
+        if getattr(fn, "__name__", "") == "_guarded_update":
+            raise RecordError("NotImplementedError: no update recording here")
+        return real(xp, fn)
+
+    monkeypatch.setattr(ts_module.record_step, "reference", refuse_updates)
+    batches = _batches(graph, [2, 2, 2])
+    p_fallback, l_fallback, step = _train(graph, True, batches)
+    p_eager, l_eager, _ = _train(graph, False, batches)
+    assert step.mode == "eager" and l_fallback == l_eager
+    for name in p_eager:
+        np.testing.assert_array_equal(p_fallback[name], p_eager[name])
+    assert capsys.readouterr().err.count("no update recording here") == 1
+
+
 def test_replay_only_for_adam_and_an_update_needs_gradients(graph):
     params = graph.init_params(0, "float64")
     sgd = SGD(0.01)
@@ -79,9 +99,9 @@ def test_replay_only_for_adam_and_an_update_needs_gradients(graph):
     adam = Adam()
     step = TrainStep(graph, params, adam, adam.init_state(params))
     assert not step.replay_wanted  # NumPy, no simulation
-    no_replay = capsflow.Options(replay_steps=False)
-    assert not TrainStep(graph, params, adam, adam.init_state(params), backend=no_replay,
-                         simulate=True).replay_wanted
+    for off in (capsflow.Options(replay_steps=False), capsflow.Options(fast_paths=False)):
+        assert not TrainStep(graph, params, adam, adam.init_state(params), backend=off,
+                             simulate=True).replay_wanted
     with pytest.raises(RuntimeError, match="needs a gradients"):
         step.update()
 

@@ -106,21 +106,35 @@ def _einsum_vjp_factored(be: Any, saved: dict, g: Any, needs: tuple, *, eq: str)
     operand has an index of its own (its gradient is broadcast back)."""
     xs = saved["operands"]
     subs, out = parse_equation(eq, len(xs))
-    grads, deferred = [], False
+    # Decide before computing anything: a gradient made here and then declined would
+    # be made again by the plain VJP (u_hat's 'ijdk,nik->nijd': two large GEMMs).
+    wanted = []
     for k, sub in enumerate(subs):
         if not needs[k]:
-            grads.append(None)
+            wanted.append(None)
             continue
         grad_subs, kept = gradient_equation(subs, out, k)
         if kept != sub:
             return DECLINED
-        operands = [g] + [xs[j] for j in range(len(xs)) if j != k]
+        wanted.append((grad_subs, kept, [g] + [xs[j] for j in range(len(xs)) if j != k]))
+    if not any(w is not None and _is_outer(*w) for w in wanted):
+        return DECLINED
+    grads = []
+    for w in wanted:
+        if w is None:
+            grads.append(None)
+            continue
+        grad_subs, kept, operands = w
         term = as_outer(be.xp, grad_subs, kept, operands)
         if term is None:
             term = _EINSUM.compute(be, *operands, eq=f"{','.join(grad_subs)}->{kept}")
-        deferred = deferred or isinstance(term, Outer)
         grads.append(term)
-    return tuple(grads) if deferred else DECLINED
+    return tuple(grads)
+
+
+def _is_outer(subs: list, out: str, xs: list) -> bool:
+    """Whether ``as_outer`` takes the einsum ``subs -> out`` of ``xs``."""
+    return len(xs) == 2 and xs[0].dtype == xs[1].dtype and outer_layout(subs, out) is not None
 
 
 _EINSUM = get_op("einsum")

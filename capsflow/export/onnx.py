@@ -138,12 +138,18 @@ def _axes(c: Call) -> list:
 
 @exports("sum")
 def _sum(b: Builder, c: Call) -> None:
+    if not _axes(c):  # capsflow's axis: [] sums over nothing; ONNX's empty axes mean all
+        b.op("Identity", [c.inputs[0]], c.id)
+        return
     axes = b.const(c.name("axes"), _axes(c), np.int64)  # an input since opset 13
     b.op("ReduceSum", [c.inputs[0], axes], c.id, keepdims=int(c.attrs["keepdims"]))
 
 
 @exports("mean")
 def _mean(b: Builder, c: Call) -> None:
+    if not _axes(c):  # as in _sum
+        b.op("Identity", [c.inputs[0]], c.id)
+        return
     b.op("ReduceMean", [c.inputs[0]], c.id, axes=_axes(c), keepdims=int(c.attrs["keepdims"]))
 
 

@@ -110,8 +110,10 @@ class TrainStep:
         # ``simulate`` records even where only the reference recording exists (NumPy), so
         # that the tests run the replay machinery.
         recorded = any(v.applies(self.backend.options) for v in record_step.variants)
-        self.replay_wanted = bool(self.backend.options.replay_steps and isinstance(optimizer, Adam)
-                                  and (recorded or simulate))
+        # Replay needs the fast paths: the references' GEMMs (CuPy's own) cannot be recorded.
+        options = self.backend.options
+        self.replay_wanted = bool(options.replay_steps and options.fast_paths
+                                  and isinstance(optimizer, Adam) and (recorded or simulate))
         self._grads: Optional[dict] = None
         self._loss = None         # the last gradients() call's loss (eager), for update()
         self._from_graph = False
@@ -142,10 +144,7 @@ class TrainStep:
             try:
                 return self._graphed_gradients(inputs)
             except RecordError as exc:
-                print(f"capsflow: recording the training step failed, running it op by op ({exc})",
-                      file=sys.stderr)
-                self.replay_wanted = False
-                self._forward = self._update = None
+                self._stop_replay(exc)
         if self._shape_key is None:
             self._shape_key = key
         outputs, self._grads = self.graph.value_and_grad(
@@ -158,10 +157,18 @@ class TrainStep:
         """Apply the optimizer to the gradients of the last ``gradients`` call, unless
         its loss (when the outputs include it) is not finite."""
         if self._from_graph:
-            self._hyper_in.write(self.optimizer.advance(self.opt_state, lr))
-            if self._update is None:
-                self._update = record_step(self.backend, self._guarded_update)
-            self._update.replay()
+            hyper = self.optimizer.advance(self.opt_state, lr)
+            self._hyper_in.write(hyper)
+            try:
+                if self._update is None:
+                    self._update = record_step(self.backend, self._guarded_update)
+                self._update.replay()
+            except RecordError as exc:  # apply this step op by op, from the recorded gradients
+                outputs, grads = self._forward.result
+                self._stop_replay(exc)
+                loss = outputs.get("loss")
+                if loss is None or np.isfinite(float(to_numpy(loss))):
+                    self.optimizer.apply(self.trainable, grads, self.opt_state, hyper, self.backend)
         else:
             if self._grads is None:
                 raise RuntimeError("update() needs a gradients() call first")
@@ -173,6 +180,13 @@ class TrainStep:
         self._from_graph = False
 
     # -- record and replay -----------------------------------------------------------------
+    def _stop_replay(self, exc: RecordError) -> None:
+        """Say once that recording failed, and run every later step op by op."""
+        print(f"capsflow: recording the training step failed, running it op by op ({exc})",
+              file=sys.stderr)
+        self.replay_wanted = False
+        self._forward = self._update = None
+
     def _guarded_update(self) -> None:
         """The update half as recorded: go = isfinite(loss), then Adam, which reads it."""
         xp = self.backend.xp
