@@ -87,12 +87,18 @@ class Outer:
         return self.left.dtype
 
 
+def _outer_operands(subs: list, out: str, xs) -> OuterLayout | None:
+    """The OuterLayout of the einsum ``subs -> out`` of ``xs`` when it is an outer product
+    of two same-typed operands; None otherwise."""
+    if len(xs) != 2 or xs[0].dtype != xs[1].dtype:
+        return None
+    return outer_layout(subs, out)
+
+
 def as_outer(xp: Any, subs: list, out: str, xs: tuple) -> Outer | None:
     """The einsum ``subs -> out`` of ``xs`` as an ``Outer`` when it is an outer product of
     two same-typed operands; None otherwise."""
-    if len(xs) != 2 or xs[0].dtype != xs[1].dtype:
-        return None
-    layout = outer_layout(subs, out)
+    layout = _outer_operands(subs, out, xs)
     if layout is None:
         return None
     left, right, shape = factors(subs, out, xs, layout)
@@ -117,7 +123,7 @@ def _einsum_vjp_factored(be: Any, saved: dict, g: Any, needs: tuple, *, eq: str)
         if kept != sub:
             return DECLINED
         wanted.append((grad_subs, kept, [g] + [xs[j] for j in range(len(xs)) if j != k]))
-    if not any(w is not None and _is_outer(*w) for w in wanted):
+    if not any(w is not None and _outer_operands(*w) is not None for w in wanted):
         return DECLINED
     grads = []
     for w in wanted:
@@ -130,11 +136,6 @@ def _einsum_vjp_factored(be: Any, saved: dict, g: Any, needs: tuple, *, eq: str)
             term = _EINSUM.compute(be, *operands, eq=f"{','.join(grad_subs)}->{kept}")
         grads.append(term)
     return tuple(grads)
-
-
-def _is_outer(subs: list, out: str, xs: list) -> bool:
-    """Whether ``as_outer`` takes the einsum ``subs -> out`` of ``xs``."""
-    return len(xs) == 2 and xs[0].dtype == xs[1].dtype and outer_layout(subs, out) is not None
 
 
 _EINSUM = get_op("einsum")

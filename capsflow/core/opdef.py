@@ -83,10 +83,7 @@ class OpDef:
     _active: dict = field(default_factory=dict, repr=False)
 
     # -- registration decorators -------------------------------------------------
-    def shape(self, fn: Callable) -> Callable:
-        self.shape_fn = fn
-        return fn
-
+    shape = _register("shape_fn")
     forward = _register("forward_fn")
     vjp = _register("vjp_fn")
 

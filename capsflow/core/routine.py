@@ -25,6 +25,10 @@ class Routine:
             return fn
         return register
 
+    def has_variant(self, options: Any) -> bool:
+        """Whether some variant applies under ``options`` (else only the reference runs)."""
+        return any(v.applies(options) for v in self.variants)
+
     def __call__(self, be: Any, *args: Any, **kwargs: Any) -> Any:
         for v in self.variants:
             if v.applies(be.options):

@@ -115,7 +115,8 @@ class Adam:
         ``backend`` (a name, Options or Backend; by default the parameters' array
         library) chooses the implementation (``adam_update``).
         """
-        be = get_backend(backend if backend is not None else _backend_name(params))
+        be = get_backend(backend if backend is not None
+                         else get_array_module(*params.values()).__name__)
         adam_update(be, params, grads, state, hyper, self.betas, self.eps)
 
 
@@ -148,11 +149,6 @@ def _adam_update_reference(xp: Any, params: Params, grads: Params, state: State,
 #: ``adam_update(be, params, grads, state, hyper, betas, eps)``: Adam's array half; a
 #: backend may register a fused variant (one kernel per parameter on CuPy).
 adam_update = Routine("adam_update", _adam_update_reference)
-
-
-def _backend_name(params: Params) -> str:
-    """The backend whose arrays ``params`` are (NumPy for an empty dict)."""
-    return get_array_module(*params.values()).__name__
 
 
 class SGD:

@@ -76,12 +76,9 @@ def _copy_into(dst: Any, src: Any) -> None:
 record_step = Routine("record_step", Replayed)
 
 
-def _host_to_device_reference(xp: Any, dst: Any) -> Any:
-    """A writer of ``dst`` by plain assignment (see HostToDevice on CuPy)."""
-    return _Assign(xp, dst)
-
-
 class _Assign:
+    """The reference writer of ``dst``: a plain assignment (see HostToDevice on CuPy)."""
+
     def __init__(self, xp: Any, dst: Any) -> None:
         self.dst, self._xp = dst, xp
 
@@ -91,7 +88,12 @@ class _Assign:
 
 #: ``host_to_device(be, dst)``: an object whose ``write(values)`` puts host values into
 #: the small device array ``dst`` every step (on CuPy without making the host wait).
-host_to_device = Routine("host_to_device", _host_to_device_reference)
+host_to_device = Routine("host_to_device", _Assign)
+
+
+def _finite_or_absent(loss: Any) -> bool:
+    """Whether a step with this loss may be applied (on the host: it waits for the loss)."""
+    return loss is None or bool(np.isfinite(float(to_numpy(loss))))
 
 
 class TrainStep:
@@ -109,11 +111,11 @@ class TrainStep:
         self.outputs = outputs
         # ``simulate`` records even where only the reference recording exists (NumPy), so
         # that the tests run the replay machinery.
-        recorded = any(v.applies(self.backend.options) for v in record_step.variants)
         # Replay needs the fast paths: the references' GEMMs (CuPy's own) cannot be recorded.
         options = self.backend.options
         self.replay_wanted = bool(options.replay_steps and options.fast_paths
-                                  and isinstance(optimizer, Adam) and (recorded or simulate))
+                                  and isinstance(optimizer, Adam)
+                                  and (record_step.has_variant(options) or simulate))
         self._grads: Optional[dict] = None
         self._loss = None         # the last gradients() call's loss (eager), for update()
         self._from_graph = False
@@ -166,13 +168,12 @@ class TrainStep:
             except RecordError as exc:  # apply this step op by op, from the recorded gradients
                 outputs, grads = self._forward.result
                 self._stop_replay(exc)
-                loss = outputs.get("loss")
-                if loss is None or np.isfinite(float(to_numpy(loss))):
+                if _finite_or_absent(outputs.get("loss")):
                     self.optimizer.apply(self.trainable, grads, self.opt_state, hyper, self.backend)
         else:
             if self._grads is None:
                 raise RuntimeError("update() needs a gradients() call first")
-            if self._loss is None or np.isfinite(float(to_numpy(self._loss))):
+            if _finite_or_absent(self._loss):
                 self.optimizer.step(self.trainable, self._grads, self.opt_state, lr=lr,
                                     backend=self.backend)
                 self._eager_steps += 1

@@ -22,27 +22,14 @@ from __future__ import annotations
 import numpy as np
 
 from capsflow.backends.cpu.parallel import OrderedSum, batch_parts, in_parallel
-from capsflow.ops.conv import conv2d, sliding_windows
+from capsflow.backends.windows import channels_last, channels_last_windows
+from capsflow.ops.conv import conv2d
 
 #: Largest window copy (bytes) made at once for the whole batch: bounds the extra memory
 #: a convolution takes. A single kernel row's windows are copied even when larger.
 CHUNK_BYTES = 48 * 2 ** 20
 
 threaded = conv2d.variant("numpy")
-
-
-def _channels_last(x, padding):
-    """x (N, C, H, W) -> contiguous padded (N, H+2p, W+2p, C); no copy when x already
-    lies channels-last in memory without padding."""
-    xt = x.transpose(0, 2, 3, 1)
-    if padding:
-        xt = np.pad(xt, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    return np.ascontiguousarray(xt)
-
-
-def _windows(xt, kh, kw, stride):
-    """Strided view (N, OH, OW, kh, kw, C) of every window of xt (N, H, W, C); no copy."""
-    return sliding_windows(np, xt.transpose(0, 3, 1, 2), kh, kw, stride).transpose(0, 2, 3, 4, 5, 1)
 
 
 def row_chunks(kh: int, row_bytes: int, budget: int | None = None) -> list:
@@ -71,8 +58,8 @@ def _chunks(xt, w, n, oh, ow):
 @threaded.forward
 def _(be, x, w, b=None, *, stride, padding):
     o, c, kh, kw = w.shape
-    xt = _channels_last(x, padding)
-    win = _windows(xt, kh, kw, stride)
+    xt = channels_last(np, x, padding)
+    win = channels_last_windows(np, xt, kh, kw, stride)
     n, oh, ow = win.shape[:3]
     chunks = _chunks(xt, w, n, oh, ow)
     w2 = _weight_rows(w)                                              # (O, kh*kw*C)
@@ -100,7 +87,7 @@ def _(be, saved, g, needs, *, stride, padding):
     n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
     g4 = np.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(n, oh * ow, o)
     chunks = _chunks(xt, w, n, oh, ow)
-    win = _windows(xt, kh, kw, stride)
+    win = channels_last_windows(np, xt, kh, kw, stride)
     gb = g4.reshape(-1, o).sum(axis=0) if len(needs) > 2 and needs[2] else None
     gwt = np.zeros((o, kh, kw, c), dtype=g4.dtype) if needs[1] else None  # (kh, kw, C) order
     gxt = np.zeros(xt.shape, dtype=g4.dtype) if needs[0] else None

@@ -24,7 +24,8 @@ from typing import Any
 from capsflow.backends.cuda import kernels
 from capsflow.backends.cuda.gemm import matmul_on
 from capsflow.core.opdef import DECLINED
-from capsflow.ops.conv import conv2d, sliding_windows
+from capsflow.backends.windows import channels_last, channels_last_windows
+from capsflow.ops.conv import conv2d
 
 #: Largest window copy (bytes) the variant makes: PrimaryCaps' whole im2col at batch 100 fits.
 DEVICE_CHUNK_BYTES = 2 ** 30
@@ -49,21 +50,12 @@ def _applies(x: Any, w: Any, b: Any, stride: int, padding: int) -> bool:
             and n * h * wd * c <= kernels.INT_MAX)
 
 
-def _channels_last(xp: Any, x: Any, padding: int) -> Any:
-    """x (N, C, H, W) -> contiguous padded (N, H+2p, W+2p, C); no copy when x already
-    lies channels-last in memory without padding."""
-    xt = x.transpose(0, 2, 3, 1)
-    if padding:
-        xt = xp.pad(xt, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    return xp.ascontiguousarray(xt)
-
-
 def _window_matrix(xp: Any, xt: Any, kh: int, kw: int, stride: int, ones_column: bool) -> Any:
     """The windows of xt (N, H, W, C) copied into an (N*OH*OW, kh*kw*C) matrix, with a
     last column of ones if asked: against a bias row of the weights the GEMM then adds
     the bias, and in the weight gradient's GEMM that column sums the output gradient into
     the bias gradient (each saves a pass over Conv1's 41 MB output at batch 100)."""
-    win = sliding_windows(xp, xt.transpose(0, 3, 1, 2), kh, kw, stride).transpose(0, 2, 3, 4, 5, 1)
+    win = channels_last_windows(xp, xt, kh, kw, stride)
     n, oh, ow, _, _, c = win.shape                                   # (N, OH, OW, kh, kw, C)
     k = kh * kw * c
     cols = xp.empty((n * oh * ow, k + int(ones_column)), dtype=win.dtype)
@@ -84,7 +76,7 @@ def _(be, x, w, b=None, *, stride, padding):
         return DECLINED
     xp = be.xp
     o, c, kh, kw = w.shape
-    xt = _channels_last(xp, x, padding)
+    xt = channels_last(xp, x, padding)
     n, h, wd, _ = xt.shape
     oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
     k = kh * kw * c
