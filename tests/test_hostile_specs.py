@@ -114,7 +114,7 @@ TRACEBACKS = {
                          "a list attribute holds plain values"),
     "a_variable_list_in_a_string": ("vars: {v: [1]}\n" + graph("- {id: h, op: relu, in: [x], "
                                                              "doc: 'a ${v}'}"),
-                                    "variable 'v' is a list; only a string or number"),
+                                    "'${v}' is a list; only a string or number"),
     # names and values that would break the one-line promise
     "newline_in_an_id": (graph('- {id: "a\\nb\\ud800", op: reluu, in: [x]}'),
                          "node 'a\\nb\\ud800': unknown op"),

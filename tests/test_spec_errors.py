@@ -44,7 +44,7 @@ CASES = {
                        "nodes:\n  - {id: h, op: mul, in: [x, w]}\noutputs: {h: h}\n",
                        "parameter 'w': init 'gaussian' is not one of"),
     "unknown_variable": ("vars: {k: 2}\n" + GOOD_HEAD + "nodes:\n  - {id: h, op: scale, in: [x], "
-                         "attrs: {by: '${kk}'}}\noutputs: {h: h}\n", "unknown variable '${kk}'"),
+                         "attrs: {by: '${kk}'}}\noutputs: {h: h}\n", "unknown variable 'kk'"),
     "not_a_mapping": ("- just\n- a list\n", "a graph spec must be a YAML mapping"),
 }
 

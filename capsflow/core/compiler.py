@@ -71,6 +71,9 @@ def topological_order(dag: nx.DiGraph) -> list[str]:
 
 # -- checks ------------------------------------------------------------------------------
 def _error(node: NodeSpec, message: str) -> SpecError:
+    """An error at ``node``; inside a fragment instance it also names the include."""
+    if node.context:
+        message = f"{message} ({node.context})"
     return SpecError(message, file=node.file, line=node.line, node=node.id)
 
 

@@ -33,15 +33,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from capsflow.errors import SpecError
+from capsflow.lang.expr import ExprError, evaluate, names_in
 from capsflow.lang.limits import Budget, show
 from capsflow.lang.yamlio import LocDict, load_yaml
 
 GRAPH_KEYS = {"name", "description", "vars", "inputs", "params", "nodes", "outputs",
               "extends", "replace"}
 FRAGMENT_KEYS = {"description", "vars", "params", "nodes"}
-INCLUDE_KEYS = {"include", "doc"}
+INCLUDE_KEYS = {"include", "doc", "as", "bind", "vars"}
+INSTANCE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 SECTIONS = ("inputs", "params", "outputs")   # merged by name; ``name: null`` removes one
-VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+VAR = re.compile(r"\$\{([^{}]*)\}")   # ${name} or ${expression} (capsflow/lang/expr.py)
 GRAPH_SUFFIXES = (".yaml", ".yml")
 MAX_PATH = 4096   # PATH_MAX: a longer include or extends is not a path
 SCALARS = (str, int, float, bool, type(None))
@@ -64,7 +66,15 @@ class Document:
     outputs: LocDict
     nodes: list
     declared: set = field(default_factory=set)    # names some file declares (not just --set)
+    defaults: dict = field(default_factory=dict)  # name -> (value a file gives, (file, line))
     sources: list = field(default_factory=list)   # the graph, its bases, the fragments used
+
+
+class Instance(LocDict):
+    """An include with ``as: NAME``: the fragment's ``nodes`` under the id prefix NAME/,
+    with its own ``bind`` (fragment name -> outer name), pinned ``vars``, var
+    ``defaults`` and ``params`` (declared as NAME/param). YAML never makes one: only
+    an include does, so spec.py can tell it from a node."""
 
 
 @dataclass(eq=False)
@@ -74,6 +84,7 @@ class _Fragment:
     path: str
     vars: LocDict
     params: LocDict
+    at: tuple = (None, None)   # (file, line) of the include
 
 
 @dataclass(eq=False)
@@ -95,7 +106,8 @@ def compose(path: str, overrides: dict, budget: Budget) -> Document:
     """Read ``path``, follow ``extends``, apply ``replace``s and splice ``include``s."""
     chain = _load_chain(path, budget)
     variables, origins = _chain_vars(chain, overrides)
-    declared = {n for doc in chain if isinstance(doc.get("vars"), dict) for n in doc["vars"]}
+    defaults = {n: (v, (doc.file, doc["vars"].key_line(n))) for doc in chain
+                if isinstance(doc.get("vars"), dict) for n, v in doc["vars"].items()}
     composer = _Composer(variables, origins, budget)
     nodes = composer.splice(chain[0].get("nodes"), chain[0].file, {})
     for doc in chain[1:]:
@@ -121,7 +133,8 @@ def compose(path: str, overrides: dict, budget: Budget) -> Document:
         file=path, name=top.get("name"), description=top.get("description") or "",
         vars=variables, origins=origins, inputs=_merge_sections(chain, "inputs"),
         params=params, outputs=_merge_sections(chain, "outputs"), nodes=nodes,
-        declared=declared | {n for f in fragments for n in f.vars},
+        declared=set(defaults) | set(composer.fragment_vars),
+        defaults={**composer.fragment_vars, **defaults},
         sources=[d.file for d in reversed(chain)] + [f.path for f in fragments])
 
 
@@ -243,23 +256,32 @@ def _merge_sections(chain: list, key: str) -> LocDict:
 
 
 # -- variables in text --------------------------------------------------------------------
+def expression_value(text: str, lookup: Callable[[str], Any],
+                     error: Callable[[str], SpecError]) -> Any:
+    """The value of one ``${text}``: a variable, or arithmetic over variables."""
+    try:
+        return evaluate(text, lookup)
+    except ExprError as exc:
+        raise error(f"${{{text}}}: {exc}") from None
+
+
 def fill_text(text: str, value_of: Callable[[str], Any], limit: int, limit_name: str,
               error: Callable[[str], SpecError]) -> str:
-    """``text`` with each ``${name}`` replaced by the text of its value, which must be a
-    string, number, boolean or null; an error past ``limit`` characters (checked as it
-    grows, so a hostile text never gets built)."""
+    """``text`` with each ``${expression}`` replaced by the text of its value
+    (``value_of(expression)``), which must be a string, number, boolean or null; an error
+    past ``limit`` characters (checked as it grows, so a hostile text never gets built)."""
     parts: list[str] = []
     size = pos = 0
     for match in VAR.finditer(text):
         value = value_of(match.group(1))
         if not isinstance(value, SCALARS):
             kind = "mapping" if isinstance(value, dict) else type(value).__name__
-            raise error(f"variable '{match.group(1)}' is a {kind}; only a string or number "
+            raise error(f"'${{{match.group(1)}}}' is a {kind}; only a string or number "
                         "can be part of a longer string")
         try:
             piece = str(value)
         except ValueError:  # an integer with more digits than Python prints
-            raise error(f"variable '{match.group(1)}' is too large a number to write out") from None
+            raise error(f"'${{{match.group(1)}}}' is too large a number to write out") from None
         size += match.start() - pos + len(piece)
         if size > limit:
             raise error(f"substituting variables into {show(text)} makes a string longer "
@@ -282,6 +304,7 @@ class _Composer:
         self.stack: list[Path] = []   # resolved paths of the fragments being spliced
         self.read: dict[Path, tuple] = {}   # resolved path -> (raw YAML, what it cost)
         self.targets: dict[tuple, tuple] = {}   # (file, include text, home) -> _target()
+        self.fragment_vars: dict = {}   # name -> (default, (file, line)), every fragment read
 
     def splice(self, entries: Any, home: str, scope: dict, depth: int = 2) -> Any:
         """``entries`` with each ``{include: PATH}`` replaced by the fragment's nodes.
@@ -313,6 +336,11 @@ class _Composer:
         if not isinstance(ref, str) or not ref:
             raise SpecError(f"include must be the path of a YAML fragment, got {show(ref)}",
                             file=entry.file, line=entry.line)
+        if "as" not in entry and ("bind" in entry or "vars" in entry):
+            key = "bind" if "bind" in entry else "vars"
+            raise SpecError(f"include '{ref}': '{key}' belongs to an instance; name it with "
+                            "'as: NAME' (its nodes and params become NAME/...)",
+                            file=entry.file, line=entry.key_line(key))
         path, resolved = self._target(ref, entry, home, scope)
         if resolved in self.stack:
             loop = " -> ".join(p.name for p in self.stack + [resolved])
@@ -329,14 +357,32 @@ class _Composer:
         if not isinstance(raw.get("nodes"), list):
             raise SpecError("an included fragment needs a 'nodes' list", file=str(path))
         fragment = _Fragment(str(path), _section(raw, "vars"), _section(raw, "params"))
+        for name, value in fragment.vars.items():
+            self.fragment_vars.setdefault(name, (value, (fragment.path,
+                                                         fragment.vars.key_line(name))))
         inner = dict(scope)
         for name, value in fragment.vars.items():
             inner.setdefault(name, (value, (fragment.path, fragment.vars.key_line(name))))
+        pinned = _instance_vars(entry) if "as" in entry else {}
+        for name, value in pinned.items():   # an instance's own values win (see _lookup)
+            inner[name] = (value, (entry.file, pinned.key_line(name)), "pinned")
         self.stack.append(resolved)
         try:
-            return _Group(self.splice(raw["nodes"], home, inner, depth), fragment)
+            nodes = self.splice(raw["nodes"], home, inner, depth)
         finally:
             self.stack.pop()
+        if "as" not in entry:
+            for node in nodes:   # so that a duplicate id can name the include that made it
+                if isinstance(node, LocDict):
+                    node.included_at = (entry.file, entry.line)
+            fragment.at = (entry.file, entry.line)
+            return _Group(nodes, fragment)
+        _check_pinned(entry, pinned, fragment, nodes)
+        instance = Instance(id=_instance_name(entry), nodes=nodes, bind=_bindings(entry),
+                            vars=pinned, defaults=fragment.vars, params=fragment.params)
+        instance.file, instance.line, instance.key_lines = entry.file, entry.line, {}
+        instance.fragment = fragment.path
+        return _Group([instance], _Fragment(fragment.path, _empty(raw), _empty(raw)))
 
     def _target(self, ref: str, entry: LocDict, home: str, scope: dict) -> tuple[Path, Path]:
         """(path, path with symlinks followed) of the fragment an include names, checked
@@ -373,16 +419,22 @@ class _Composer:
         return _copy(raw)  # splicing changes what it is given
 
     def _lookup(self, name: str, scope: dict) -> tuple[Any, tuple] | None:
+        """(value, (file, line)) of a variable where an include names its file: an
+        instance's own ``vars`` first, then the graph's vars and --set, then the
+        defaults of the fragments around the include."""
+        found = scope.get(name)
+        if found is not None and len(found) == 3:
+            return found[:2]
         if name in self.variables:
             return self.variables[name], self.origins[name]
-        return scope.get(name)
+        return found
 
     def _interpolate(self, text: str, scope: dict, entry: LocDict) -> str:
-        def value_of(name: str) -> Any:
+        def lookup(name: str) -> Any:
             found = self._lookup(name, scope)
             if found is None:
                 known = ", ".join(sorted(set(self.variables) | set(scope))) or "none"
-                raise error(f"unknown variable '${{{name}}}'; defined: {known}")
+                raise error(f"unknown variable '{name}'; defined: {known}")
             return found[0]
 
         def error(message: str) -> SpecError:
@@ -391,7 +443,8 @@ class _Composer:
         for _ in range(20):  # a variable whose value names another variable
             if "${" not in text:
                 break
-            text = fill_text(text, value_of, MAX_PATH, "the longest path", error)
+            text = fill_text(text, lambda expr: expression_value(expr, lookup, error),
+                             MAX_PATH, "the longest path", error)
         return text
 
     def _missing(self, ref: str, path: Path, resolved: Path, entry: LocDict,
@@ -403,7 +456,8 @@ class _Composer:
         if len(there) > 30:
             there = there[:30] + ["..."]
         choices = f"; {path.parent} has: {', '.join(there)}" if there else ""
-        names = VAR.findall(ref)
+        names = sorted(n for expr in VAR.findall(ref) for n in names_in(expr)
+                       if self._lookup(n, scope) is not None)
         if not names:
             return SpecError(f"include '{ref}': no such file {path}{choices}",
                              file=entry.file, line=entry.line)
@@ -463,8 +517,9 @@ class _Ids:
         """The entries with full id ``target``; they and what they hold leave the index."""
         matches = list(self.found.pop(target, {}).values())
         for entry, (_, depth) in matches:
-            if "repeat" in entry:
-                for inner, full, _ in _walk(entry.get("body"), target + "/", depth + 2):
+            if "repeat" in entry or isinstance(entry, Instance):
+                for inner, full, _ in _walk(entry.get(_inner_list(entry) or "body"),
+                                            target + "/", depth + 2):
                     self.found.get(full, {}).pop(id(inner), None)
         return matches
 
@@ -486,6 +541,8 @@ def _copy(value: Any) -> Any:
 
 def _inner_list(entry: Any) -> str | None:
     """The key of the node list an entry holds: a stage's ``nodes``, a repeat's ``body``."""
+    if isinstance(entry, Instance):
+        return "nodes"
     if isinstance(entry, dict):
         key = "nodes" if "stage" in entry else "body" if "repeat" in entry else None
         return key if key in entry else None
@@ -505,8 +562,8 @@ def _walk(entries: Any, prefix: str, depth: int) -> Iterator[tuple]:
         elif isinstance(e, dict) and isinstance(e.get("id"), str):
             full = prefix + e["id"]
             yield e, full, (prefix, depth)
-            if "repeat" in e:
-                yield from _walk(e.get("body"), full + "/", depth + 2)
+            if "repeat" in e or isinstance(e, Instance):
+                yield from _walk(e.get(_inner_list(e) or "body"), full + "/", depth + 2)
 
 
 def _swap(entries: Any, swaps: dict) -> Any:
@@ -529,7 +586,8 @@ def _swap(entries: Any, swaps: dict) -> Any:
 
 def _flatten(entries: Any, fragments: list) -> Any:
     """Splice each group's entries in place, noting the fragments that are still used
-    (a fragment whose every entry was replaced brings no vars or params)."""
+    (a fragment whose every entry was replaced brings no vars or params). Fragments
+    spliced inside an instance belong to it: their vars and params join the instance's."""
     if not isinstance(entries, list):
         return entries
     out = []
@@ -540,9 +598,92 @@ def _flatten(entries: Any, fragments: list) -> Any:
             out.extend(_flatten(e.entries, fragments))
             continue
         key = _inner_list(e)
-        if key:
+        if isinstance(e, Instance):
+            inner: list = []
+            e[key] = _flatten(e[key], inner)
+            _adopt(e, inner)
+            fragments.extend(_Fragment(f.path, _empty(e), _empty(e)) for f in inner)
+        elif key:
             e[key] = _flatten(e[key], fragments)
         out.append(e)
+    return out
+
+
+def _adopt(instance: Instance, fragments: list) -> None:
+    """The vars (as defaults) and params of fragments included inside an instance."""
+    defaults, params = instance["defaults"], instance["params"]
+    for fragment in fragments:
+        for name, value in fragment.vars.items():
+            if name not in defaults:
+                defaults[name] = value
+                defaults.key_lines[name] = fragment.vars.key_line(name)
+        for name, value in fragment.params.items():
+            if name in params:
+                raise SpecError(f"parameter '{name}' is declared twice inside instance "
+                                f"'{instance['id']}' ({fragment.path} declares it again)",
+                                file=fragment.path, line=fragment.params.key_line(name))
+            params[name] = value
+            params.key_lines[name] = fragment.params.key_line(name)
+
+
+# -- instances -----------------------------------------------------------------------------
+def _instance_name(entry: LocDict) -> str:
+    name = entry["as"]
+    if not isinstance(name, str) or not INSTANCE_NAME.fullmatch(name):
+        raise SpecError(f"include '{entry['include']}': 'as' must be a name (letters, digits, "
+                        f"_ . -; no '/'), got {show(name)}", file=entry.file,
+                        line=entry.key_line("as"))
+    return name
+
+
+def _bindings(entry: LocDict) -> dict:
+    """``bind``: which outer value each free name of the fragment refers to."""
+    bind = entry.get("bind") or {}
+    if not isinstance(bind, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in bind.items()):
+        raise SpecError(f"include '{entry['include']}': 'bind' must map the fragment's names "
+                        f"to outer names, e.g. {{u_hat: caps1/u_hat}}, got {show(bind)}",
+                        file=entry.file, line=entry.key_line("bind"))
+    return bind
+
+
+def _instance_vars(entry: LocDict) -> LocDict:
+    """An instance's ``vars``: its own values for variables of the fragment."""
+    pinned = entry.get("vars")
+    if pinned is None:
+        return _empty(entry)
+    if not isinstance(pinned, dict):
+        raise SpecError(f"include '{entry['include']}': 'vars' must be a mapping of name: "
+                        f"value, got {show(pinned)}", file=entry.file,
+                        line=entry.key_line("vars"))
+    return pinned
+
+
+def _check_pinned(entry: LocDict, pinned: LocDict, fragment: _Fragment, nodes: list) -> None:
+    """Each of an instance's ``vars`` must be declared by the fragment or by a fragment
+    it includes (outside nested instances, which have vars of their own)."""
+    declared = set(fragment.vars)
+    groups = [e for e in nodes if isinstance(e, _Group)]
+    while groups:
+        group = groups.pop()
+        declared |= set(group.fragment.vars)
+        groups += [e for e in _nested(group.entries) if isinstance(e, _Group)]
+    for name in pinned:
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            raise SpecError(f"include '{entry['include']}': the fragment declares no variable "
+                            f"'{name}' (it declares: {known})", file=entry.file,
+                            line=pinned.key_line(name))
+
+
+def _nested(entries: list) -> list:
+    """``entries`` and what their stages and repeat bodies hold, not inside instances."""
+    out = []
+    for e in entries:
+        out.append(e)
+        key = _inner_list(e)
+        if key and not isinstance(e, Instance) and isinstance(e.get(key), list):
+            out += _nested(e[key])
     return out
 
 
@@ -576,6 +717,10 @@ def _add_fragment_params(params: Any, fragments: list) -> None:
         for name, value in fragment.params.items():
             if name in declared_by_graph:
                 continue
+            if owner.get(name) == fragment.path:
+                raise SpecError(f"parameter '{name}': {fragment.path} is included a second time; "
+                                "give each include of it its own 'as: NAME' (its nodes and "
+                                "params become NAME/...)", file=fragment.at[0], line=fragment.at[1])
             if name in owner:
                 raise SpecError(f"parameter '{name}' is declared by both {owner[name]} and "
                                 f"{fragment.path}", file=fragment.path,
@@ -585,12 +730,16 @@ def _add_fragment_params(params: Any, fragments: list) -> None:
             params.key_lines[name] = fragment.params.key_line(name)
 
 
+def _empty(raw: LocDict) -> LocDict:
+    empty = LocDict()
+    empty.key_lines, empty.file = {}, raw.file
+    return empty
+
+
 def _section(raw: LocDict, key: str) -> LocDict:
     section = raw.get(key)
     if section is None:
-        empty = LocDict()
-        empty.key_lines, empty.file = {}, raw.file
-        return empty
+        return _empty(raw)
     if not isinstance(section, dict):
         raise SpecError(f"'{key}' must be a mapping", file=raw.file, line=raw.key_line(key))
     return section

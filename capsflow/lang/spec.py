@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from collections import ChainMap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from typing import Any
 from capsflow.core.shapes import MAX_DIM, MAX_NDIM
 from capsflow.errors import SpecError
 from capsflow.lang.compose import VAR as _VAR
-from capsflow.lang.compose import Document, compose, fill_text
+from capsflow.lang.compose import Document, Instance, compose, expression_value, fill_text
 from capsflow.lang.compose import check_keys as _check_keys
+from capsflow.lang.expr import is_number
 from capsflow.lang.limits import Budget, Limits, measure, plain_data_problem, show, value_children
 from capsflow.lang.yamlio import LocDict
 
@@ -37,6 +39,7 @@ REPEAT_KEYS = {"id", "repeat", "carry", "body", "doc"}
 STAGE_KEYS = {"stage", "nodes", "doc"}
 WHEN = ("always", "first", "not_first", "last", "not_last")
 INIT_KINDS = ("zeros", "ones", "normal", "uniform", "uniform_fan_in", "constant")
+LOOP_NAMES = ("iteration", "iterations")   # inside a repeat body: this iteration, how many
 
 
 @dataclass
@@ -68,6 +71,7 @@ class NodeSpec:
     stage: str | None = None
     block: str | None = None       # id of the repeat block this node was unrolled from
     iteration: int | None = None   # which unrolled iteration
+    context: str | None = None     # "in instance 'c3' of FRAGMENT, included at FILE:LINE"
 
 
 @dataclass
@@ -107,9 +111,10 @@ def load_spec(path: str | Path, overrides: dict | None = None,
     builder = _Expander(path, budget)
     builder.expand(body["nodes"], prefix="", scope={}, stage=None, block=None)
     return Spec(
-        name=body["name"] or Path(path).stem, file=path, vars=variables,
+        name=body["name"] or Path(path).stem, file=path, vars=dict(variables),
         inputs=_parse_inputs(body.get("inputs") or {}, path),
-        params=_parse_params(body.get("params") or {}, path),
+        params=_merge_params(_parse_params(body.get("params") or {}, path),
+                             _parse_params(builder.params, path)),
         nodes=builder.nodes, outputs=_parse_outputs(body["outputs"], path),
         aliases=builder.aliases, blocks=builder.blocks,
         description=body["description"] or "", sources=doc.sources)
@@ -139,58 +144,182 @@ def _check_overrides(overrides: Any, limits: Limits) -> dict:
 
 
 # -- variables ---------------------------------------------------------------------
-def _resolve_vars(doc: Document, overrides: dict, path: str, budget: Budget) -> dict:
-    """Values of all variables, with ``${}`` references between them substituted."""
+def _resolve_vars(doc: Document, overrides: dict, path: str, budget: Budget) -> "_Scope":
+    """All variables, each substituted when first read (a var may use any other)."""
     unknown = sorted(set(overrides) - doc.declared)
     if unknown:
         known = ", ".join(sorted(doc.declared)) or "none"
         raise SpecError(f"unknown variable '{unknown[0]}' in overrides; this spec defines: {known}",
                         file=path)
-    values, origins = dict(doc.vars), doc.origins
-    # Variables may refer to earlier variables.
-    for name in list(values):
-        values[name] = _substitute(values[name], values, origins.get(name, (path, None)), budget)
-    return values
+    for name in LOOP_NAMES:
+        if name in doc.declared:
+            file, line = doc.defaults[name][1]
+            raise SpecError(f"variable '{name}' is reserved: inside a repeat body "
+                            "${iteration} is the iteration number (from 0) and ${iterations} "
+                            "their count", file=file, line=line)
+    values = dict(doc.vars)
+    for name, value in overrides.items():
+        values[name] = _as_declared(name, value, *doc.defaults[name])
+    scope = _Scope(values, doc.origins, budget, path)
+    for name in values:
+        scope[name]   # every variable is checked, used or not
+    return scope
 
 
-def _substitute(obj: Any, variables: dict, loc: tuple, budget: Budget) -> Any:
-    """Replace ${name} everywhere; a string that is exactly '${name}' takes the value's type.
-    ``loc`` is the (file, line) of the innermost mapping, for errors. What substitution
-    copies in counts towards ``budget`` (an alias bomb in a variable is caught here)."""
+def _as_declared(name: str, value: Any, default: Any, where: tuple) -> Any:
+    """An override read as the kind of value the file declares: a whole number, a
+    number (an int becomes a float), true/false; other kinds are taken as given."""
+    def wrong(kind: str, hint: str) -> SpecError:
+        return SpecError(f"--set {name}={show(value)}: '{name}' is {kind} (it is "
+                         f"{show(default)} in the graph); {hint}", file=where[0], line=where[1])
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false", "give true or false")
+    elif isinstance(default, int):
+        if not (isinstance(value, int) and not isinstance(value, bool)):
+            hint = "give a whole number, e.g. 3" + (
+                "; a value with a dot or an exponent is a float" if is_number(value) else "")
+            raise wrong("a whole number", hint)
+    elif isinstance(default, float):
+        if not is_number(value):
+            raise wrong("a number", "give a number such as 1e-9 or 0.5")
+        return float(value)
+    return value
+
+
+class _Scope(Mapping):
+    """Variables visible at one place. Each is substituted when first read, so vars may
+    refer to each other in any order; a circle is an error. ``pinned`` values (an
+    instance's own vars) come first, then ``parent`` (the graph's vars around an
+    instance), then this scope's own (a fragment's defaults)."""
+
+    def __init__(self, raw: dict, origins: dict, budget: Budget, path: str,
+                 parent: Mapping | None = None, pinned: dict | None = None):
+        self.raw, self.origins, self.budget, self.path = raw, origins, budget, path
+        self.parent, self.pinned = parent, pinned or {}
+        self.done: dict = {}
+        self.active: list = []
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.pinned or (self.parent is not None and name in self.parent) \
+            or name in self.raw
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.pinned:
+            return self.pinned[name]
+        if self.parent is not None and name in self.parent:
+            return self.parent[name]
+        if name in self.done:
+            return self.done[name]
+        if name not in self.raw:
+            raise KeyError(name)
+        file, line = self.origins.get(name, (self.path, None))
+        if name in self.active:
+            loop = " -> ".join(self.active[self.active.index(name):] + [name])
+            raise SpecError(f"variables refer to each other in a circle: {loop}",
+                            file=file or self.path, line=line)
+        self.active.append(name)
+        try:
+            value = _substitute(self.raw[name], self, (file or self.path, line), self.budget)
+        finally:
+            self.active.pop()
+        self.done[name] = value
+        return value
+
+    def __iter__(self):
+        parent = self.parent if self.parent is not None else ()
+        return iter(dict.fromkeys([*self.pinned, *parent, *self.raw]))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class Deferred(str):
+    """Text whose ``${}`` uses ``iteration``: evaluated when its repeat block is unrolled,
+    with the variables that were visible where it was written."""
+    variables: Mapping
+    loc: tuple
+
+
+class _Defer(Exception):
+    """An expression names ``iteration`` outside any repeat iteration: wait for one."""
+
+
+def _substitute(obj: Any, variables: Mapping, loc: tuple, budget: Budget) -> Any:
+    """Replace ${expression} everywhere; a string that is exactly '${...}' takes the
+    value's type. ``loc`` is the (file, line) of the innermost mapping, for errors. What
+    substitution copies in counts towards ``budget`` (an alias bomb in a variable is
+    caught here). Text that uses ``${iteration}`` comes back as a ``Deferred``."""
+    if isinstance(obj, Instance):
+        return _substitute_instance(obj, variables, budget)
     if isinstance(obj, dict):
         here = (getattr(obj, "file", None) or loc[0], getattr(obj, "line", None) or loc[1])
         out = LocDict((k, _substitute(v, variables, here, budget)) for k, v in obj.items())
         out.file, out.line = here
         out.key_lines = dict(getattr(obj, "key_lines", {}))
+        out.included_at = getattr(obj, "included_at", None)
         return out
     if isinstance(obj, list):
         return [_substitute(v, variables, loc, budget) for v in obj]
     if not isinstance(obj, str) or "${" not in obj:
         return obj
+    try:
+        return _fill(obj, variables, loc, budget)
+    except _Defer:
+        deferred = Deferred(obj)
+        deferred.variables, deferred.loc = variables, loc
+        return deferred
 
+
+def _fill(text: str, variables: Mapping, loc: tuple, budget: Budget) -> Any:
     def error(message: str) -> SpecError:
         return SpecError(message, file=loc[0], line=loc[1])
 
     def lookup(name: str) -> Any:
         if name not in variables:
+            if name in LOOP_NAMES:
+                raise _Defer
             known = ", ".join(sorted(variables)) or "none"
-            raise error(f"unknown variable '${{{name}}}'; defined: {known}")
+            raise error(f"unknown variable '{name}'; defined: {known}")
         return variables[name]
 
-    whole = _VAR.fullmatch(obj)
+    def value_of(expression: str) -> Any:
+        return expression_value(expression, lookup, error)
+
+    whole = _VAR.fullmatch(text)
     if whole:
-        value = lookup(whole.group(1))
+        value = value_of(whole.group(1))
         if isinstance(value, (dict, list)):
             try:
                 size, _ = measure(value, value_children, budget.remaining_nodes())
             except ValueError:  # only Python overrides can hold themselves; they are checked
-                raise error(f"variable '{obj}' contains itself") from None
-            budget.spend_nodes(size, f"variable '{obj}'", *loc)
+                raise error(f"variable '{text}' contains itself") from None
+            budget.spend_nodes(size, f"variable '{text}'", *loc)
         return value
-    text = fill_text(obj, lookup, budget.limits.max_bytes - budget.bytes,
-                     "what is left of Limits.max_bytes", error)
-    budget.spend_bytes(len(text), f"substituting variables into {show(obj)}", *loc)
-    return text
+    filled = fill_text(text, value_of, budget.limits.max_bytes - budget.bytes,
+                       "what is left of Limits.max_bytes", error)
+    budget.spend_bytes(len(filled), f"substituting variables into {show(text)}", *loc)
+    return filled
+
+
+def _substitute_instance(instance: Instance, variables: Mapping, budget: Budget) -> Instance:
+    """An instance's entries substituted in its own scope: its ``vars`` (read where the
+    include is), then the graph's vars, then the fragment's defaults."""
+    here = (instance.file, instance.line)
+    pinned = {name: _substitute(value, variables, here, budget)
+              for name, value in instance["vars"].items()}
+    defaults = instance["defaults"]
+    origins = {name: (getattr(defaults, "file", None) or instance.fragment,
+                      defaults.key_line(name)) for name in defaults}
+    scope = _Scope(defaults, origins, budget, instance.fragment, variables, pinned)
+    out = Instance(id=instance["id"], bind=instance["bind"],
+                   nodes=_substitute(instance["nodes"], scope, here, budget),
+                   params=_substitute(instance["params"], scope, (instance.fragment, None),
+                                      budget))
+    out.file, out.line, out.key_lines = instance.file, instance.line, instance.key_lines
+    out.fragment = instance.fragment
+    return out
 
 
 # -- inputs, params, outputs -----------------------------------------------------------
@@ -198,8 +327,11 @@ def _shape(value: Any, what: str, path: str, line: int | None) -> tuple:
     if not isinstance(value, list) or len(value) > MAX_NDIM or not all(
             (_whole(d) and 0 < d <= MAX_DIM) or (isinstance(d, str) and d.isidentifier())
             for d in value):
+        fractional = [d for d in value if isinstance(d, float)] if isinstance(value, list) else []
+        hint = f" ({fractional[0]} is not a whole number: '//' divides to a whole number)" \
+            if fractional else ""
         raise SpecError(f"{what}: shape must be a list of at most {MAX_NDIM} positive integers "
-                        f"or batch symbols such as N, got {show(value)}", file=path, line=line)
+                        f"or batch symbols such as N, got {show(value)}{hint}", file=path, line=line)
     return tuple(value)
 
 
@@ -294,6 +426,15 @@ def _finite(number: int | float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _merge_params(declared: dict, from_instances: dict) -> dict:
+    """The graph's params and those its fragment instances declare (NAME/param)."""
+    for name, param in from_instances.items():
+        if name in declared:
+            raise SpecError(f"parameter '{name}' is declared by the graph and by the fragment "
+                            f"instance that names it", file=param.file, line=param.line)
+    return {**declared, **from_instances}
+
+
 def _parse_outputs(section: Any, path: str) -> dict:
     if not isinstance(section, dict):
         raise SpecError("'outputs' must map output names to node ids, e.g. {loss: loss}",
@@ -322,6 +463,10 @@ class _Expander:
         self.aliases: dict[str, str] = {}
         self.blocks: dict[str, int] = {}
         self.seen: set[str] = set()
+        self.instances: set[str] = set()
+        self.context: list[str] = []   # the instances being expanded, innermost last
+        self.params = LocDict()   # params of fragment instances, by their full names
+        self.params.key_lines = {}
 
     def error(self, message: str, entry: Any, node: str | None = None) -> SpecError:
         return SpecError(message, file=getattr(entry, "file", None) or self.path,
@@ -337,10 +482,12 @@ class _Expander:
             if not isinstance(entry, dict):
                 raise self.error(f"each node must be a mapping with id and op, got {show(entry)}",
                                  entries)
-            if "stage" in entry:
+            if isinstance(entry, Instance):
+                self.expand_instance(entry, prefix, scope, stage, block)
+            elif "stage" in entry:
                 self.expand_stage(entry, prefix, scope, block)
             elif "repeat" in entry:
-                self.expand_repeat(entry, prefix, scope, stage)
+                self.expand_repeat(entry, prefix, scope, stage, block)
             elif self._runs(entry, block):
                 self.add_node(entry, prefix, scope, stage, block)
 
@@ -369,12 +516,12 @@ class _Expander:
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise self.error(f"'in' must be a list of names, got {show(inputs)}", entry, full_id)
-        attrs = entry.get("attrs", {})
+        attrs = self.resolve(entry.get("attrs", {}), entry, block, full_id)
         if not isinstance(attrs, dict):
             empty = " (it is empty: give attributes or leave 'attrs' out)" if attrs is None else ""
             raise self.error(f"'attrs' must be a mapping, got {show(attrs)}{empty}", entry, full_id)
         if full_id in self.seen:
-            raise self.error(f"duplicate id '{full_id}'", entry, full_id)
+            raise self.duplicate(full_id, entry)
         if len(self.nodes) >= self.limits.max_nodes:
             raise self.error(f"the graph has more than {self.limits.max_nodes:,} nodes after "
                              "unrolling repeat blocks (Limits.max_nodes)", entry, full_id)
@@ -383,29 +530,33 @@ class _Expander:
         self.nodes.append(NodeSpec(
             full_id, entry["op"], [scope.get(i, i) for i in inputs], dict(attrs),
             getattr(entry, "file", None) or self.path, getattr(entry, "line", None), stage,
-            block[0] if block else None, block[1] if block else None))
+            block[0] if block else None, block[1] if block else None,
+            self.context[-1] if self.context else None))
 
-    def expand_repeat(self, entry: dict, prefix: str, scope: dict, stage: str | None) -> None:
+    def expand_repeat(self, entry: dict, prefix: str, scope: dict, stage: str | None,
+                      block: tuple | None) -> None:
         block_id = entry.get("id")
         if not isinstance(block_id, str) or not block_id:
             raise self.error("repeat block without an 'id'", entry)
         _check_keys(entry, REPEAT_KEYS, f"repeat block '{block_id}'", self.path)
-        count = entry["repeat"]
+        if prefix + block_id in self.blocks:
+            raise self.duplicate(prefix + block_id, entry)
+        count = self.resolve(entry["repeat"], entry, block, prefix + block_id)
         if not _whole(count) or count < 1:
-            raise self.error(f"repeat must be a whole number >= 1, got {show(count)}", entry, block_id)
+            raise self.error(f"repeat must be a whole number >= 1, got {show(count)}", entry, prefix + block_id)
         if count > self.limits.max_repeat:
             raise self.error(f"repeat {count:,} is more than {self.limits.max_repeat:,} "
-                             "(Limits.max_repeat)", entry, block_id)
+                             "(Limits.max_repeat)", entry, prefix + block_id)
         carry = entry.get("carry", {})
         if not isinstance(carry, dict) or not all(
                 isinstance(c, dict) and set(c) == {"init", "next"}
                 and all(isinstance(v, str) for v in c.values()) for c in carry.values()):
             raise self.error("carry must map names to {init: OUTER_NAME, next: BODY_NODE_ID}",
-                             entry, block_id)
+                             entry, prefix + block_id)
         body = entry.get("body")
         if not isinstance(body, list) or not body:
             raise self.error(f"repeat block '{block_id}' needs a 'body': a list of nodes",
-                             entry, block_id)
+                             entry, prefix + block_id)
         full_block = prefix + block_id
         # Unrolling writes the body out ``count`` times: count the copies before making them.
         size, _ = measure(body, value_children, self.budget.remaining_nodes())
@@ -437,6 +588,72 @@ class _Expander:
         for name, target in made.items():
             self.aliases[f"{full_block}/{name}"] = target
             scope[f"{block_id}/{name}"] = target
+
+    def duplicate(self, full_id: str, entry: Any) -> SpecError:
+        """'duplicate id', at the include that spliced the fragment in a second time."""
+        included = getattr(entry, "included_at", None)
+        if included is None:
+            return self.error(f"duplicate id '{full_id}'", entry, full_id)
+        return SpecError(f"duplicate id '{full_id}': {getattr(entry, 'file', None)} is already "
+                         "included; give each include of it its own 'as: NAME' (its nodes and "
+                         "params become NAME/...)", file=included[0], line=included[1],
+                         node=full_id)
+
+    def resolve(self, value: Any, entry: Any, block: tuple | None, node: str) -> Any:
+        """``value`` with its ``Deferred`` texts (those using ${iteration}) evaluated for
+        this iteration of the enclosing repeat block."""
+        if isinstance(value, Deferred):
+            if block is None:
+                raise self.error(f"{show(str(value))}: ${{iteration}} and ${{iterations}} exist "
+                                 "only inside a repeat body", entry, node)
+            _, k, count = block
+            loop = ChainMap({"iteration": k, "iterations": count}, value.variables)
+            return _fill(str(value), loop, value.loc, self.budget)
+        if isinstance(value, dict):
+            out = LocDict((key, self.resolve(v, entry, block, node)) for key, v in value.items())
+            out.file, out.line = getattr(value, "file", None), getattr(value, "line", None)
+            out.key_lines = getattr(value, "key_lines", {})
+            return out
+        if isinstance(value, list):
+            return [self.resolve(v, entry, block, node) for v in value]
+        return value
+
+    def expand_instance(self, entry: Instance, prefix: str, scope: dict, stage: str | None,
+                        block: tuple | None) -> None:
+        """A fragment instance: its nodes and params under NAME/, its ``bind`` names
+        pointing at outer values; the outer graph sees NAME/ID (like a repeat block)."""
+        name = entry["id"]
+        full = prefix + name
+        if full in self.instances or full in self.blocks or full in self.seen:
+            raise self.error(f"two fragment instances (or an instance and a node) are named "
+                             f"'{full}'; give each include its own 'as:'", entry, full)
+        self.instances.add(full)
+        local = ChainMap({}, scope)
+        for inner, outer in entry["bind"].items():
+            local[inner] = scope.get(outer, outer)
+        params = entry["params"]
+        for param, declared in (params.items() if isinstance(params, dict) else ()):
+            self.params[f"{full}/{param}"] = declared
+            self.params.key_lines[f"{full}/{param}"] = params.key_line(param)
+            local[param] = f"{full}/{param}"
+        own = set(local.maps[0])
+        context = f"in instance '{full}' of {entry.fragment}, included at {entry.file}:{entry.line}"
+        self.context.append(context)
+        try:
+            self.expand(entry["nodes"], full + "/", local, stage, block)
+        except SpecError as exc:
+            if "(in instance" in exc.message:
+                raise
+            raise SpecError(f"{exc.message} ({context})", file=exc.file, line=exc.line,
+                            node=exc.node) from None
+        finally:
+            self.context.pop()
+        for inner, target in local.maps[0].items():
+            if inner in own:
+                continue
+            if f"{full}/{inner}" != target:
+                self.aliases[f"{full}/{inner}"] = target
+            scope[f"{name}/{inner}"] = target
 
     def _runs(self, entry: dict, block: tuple | None) -> bool:
         """Whether a node exists in this iteration of the enclosing repeat block."""

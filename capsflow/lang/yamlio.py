@@ -29,6 +29,7 @@ class LocDict(dict):
     file: str | None = None
     line: int | None = None
     key_lines: dict = {}  # replaced per instance by the loader; read-only default
+    included_at: tuple | None = None   # (file, line) of the include that spliced it in
 
     def key_line(self, key) -> int | None:
         """The line of ``key`` if known, else the mapping's own line."""
