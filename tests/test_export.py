@@ -73,8 +73,8 @@ def assert_matches(graph, params, model, inputs, rtol=None):
                                    atol=1e-5 * float(np.abs(want).max()), err_msg=name)
 
 
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
+def images(n: int, seed: int = 0, shape: tuple = (1, 28, 28)) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *shape), dtype=np.float32)
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.name)
@@ -84,7 +84,8 @@ def test_every_graph_matches_onnxruntime_at_two_batch_sizes(path):
     model = export_model(graph, params)
     onnx.checker.check_model(model, full_check=True)
     for n in (1, 3):  # one model, any batch (seed routing averages over the batch)
-        assert_matches(graph, params, model, {"x": images(n, seed=n)})
+        assert_matches(graph, params, model,
+                       {"x": images(n, seed=n, shape=graph.spec.inputs["x"].shape[1:])})
 
 
 def test_every_op_of_the_library_is_exported_or_named():
@@ -124,7 +125,9 @@ def test_names_opset_and_shapes_come_from_the_dag(capsnet):
         assert step in nodes and shapes[step] == list(capsnet.dag.nodes[step]["shape"]), step
     assert shapes["x"] == ["N", 1, 28, 28] and shapes["digitcaps"] == ["N", 10, 16]
     assert all(s[0] == "N" for name, s in shapes.items() if name.startswith("routing/"))
-    assert next(n for n in g.node if n.name == "conv1").doc_string.endswith("capsnet.yaml:34)")
+    line = next(k for k, text in enumerate(CAPSNET.read_text().splitlines(), 1)
+                if "id: conv1," in text)
+    assert next(n for n in g.node if n.name == "conv1").doc_string.endswith(f"capsnet.yaml:{line})")
 
 
 LOSS_ONLY = """\

@@ -31,3 +31,4 @@ def test_gradcheck_catches_a_wrong_vjp(monkeypatch):
     report = graph_gradcheck(graph, params, random_batch(graph, 2, seed=1), directions=1,
                              backend=capsflow.Options(fast_paths=False))
     assert report["digit.W"] > 1e-3
+
