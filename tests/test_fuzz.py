@@ -356,11 +356,18 @@ def m_repeat(draw, root):
     return f"repeat {count!r:.30} of {path}[{start}:{stop}]"
 
 
+EXPRESSION_TOKENS = ["+", "-", "*", "/", "//", "%", "**", "(", ")", "(", ")", ",", "min(",
+                     "max(", "0", "1", "3", "0.5", "1e308", "99999999999", "iteration", "nope",
+                     "abs(", ";", "'"]
+
+
 def m_variable(draw, root):
     """``${}`` references injected; variables that refer to themselves, that expand
-    exponentially, or whose value is a list or mapping."""
+    exponentially, whose value is a list or mapping, or arithmetic (random tokens, and
+    numbers squared over and over)."""
     top = _top(root)
-    how = draw(st.sampled_from(["inject", "inject", "chain", "self", "value"]))
+    how = draw(st.sampled_from(["inject", "inject", "chain", "self", "value", "arithmetic",
+                                "arithmetic", "power"]))
     if not isinstance(top.get("vars"), dict):
         top["vars"] = {}
     variables = top["vars"]
@@ -372,6 +379,15 @@ def m_variable(draw, root):
         a, b = draw(st.sampled_from(VARS)), draw(st.sampled_from(VARS + ["other"]))
         variables[a], variables[b] = "${%s}" % b, "${%s}x" % a
         name = a
+    elif how == "arithmetic":   # tokens of the expression grammar, in any order
+        tokens = draw(st.lists(st.sampled_from(EXPRESSION_TOKENS + VARS), min_size=1, max_size=12))
+        name = " ".join(tokens)
+    elif how == "power":   # v_k = v_{k-1} ** 2: 2**(2**depth) unless stopped
+        depth = draw(st.integers(2, 64))
+        variables["v0"] = draw(st.sampled_from([2, 3.5, -7, "${routing}"]))
+        for k in range(1, depth + 1):
+            variables[f"v{k}"] = "${v%d ** 2 * v%d}" % (k - 1, k - 1)
+        name = f"v{depth}"
     elif how == "chain":   # v_k = v_{k-1} twice: 2**depth copies of v0
         depth = draw(st.integers(2, 64))
         variables["v0"] = draw(st.sampled_from(["xx", "${routing}", "1"]))
