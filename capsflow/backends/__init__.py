@@ -31,8 +31,10 @@ class Backend:
         return self.options.backend
 
     def asarray(self, a: Any, dtype: Any = None):
-        """Host or device array -> contiguous array of this backend."""
-        return self.xp.ascontiguousarray(self.xp.asarray(a, dtype=dtype))
+        """Host or device array -> contiguous array of this backend (a 0-d array stays
+        0-d: ascontiguousarray would make it 1-d)."""
+        array = self.xp.asarray(a, dtype=dtype)
+        return array if array.ndim == 0 else self.xp.ascontiguousarray(array)
 
     def synchronize(self) -> None:
         if self.name == "cupy":
