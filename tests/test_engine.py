@@ -137,3 +137,12 @@ def test_saved_activations_are_freed(capsnet):
     _, _, grad_peak = capsnet.value_and_grad(params, {"x": x, "y": y}, return_peak=True)
     param_bytes = sum(p.nbytes for p in params.values())
     assert param_bytes < run_peak < grad_peak
+
+
+def test_a_scalar_input_is_fed_as_a_scalar(tmp_path):
+    path = tmp_path / "scalar.yaml"
+    path.write_text("inputs: {x: {shape: [N, 3]}, s: {shape: []}}\n"
+                    "nodes: [{id: out, op: mul, in: [x, s]}]\noutputs: {out: out}\n")
+    graph = capsflow.compile(path)
+    out = graph.run({}, {"x": np.ones((2, 3)), "s": np.float64(2.0)})["out"]
+    np.testing.assert_array_equal(out, np.full((2, 3), 2.0))
