@@ -1,0 +1,637 @@
+"""runners/formats.py: every reader on small fixtures written here in the real on-disk
+format, every corrupt case a one-line DataError naming the file, and the IDX reader on
+the real MNIST files when present."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+import pickle
+import re
+import struct
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsflow.runners import formats
+from capsflow.runners.data import DataArgumentError, DataError, DataNotFoundError
+from capsflow.runners.formats import (
+    center_crop, random_crop, read_cifar10, read_idx_pair, read_image_folder, read_images,
+    read_smallnorb, read_smallnorb_info, read_svhn)
+
+from conftest import SHARED_DATA
+
+
+def _error(exc_info, path) -> str:
+    """The message: one line that names the file."""
+    message = str(exc_info.value)
+    assert "\n" not in message
+    assert Path(path).name in message, message
+    return message
+
+
+# ------------------------------------------------------------------------------ IDX
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """IDX: magic (0, 0, 0x08 = uint8, ndim), big-endian uint32 dims, then the bytes."""
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def _write(path: Path, payload: bytes, compress: bool = False) -> Path:
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+    return path
+
+
+@pytest.fixture
+def idx_pair(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 5, 4), dtype=np.uint8)  # non-square: catches H/W mix-ups
+    images[0] = 255
+    labels = np.array([0, 1, 2, 3, 4, 5, 9], dtype=np.uint8)
+    return tmp_path, images, labels
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(idx_pair, compress):
+    folder, images, labels = idx_pair
+    ip = _write(folder / "imgs-idx3-ubyte", _idx_bytes(images), compress)
+    lp = _write(folder / "lbls-idx1-ubyte", _idx_bytes(labels), compress)
+    x, y, names = read_idx_pair(ip, lp)
+    assert x.shape == (7, 1, 5, 4) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x[:, 0], images / np.float32(255))
+    assert x[0].min() == 1.0
+    assert y.dtype == np.int64 and y.tolist() == labels.tolist()
+    assert names == [str(i) for i in range(10)]
+
+
+def test_idx_transpose_and_class_names(idx_pair):
+    folder, images, labels = idx_pair
+    ip = _write(folder / "i", _idx_bytes(images))
+    lp = _write(folder / "l", _idx_bytes(labels))
+    x, _, names = read_idx_pair(ip, lp, transpose=True, class_names=formats.KMNIST_CLASSES)
+    assert x.shape == (7, 1, 4, 5) and x.flags.c_contiguous
+    np.testing.assert_array_equal(x[:, 0], images.transpose(0, 2, 1) / np.float32(255))
+    assert names == formats.KMNIST_CLASSES
+    with pytest.raises(DataError, match="label 9 is outside 0..4") as err:
+        read_idx_pair(ip, lp, class_names=["a", "b", "c", "d", "e"])
+    _error(err, lp)
+
+
+def test_emnist_class_lists():
+    assert len(formats.EMNIST_CLASSES["byclass"]) == 62
+    assert len(formats.EMNIST_CLASSES["balanced"]) == 47
+    assert formats.EMNIST_CLASSES["letters"][1] == "a"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_corrupt_files(idx_pair, compress):
+    folder, images, labels = idx_pair
+    good_images = _idx_bytes(images)
+    good_labels = _idx_bytes(labels)
+    lp = _write(folder / "labels", good_labels, compress)
+    cases = {
+        "magic number 0x00000801 is not 0x00000803": good_labels,  # labels file as images
+        "truncated": good_images[:-5],
+        "than its header declares": good_images + b"\0" * 3,
+        "truncated: the IDX header": good_images[:9],
+        "empty array": struct.pack(">IIII", 0x803, 0, 5, 4),
+    }
+    for expected, payload in cases.items():
+        ip = _write(folder / "images", payload, compress)
+        with pytest.raises(DataError, match=re.escape(expected)) as err:
+            read_idx_pair(ip, lp)
+        _error(err, ip)
+        ip.unlink()
+    ip = _write(folder / "images", good_images, compress)
+    short = _write(folder / "short", _idx_bytes(labels[:3]), compress)
+    with pytest.raises(DataError, match="holds 3 labels but .* holds 7 images") as err:
+        read_idx_pair(ip, short)
+    _error(err, short)
+
+
+def test_idx_corrupt_gzip(idx_pair):
+    folder, images, labels = idx_pair
+    lp = _write(folder / "labels", _idx_bytes(labels))
+    whole = gzip.compress(_idx_bytes(images))
+    for name, payload in {"cut.gz": whole[: len(whole) // 2],
+                          "garbage.gz": whole[:10] + b"\xff" * 40}.items():
+        path = folder / name
+        path.write_bytes(payload)
+        with pytest.raises(DataError, match="corrupt or truncated gzip stream") as err:
+            read_idx_pair(path, lp)
+        _error(err, path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_huge_header_allocates_nothing(tmp_path, compress):
+    """A header claiming 4G x 4G x 4G bytes: refused from the file's length (raw) or
+    after the few bytes the stream holds (gzip), never allocated."""
+    lp = _write(tmp_path / "labels", _idx_bytes(np.zeros(3, np.uint8)))
+    ip = _write(tmp_path / "images",
+                struct.pack(">IIII", 0x803, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF) + b"\0" * 64,
+                compress)
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(DataError, match="truncated") as err:
+            read_idx_pair(ip, lp)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    _error(err, ip)
+    assert peak < 16 << 20, f"peak {peak:,} bytes"
+    assert time.perf_counter() - start < 2
+
+
+def test_missing_idx_file(tmp_path):
+    with pytest.raises(DataError, match="cannot open") as err:
+        read_idx_pair(tmp_path / "nope", tmp_path / "nope2")
+    _error(err, "nope")
+
+
+MNIST = SHARED_DATA / "mnist"
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="real MNIST not in ../shared/data/mnist")
+@pytest.mark.parametrize("split,prefix,counts", [("train", "train", TRAIN_COUNTS),
+                                                 ("test", "t10k", TEST_COUNTS)])
+def test_real_mnist(split, prefix, counts):
+    x, y, names = read_idx_pair(MNIST / f"{prefix}-images-idx3-ubyte.gz",
+                                MNIST / f"{prefix}-labels-idx1-ubyte.gz",
+                                class_names=formats.MNIST_CLASSES)
+    assert x.shape == (sum(counts), 1, 28, 28) and x.dtype == np.float32
+    assert np.bincount(y).tolist() == counts
+    assert names == formats.MNIST_CLASSES
+    if split == "train":
+        assert abs(float(x.mean()) - 0.1307) < 1e-3
+
+
+# ------------------------------------------------------------------------- CIFAR-10
+
+
+def _py2(obj) -> bytes:
+    """The opcodes Python 2's cPickle (protocol 2) wrote CIFAR's batches with: str as
+    BINSTRING, numpy arrays via numpy.core.multiarray._reconstruct + BUILD with raw data."""
+    def text(value):
+        raw = value.encode("latin1") if isinstance(value, str) else value
+        return (b"U" + bytes([len(raw)]) + raw) if len(raw) < 256 else (
+            b"T" + struct.pack("<i", len(raw)) + raw)
+
+    def integer(v):
+        return b"K" + bytes([v]) if 0 <= v < 256 else (
+            b"M" + struct.pack("<H", v) if 0 <= v < 65536 else b"J" + struct.pack("<i", v))
+
+    if isinstance(obj, dict):
+        return b"}(" + b"".join(_py2(k) + _py2(v) for k, v in obj.items()) + b"u"
+    if isinstance(obj, list):
+        return b"](" + b"".join(_py2(v) for v in obj) + b"e"
+    if isinstance(obj, (str, bytes)):
+        return text(obj)
+    if isinstance(obj, int):
+        return integer(obj)
+    assert isinstance(obj, np.ndarray) and obj.dtype == np.uint8
+    dtype = (b"cnumpy\ndtype\n" + text("u1") + integer(0) + integer(1) + b"\x87R("
+             + integer(3) + text("|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + integer(0) + b"tb")
+    shape = b"(" + b"".join(integer(d) for d in obj.shape) + b"t"
+    return (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + integer(0) + b"\x85"
+            + text("b") + b"\x87R(" + integer(1) + shape + dtype + b"\x89" + text(obj.tobytes())
+            + b"tb")
+
+
+def _dumps(obj, protocol) -> bytes:
+    return b"\x80\x02" + _py2(obj) + b"." if protocol == "py2" else pickle.dumps(obj, protocol)
+
+
+def _cifar_fixture(root: Path, protocol="py2", per_batch: int = 3, bytes_keys=False) -> dict:
+    """cifar-10-batches-py/ with five train batches, a test batch and batches.meta, each a
+    pickled dict as in the real files (uint8 data (N, 3072) R, G, B planes, labels list)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    key = (lambda k: k.encode()) if bytes_keys else (lambda k: k)
+    written = {}
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = [(i + k) % 10 for k in range(per_batch)]
+        entry = {key("batch_label"): f"batch {i}", key("labels"): labels, key("data"): data,
+                 key("filenames"): [f"img_{i}_{k}.png" for k in range(per_batch)]}
+        (folder / name).write_bytes(_dumps(entry, protocol))
+        written[name] = (data, labels)
+    meta = {key("label_names"): list(formats.CIFAR10_CLASSES), key("num_vis"): 3072,
+            key("num_cases_per_batch"): per_batch}
+    (folder / "batches.meta").write_bytes(_dumps(meta, protocol))
+    return written
+
+
+@pytest.mark.parametrize("protocol,bytes_keys", [("py2", False), (2, False), (2, True),
+                                                 (pickle.HIGHEST_PROTOCOL, False)])
+def test_cifar10_round_trip(tmp_path, protocol, bytes_keys):
+    written = _cifar_fixture(tmp_path, protocol, bytes_keys=bytes_keys)
+    x, y, names = read_cifar10(tmp_path, "train", verify=False)
+    assert x.shape == (15, 3, 32, 32) and x.dtype == np.float32 and x.flags.c_contiguous
+    data, labels = written["data_batch_2"]
+    # Row layout: 1024 red, 1024 green, 1024 blue values, each plane row-major.
+    np.testing.assert_array_equal(x[3:6], data.reshape(3, 3, 32, 32) / np.float32(255))
+    assert y[3:6].tolist() == labels and y.dtype == np.int64
+    assert names == formats.CIFAR10_CLASSES
+    xt, yt, _ = read_cifar10(tmp_path / "cifar-10-batches-py", "test", verify=False)
+    assert xt.shape == (3, 3, 32, 32) and yt.tolist() == written["test_batch"][1]
+
+
+def test_cifar10_checksum(tmp_path):
+    _cifar_fixture(tmp_path)
+    with pytest.raises(DataError, match="md5 [0-9a-f]{32} does not match the published "
+                                        "5ff9c542aee3614f3951f8cda6e48888") as err:
+        read_cifar10(tmp_path, "test")  # verify=True by default
+    _error(err, "batches.meta")
+
+
+def test_cifar10_md5s_match_torchvision():
+    spec = importlib.util.find_spec("torchvision")  # finds, does not import (no torch)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("torchvision not installed")
+    source = (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "cifar.py").read_text()
+    published = dict(re.findall(r'"(data_batch_\d|test_batch)", "([0-9a-f]{32})"', source))
+    published["batches.meta"] = re.search(r'"md5": "([0-9a-f]{32})"', source).group(1)
+    assert published == formats.CIFAR10_MD5
+    svhn = (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "svhn.py").read_text()
+    for name, md5 in formats.SVHN_FILES.values():
+        assert re.search(rf'"{re.escape(name)}",\s*"{md5}"', svhn), name
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    _cifar_fixture(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps({"data": Evil(), "labels": []}, protocol=2))
+    with pytest.raises(DataError, match="refused to load global (posix|os|nt).system") as err:
+        read_cifar10(tmp_path, "test", verify=False)
+    _error(err, "test_batch")
+    assert not marker.exists()
+
+
+def test_cifar10_bad_batches(tmp_path):
+    written = _cifar_fixture(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data, labels = written["test_batch"]
+    cases = {
+        "not a readable CIFAR-10 pickle": b"\x80\x02garbage",
+        "holds a list": pickle.dumps([1, 2]),
+        "lacks the 'data' array": pickle.dumps({"labels": labels}),
+        r"'data' is uint8 \(3, 100\)": pickle.dumps({"data": data[:, :100], "labels": labels}),
+        "holds 3 images but 2 labels": pickle.dumps({"data": data, "labels": labels[:2]}),
+        "labels must lie in 0..9": pickle.dumps({"data": data, "labels": [0, 1, 12]}),
+        "not a readable CIFAR-10 pickle: .*truncated|not a readable": pickle.dumps(
+            {"data": data, "labels": labels})[:-40],
+    }
+    for expected, payload in cases.items():
+        path.write_bytes(payload)
+        with pytest.raises(DataError, match=expected) as err:
+            read_cifar10(tmp_path, "test", verify=False)
+        _error(err, path)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": ["a", "b"]}))
+    with pytest.raises(DataError, match="not a list of 10 names") as err:
+        read_cifar10(tmp_path, "test", verify=False)
+    _error(err, meta)
+
+
+def test_cifar10_missing_files_and_download(tmp_path, monkeypatch):
+    _cifar_fixture(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(DataNotFoundError, match="missing CIFAR-10 file.*data_batch_3"):
+        read_cifar10(tmp_path, "train", verify=False)
+    with pytest.raises(DataArgumentError, match="unknown split"):
+        read_cifar10(tmp_path, "valid", verify=False)
+    calls = []
+
+    def fake_download(cls_name, root, **kwargs):  # what torchvision would unpack
+        calls.append((cls_name, root, kwargs))
+        _cifar_fixture(tmp_path / "fresh")
+
+    monkeypatch.setattr(formats, "_torchvision_download", fake_download)
+    x, _, _ = read_cifar10(tmp_path / "fresh", "train", verify=False, download=True)
+    assert x.shape[0] == 15 and calls == [("CIFAR10", tmp_path / "fresh", {"train": True})]
+
+
+# ----------------------------------------------------------------------------- SVHN
+
+
+@pytest.fixture
+def svhn(tmp_path):
+    sio = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, size=(32, 32, 3, 5), dtype=np.uint8)
+    y = np.array([[10], [1], [2], [9], [10]], dtype=np.uint8)
+    sio.savemat(tmp_path / "train_32x32.mat", {"X": x, "y": y})
+    return tmp_path, x, y, sio
+
+
+def test_svhn_round_trip(svhn):
+    folder, x, y, _ = svhn
+    images, labels, names = read_svhn(folder, "train", verify=False)
+    assert images.shape == (5, 3, 32, 32) and images.dtype == np.float32
+    assert images.flags.c_contiguous
+    assert labels.tolist() == [0, 1, 2, 9, 0] and labels.dtype == np.int64
+    # X is (row, col, channel, N): image 3, channel 1, row 4, col 7.
+    assert images[3, 1, 4, 7] == np.float32(x[4, 7, 1, 3] / np.float32(255))
+    assert names == [str(d) for d in range(10)]
+
+
+def test_svhn_checksum_and_missing(svhn):
+    folder = svhn[0]
+    with pytest.raises(DataError, match="does not match the published "
+                                        "e26dedcc434d2e4c54c9b2d4a06d8373") as err:
+        read_svhn(folder, "train")
+    _error(err, "train_32x32.mat")
+    with pytest.raises(DataNotFoundError) as err:
+        read_svhn(folder, "test", verify=False)
+    _error(err, "test_32x32.mat")
+
+
+def test_svhn_bad_files(svhn):
+    folder, x, y, sio = svhn
+    path = folder / "train_32x32.mat"
+    good = path.read_bytes()
+    cases = [
+        ("not a MATLAB 5.0 MAT-file", lambda: path.write_bytes(b"hello" * 40)),
+        ("MATLAB v7.3", lambda: path.write_bytes(b"MATLAB 7.3 MAT-file" + b" " * 200)),
+        ("unreadable MATLAB file", lambda: path.write_bytes(good[: len(good) // 2])),
+        ("lacks the variable 'X' or 'y'", lambda: sio.savemat(path, {"X": x})),
+        (r"'X' is uint8 \(32, 32, 1, 5\)", lambda: sio.savemat(path, {"X": x[:, :, :1], "y": y})),
+        ("holds 5 images but 4 labels", lambda: sio.savemat(path, {"X": x, "y": y[:4]})),
+        ("must lie in 1..10", lambda: sio.savemat(path, {"X": x, "y": y * 0})),
+    ]
+    for expected, write in cases:
+        write()
+        with pytest.raises(DataError, match=expected) as err:
+            read_svhn(folder, "train", verify=False)
+        _error(err, path)
+
+
+def test_svhn_download_goes_through_torchvision(tmp_path, monkeypatch):
+    sio = pytest.importorskip("scipy.io")
+    calls = []
+
+    def fake_download(cls_name, root, **kwargs):
+        calls.append((cls_name, root, kwargs))
+        x = np.zeros((32, 32, 3, 2), np.uint8)
+        sio.savemat(root / "test_32x32.mat", {"X": x, "y": np.array([[10], [3]])})
+
+    monkeypatch.setattr(formats, "_torchvision_download", fake_download)
+    _, labels, _ = read_svhn(tmp_path, "test", verify=False, download=True)
+    assert labels.tolist() == [0, 3] and calls == [("SVHN", tmp_path, {"split": "test"})]
+
+
+# ------------------------------------------------------------------------ smallNORB
+
+PREFIX = "smallnorb-5x46789x9x18x6x2x96x96-training"
+
+
+def _norb_bytes(array: np.ndarray, magic: int) -> bytes:
+    dims = list(array.shape) + [1] * (3 - array.ndim)  # at least 3 dims are stored
+    header = struct.pack("<ii", magic, array.ndim) + struct.pack(f"<{len(dims)}i", *dims)
+    dtype = "<i4" if magic == formats.NORB_INT32_MAGIC else "u1"
+    return header + np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+@pytest.fixture
+def norb(tmp_path):
+    rng = np.random.default_rng(3)
+    dat = rng.integers(0, 256, size=(4, 2, 96, 96), dtype=np.uint8)
+    cat = np.array([0, 4, 2, 1], dtype=np.int32)
+    info = np.array([[4, 0, 0, 0], [6, 8, 34, 5], [7, 3, 10, 2], [9, 1, 2, 1]], dtype=np.int32)
+    return tmp_path, dat, cat, info
+
+
+def _write_norb(folder, dat, cat, info, compress=False):
+    for kind, array, magic in (("dat", dat, formats.NORB_UINT8_MAGIC),
+                               ("cat", cat, formats.NORB_INT32_MAGIC),
+                               ("info", info, formats.NORB_INT32_MAGIC)):
+        _write(folder / f"{PREFIX}-{kind}.mat", _norb_bytes(array, magic), compress)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_smallnorb_round_trip(norb, compress):
+    folder, dat, cat, info = norb
+    _write_norb(folder, dat, cat, info, compress)
+    x, y, names = read_smallnorb(folder, "train")
+    assert x.shape == (4, 2, 96, 96) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, dat / np.float32(255))
+    assert y.tolist() == [0, 4, 2, 1] and y.dtype == np.int64
+    assert names == ["animal", "human", "airplane", "truck", "car"]
+    np.testing.assert_array_equal(read_smallnorb_info(folder, "train"), info)
+    small, _, _ = read_smallnorb(folder, "train", size=48)
+    expected = dat.reshape(4, 2, 48, 2, 48, 2).mean(axis=(3, 5)) / 255
+    assert small.shape == (4, 2, 48, 48)
+    np.testing.assert_allclose(small, expected, atol=1e-6)
+    odd, _, _ = read_smallnorb(folder, "train", size=(32, 40))
+    assert odd.shape == (4, 2, 32, 40) and 0 <= odd.min() and odd.max() <= 1
+    np.testing.assert_allclose(odd.mean(axis=(2, 3)), x.mean(axis=(2, 3)), atol=1e-5)
+    with pytest.raises(DataNotFoundError, match="smallnorb-5x01235x9x18x6x2x96x96-testing-dat"):
+        read_smallnorb(folder, "test")
+
+
+def test_smallnorb_corrupt_files(norb):
+    folder, dat, cat, info = norb
+    _write_norb(folder, dat, cat, info)
+    dat_path = folder / f"{PREFIX}-dat.mat"
+    cat_path = folder / f"{PREFIX}-cat.mat"
+    good_dat = _norb_bytes(dat, formats.NORB_UINT8_MAGIC)
+    huge = struct.pack("<iiiiii", formats.NORB_UINT8_MAGIC, 4, 2 ** 31 - 1, 2, 96, 96)
+    cases = [
+        (dat_path, "magic number 0x1E3D4C54 is not 0x1E3D4C55",
+         _norb_bytes(dat.astype(np.int32), formats.NORB_INT32_MAGIC)),
+        (dat_path, "truncated", good_dat[:-100]),
+        (dat_path, "bytes more than its header declares", good_dat + b"\0"),
+        (dat_path, "truncated", huge + b"\0" * 100),
+        (dat_path, "dimensions .* all must be positive",
+         struct.pack("<iiiiii", formats.NORB_UINT8_MAGIC, 4, -4, 2, 96, 96)),
+        (dat_path, "declares 99 dimensions", struct.pack("<ii", formats.NORB_UINT8_MAGIC, 99)),
+        (dat_path, r"expected \(N, 2, 96, 96\)",
+         _norb_bytes(dat.reshape(4, 1, 192, 96), formats.NORB_UINT8_MAGIC)),
+        (cat_path, r"expected \(4,\)",
+         _norb_bytes(cat[:3], formats.NORB_INT32_MAGIC)),
+        (cat_path, "categories must lie in 0..4",
+         _norb_bytes(cat + 3, formats.NORB_INT32_MAGIC)),
+    ]
+    for path, expected, payload in cases:
+        path.write_bytes(payload)
+        tracemalloc.start()
+        try:
+            with pytest.raises(DataError, match=expected) as err:
+                read_smallnorb(folder, "train")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        _error(err, path)
+        assert peak < 32 << 20
+        _write_norb(folder, dat, cat, info)
+
+
+def test_crops(norb):
+    images = np.arange(2 * 2 * 6 * 8, dtype=np.float32).reshape(2, 2, 6, 8)
+    c = center_crop(images, 4)
+    np.testing.assert_array_equal(c, images[:, :, 1:5, 2:6])
+    r1, r2 = random_crop(images, (3, 5), rng=7), random_crop(images, (3, 5), rng=7)
+    np.testing.assert_array_equal(r1, r2)
+    assert r1.shape == (2, 2, 3, 5) and r1.flags.c_contiguous
+    for n in range(2):  # each crop is a window of its own image, both channels alike
+        top, left = divmod(int(np.argwhere(images[n, 0] == r1[n, 0, 0, 0])[0] @ [8, 1]), 8)
+        np.testing.assert_array_equal(r1[n], images[n, :, top:top + 3, left:left + 5])
+    with pytest.raises(DataArgumentError, match="larger than the images"):
+        center_crop(images, 9)
+
+
+# --------------------------------------------------------------------- image folders
+
+
+def _png(path: Path, array: np.ndarray, mode=None, fmt=None) -> Path:
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def folder_tree(tmp_path):
+    """ROOT/{train,test}/{cat,dog}/*.png, grey 6x5 images, plus a stray text file."""
+    pytest.importorskip("PIL")
+    rng = np.random.default_rng(4)
+    arrays = {}
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("dog", "cat"):
+            for i in range(n):
+                a = rng.integers(0, 256, size=(6, 5), dtype=np.uint8)
+                arrays[(split, cls, i)] = a
+                _png(tmp_path / split / cls / f"{i}.png", a)
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    return tmp_path, arrays
+
+
+def test_image_folder_round_trip(folder_tree):
+    root, arrays = folder_tree
+    x, y, names = read_image_folder(root, "train")
+    assert names == ["cat", "dog"] and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert x.shape == (6, 1, 6, 5) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x[4, 0], arrays[("train", "dog", 1)] / np.float32(255))
+    xt, yt, _ = read_image_folder(root, "test", channels=3)
+    assert xt.shape == (4, 3, 6, 5) and yt.tolist() == [0, 0, 1, 1]
+    np.testing.assert_array_equal(xt[:, 0], xt[:, 2])
+    resized, _, _ = read_image_folder(root, "test", size=(12, 10), crop=8)
+    assert resized.shape == (4, 1, 8, 8)
+
+
+def test_image_folder_colour_and_sizes(folder_tree):
+    root, _ = folder_tree
+    colour = np.zeros((9, 7, 3), dtype=np.uint8)
+    colour[..., 0] = 200
+    _png(root / "train" / "dog" / "red.jpg", colour, fmt="JPEG")
+    with pytest.raises(DataError, match="is 9x7 .* is 6x5.*pass a size") as err:
+        read_image_folder(root, "train")
+    message = _error(err, "red.jpg")
+    assert "0.png" in message  # names both files
+    x, _, _ = read_image_folder(root, "train", size=16)
+    assert x.shape == (7, 3, 16, 16)  # one colour image makes the set RGB
+    red = x[6]
+    assert red[0].mean() > 0.7 and red[1].mean() < 0.1
+    grey, _, _ = read_image_folder(root, "train", size=16, channels=1)
+    assert grey.shape == (7, 1, 16, 16)
+    assert abs(grey[6].mean() - 0.299 * 200 / 255) < 0.03  # ITU-R 601 luma
+    with pytest.raises(DataArgumentError, match="channels must be 1"):
+        read_image_folder(root, "train", size=16, channels=2)
+    with pytest.raises(DataArgumentError, match="crop 20x20 is larger"):
+        read_image_folder(root, "train", size=16, crop=20)
+
+
+def test_image_folder_16_bit(tmp_path):
+    pytest.importorskip("PIL")
+    wide = np.array([[0, 65535], [32768, 1000]], dtype=np.uint16)
+    _png(tmp_path / "train" / "a" / "x.png", wide)
+    x, _, _ = read_image_folder(tmp_path, "train")
+    np.testing.assert_allclose(x[0, 0], wide / 65535.0, atol=1e-6)
+
+
+def test_image_folder_layout_errors(folder_tree):
+    root, arrays = folder_tree
+    with pytest.raises(DataNotFoundError) as err:
+        read_image_folder(root / "nowhere", "train")
+    _error(err, "nowhere")
+    (root / "test" / "cat").rename(root / "test" / "kitten")
+    with pytest.raises(DataError, match="lacks class folder.*cat") as err:
+        read_image_folder(root, "test")
+    _error(err, "test")
+    with pytest.raises(DataError, match="lacks class folder.*cat"):
+        read_image_folder(root, "train")  # caught whichever split is read
+    (root / "test" / "kitten").rename(root / "test" / "cat")
+    (root / "test" / "bird").mkdir()
+    with pytest.raises(DataError, match="has class folder.*bird"):
+        read_image_folder(root, "test")
+    (root / "test" / "bird").rmdir()
+    (root / "train" / "emu").mkdir()
+    (root / "test" / "emu").mkdir()
+    _png(root / "test" / "emu" / "0.png", arrays[("test", "cat", 0)])
+    with pytest.raises(DataError, match="holds no image files") as err:
+        read_image_folder(root, "train")
+    _error(err, "emu")
+
+
+def test_image_folder_without_classes(tmp_path):
+    pytest.importorskip("PIL")
+    (tmp_path / "train").mkdir()
+    _png(tmp_path / "train" / "loose.png", np.zeros((4, 4), np.uint8))  # images straight under train/, no classes
+    with pytest.raises(DataError, match="has no class folders") as err:
+        read_image_folder(tmp_path, "train")
+    _error(err, "train")
+    with pytest.raises(DataNotFoundError) as err:
+        read_image_folder(tmp_path, "test")
+    _error(err, "test")
+
+
+def test_image_folder_bad_images(folder_tree):
+    root, _ = folder_tree
+    bad = root / "train" / "dog" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"nonsense" * 10)
+    with pytest.raises(DataError, match="unreadable image") as err:
+        read_image_folder(root, "train")
+    _error(err, bad)
+    whole = (root / "train" / "dog" / "0.png").read_bytes()
+    bad.write_bytes(whole[: len(whole) - 30])  # truncated pixel data
+    with pytest.raises(DataError, match="unreadable image") as err:
+        read_image_folder(root, "train")
+    _error(err, bad)
+
+
+def test_read_images_for_prediction(folder_tree):
+    root, arrays = folder_tree
+    x, files = read_images(root / "test" / "dog")
+    assert [f.name for f in files] == ["0.png", "1.png"] and x.shape == (2, 1, 6, 5)
+    np.testing.assert_array_equal(x[1, 0], arrays[("test", "dog", 1)] / np.float32(255))
+    one = root / "train" / "cat" / "2.png"
+    x, files = read_images([one, str(one)], size=(28, 28), channels=3)
+    assert x.shape == (2, 3, 28, 28) and files == [one, one]
+    x, _ = read_images(one, size=12, crop=10)
+    assert x.shape == (1, 1, 10, 10)
+    with pytest.raises(DataNotFoundError) as err:
+        read_images([root / "missing.png"])
+    _error(err, "missing.png")
+    (root / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no image files") as err:
+        read_images(root / "empty")
+    _error(err, "empty")
