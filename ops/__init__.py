@@ -2,4 +2,4 @@
 
 One module per op family; each op sits next to its shape rule, forward and VJP.
 """
-from . import elementwise, reduce, shape, linalg, conv, caps, losses, routing  # noqa: F401
+from . import elementwise, reduce, shape, linalg, conv, caps, losses, routing, math, normalization, pool, regularize  # noqa: F401

@@ -25,8 +25,9 @@ def _(xp, saved, g, needs, *, axis):
     return (out * (g - (g * out).sum(axis=axis, keepdims=True)),)
 
 
-squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=("s",),
-               doc="|s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps), over the capsule axis")
+squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 0.0}, saves=("s",),
+               doc="|s|^2 / (1 + |s|^2) * s / |s|, over the capsule axis (0 at s = 0); "
+                   "eps > 0 gives |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) instead")
 
 
 def capsule_axis_shape(op_name: str, s: tuple, axis: int) -> tuple:
@@ -41,23 +42,40 @@ def capsule_axis_shape(op_name: str, s: tuple, axis: int) -> tuple:
 squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
 
 
+# squash(s) = f s with n2 = |s|^2, n = |s|:
+#   eps = 0 (the paper):  f = n2 / ((1 + n2) n) = n / (1 + n2)      (0 at s = 0: no 0/0)
+#   eps > 0:              f = n2 / ((1 + n2) r),  r = sqrt(n2 + eps)
+# VJP: J^T g = f g + (f'(n) / n) <g, s> s, the Jacobian being symmetric.
+#   eps = 0:  f'(n) = (1 - n2) / (1 + n2)^2, so J^T g = f g + (1 - n2) / ((1 + n2)^2 n) <g, s> s;
+#             <g, s> s / n = O(|s|) -> 0 as s -> 0, and is computed with 1/n taken as 1 where
+#             n = 0 (there s = 0, so the term is exactly 0): finite, and 0 at s = 0 as it must
+#             be (squash is differentiable at 0 with derivative 0).
+#   eps > 0:  with f as a function of n2, J^T g = f g + 2 f'(n2) <g, s> s,
+#             2 f'(n2) = (n2 + 2 eps - n2^2) / (r^3 (1 + n2)^2), finite at n2 = 0.
 @squash.forward
 def _(xp, s, *, axis, eps):
     n2 = (s * s).sum(axis=axis, keepdims=True)
-    return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
+    if eps:
+        return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
+    return s * (xp.sqrt(n2) / (1 + n2))
 
 
 @squash.vjp
 def _(xp, saved, g, needs, *, axis, eps):
-    # v = f(n2) s with f(n2) = n2 / ((1 + n2) r), r = sqrt(n2 + eps), n2 = |s|^2.
-    # dv/ds . g = f g + 2 f'(n2) <g, s> s, with f' written so it stays finite at n2 = 0.
     s = saved["s"]
     n2 = (s * s).sum(axis=axis, keepdims=True)
-    r2 = n2 + eps
-    r = xp.sqrt(r2)
-    f = n2 / ((1 + n2) * r)
-    df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-    return (f * g + (2 * df * (g * s).sum(axis=axis, keepdims=True)) * s,)
+    gs = (g * s).sum(axis=axis, keepdims=True)
+    if eps:
+        r2 = n2 + eps
+        r = xp.sqrt(r2)
+        f = n2 / ((1 + n2) * r)
+        df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
+        return (f * g + (2 * df * gs) * s,)
+    n = xp.sqrt(n2)
+    q = 1 + n2
+    f = n / q
+    k = (1 - n2) / (q * q * xp.where(n > 0, n, 1))
+    return (f * g + (k * gs) * s,)
 
 
 label_or_argmax = defop(

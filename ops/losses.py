@@ -1,6 +1,6 @@
 """Per-example losses; the graph takes their mean over the batch."""
 from capsflow.core.opdef import defop
-from capsflow.core.shapes import ShapeError, fmt
+from capsflow.core.shapes import ShapeError, fmt, norm_axis
 
 margin_loss = defop(
     "margin_loss", inputs=("lengths", "target"),
@@ -58,3 +58,57 @@ def _(xp, pred, target):
 def _(xp, saved, g, needs):
     d = 2 * (saved["pred"] - saved["target"]) * g[..., None]
     return d if needs[0] else None, -d if needs[1] else None
+
+
+log_softmax = defop("log_softmax", inputs=("x",), attrs={"axis": -1}, saves=("out",),
+                    doc="x - log(sum(exp(x), axis)), max-subtracted so it never overflows")
+
+
+def _log_softmax(xp, x, axis):
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=axis, keepdims=True))
+
+
+@log_softmax.shape
+def _(x, *, axis):
+    norm_axis(axis, len(x))
+    return x
+
+
+log_softmax.forward(lambda xp, x, *, axis: _log_softmax(xp, x, axis))
+
+
+@log_softmax.vjp
+def _(xp, saved, g, needs, *, axis):
+    # d out_j / d x_k = delta_jk - softmax_k
+    return (g - xp.exp(saved["out"]) * g.sum(axis=axis, keepdims=True),)
+
+
+softmax_cross_entropy = defop(
+    "softmax_cross_entropy", inputs=("logits", "target"), saves=("target", "prob"),
+    nondiff=("target",),
+    doc="-sum(target * log_softmax(logits), -1) -> one number per example; target one-hot "
+        "(or probability rows), class axis last; max-subtracted, stable for large logits")
+
+
+@softmax_cross_entropy.shape
+def _(logits, target):
+    if tuple(logits) != tuple(target):
+        raise ShapeError(f"logits {fmt(logits)} and target {fmt(target)} differ in shape")
+    if not logits:
+        raise ShapeError("softmax_cross_entropy needs the class axis last, got a 0-D input")
+    return tuple(logits[:-1])
+
+
+@softmax_cross_entropy.forward
+def _(xp, logits, target):
+    logp = _log_softmax(xp, logits, -1)
+    return -(target * logp).sum(axis=-1), {"prob": xp.exp(logp)}
+
+
+@softmax_cross_entropy.vjp
+def _(xp, saved, g, needs):
+    # d/dz of -sum_k t_k (z_k - logsumexp(z)) = softmax(z) sum_k t_k - t
+    target = saved["target"]
+    d = saved["prob"] * target.sum(axis=-1, keepdims=True) - target
+    return g[..., None] * d, None

@@ -61,16 +61,23 @@ def _(xp, saved, g, needs, *, axis, keepdims):
     return (_expand_back(xp, g / count, shape, axis, keepdims),)
 
 
-norm = defop("norm", inputs=("x",), attrs={"axis": -1, "eps": 1e-7}, saves=("x", "out"),
-             doc="vector length sqrt(sum(x^2, axis) + eps); eps keeps the gradient finite at 0")
+norm = defop("norm", inputs=("x",), attrs={"axis": -1, "eps": 0.0}, saves=("x", "out"),
+             doc="vector length |x| = sqrt(sum(x^2, axis)); eps > 0 gives "
+                 "sqrt(sum(x^2, axis) + eps) instead")
 norm.shape(lambda x, *, axis, eps: _reduced_shape(x, axis, False))
 
 
 @norm.forward
 def _(xp, x, *, axis, eps):
-    return xp.sqrt((x * x).sum(axis=axis) + eps)
+    n2 = (x * x).sum(axis=axis)
+    return xp.sqrt(n2 + eps) if eps else xp.sqrt(n2)
 
 
 @norm.vjp
 def _(xp, saved, g, needs, *, axis, eps):
-    return (xp.expand_dims(g / saved["out"], axis) * saved["x"],)
+    # out = sqrt(|x|^2 + eps), d out / dx = x / out. With eps = 0 that is x / |x|, which
+    # is defined as 0 where |x| = 0 (as PyTorch's norm backward): there x = 0, so dividing
+    # by 1 in place of 0 gives 0 without ever computing 0/0.
+    out = saved["out"]
+    safe = xp.where(out > 0, out, 1)
+    return (xp.expand_dims(g / safe, axis) * saved["x"],)

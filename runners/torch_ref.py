@@ -77,18 +77,23 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 # --------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------
-def squash(s: torch.Tensor, dim: int = -1, eps: float = 1e-7) -> torch.Tensor:
-    """Capsule non-linearity ``n2 / (1 + n2) * s / sqrt(n2 + eps)``.
+def squash(s: torch.Tensor, dim: int = -1, eps: float = 0.0) -> torch.Tensor:
+    """Capsule non-linearity of the paper, ``n2 / (1 + n2) * s / |s|``.
 
-    ``n2 = sum(s**2, dim, keepdim=True)``.  ``eps`` sits inside the sqrt so
-    the gradient stays finite at ``s = 0``.  Output has the shape of ``s``.
+    ``n2 = sum(s**2, dim, keepdim=True)``.  Written ``s * |s| / (1 + n2)`` (the same
+    function), with ``|s|`` from ``torch.linalg.vector_norm``, whose backward is 0
+    at ``s = 0``, so the value is 0 there and the gradient finite.  ``eps > 0``
+    gives the old ``n2 / (1 + n2) * s / sqrt(n2 + eps)`` (capsflow's ``squash``
+    with that ``eps``).  Output has the shape of ``s``.
     """
     n2 = (s * s).sum(dim=dim, keepdim=True)
-    return n2 / (1.0 + n2) * s / torch.sqrt(n2 + eps)
+    if eps:
+        return n2 / (1.0 + n2) * s / torch.sqrt(n2 + eps)
+    return s * (torch.linalg.vector_norm(s, dim=dim, keepdim=True) / (1.0 + n2))
 
 
 def primary_capsules(
-    params: Mapping[str, torch.Tensor], x: torch.Tensor, squash_eps: float = 1e-7
+    params: Mapping[str, torch.Tensor], x: torch.Tensor, squash_eps: float = 0.0
 ) -> torch.Tensor:
     """Conv1 + PrimaryCaps: ``x`` (N,1,28,28) -> squashed ``u`` (N,1152,8)."""
     n = x.shape[0]
@@ -110,14 +115,14 @@ def prediction_vectors(W: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def dynamic_routing(
-    u_hat: torch.Tensor, routing_iters: int = 3, squash_eps: float = 1e-7
+    u_hat: torch.Tensor, routing_iters: int = 3, squash_eps: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Routing-by-agreement.
 
     Args:
         u_hat: (N, 1152, 10, 16) prediction vectors.
         routing_iters: number of routing iterations (>= 1).
-        squash_eps: epsilon of ``squash``.
+        squash_eps: epsilon of ``squash`` (0: the paper's exact squash).
 
     Returns:
         ``(v, s, c)``: digit capsules (N,10,16), their pre-squash input
@@ -138,9 +143,13 @@ def dynamic_routing(
     return v, s, c
 
 
-def capsule_lengths(v: torch.Tensor, norm_eps: float = 1e-7) -> torch.Tensor:
-    """``sqrt(sum(v**2, -1) + norm_eps)``: (N,10,16) -> (N,10)."""
-    return torch.sqrt((v * v).sum(dim=-1) + norm_eps)
+def capsule_lengths(v: torch.Tensor, norm_eps: float = 0.0) -> torch.Tensor:
+    """``|v| = sqrt(sum(v**2, -1))``: (N,10,16) -> (N,10).  Its backward is
+    ``v / |v|``, 0 where ``v = 0`` (torch's norm).  ``norm_eps > 0`` gives
+    ``sqrt(sum(v**2, -1) + norm_eps)`` (capsflow's ``norm`` with that ``eps``)."""
+    if norm_eps:
+        return torch.sqrt((v * v).sum(dim=-1) + norm_eps)
+    return torch.linalg.vector_norm(v, dim=-1)
 
 
 def decoder(
@@ -179,8 +188,8 @@ def forward(
     y: Optional[torch.Tensor] = None,
     *,
     routing_iters: int = 3,
-    squash_eps: float = 1e-7,
-    norm_eps: float = 1e-7,
+    squash_eps: float = 0.0,
+    norm_eps: float = 0.0,
     m_plus: float = 0.9,
     m_minus: float = 0.1,
     lambda_: float = 0.5,

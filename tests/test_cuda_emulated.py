@@ -32,14 +32,15 @@ def test_the_emulator_refuses_strided_pointers(emu):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("op,kind", [("softmax", "fwd"), ("softmax", "vjp"),
-                                     ("squash", "fwd"), ("squash", "vjp")])
-def test_rowwise_kernels(emu, dtype, op, kind):
+@pytest.mark.parametrize("op,kind,eps", [("softmax", "fwd", None), ("softmax", "vjp", None),
+                                         ("squash", "fwd", 0.0), ("squash", "vjp", 0.0),
+                                         ("squash", "fwd", 1e-7), ("squash", "vjp", 1e-7)])
+def test_rowwise_kernels(emu, dtype, op, kind, eps):
     rng = _rng()
     x = rng.standard_normal((3, 7, 16)).astype(dtype)
+    x[1, 2] = 0  # a zero capsule: squash's value and gradient are 0 there, without 0/0
     g = rng.standard_normal((3, 7, 16)).astype(dtype)
-    attrs = {"axis": -1, "eps": 1e-7} if op == "squash" else {"axis": -1}
-    eps = attrs.get("eps")
+    attrs = {"axis": -1} if eps is None else {"axis": -1, "eps": eps}
     opdef = get_op(op)
     if kind == "fwd":
         fused = kernels.rowwise(emu, f"{op}_fwd", -1, x, eps=eps)
@@ -51,6 +52,9 @@ def test_rowwise_kernels(emu, dtype, op, kind):
         plain = opdef.vjp_fn(np, saved, g, (True,), **attrs)[0]
     tol = 1e-5 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(fused, plain, rtol=tol, atol=tol)
+    assert np.isfinite(fused).all()
+    if op == "squash" and not eps:
+        assert not fused[1, 2].any()
 
 
 @pytest.mark.parametrize("subs,out", [(["nijd", "njd"], "nij"), (["njd", "nijd"], "nij"),

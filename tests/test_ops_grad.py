@@ -40,13 +40,53 @@ def test_softmax_is_max_subtracted():
     assert np.isfinite(out).all() and np.isclose(out.sum(), 1.0)
 
 
-def test_squash_is_finite_at_zero():
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["reference", "cpu"])
+@pytest.mark.parametrize("eps", [0.0, 1e-7])
+def test_squash_is_zero_with_a_zero_gradient_at_zero(fast_paths, eps):
+    """squash(s) = s |s| / (1 + |s|^2) is differentiable at 0 with derivative 0; with an
+    eps too. A zero capsule beside others: its value and gradient are exactly 0, the
+    others' are untouched by it, and nothing is NaN (no 0/0, no warning)."""
     from capsflow.core.gradcheck import apply_op
+    from capsflow.backends import get_backend
+    be = get_backend(Options(fast_paths=fast_paths))
     op = get_op("squash")
-    s = np.zeros((2, 4))
-    out, saved, attrs, _ = apply_op("squash", "numpy", [s], {"axis": -1})
-    (g,) = op.vjp_fn(np, saved, np.ones_like(s), (True,), **attrs)
-    assert np.all(out == 0) and np.isfinite(g).all()
+    s = R(3, 4, 16)
+    s[1, 2] = 0
+    g = R(3, 4, 16)
+    with np.errstate(all="raise"):
+        out, saved, attrs, variant = apply_op("squash", be, [s], {"axis": -1, "eps": eps})
+        (gs,) = op.run_vjp(be, variant, saved, g, (True,), attrs)
+    assert np.all(out[1, 2] == 0) and np.all(gs[1, 2] == 0)
+    assert np.isfinite(out).all() and np.isfinite(gs).all()
+    n = np.linalg.norm(s[0], axis=-1, keepdims=True)
+    r = np.sqrt(n * n + eps)
+    np.testing.assert_allclose(out[0], n * n / (1 + n * n) * s[0] / r, rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-7])
+def test_norm_is_the_exact_length_with_a_zero_gradient_at_zero(eps):
+    """norm is |x| (sqrt(|x|^2 + eps) with the eps option); its gradient x / |x| is 0 at
+    x = 0, as PyTorch's norm backward."""
+    from capsflow.core.gradcheck import apply_op
+    op = get_op("norm")
+    x = R(3, 4, 16)
+    x[1, 2] = 0
+    g = R(3, 4)
+    with np.errstate(all="raise"):
+        out, saved, attrs, _ = apply_op("norm", "numpy", [x], {"axis": -1, "eps": eps})
+        (gx,) = op.vjp_fn(np, saved, g, (True,), **attrs)
+    want = np.sqrt((x * x).sum(-1) + eps)
+    np.testing.assert_allclose(out, want, rtol=1e-14)
+    if not eps:
+        np.testing.assert_allclose(out, np.linalg.norm(x, axis=-1), rtol=1e-14)
+        assert out[1, 2] == 0
+    assert np.all(gx[1, 2] == 0) and np.isfinite(gx).all()
+    np.testing.assert_allclose(gx[0], g[0, :, None] * x[0] / want[0, :, None], rtol=1e-12)
+
+
+def test_squash_and_norm_default_to_the_paper_formulas():
+    assert get_op("squash").attrs["eps"].default == 0.0
+    assert get_op("norm").attrs["eps"].default == 0.0
 
 
 def test_leaky_softmax_is_softmax_with_a_dropped_zero_logit():

@@ -20,8 +20,9 @@ N = 2
 LABELS = [3, 7]
 
 
-def _squash_np(s: np.ndarray, eps: float = 1e-7) -> np.ndarray:
-    """Independent NumPy squash over the last axis."""
+def _squash_np(s: np.ndarray, eps: float = 0.0) -> np.ndarray:
+    """Independent NumPy squash over the last axis: the paper's n2 / (1 + n2) s / |s|,
+    or with ``eps`` the old sqrt(n2 + eps) in place of |s|."""
     n2 = (s * s).sum(-1, keepdims=True)
     return n2 / (1 + n2) * s / np.sqrt(n2 + eps)
 
@@ -230,7 +231,34 @@ def test_loss_formula(routed64, batch):
     # both margin branches are active in this configuration
     assert np.any((y == 1) & (L < 0.8)) and np.any((y == 0) & (L > 0.2))
     v = out["v"]
-    np.testing.assert_allclose(L, np.sqrt((v * v).sum(-1) + 1e-7), rtol=1e-14)
+    np.testing.assert_allclose(L, np.sqrt((v * v).sum(-1)), rtol=1e-14)   # the paper's |v|
+
+
+def test_eps_options_give_the_old_formulas(routed64, batch):
+    """squash_eps and norm_eps put an eps under the square roots, as capsflow's squash and
+    norm ``eps`` attributes do; by default there is none."""
+    x, y = batch
+    s = torch.as_tensor(np.random.default_rng(5).standard_normal((3, 10, 16)))
+    for eps in (0.0, 1e-7, 1e-2):
+        assert _rel_err(tr.squash(s, eps=eps).numpy(), _squash_np(s.numpy(), eps)) < 1e-14
+    v = tr.squash(s).numpy()
+    np.testing.assert_allclose(tr.capsule_lengths(torch.as_tensor(v)).numpy(),
+                               np.linalg.norm(v, axis=-1), rtol=1e-14)
+    np.testing.assert_allclose(tr.capsule_lengths(torch.as_tensor(v), norm_eps=1e-7).numpy(),
+                               np.sqrt((v * v).sum(-1) + 1e-7), rtol=1e-14)
+    old = tr.reference_outputs(routed64, x, y, squash_eps=1e-7, norm_eps=1e-7)
+    new = tr.reference_outputs(routed64, x, y)
+    np.testing.assert_allclose(old["lengths"], np.sqrt((old["v"] ** 2).sum(-1) + 1e-7),
+                               rtol=1e-14)
+    assert _rel_err(old["v"], new["v"]) > 1e-9   # the eps changes the capsules
+
+
+def test_squash_and_lengths_are_finite_at_zero():
+    """At s = 0 squash is 0 with gradient 0, and |v|'s gradient is 0 (torch's norm)."""
+    s = torch.zeros(2, 16, dtype=torch.float64, requires_grad=True)
+    v = tr.squash(s)
+    g = torch.autograd.grad(v.sum() + tr.capsule_lengths(v).sum(), s)[0]
+    assert torch.equal(v, torch.zeros_like(v)) and torch.equal(g, torch.zeros_like(g))
 
 
 # --------------------------------------------------------------------------

@@ -167,14 +167,23 @@ def _sqrt_plus_eps(b: Builder, c: Call, n2: str, out: str) -> str:
 
 @exports("norm")
 def _norm(b: Builder, c: Call) -> None:
-    _sqrt_plus_eps(b, c, _squared_norm(b, c, keepdims=0), c.id)
+    n2 = _squared_norm(b, c, keepdims=0)
+    if c.attrs["eps"]:
+        _sqrt_plus_eps(b, c, n2, c.id)
+    else:  # the exact length sqrt(sum(x^2))
+        b.op("Sqrt", [n2], c.id)
 
 
 @exports("squash")
 def _squash(b: Builder, c: Call) -> None:
-    # s * (n2 / ((1 + n2) * sqrt(n2 + eps))), in the order of ops/caps.py
+    # In the order of ops/caps.py: s * (sqrt(n2) / (1 + n2)), the paper's exact
+    # |s|^2 / (1 + |s|^2) * s / |s|; with an eps, s * (n2 / ((1 + n2) * sqrt(n2 + eps))).
     n2 = _squared_norm(b, c, keepdims=1)
     one_plus = b.op("Add", [b.const(c.name("one"), 1.0), n2], c.name("one_plus_n2"))
+    if not c.attrs["eps"]:
+        n = b.op("Sqrt", [n2], c.name("n"))
+        b.op("Mul", [c.inputs[0], b.op("Div", [n, one_plus], c.name("factor"))], c.id)
+        return
     r = _sqrt_plus_eps(b, c, n2, c.name("r"))
     den = b.op("Mul", [one_plus, r], c.name("den"))
     b.op("Mul", [c.inputs[0], b.op("Div", [n2, den], c.name("factor"))], c.id)
@@ -308,3 +317,113 @@ def _export_node(b: Builder, dag, node: str, absent: set) -> None:
 def _value_info(name: str, shape: tuple):
     """A float32 value with its DAG shape; a symbolic dimension (N) stays a dim_param."""
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+# -- math ops (ops/math.py, ops/normalization.py, log_softmax and cross-entropy) --------
+#: Math ops that are one ONNX op with the same inputs.
+MATH = {"div": "Div", "sqrt": "Sqrt", "exp": "Exp", "log": "Log"}
+
+
+@exports(*MATH)
+def _math(b: Builder, c: Call) -> None:
+    b.op(MATH[c.op], c.inputs, c.id)
+
+
+@exports("rsqrt")
+def _rsqrt(b: Builder, c: Call) -> None:
+    b.op("Reciprocal", [b.op("Sqrt", c.inputs, c.name("sqrt"))], c.id)
+
+
+@exports("pow")
+def _pow(b: Builder, c: Call) -> None:
+    b.op("Pow", [c.inputs[0], b.const(c.name("exponent"), c.attrs["exponent"])], c.id)
+
+
+@exports("layer_norm")
+def _layer_norm(b: Builder, c: Call) -> None:
+    # (x - mean) / sqrt(var + eps) * gamma + beta, in the order of ops/normalization.py;
+    # decomposed, since ONNX's LayerNormalization only normalises trailing axes.
+    x, gamma, beta = c.inputs
+    shape = c.shapes[0]
+    axis = c.attrs["axis"]
+    axes = sorted(a % len(shape) for a in (axis if isinstance(axis, list) else [axis]))
+    mean = b.op("ReduceMean", [x], c.name("mean"), axes=axes, keepdims=1)
+    d = b.op("Sub", [x, mean], c.name("centred"))
+    var = b.op("ReduceMean", [b.op("Mul", [d, d], c.name("squared"))], c.name("var"),
+               axes=axes, keepdims=1)
+    std = b.op("Sqrt", [b.op("Add", [var, b.const(c.name("eps"), c.attrs["eps"])],
+                             c.name("var_eps"))], c.name("std"))
+    steps = [("Mul", gamma, c.shapes[1], "gamma"), ("Add", beta, c.shapes[2], "beta")]
+    steps = [s for s in steps if s[1] is not None]
+    out = b.op("Div", [d, std], c.id if not steps else c.name("xhat"))
+    trailing = axes == list(range(len(shape) - len(axes), len(shape)))
+    for k, (kind, p, p_shape, what) in enumerate(steps):
+        if tuple(p_shape) == tuple(shape[a] for a in axes) and not trailing:
+            # shaped like the normalised axes: placed on them, as _placed in ops/
+            target = [(-1 if isinstance(n, str) else n) if i in axes else 1
+                      for i, n in enumerate(shape)]
+            p = b.op("Reshape", [p, b.const(c.name(f"{what}_shape"), target, np.int64)],
+                     c.name(f"{what}_placed"))
+        last = k == len(steps) - 1
+        out = b.op(kind, [out, p], c.id if last else c.name(f"times_{what}"))
+
+
+@exports("log_softmax")
+def _log_softmax(b: Builder, c: Call) -> None:
+    b.op("LogSoftmax", c.inputs, c.id, axis=c.attrs["axis"])
+
+
+@exports("softmax_cross_entropy")
+def _softmax_cross_entropy(b: Builder, c: Call) -> None:
+    # -sum(target * log_softmax(logits), -1)
+    logits, target = c.inputs
+    logp = b.op("LogSoftmax", [logits], c.name("log_softmax"), axis=-1)
+    terms = b.op("Mul", [target, logp], c.name("terms"))
+    total = b.op("ReduceSum", [terms, b.const(c.name("axes"), [-1], np.int64)], c.name("sum"),
+                 keepdims=0)
+    b.op("Neg", [total], c.id)
+
+
+# -- spatial ops (ops/pool.py, ops/regularize.py) ------------------------------------------
+@exports("max_pool2d")
+def _max_pool2d(b: Builder, c: Call) -> None:
+    # ONNX's MaxPool pads with -inf too (a padded value never wins), as ops/pool.py does.
+    k, pad = c.attrs["kernel"], c.attrs["padding"]
+    stride = k if c.attrs["stride"] is None else c.attrs["stride"]
+    b.op("MaxPool", c.inputs, c.id, kernel_shape=[k, k], strides=[stride, stride],
+         pads=[pad] * 4)
+
+
+@exports("unfold")
+def _unfold(b: Builder, c: Call) -> None:
+    # Zero padding, then one strided Slice per kernel offset (a, b), each (N, C, OH, OW),
+    # stacked on a last axis in row-major offset order and split into (kh, kw): the
+    # layout of ops/pool.py, out[n, c, i, j, a, b] = xpad[n, c, i*stride + a, j*stride + b].
+    kernel, stride, pad = c.attrs["kernel"], c.attrs["stride"], c.attrs["padding"]
+    kh, kw = kernel if isinstance(kernel, list) else (kernel, kernel)
+    h, w = c.shapes[0][2:]
+    oh, ow = (h + 2 * pad - kh) // stride + 1, (w + 2 * pad - kw) // stride + 1
+    x = c.inputs[0]
+    if pad:
+        x = b.op("Pad", [x, b.const(c.name("pads"), [0, 0, pad, pad, 0, 0, pad, pad], np.int64)],
+                 c.name("padded"))
+    axes = b.const(c.name("axes"), [2, 3], np.int64)
+    steps = b.const(c.name("steps"), [stride, stride], np.int64)
+    last = b.const(c.name("last"), [4], np.int64)
+    parts = []
+    for i in range(kh):
+        for j in range(kw):
+            starts = b.const(c.name(f"starts_{i}_{j}"), [i, j], np.int64)
+            ends = b.const(c.name(f"ends_{i}_{j}"),
+                           [i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1], np.int64)
+            window = b.op("Slice", [x, starts, ends, axes, steps], c.name(f"offset_{i}_{j}"))
+            parts.append(b.op("Unsqueeze", [window, last], c.name(f"offset_{i}_{j}/col")))
+    stacked = b.op("Concat", parts, c.name("offsets"), axis=4)        # (N, C, OH, OW, kh*kw)
+    b.op("Reshape", [stacked, b.const(c.name("shape"), [0, 0, 0, 0, kh, kw], np.int64)], c.id)
+
+
+@exports("dropout")
+def _dropout(b: Builder, c: Call) -> None:
+    # An exported model is the inference pass: dropout there is the identity (evaluation
+    # mode, as graph.run without a seed); a fed seed, if the graph requires one, is unused.
+    b.op("Identity", [c.inputs[0]], c.id)

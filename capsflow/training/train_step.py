@@ -96,6 +96,12 @@ def _finite_or_absent(loss: Any) -> bool:
     return loss is None or bool(np.isfinite(float(to_numpy(loss))))
 
 
+def draws_dropout_masks(graph: Any) -> bool:
+    """Whether some dropout op of ``graph`` has a seed input (draws a mask per step)."""
+    return any(d.get("op") == "dropout" and len(d["inputs"]) > 1
+               for _, d in graph.dag.nodes(data=True))
+
+
 class TrainStep:
     """``gradients(inputs)`` then ``update(lr)``, for ``graph`` with ``params`` updated
     in place by ``optimizer`` (whose state is ``opt_state``, made for the trainable
@@ -113,9 +119,13 @@ class TrainStep:
         # that the tests run the replay machinery.
         # Replay needs the fast paths: the references' GEMMs (CuPy's own) cannot be recorded.
         options = self.backend.options
+        # A dropout op fed a seed reads the seed's value on the host to draw its mask: a
+        # recording would replay the mask of the step it was recorded at. Those graphs
+        # run every step op by op.
         self.replay_wanted = bool(options.replay_steps and options.fast_paths
                                   and isinstance(optimizer, Adam)
-                                  and (record_step.has_variant(options) or simulate))
+                                  and (record_step.has_variant(options) or simulate)
+                                  and not draws_dropout_masks(graph))
         self._grads: Optional[dict] = None
         self._loss = None         # the last gradients() call's loss (eager), for update()
         self._from_graph = False

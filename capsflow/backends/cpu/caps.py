@@ -51,16 +51,25 @@ short_squash = squash.variant("numpy")
 @short_squash.forward
 def _(be, s, *, axis, eps):
     n2 = reduce_axis("sum", s * s, axis)
-    return s * (n2 / ((1 + n2) * np.sqrt(n2 + eps)))
+    if eps:
+        return s * (n2 / ((1 + n2) * np.sqrt(n2 + eps)))
+    return s * (np.sqrt(n2) / (1 + n2))
 
 
 @short_squash.vjp
 def _(be, saved, g, needs, *, axis, eps):
-    # The reference's VJP (ops/caps.py) with the short-axis sums.
+    # The reference's VJP (ops/caps.py, where the math is) with the short-axis sums.
     s = saved["s"]
     n2 = reduce_axis("sum", s * s, axis)
-    r2 = n2 + eps
-    r = np.sqrt(r2)
-    f = n2 / ((1 + n2) * r)
-    df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-    return (f * g + (2 * df * reduce_axis("sum", g * s, axis)) * s,)
+    gs = reduce_axis("sum", g * s, axis)
+    if eps:
+        r2 = n2 + eps
+        r = np.sqrt(r2)
+        f = n2 / ((1 + n2) * r)
+        df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
+        return (f * g + (2 * df * gs) * s,)
+    n = np.sqrt(n2)
+    q = 1 + n2
+    f = n / q
+    k = (1 - n2) / (q * q * np.where(n > 0, n, 1))
+    return (f * g + (k * gs) * s,)

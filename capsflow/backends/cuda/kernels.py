@@ -71,7 +71,9 @@ extern "C" __global__ void squash_fwd(const T* __restrict__ s, T* __restrict__ o
     const T* x = s + r * D;
     T n2 = 0;
     for (int d = 0; d < D; ++d) n2 += x[d] * x[d];
-    T f = n2 / ((1 + n2) * sqrt(n2 + eps));
+    // ops/caps.py: f = |s| / (1 + |s|^2) (the paper's, 0 at s = 0), or with an eps
+    // n2 / ((1 + n2) sqrt(n2 + eps))
+    T f = eps != 0 ? n2 / ((1 + n2) * sqrt(n2 + eps)) : sqrt(n2) / (1 + n2);
     for (int d = 0; d < D; ++d) out[r * D + d] = x[d] * f;
 }
 
@@ -83,11 +85,19 @@ extern "C" __global__ void squash_vjp(const T* __restrict__ s, const T* __restri
     const T* gr = g + r * D;
     T n2 = 0, gs = 0;
     for (int d = 0; d < D; ++d) { n2 += x[d] * x[d]; gs += gr[d] * x[d]; }
-    T r2 = n2 + eps;
-    T rt = sqrt(r2);
-    T f = n2 / ((1 + n2) * rt);
-    T df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * rt * (1 + n2) * (1 + n2));
-    T k = 2 * df * gs;
+    T f, k;
+    if (eps != 0) {
+        T r2 = n2 + eps;
+        T rt = sqrt(r2);
+        f = n2 / ((1 + n2) * rt);
+        T df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * rt * (1 + n2) * (1 + n2));
+        k = 2 * df * gs;
+    } else {  // ops/caps.py: f = n / q, k = (1 - n2) / (q^2 n) <g, s>, 1/n as 1 at n = 0
+        T n = sqrt(n2);
+        T q = 1 + n2;
+        f = n / q;
+        k = (1 - n2) / (q * q * (n > 0 ? n : (T)1)) * gs;
+    }
     for (int d = 0; d < D; ++d) out[r * D + d] = f * gr[d] + k * x[d];
 }
 
