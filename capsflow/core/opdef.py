@@ -1,7 +1,7 @@
 """Op definitions: each op declares inputs, typed attributes, a shape rule, a forward
 and a vector-Jacobian product, registered right under its definition (the JAX idiom)::
 
-    squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 1e-7}, saves=("s", "out"))
+    squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 0.0}, saves=("s",))
 
     @squash.shape
     def _(s, *, axis, eps): return s
