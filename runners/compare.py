@@ -12,7 +12,10 @@ Writes under ``--out`` (default runs/compare): compare.md and compare.csv (the t
 compare.png (loss and accuracy curves of all graphs), and one folder per graph with its
 metrics.jsonl (and checkpoints with ``--keep-checkpoints``). The table: variant,
 parameters, ms/step (median time of a training step: forward, backward and update),
-final train loss (mean over the last 10% of the steps), test accuracy, routing iterations.
+final train loss (mean over the last 10% of the steps), test accuracy, routing iterations
+("-" for a graph without routing). Accuracy is the argmax of each graph's class scores:
+its output ``scores``, else ``lengths`` (``runners.training.class_scores``), so graphs
+that are not CapsNet (graphs/baseline-cnn.yaml) compare too.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
 from capsflow.runners.train import add_shift_arguments, config_from_args
-from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, load_data,
-                                       read_metrics)
+from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
+                                       load_data, read_metrics)
 
 COLUMNS = ("variant", "parameters", "ms/step", "final train loss", "test accuracy",
            "routing iterations")
@@ -179,13 +182,15 @@ def main(args: argparse.Namespace) -> int:
 
 
 def compile_all(paths: list, overrides: list) -> list:
-    """Compile every graph with the same overrides; names must tell them apart."""
+    """Compile every graph with the same overrides; names must tell them apart, and each
+    must have class scores (checked here, before any graph trains)."""
     from capsflow.core.graph import compile as compile_graph
     from capsflow.lang.yamlio import parse_override
     values = dict(parse_override(o) for o in overrides)
     graphs, seen = [], {}
     for path in paths:
         graph = compile_graph(path, values)
+        class_scores(graph)
         name = graph.spec.name
         if name in seen:
             raise CapsflowError(f"{path} and {seen[name]} are both named '{name}'; give one a "

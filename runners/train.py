@@ -15,7 +15,8 @@ from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_ar
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.data import DATASETS
-from capsflow.runners.training import LAST, TrainConfig, Trainer, load_data, read_checkpoint
+from capsflow.runners.training import (LAST, TrainConfig, Trainer, class_scores, load_data,
+                                       read_checkpoint)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -88,6 +89,7 @@ def main(args: argparse.Namespace) -> int:
     if ckpt is not None and not args.overrides:  # the run's own --set values
         args.overrides = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
     graph = compile_from_args(args)
+    class_scores(graph)  # a graph without class scores fails before the data loads
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
     get_backend(config.options)  # an unusable backend fails before the data is loaded
     if args.save_dir:

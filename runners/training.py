@@ -59,6 +59,12 @@ CHECKPOINT_VERSION = 1
 LAST = "last.npz"
 BEST = "best.npz"
 METRICS = "metrics.jsonl"
+#: A graph input of this name is fed a seed at every training step, for its dropout ops
+#: (ops/regularize.py); evaluation and prediction never feed it (dropout is the identity).
+DROPOUT_SEED = "dropout_seed"
+#: Graph outputs that may hold the class scores (N, classes), in order of preference: a
+#: graph's ``scores`` (e.g. a CNN's logits), else CapsNet's capsule ``lengths``.
+SCORE_OUTPUTS = ("scores", "lengths")
 
 
 class TrainingDiverged(CapsflowError):
@@ -318,21 +324,44 @@ def _copy_atomic(src: Path, dst: Path) -> None:
 # --------------------------------------------------------------------- evaluation
 
 
+def class_scores(graph: Any) -> str:
+    """The name of the output holding ``graph``'s class scores (N, classes), whose argmax
+    is the predicted class: ``scores`` when the graph declares it, else ``lengths``.
+
+    Raises CapsflowError (one line, naming the outputs the graph has) when it has neither
+    or when that output is not two-dimensional."""
+    outputs = graph.spec.outputs
+    name = next((n for n in SCORE_OUTPUTS if n in outputs), None)
+    if name is None:
+        raise CapsflowError(
+            f"{graph.spec.file} has no class-score output: declare 'scores' (or CapsNet's "
+            f"'lengths'), shape (N, classes), under outputs; its outputs are "
+            f"{', '.join(outputs) or 'none'}")
+    shape = graph.dag.nodes[outputs[name]]["shape"]
+    if len(shape) != 2:
+        raise CapsflowError(f"{graph.spec.file}: output '{name}' has shape "
+                            f"({', '.join(map(str, shape))}); class scores must be (N, classes)")
+    return name
+
+
 def batched_outputs(graph: Any, params: dict, images: np.ndarray,
-                    labels: Optional[np.ndarray] = None, outputs: tuple = ("lengths",),
+                    labels: Optional[np.ndarray] = None, outputs: Optional[tuple] = None,
                     batch_size: int = 100, backend: Options | Backend = Options(),
                     desc: Optional[str] = None) -> Iterator[tuple]:
     """Forward passes (``graph.run``, no backward) over ``images`` in order.
 
     Args:
-        images: float32 (N, 1, 28, 28). labels: int (N,) or None; when given, ``y`` is
+        images: float32 (N, C, H, W). labels: int (N,) or None; when given, ``y`` is
             fed, so the decoder is masked by the true label and ``loss`` can be asked for;
-            without labels the decoder uses the predicted class.
+            without labels the decoder uses the predicted class. The dropout seed is
+            never fed (evaluation: dropout is the identity).
+        outputs: the outputs to compute (default: the class scores, ``class_scores``).
         backend: the run's Options, or the Backend made from them (as graph.run takes).
         desc: show a tqdm bar with this description.
     Yields:
         (slice into the N examples, {output name: host NumPy array}) per batch.
     """
+    outputs = (class_scores(graph),) if outputs is None else outputs
     n = images.shape[0]
     starts = range(0, n, batch_size)
     if desc is not None:
@@ -353,14 +382,16 @@ def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndar
     """Mean loss and accuracy over a split, forward passes only.
 
     The loss feeds the true labels (it needs them); the predictions are the argmax of the
-    capsule lengths, which do not depend on the decoder's mask.
+    class scores (``class_scores``: ``scores``, else the capsule lengths), which do not
+    depend on the decoder's mask. No dropout seed is fed: dropout is the identity.
     Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,)}.
     """
+    scores = class_scores(graph)
     total, pred = 0.0, np.empty(images.shape[0], dtype=np.int64)
-    for part, out in batched_outputs(graph, params, images, labels, ("loss", "lengths"),
+    for part, out in batched_outputs(graph, params, images, labels, ("loss", scores),
                                      batch_size, backend, desc):
         total += float(out["loss"]) * (part.stop - part.start)
-        pred[part] = out["lengths"].argmax(axis=1)
+        pred[part] = out[scores].argmax(axis=1)
     n = max(images.shape[0], 1)
     return {"loss": total / n, "acc": float((pred == labels).mean()) if labels.size else 0.0,
             "pred": pred}
@@ -489,6 +520,12 @@ class Trainer:
         self.backend = get_backend(config.options)
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
+        self.scores = class_scores(graph)  # the output whose argmax is the prediction
+        seed_input = graph.spec.inputs.get(DROPOUT_SEED)
+        if seed_input is not None and seed_input.shape not in ((), (1,)):
+            raise CapsflowError(f"graph input '{DROPOUT_SEED}' has shape "
+                                f"{list(seed_input.shape)}; the trainer feeds it one seed "
+                                f"per step: declare it {{shape: [1], optional: true}}")
         host = graph.init_params(config.seed, config.dtype)
         if not graph.trainable(host):
             raise CapsflowError(f"{graph.spec.file} has no trainable parameter to train")
@@ -592,7 +629,7 @@ class Trainer:
         # Built here, after any restore() has replaced the parameters and optimizer state:
         # a recorded step holds on to the arrays it was recorded with.
         self.train_step = TrainStep(self.graph, self.params, self.optimizer, self.opt_state,
-                                    backend=self.backend, outputs=["loss", "lengths"])
+                                    backend=self.backend, outputs=["loss", self.scores])
         try:
             while self.state.epoch < self.config.num_epochs:
                 records.append(self._epoch())
@@ -614,8 +651,14 @@ class Trainer:
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")
         for x, y in batches:
+            inputs = {"x": x, "y": y}
+            if DROPOUT_SEED in self.graph.spec.inputs:
+                # From the run's seed and the step count, which a checkpoint restores:
+                # a resumed run draws the masks of an uninterrupted one.
+                inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, st.iteration).reshape(
+                    self.graph.spec.inputs[DROPOUT_SEED].shape)
             with _overflow_quiet():
-                out = self.train_step.gradients({"x": x, "y": y})
+                out = self.train_step.gradients(inputs)
             with _interrupts_deferred():  # never stop half-way through an update
                 # Queued before the loss is read (a GPU runs the whole step before the
                 # host waits); a step whose loss is not finite is not applied.
@@ -624,7 +667,7 @@ class Trainer:
                 if not np.isfinite(loss):
                     raise TrainingDiverged(self._diverged_message(
                         f"the loss became {loss} at iteration {st.iteration + 1}", lr))
-                correct = int((to_numpy(out["lengths"]).argmax(axis=1) == y.argmax(axis=1)).sum())
+                correct = int((to_numpy(out[self.scores]).argmax(axis=1) == y.argmax(axis=1)).sum())
                 st.iteration += 1
                 st.iterator = self.batches.get_state()
                 st.epoch_sums.add(loss, correct, y.shape[0])
@@ -730,6 +773,14 @@ def read_metrics(path: str | Path) -> list:
 
 
 # ------------------------------------------------------------------------- helpers
+
+
+def dropout_seed(run_seed: int, step: int) -> np.ndarray:
+    """The dropout seed of the training step that follows ``step`` completed steps of a
+    run seeded ``run_seed`` (a 0-d int64 array): a function of these two numbers alone.
+    It lies below 2**24, so the float32 input it becomes holds it exactly."""
+    word = np.random.SeedSequence([run_seed, step]).generate_state(1)[0]
+    return np.asarray(int(word) >> 8, dtype=np.int64)
 
 
 def _declared_overrides(graph: Any) -> dict:

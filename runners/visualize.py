@@ -9,6 +9,11 @@ Writes into DIR:
   capsules go straight into the decoder through ``graph.run(..., feed={"routing/v": v})``;
 * ``curves.png``: training and test loss and accuracy from the run's metrics.jsonl.
 
+The first two need a decoder (an output ``recon``; the second also ``digitcaps``): for a
+graph without one (e.g. graphs/baseline-cnn.yaml) they are skipped with a note, and
+only ``curves.png`` is drawn; with nothing to draw at all the command fails with one
+line. Predictions are the argmax of the class scores (``runners.training.class_scores``).
+
 Grids come from ``torchvision.utils.make_grid``, figures from matplotlib (Agg backend).
 """
 from __future__ import annotations
@@ -24,8 +29,8 @@ from capsflow.cli import check_output_dir, non_negative_int, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, options_from_args
 from capsflow.runners.data import IMAGE_SIZE, one_hot
-from capsflow.runners.evaluate import CLASS_NAMES, add_model_arguments, open_model
-from capsflow.runners.training import METRICS, batched_outputs, read_metrics
+from capsflow.runners.evaluate import CLASS_NAMES, RECON, add_model_arguments, open_model
+from capsflow.runners.training import METRICS, batched_outputs, class_scores, read_metrics
 
 CAPSULES = "digitcaps"       # graph output holding the digit capsules (N, 10, 16)
 DELTAS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2) + 0.0  # 11 shifts as in the paper
@@ -48,26 +53,39 @@ def main(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     backend = get_backend(options_from_args(args))
     graph, params, ckpt, dataset, images, labels = open_model(args, backend)
-    if CAPSULES not in graph.spec.outputs:
-        raise CapsflowError(f"{args.graph} has no output '{CAPSULES}' (the digit capsules, "
-                            f"N x 10 x 16) to perturb")
-    if not 0 <= args.index < images.shape[0]:
+    outputs = graph.spec.outputs
+    decoder = RECON in outputs
+    perturb = decoder and CAPSULES in outputs
+    if perturb and not 0 <= args.index < images.shape[0]:
         raise CapsflowError(f"--index {args.index} is outside the {images.shape[0]} test "
                             f"images loaded (see --limit-test)")
+    metrics = Path(args.metrics) if args.metrics else ckpt.path.parent / METRICS
+    if args.metrics and not metrics.is_file():
+        raise CapsflowError(f"no such metrics file: {metrics}")
+    if not decoder and not metrics.is_file():
+        raise CapsflowError(f"nothing to draw: {graph.spec.name} has no decoder (no output "
+                            f"'{RECON}', so no recon.png or perturbation.png) and there is "
+                            f"no {metrics} for curves.png (pass --metrics FILE)")
     out.mkdir(parents=True, exist_ok=True)
     names = CLASS_NAMES[dataset]
-    written = [
-        reconstruction_figure(graph, params, images[:args.count], labels[:args.count], names,
-                              out / "recon.png", args.bs, backend),
-        perturbation_figure(graph, params, images[args.index:args.index + 1], names,
-                            out / "perturbation.png", args.index, backend),
-    ]
-    metrics = Path(args.metrics) if args.metrics else ckpt.path.parent / METRICS
+    written = []
+    if decoder:
+        written.append(reconstruction_figure(graph, params, images[:args.count],
+                                             labels[:args.count], names, out / "recon.png",
+                                             args.bs, backend))
+    else:
+        print(f"note: {graph.spec.name} has no output '{RECON}' (no decoder); recon.png and "
+              f"perturbation.png skipped")
+    if perturb:
+        written.append(perturbation_figure(graph, params, images[args.index:args.index + 1],
+                                           names, out / "perturbation.png", args.index,
+                                           backend))
+    elif decoder:
+        print(f"note: {graph.spec.name} has no output '{CAPSULES}' (the digit capsules, "
+              f"N x classes x dims) to perturb; perturbation.png skipped")
     if metrics.is_file():
         written.append(curves_figure(read_metrics(metrics), out / "curves.png",
                                      title=f"{graph.spec.name} on {dataset}"))
-    elif args.metrics:
-        raise CapsflowError(f"no such metrics file: {metrics}")
     else:
         print(f"note: no {metrics}; curves.png skipped (pass --metrics FILE)")
     for path in written:
@@ -99,11 +117,12 @@ def reconstruction_figure(graph: Any, params: dict, images: np.ndarray, labels: 
                           names: list, path: Path, batch_size: int = 100,
                           backend: Options | Backend = Options()) -> Path:
     """Inputs (left) and reconstructions from the predicted capsule (right)."""
+    scores = class_scores(graph)
     recon = np.empty((images.shape[0], IMAGE_SIZE * IMAGE_SIZE), dtype=np.float32)
     pred = np.empty(images.shape[0], dtype=np.int64)
-    for part, out in batched_outputs(graph, params, images, None, ("lengths", "recon"),
+    for part, out in batched_outputs(graph, params, images, None, (scores, RECON),
                                      batch_size, backend):
-        recon[part], pred[part] = out["recon"], out["lengths"].argmax(axis=1)
+        recon[part], pred[part] = out[RECON], out[scores].argmax(axis=1)
     wrong = [f"#{i}: {names[labels[i]]} read as {names[pred[i]]}"
              for i in np.flatnonzero(pred != labels)]
     nrow = min(8, images.shape[0])
@@ -139,18 +158,20 @@ def perturbed_capsules(v: np.ndarray, cls: int, deltas: np.ndarray = DELTAS) -> 
 def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list, path: Path,
                         index: int = 0, backend: Options | Backend = Options()) -> Path:
     """The 16 x 11 grid of decoded capsule perturbations for one image (1, 1, 28, 28)."""
-    out = graph.run(params, {"x": image}, backend=backend, outputs=["lengths", CAPSULES])
-    lengths, v = to_numpy(out["lengths"])[0], to_numpy(out[CAPSULES])[0]   # (10,), (10, 16)
-    cls = int(lengths.argmax())
+    scores = class_scores(graph)
+    out = graph.run(params, {"x": image}, backend=backend, outputs=[scores, CAPSULES])
+    v = to_numpy(out[CAPSULES])[0]                                        # (10, 16)
+    cls = int(to_numpy(out[scores])[0].argmax())
+    length = float(np.linalg.norm(v[cls]))
     caps = perturbed_capsules(v, cls)                                     # (176, 10, 16)
     n = caps.shape[0]
     # y fixes the mask on the predicted capsule even if a shift changed the argmax;
     # x is a required input, though the fed capsules cut everything upstream of them.
     decoded = graph.run(params, {"x": np.broadcast_to(image, (n,) + image.shape[1:]),
                                  "y": one_hot(np.full(n, cls))},
-                        backend=backend, outputs=["recon"],
+                        backend=backend, outputs=[RECON],
                         feed={graph.spec.outputs[CAPSULES]: caps})
-    grid = _grid(to_numpy(decoded["recon"]), nrow=DELTAS.size)
+    grid = _grid(to_numpy(decoded[RECON]), nrow=DELTAS.size)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 9.2))
     ax.imshow(grid, interpolation="nearest")
@@ -161,7 +182,7 @@ def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list
     ax.set_yticklabels([str(d) for d in range(v.shape[-1])], fontsize=7)
     ax.set_xlabel("shift added to the dimension")
     ax.set_ylabel("dimension of the digit capsule")
-    ax.set_title(f"test image {index}: capsule '{names[cls]}' (length {lengths[cls]:.2f}), "
+    ax.set_title(f"test image {index}: capsule '{names[cls]}' (length {length:.2f}), "
                  f"one dimension shifted per row", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
