@@ -36,6 +36,7 @@ COMMANDS = {
     "bench": ("bench", "time a training step against the PyTorch reference"),
     "train": ("train", "train a graph on MNIST or Fashion-MNIST"),
     "eval": ("evaluate", "test accuracy, per-class accuracy and confusion matrix of a checkpoint"),
+    "predict": ("predict", "classify image files (PNG, JPEG, ...) with a trained checkpoint"),
     "visualize": ("visualize", "reconstruction, perturbation and training-curve pictures"),
     "render": ("render", "draw the graph and its gradient flow with Graphviz"),
     "compare": ("compare", "train routing variants side by side and tabulate them"),

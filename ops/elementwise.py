@@ -56,6 +56,11 @@ scale.shape(lambda x, *, by: x)
 scale.forward(lambda xp, x, *, by: x * by)
 scale.vjp(lambda xp, saved, g, needs, *, by: (g * by,))
 
+offset = defop("offset", inputs=("x",), attrs={"by": 0.0}, doc="x + by, a constant shift")
+offset.shape(lambda x, *, by: x)
+offset.forward(lambda xp, x, *, by: x + by)
+offset.vjp(lambda xp, saved, g, needs, *, by: (g,))
+
 stop_gradient = defop("stop_gradient", inputs=("x",), nondiff=("x",),
                       doc="identity forward; no gradient flows back through it")
 stop_gradient.shape(lambda x: x)

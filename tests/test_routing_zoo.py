@@ -157,8 +157,8 @@ def test_em_steps_recomputed_in_numpy(em, layer):
     key = layer.replace("convcaps1", "conv")
     V, a_in = out[f"{key}_votes"], out[f"{key}_a_in"]      # (N, P, I, J, H), (N, P, I)
     beta_u, beta_a = params[f"{layer}/routing.beta_u"], params[f"{layer}/routing.beta_a"]
-    eps = float(params[f"{layer}/routing.eps"][0])
-    assert eps == graph.spec.vars["sigma_eps"] == 1e-9
+    eps = graph.spec.vars["sigma_eps"]
+    assert eps == 1e-9
     H = V.shape[-1]
     R = np.full(V.shape[:4], 1 / V.shape[3])
     for k in range(EM_ITERS):

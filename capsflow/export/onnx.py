@@ -107,6 +107,11 @@ def _scale(b: Builder, c: Call) -> None:
     b.op("Mul", [c.inputs[0], b.const(c.name("by"), c.attrs["by"])], c.id)
 
 
+@exports("offset")
+def _offset(b: Builder, c: Call) -> None:
+    b.op("Add", [c.inputs[0], b.const(c.name("by"), c.attrs["by"])], c.id)
+
+
 @exports("conv2d")
 def _conv2d(b: Builder, c: Call) -> None:
     stride, pad = c.attrs["stride"], c.attrs["padding"]
