@@ -52,12 +52,32 @@ squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
 #             be (squash is differentiable at 0 with derivative 0).
 #   eps > 0:  with f as a function of n2, J^T g = f g + 2 f'(n2) <g, s> s,
 #             2 f'(n2) = (n2 + 2 eps - n2^2) / (r^3 (1 + n2)^2), finite at n2 = 0.
+def squash_factor(xp, n2, eps: float):
+    """f(|s|^2) with squash(s) = f s: |s| / (1 + |s|^2), or the eps formula."""
+    if eps:
+        return n2 / ((1 + n2) * xp.sqrt(n2 + eps))
+    return xp.sqrt(n2) / (1 + n2)
+
+
+def squash_grad(xp, s, g, n2, gs, eps: float):
+    """dsquash(s)/ds . g from n2 = |s|^2 and gs = <g, s> (summed over the capsule axis
+    by the caller: the reference sums with xp, the CPU variant over short axes)."""
+    if eps:
+        r2 = n2 + eps
+        r = xp.sqrt(r2)
+        f = n2 / ((1 + n2) * r)
+        df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
+        return f * g + (2 * df * gs) * s
+    n = xp.sqrt(n2)
+    q = 1 + n2
+    f = n / q
+    k = (1 - n2) / (q * q * xp.where(n > 0, n, 1))
+    return f * g + (k * gs) * s
+
+
 @squash.forward
 def _(xp, s, *, axis, eps):
-    n2 = (s * s).sum(axis=axis, keepdims=True)
-    if eps:
-        return s * (n2 / ((1 + n2) * xp.sqrt(n2 + eps)))
-    return s * (xp.sqrt(n2) / (1 + n2))
+    return s * squash_factor(xp, (s * s).sum(axis=axis, keepdims=True), eps)
 
 
 @squash.vjp
@@ -65,17 +85,7 @@ def _(xp, saved, g, needs, *, axis, eps):
     s = saved["s"]
     n2 = (s * s).sum(axis=axis, keepdims=True)
     gs = (g * s).sum(axis=axis, keepdims=True)
-    if eps:
-        r2 = n2 + eps
-        r = xp.sqrt(r2)
-        f = n2 / ((1 + n2) * r)
-        df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-        return (f * g + (2 * df * gs) * s,)
-    n = xp.sqrt(n2)
-    q = 1 + n2
-    f = n / q
-    k = (1 - n2) / (q * q * xp.where(n > 0, n, 1))
-    return (f * g + (k * gs) * s,)
+    return (squash_grad(xp, s, g, n2, gs, eps),)
 
 
 label_or_argmax = defop(

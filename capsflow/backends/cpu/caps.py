@@ -8,7 +8,7 @@ additions may differ.
 """
 import numpy as np
 
-from capsflow.ops.caps import softmax, squash
+from capsflow.ops.caps import softmax, squash, squash_factor, squash_grad
 
 #: Reductions over axes this short run as a loop of element-wise ops.
 SHORT_AXIS = 16
@@ -50,10 +50,7 @@ short_squash = squash.variant("numpy")
 
 @short_squash.forward
 def _(be, s, *, axis, eps):
-    n2 = reduce_axis("sum", s * s, axis)
-    if eps:
-        return s * (n2 / ((1 + n2) * np.sqrt(n2 + eps)))
-    return s * (np.sqrt(n2) / (1 + n2))
+    return s * squash_factor(np, reduce_axis("sum", s * s, axis), eps)
 
 
 @short_squash.vjp
@@ -62,14 +59,4 @@ def _(be, saved, g, needs, *, axis, eps):
     s = saved["s"]
     n2 = reduce_axis("sum", s * s, axis)
     gs = reduce_axis("sum", g * s, axis)
-    if eps:
-        r2 = n2 + eps
-        r = np.sqrt(r2)
-        f = n2 / ((1 + n2) * r)
-        df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * r * (1 + n2) ** 2)
-        return (f * g + (2 * df * gs) * s,)
-    n = np.sqrt(n2)
-    q = 1 + n2
-    f = n / q
-    k = (1 - n2) / (q * q * np.where(n > 0, n, 1))
-    return (f * g + (k * gs) * s,)
+    return (squash_grad(np, s, g, n2, gs, eps),)
