@@ -38,10 +38,9 @@ from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
-from capsflow.runners.data import DATASETS
-from capsflow.runners.train import add_shift_arguments, config_from_args
+from capsflow.runners.train import add_data_arguments, add_shift_arguments, config_from_args
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
-                                       load_data, read_metrics)
+                                       fit_graph_to_data, load_data, read_metrics)
 
 COLUMNS = ("variant", "parameters", "ms/step", "final train loss", "test accuracy",
            "routing iterations")
@@ -77,8 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--seed", type=non_negative_int, metavar="S",
       help=f"seed of init, batch order and shifts (default {d.seed})")
     add_shift_arguments(parser, d.shift)
-    a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
-    a("--data-dir", dest="data_dir", metavar="ROOT", help="data root holding mnist/")
+    add_data_arguments(parser, d.dataset)
     a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
       help="train on the first N training examples only")
     a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
@@ -97,7 +95,7 @@ class Result:
     name: str
     graph: str
     parameters: int
-    routing_iterations: Optional[int]
+    routing_iterations: Optional[str]
     steps: int = 0
     ms_per_step: Optional[float] = None
     final_train_loss: Optional[float] = None
@@ -113,8 +111,7 @@ class Result:
                 "ms/step": _num(self.ms_per_step, ".0f"),
                 "final train loss": _num(self.final_train_loss, ".4f"),
                 "test accuracy": "-" if self.test_acc is None else f"{100 * self.test_acc:.2f}%",
-                "routing iterations": "-" if self.routing_iterations is None
-                else str(self.routing_iterations)}
+                "routing iterations": self.routing_iterations or "-"}
 
 
 class StepBudget:
@@ -150,7 +147,11 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     get_backend(config.options)  # an unusable backend fails before the data is loaded
     out = check_output_dir(args.out, "--out")
-    data = load_data(config)
+    data = load_data(config, download=args.download)
+    # Each graph adapts to the data as in capsflow train (its input vars from the dataset).
+    from capsflow.lang.yamlio import parse_override
+    given = dict(parse_override(o) for o in args.overrides)
+    graphs = [fit_graph_to_data(graph, data.info, given) for graph in graphs]
     per_epoch = math.ceil(data.train_images.shape[0] / config.batch_size)
     steps = args.steps if args.steps is not None else per_epoch * (args.num_epochs or 1)
     config.num_epochs = math.ceil(steps / per_epoch)
@@ -200,12 +201,17 @@ def compile_all(paths: list, overrides: list) -> list:
     return graphs
 
 
-def routing_iterations(graph: Any) -> Optional[int]:
-    """Iterations of the 'routing' repeat block (or of the only block there is)."""
+def routing_iterations(graph: Any) -> Optional[str]:
+    """Iterations of the 'routing' repeat block, or of the only block there is, or of
+    each routed layer ('hidden 3, digit 3' for blocks NAME/routing); None without blocks."""
     blocks = graph.spec.blocks
     if "routing" in blocks:
-        return blocks["routing"]
-    return next(iter(blocks.values())) if len(blocks) == 1 else None
+        return str(blocks["routing"])
+    if len(blocks) == 1:
+        return str(next(iter(blocks.values())))
+    if not blocks:
+        return None
+    return ", ".join(f"{name.removesuffix('/routing')} {count}" for name, count in blocks.items())
 
 
 def train_one(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
