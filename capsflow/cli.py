@@ -34,7 +34,7 @@ COMMANDS = {
     "ops": ("oplist", "list the op library: inputs, attributes, defaults"),
     "gradcheck": ("gradcheck", "whole-graph gradient check against finite differences (float64)"),
     "bench": ("bench", "time a training step against the PyTorch reference"),
-    "train": ("train", "train a graph on MNIST or Fashion-MNIST"),
+    "train": ("train", "train a graph on a dataset (MNIST, CIFAR-10, your image folders...)"),
     "eval": ("evaluate", "test accuracy, per-class accuracy and confusion matrix of a checkpoint"),
     "predict": ("predict", "classify image files (PNG, JPEG, ...) with a trained checkpoint"),
     "visualize": ("visualize", "reconstruction, perturbation and training-curve pictures"),

@@ -1,12 +1,18 @@
-"""``capsflow train GRAPH.yaml``: train a graph on MNIST or Fashion-MNIST.
+"""``capsflow train GRAPH.yaml``: train a graph on any dataset of docs/data.md.
 
 The seed's flags keep their names and meaning (``--bs --lr --opt --disp --num_epochs
 --val_epoch --save_dir``); the loop itself lives in ``capsflow.runners.training``.
+
+The graph adapts to the data: a graph that declares the input vars ``channels``,
+``height``, ``width`` and ``classes`` (graphs/capsnet.yaml does) is compiled with them
+set from the dataset, and the checkpoint records them as overrides, like --set values.
+A graph that cannot take the dataset's images is one line naming both shapes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from capsflow.backends import get_backend
@@ -14,9 +20,10 @@ from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_ar
                           non_negative_int, positive_float, positive_int)
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
-from capsflow.runners.data import DATASETS
-from capsflow.runners.training import (LAST, TrainConfig, Trainer, class_scores, load_data,
-                                       read_checkpoint)
+from capsflow.lang.yamlio import parse_override
+from capsflow.runners.data import DATASETS, EMNIST_SPLITS
+from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, class_scores,
+                                       fit_graph_to_data, load_data, read_checkpoint)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -24,7 +31,9 @@ from capsflow.runners.training import (LAST, TrainConfig, Trainer, class_scores,
 _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
                  "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
                  "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
-                 "limit_train": "limit_train", "limit_test": "limit_test"}
+                 "limit_train": "limit_train", "limit_test": "limit_test",
+                 "emnist_split": "emnist_split", "image_size": "image_size", "crop": "crop",
+                 "channels": "channels", "multimnist_count": "multimnist_count"}
 
 
 def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
@@ -34,6 +43,38 @@ def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
                        help=f"random shifts of up to PIXELS in training (default {default})")
     shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
                        help="no shift augmentation")
+
+
+def image_size(text: str) -> list:
+    """``N`` (N x N) or ``HxW`` -> [height, width] (the --image-size and --crop flags)."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not match or int(match.group(1)) < 1 or int(match.group(2) or 1) < 1:
+        raise argparse.ArgumentTypeError(f"must be a size N or HxW of positive integers, "
+                                         f"got '{text}'")
+    h = int(match.group(1))
+    return [h, int(match.group(2) or h)]
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """The flags that choose the data and how its images are made (train, compare)."""
+    a = parser.add_argument
+    a("--dataset", choices=list(DATASETS), help=f"dataset (default {default}; docs/data.md)")
+    a("--data-dir", dest="data_dir", metavar="ROOT",
+      help="data root holding mnist/, cifar10/... (else $CAPSFLOW_DATA, then "
+           "~/.cache/capsflow/data); for --dataset folder: ROOT/train/CLASS/*.png, ROOT/test/...")
+    a("--download", action="store_true",
+      help="download the dataset through torchvision into ~/.cache/capsflow/data when it is "
+           "found nowhere")
+    a("--emnist-split", dest="emnist_split", choices=EMNIST_SPLITS,
+      help="EMNIST's split (default balanced)")
+    a("--image-size", dest="image_size", type=image_size, metavar="N|HxW",
+      help="resize every image (folder; smallnorb: default 48)")
+    a("--crop", type=image_size, metavar="N|HxW",
+      help="then crop (folder: the centre; smallnorb: default 32, random in training)")
+    a("--channels", type=int, choices=(1, 3),
+      help="folder: 1 grey or 3 colour (default: colour when any training image is)")
+    a("--multimnist-count", dest="multimnist_count", type=positive_int, metavar="N",
+      help="multimnist examples per split (default: one per MNIST digit)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,10 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="checkpoints and metrics.jsonl go here (default: runs/<graph name>, or the "
            "checkpoint's folder with --resume)")
     add_option_arguments(parser, keep_unset=True)
-    a("--dataset", choices=list(DATASETS), help=f"dataset (default {d.dataset})")
-    a("--data-dir", dest="data_dir", metavar="ROOT",
-      help="data root holding mnist/ or fashion-mnist/ (else $CAPSFLOW_DATA, then "
-           "~/.cache/capsflow/data)")
+    add_data_arguments(parser, d.dataset)
     a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
       help="train on the first N training examples only")
     a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
@@ -86,7 +124,8 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Tra
 
 def main(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None and not args.overrides:  # the run's own --set values
+    from_checkpoint = ckpt is not None and not args.overrides
+    if from_checkpoint:  # the run's own --set values
         args.overrides = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
     graph = compile_from_args(args)
     class_scores(graph)  # a graph without class scores fails before the data loads
@@ -97,7 +136,12 @@ def main(args: argparse.Namespace) -> int:
     else:
         save_dir = ckpt.path.parent if ckpt else Path("runs") / graph.spec.name
     check_output_dir(save_dir, "--save_dir")
-    data = load_data(config)
+    data = load_data(config, download=args.download)
+    # The graph adapts to the data: its input vars set from the dataset (docs/data.md).
+    given = dict(parse_override(o) for o in args.overrides)
+    if from_checkpoint:  # its input vars come from the data; restore() compares the data
+        given = {k: v for k, v in given.items() if k not in INPUT_VARS}
+    graph = fit_graph_to_data(graph, data.info, given)
     trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress)
     if ckpt is not None:
         trainer.restore(ckpt)
@@ -115,11 +159,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 def describe(graph, config: TrainConfig, data, save_dir: Path) -> str:
-    """One line saying what is about to be trained, on what, and where it is saved."""
+    """What is about to be trained, on what, and where it is saved: one line, and a
+    second one for MultiMNIST saying how its accuracy counts."""
     shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
     sets = "".join(f" {k}={v}" for k, v in graph.spec.vars.items())
-    return (f"training {graph.spec.name} ({graph.param_count():,} parameters;{sets}) on "
-            f"{config.dataset}: {data.train_images.shape[0]} train / "
+    what = data.info.describe() if data.info is not None else config.dataset
+    line = (f"training {graph.spec.name} ({graph.param_count():,} parameters;{sets}) on "
+            f"{what}: {data.train_images.shape[0]} train / "
             f"{data.test_images.shape[0]} test examples, batch {config.batch_size}, "
             f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, {shifts}, "
             f"{config.options.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")
+    if data.info is not None and data.info.labels_per_example > 1:
+        line += ("\naccuracy (the paper's MultiMNIST measure): an example counts as right "
+                 "when its two longest capsules are its two digits; the decoder learns the "
+                 "overlay, masked by both digit capsules")
+    return line

@@ -52,7 +52,8 @@ from capsflow.errors import CapsflowError
 from capsflow.options import Options
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import TrainStep
-from capsflow.runners.data import BatchIterator, load_split, one_hot
+from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
+                                   one_hot)
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -65,6 +66,8 @@ DROPOUT_SEED = "dropout_seed"
 #: Graph outputs that may hold the class scores (N, classes), in order of preference: a
 #: graph's ``scores`` (e.g. a CNN's logits), else CapsNet's capsule ``lengths``.
 SCORE_OUTPUTS = ("scores", "lengths")
+#: Graph variables that size the input (docs/spec.md, "Arithmetic"): set from the dataset.
+INPUT_VARS = ("channels", "height", "width", "classes")
 
 
 class TrainingDiverged(CapsflowError):
@@ -95,13 +98,20 @@ class TrainConfig:
     data_dir: Optional[str] = None
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
+    # How the dataset's images are made (runners/data.py, docs/data.md); None: its default.
+    emnist_split: Optional[str] = None
+    image_size: Optional[list] = None      # [height, width]: folder, smallnorb
+    crop: Optional[list] = None            # [height, width]: folder, smallnorb
+    channels: Optional[int] = None         # 1 or 3: folder
+    multimnist_count: Optional[int] = None  # examples per split: multimnist
     dtype: str = "float32"
     options: Options = Options()   # backend, precision, fast paths: how the numbers are made
 
     # Settings a resumed run must share with its checkpoint, or it would not continue
     # the same run. The others (epochs, reporting, options, test subset) may change.
     FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_decay", "seed", "shift",
-                       "dataset", "limit_train", "dtype")
+                       "dataset", "limit_train", "emnist_split", "image_size", "crop",
+                       "channels", "multimnist_count", "dtype")
 
     def check(self) -> None:
         """One clear line for a setting no run can use."""
@@ -124,6 +134,14 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise CapsflowError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype}")
         make_optimizer(self.optimizer, self.lr)  # unknown names raise one line
+        from capsflow.runners.data import _dataset_info, _resolve_options
+        _resolve_options(_dataset_info(self.dataset), self.data_options())  # one line
+
+    def data_options(self) -> dict:
+        """The dataset options given (``runners.data.load``'s keywords)."""
+        given = {"emnist_split": self.emnist_split, "size": self.image_size,
+                 "crop": self.crop, "channels": self.channels, "count": self.multimnist_count}
+        return {k: v for k, v in given.items() if v is not None}
 
     def to_json(self) -> dict:
         """The record stored in checkpoints (``meta["config"]``)."""
@@ -138,7 +156,9 @@ class TrainConfig:
 
 
 _FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
-          "limit_test": "limit-test", "lr_decay": "lr-decay", "data_dir": "data-dir"}
+          "limit_test": "limit-test", "lr_decay": "lr-decay", "data_dir": "data-dir",
+          "emnist_split": "emnist-split", "image_size": "image-size",
+          "multimnist_count": "multimnist-count"}
 
 
 def _flag(name: str) -> str:
@@ -147,19 +167,23 @@ def _flag(name: str) -> str:
 
 @dataclass
 class Data:
-    """Train and test splits: images float32 (N, 1, 28, 28) in [0, 1], labels int64 (N,)."""
+    """Train and test splits: images float32 (N, C, H, W) in [0, 1], labels int64 (N,)
+    (MultiMNIST: (N, 2)), and what they are (None when made by hand)."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
+    info: Optional[DataDescription] = None
 
 
-def load_data(config: TrainConfig) -> Data:
-    """Both splits of ``config.dataset`` (first ``limit_*`` examples of each)."""
-    train = load_split(config.dataset, "train", config.data_dir, config.limit_train)
-    test = load_split(config.dataset, "test", config.data_dir, config.limit_test)
-    return Data(*train, *test)
+def load_data(config: TrainConfig, download: bool = False) -> Data:
+    """Both splits of ``config.dataset`` (first ``limit_*`` examples of each), made with
+    its data options and seed; ``download``: fetch files found nowhere."""
+    train, test = load_train_test(config.dataset, config.data_dir, config.limit_train,
+                                  config.limit_test, download, config.seed,
+                                  **config.data_options())
+    return Data(train.images, train.labels, test.images, test.labels, train.info)
 
 
 # ------------------------------------------------------------------- checkpoints
@@ -181,6 +205,13 @@ class Checkpoint:
     @property
     def overrides(self) -> dict:
         return dict(self.meta.get("overrides") or {})
+
+    @property
+    def data(self) -> Optional[DataDescription]:
+        """What the run was trained on (``meta["data"]``), None in checkpoints written
+        before capsflow recorded it."""
+        record = self.meta.get("data")
+        return None if record is None else DataDescription.from_json(record)
 
     @property
     def graph_name(self) -> str:
@@ -246,6 +277,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         config = TrainConfig.from_json(meta.get("config", {}))
         config.check()
         progress = Progress.from_json(meta.get("progress"))
+        if meta.get("data") is not None:
+            DataDescription.from_json(meta["data"])  # DataError: a CapsflowError
     except CapsflowError as exc:
         raise CheckpointError(f"{path}: damaged checkpoint metadata: {exc}") from None
     missing = [f"spec/{n}" for n in names if f"spec/{n}" not in arrays]
@@ -344,6 +377,78 @@ def class_scores(graph: Any) -> str:
     return name
 
 
+def num_classes(graph: Any) -> int:
+    """The number of classes: the last dimension of the graph's class scores."""
+    name = class_scores(graph)
+    return int(graph.dag.nodes[graph.spec.outputs[name]]["shape"][-1])
+
+
+def input_shape(graph: Any) -> Optional[tuple]:
+    """(channels, height, width) of the graph's image input ``x`` (N, C, H, W), or None
+    when it has no such input."""
+    spec = graph.spec.inputs.get("x")
+    shape = tuple(spec.shape) if spec is not None else ()
+    if len(shape) != 4 or not all(isinstance(s, int) for s in shape[1:]):
+        return None
+    return shape[1:]
+
+
+def _shape_text(shape: Any) -> str:
+    return "x".join(str(s) for s in shape) if shape is not None else "not [N, C, H, W]"
+
+
+def check_fits(graph: Any, info: DataDescription) -> None:
+    """One line when ``graph`` cannot take ``info``'s images or classes."""
+    shape, classes = input_shape(graph), num_classes(graph)
+    if shape != tuple(info.shape):
+        declared = [v for v in INPUT_VARS if v in graph.spec.vars]
+        how = (f"its vars {', '.join(declared)} do not size it" if declared else
+               f"it declares none of the vars {', '.join(INPUT_VARS)} that would size it "
+               f"(docs/spec.md, \"Arithmetic\")")
+        raise CapsflowError(
+            f"{graph.spec.file} takes {_shape_text(shape)} images (input 'x') but "
+            f"--dataset {info.dataset} has {_shape_text(info.shape)}; {how}: use a graph "
+            f"that declares them (graphs/capsnet.yaml does) or a dataset of that shape")
+    if classes != info.num_classes:
+        raise CapsflowError(
+            f"{graph.spec.file} scores {classes} classes but --dataset {info.dataset} has "
+            f"{info.num_classes}; declare the var 'classes' (graphs/capsnet.yaml does) or "
+            f"pick a dataset with {classes} classes")
+
+
+def fit_graph_to_data(graph: Any, info: DataDescription, given: dict) -> Any:
+    """``graph`` compiled for ``info``'s input: the input vars it declares (channels,
+    height, width, classes) set from the data, the ``given`` --set values kept; then
+    checked (``check_fits``). A --set of an input var that contradicts the data is one
+    line. The result's ``spec.vars`` differ from the file's, so the trainer records them
+    as overrides, like --set values."""
+    from capsflow.core.graph import compile as compile_graph
+    wanted = dict(zip(("channels", "height", "width"), info.shape), classes=info.num_classes)
+    for var, value in wanted.items():
+        # graph.spec.vars holds the --set value as the graph declares it (e.g. an int)
+        if var in given and graph.spec.vars.get(var, given[var]) != value:
+            raise CapsflowError(f"--set {var}={given[var]} contradicts --dataset {info.dataset} "
+                                f"({info.describe()}); drop it: the graph takes its input "
+                                f"size from the data")
+    declared = {k: v for k, v in wanted.items() if k in graph.spec.vars}
+    if any(graph.spec.vars[k] != v for k, v in declared.items()):
+        graph = compile_graph(graph.spec.file, dict(given, **declared))
+    check_fits(graph, info)
+    return graph
+
+
+def correct_predictions(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """bool (N,): an example is right when its k highest class scores are exactly the k
+    classes of its (multi-)hot target ``targets`` (N, classes), k its number of ones: the
+    argmax for one label; for MultiMNIST's two, the paper's measure (the two longest
+    capsules are the two digits)."""
+    if targets.shape[0] == 0:
+        return np.zeros(0, dtype=bool)
+    k = int(round(float(targets.sum(axis=1).max())))
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, 1)]
+    return np.take_along_axis(targets, top, axis=1).sum(axis=1) == k
+
+
 def batched_outputs(graph: Any, params: dict, images: np.ndarray,
                     labels: Optional[np.ndarray] = None, outputs: Optional[tuple] = None,
                     batch_size: int = 100, backend: Options | Backend = Options(),
@@ -351,8 +456,9 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
     """Forward passes (``graph.run``, no backward) over ``images`` in order.
 
     Args:
-        images: float32 (N, C, H, W). labels: int (N,) or None; when given, ``y`` is
-            fed, so the decoder is masked by the true label and ``loss`` can be asked for;
+        images: float32 (N, C, H, W). labels: int (N,) or (N, K) (multi-hot: MultiMNIST)
+            or None; when given, ``y`` is fed, so the decoder is masked by the true
+            label(s) and ``loss`` can be asked for;
             without labels the decoder uses the predicted class. The dropout seed is
             never fed (evaluation: dropout is the identity).
         outputs: the outputs to compute (default: the class scores, ``class_scores``).
@@ -371,7 +477,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         part = slice(lo, min(lo + batch_size, n))
         inputs = {"x": images[part]}
         if labels is not None:
-            inputs["y"] = one_hot(labels[part])
+            inputs["y"] = one_hot(labels[part], num_classes(graph))
         out = graph.run(params, inputs, backend=backend, outputs=list(outputs))
         yield part, {k: to_numpy(v) for k, v in out.items()}
 
@@ -384,17 +490,23 @@ def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndar
     The loss feeds the true labels (it needs them); the predictions are the argmax of the
     class scores (``class_scores``: ``scores``, else the capsule lengths), which do not
     depend on the decoder's mask. No dropout seed is fed: dropout is the identity.
-    Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,)}.
+    Labels (N, K) (MultiMNIST) feed a multi-hot ``y`` and count an example as right when
+    its K highest scores are its K classes (``correct_predictions``).
+    Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,) or (N, K)}.
     """
     scores = class_scores(graph)
-    total, pred = 0.0, np.empty(images.shape[0], dtype=np.int64)
+    k = 1 if labels.ndim == 1 else labels.shape[1]
+    total, right = 0.0, 0
+    pred = np.empty((images.shape[0], k), dtype=np.int64)
     for part, out in batched_outputs(graph, params, images, labels, ("loss", scores),
                                      batch_size, backend, desc):
         total += float(out["loss"]) * (part.stop - part.start)
-        pred[part] = out[scores].argmax(axis=1)
+        targets = one_hot(labels[part], num_classes(graph))
+        right += int(correct_predictions(out[scores], targets).sum())
+        pred[part] = np.argsort(-out[scores], axis=1, kind="stable")[:, :k]
     n = max(images.shape[0], 1)
-    return {"loss": total / n, "acc": float((pred == labels).mean()) if labels.size else 0.0,
-            "pred": pred}
+    return {"loss": total / n, "acc": right / n if labels.size else 0.0,
+            "pred": pred[:, 0] if labels.ndim == 1 else pred}
 
 
 # ------------------------------------------------------------------------ training
@@ -521,6 +633,8 @@ class Trainer:
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         self.scores = class_scores(graph)  # the output whose argmax is the prediction
+        if data.info is not None:
+            check_fits(graph, data.info)
         seed_input = graph.spec.inputs.get(DROPOUT_SEED)
         if seed_input is not None and seed_input.shape not in ((), (1,)):
             raise CapsflowError(f"graph input '{DROPOUT_SEED}' has shape "
@@ -535,7 +649,8 @@ class Trainer:
         self.schedule = ExponentialDecay(config.lr, config.lr_decay)
         self.batches = BatchIterator(data.train_images, data.train_labels, config.batch_size,
                                      shuffle=True, augment_shift=config.shift,
-                                     rng=np.random.default_rng(config.seed))
+                                     rng=np.random.default_rng(config.seed),
+                                     num_classes=num_classes(graph))
         self.state = Progress()
         self.stopped_early = False  # set when Ctrl-C ended fit()
 
@@ -553,11 +668,16 @@ class Trainer:
         return self.save_dir / METRICS
 
     def meta(self) -> dict:
-        """The JSON record stored with every checkpoint."""
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+        """The JSON record stored with every checkpoint; ``data`` (when the data say what
+        they are) is ``DataDescription.to_json()``: dataset, class names, input shape and
+        the options that made the images, what ``capsflow predict`` needs."""
+        meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "graph_file": str(self.graph.spec.file), "graph_name": self.graph.spec.name,
                 "overrides": self.overrides, "config": self.config.to_json(),
                 "progress": self.state.to_json()}
+        if self.data.info is not None:
+            meta["data"] = self.data.info.to_json()
+        return meta
 
     def save(self, path: str | Path) -> None:
         write_checkpoint(path, self.params, state_to_flat(self.opt_state), self.meta(),
@@ -582,6 +702,13 @@ class Trainer:
                     f"--{_flag(name)} {getattr(self.config, name)} differs from the value "
                     f"{saved[name]} that {ckpt.path} was trained with; a resumed run keeps "
                     f"its settings (drop the flag)")
+        trained, now = ckpt.data, self.data.info
+        if trained is not None and now is not None and (
+                trained.classes != now.classes or tuple(trained.shape) != tuple(now.shape)):
+            raise CapsflowError(f"{ckpt.path} was trained on {trained.describe()} "
+                                f"({_some(trained.classes)}), the data are now "
+                                f"{now.describe()} ({_some(now.classes)}); resume it on the "
+                                f"data it was trained on")
         if ckpt.overrides != self.overrides:
             raise CapsflowError(f"graph variables {self.overrides} differ from {ckpt.overrides} "
                                 f"that {ckpt.path} was trained with; pass the same --set flags")
@@ -667,7 +794,7 @@ class Trainer:
                 if not np.isfinite(loss):
                     raise TrainingDiverged(self._diverged_message(
                         f"the loss became {loss} at iteration {st.iteration + 1}", lr))
-                correct = int((to_numpy(out[self.scores]).argmax(axis=1) == y.argmax(axis=1)).sum())
+                correct = int(correct_predictions(to_numpy(out[self.scores]), y).sum())
                 st.iteration += 1
                 st.iterator = self.batches.get_state()
                 st.epoch_sums.add(loss, correct, y.shape[0])
@@ -783,11 +910,26 @@ def dropout_seed(run_seed: int, step: int) -> np.ndarray:
     return np.asarray(int(word) >> 8, dtype=np.int64)
 
 
+def _some(names: list, shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def _declared_overrides(graph: Any) -> dict:
-    """Graph variables whose value differs from the YAML file's own ``vars``."""
+    """Graph variables whose value differs from the YAML file's own ``vars``, less those
+    that follow from the others (capsnet.yaml's ``grid_h`` or ``pixels`` from
+    ``height`` and ``channels``): the values a user would --set, which rebuild the same
+    graph and stay right when a resumed run's data are checked against them."""
     from capsflow.lang.spec import load_spec
     default = load_spec(graph.spec.file).vars
-    return {k: v for k, v in graph.spec.vars.items() if default.get(k) != v}
+    diff = {k: v for k, v in graph.spec.vars.items() if default.get(k) != v}
+    for name in list(diff):
+        trial = {k: v for k, v in diff.items() if k != name}
+        try:
+            if load_spec(graph.spec.file, trial).vars == graph.spec.vars:
+                diff = trial  # ``name`` is computed from the others
+        except CapsflowError:
+            pass
+    return diff
 
 
 def _check_opt_state(state: dict, fresh: dict) -> None:

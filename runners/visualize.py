@@ -3,7 +3,9 @@
 Writes into DIR:
 
 * ``recon.png``: test images and their reconstructions, the decoder masked by the
-  predicted class (no labels fed);
+  predicted class (no labels fed); for a MultiMNIST model also the reconstruction from
+  both predicted capsules and, feeding the decoder one capsule at a time (through the
+  label input ``y``), from each alone;
 * ``perturbation.png``: the paper's Figure 4: each of the 16 dimensions of the predicted
   digit capsule shifted from -0.25 to +0.25 in steps of 0.05 and decoded. The shifted
   capsules go straight into the decoder through ``graph.run(..., feed={"routing/v": v})``;
@@ -28,9 +30,10 @@ from capsflow.backends import Backend, get_backend, to_numpy
 from capsflow.cli import check_output_dir, non_negative_int, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, options_from_args
-from capsflow.runners.data import IMAGE_SIZE, one_hot
-from capsflow.runners.evaluate import CLASS_NAMES, RECON, add_model_arguments, open_model
-from capsflow.runners.training import METRICS, batched_outputs, class_scores, read_metrics
+from capsflow.runners.data import one_hot
+from capsflow.runners.evaluate import RECON, add_model_arguments, open_model
+from capsflow.runners.training import (METRICS, batched_outputs, class_scores, num_classes,
+                                       read_metrics)
 
 CAPSULES = "digitcaps"       # graph output holding the digit capsules (N, 10, 16)
 DELTAS = np.round(np.arange(-0.25, 0.25 + 1e-9, 0.05), 2) + 0.0  # 11 shifts as in the paper
@@ -52,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     out = check_output_dir(args.out, "--out")
     backend = get_backend(options_from_args(args))
-    graph, params, ckpt, dataset, images, labels = open_model(args, backend)
+    graph, params, ckpt, info, images, labels = open_model(args, backend)
     outputs = graph.spec.outputs
     decoder = RECON in outputs
     perturb = decoder and CAPSULES in outputs
@@ -67,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
                             f"'{RECON}', so no recon.png or perturbation.png) and there is "
                             f"no {metrics} for curves.png (pass --metrics FILE)")
     out.mkdir(parents=True, exist_ok=True)
-    names = CLASS_NAMES[dataset]
+    names = info.classes
     written = []
     if decoder:
         written.append(reconstruction_figure(graph, params, images[:args.count],
@@ -85,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
               f"N x classes x dims) to perturb; perturbation.png skipped")
     if metrics.is_file():
         written.append(curves_figure(read_metrics(metrics), out / "curves.png",
-                                     title=f"{graph.spec.name} on {dataset}"))
+                                     title=f"{graph.spec.name} on {info.dataset}"))
     else:
         print(f"note: no {metrics}; curves.png skipped (pass --metrics FILE)")
     for path in written:
@@ -103,36 +106,70 @@ def _pyplot() -> Any:
     return plt
 
 
-def _grid(images: np.ndarray, nrow: int) -> np.ndarray:
-    """(B, 784) or (B, 1, 28, 28) in [0, 1] -> (H, W, 3) image of a make_grid tiling."""
+def _tiles(images: np.ndarray, shape: tuple) -> np.ndarray:
+    """(B, C*H*W) or (B, C, H, W) -> (B, 1 or 3, H, W'): grey, colour, or (C = 2, a
+    smallNORB stereo pair) the two images side by side."""
+    c, h, w = shape
+    tiles = np.ascontiguousarray(images.reshape(-1, c, h, w), dtype=np.float32)
+    if c not in (1, 3):
+        tiles = np.concatenate(list(tiles.transpose(1, 0, 2, 3)), axis=-1)[:, None]
+    return tiles
+
+
+def _grid(images: np.ndarray, nrow: int, shape: tuple = (1, 28, 28)) -> np.ndarray:
+    """(B, C*H*W) or (B, C, H, W) in [0, 1] -> (H, W, 3) image of a make_grid tiling."""
     import torch
     from torchvision.utils import make_grid
-    tiles = torch.from_numpy(np.ascontiguousarray(
-        images.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32))
-    grid = make_grid(tiles, nrow=nrow, padding=2, pad_value=0.5)
+    grid = make_grid(torch.from_numpy(_tiles(images, shape)), nrow=nrow, padding=2,
+                     pad_value=0.5)
     return grid.permute(1, 2, 0).numpy()
+
+
+def _decode(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray | None,
+            batch_size: int, backend: Any) -> tuple:
+    """(reconstructions (N, pixels), class scores (N, classes)); ``labels`` (N,) or
+    (N, K) mask the decoder (one capsule, or K), None: the predicted capsule."""
+    scores = class_scores(graph)
+    recon = np.empty((images.shape[0], int(np.prod(images.shape[1:]))), dtype=np.float32)
+    score = np.empty((images.shape[0], num_classes(graph)), dtype=np.float32)
+    for part, out in batched_outputs(graph, params, images, labels, (scores, RECON),
+                                     batch_size, backend):
+        recon[part], score[part] = out[RECON], out[scores]
+    return recon, score
 
 
 def reconstruction_figure(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
                           names: list, path: Path, batch_size: int = 100,
                           backend: Options | Backend = Options()) -> Path:
-    """Inputs (left) and reconstructions from the predicted capsule (right)."""
-    scores = class_scores(graph)
-    recon = np.empty((images.shape[0], IMAGE_SIZE * IMAGE_SIZE), dtype=np.float32)
-    pred = np.empty(images.shape[0], dtype=np.int64)
-    for part, out in batched_outputs(graph, params, images, None, (scores, RECON),
-                                     batch_size, backend):
-        recon[part], pred[part] = out[RECON], out[scores].argmax(axis=1)
-    wrong = [f"#{i}: {names[labels[i]]} read as {names[pred[i]]}"
-             for i in np.flatnonzero(pred != labels)]
+    """Inputs (left) and reconstructions from the predicted capsule (right). Labels
+    (N, K) (MultiMNIST): the K highest-scoring capsules are the prediction; the panels
+    show the decoder fed all K of them and each alone (one capsule at a time)."""
+    shape = images.shape[1:]
+    k = 1 if labels.ndim == 1 else labels.shape[1]
+    recon, score = _decode(graph, params, images, None, batch_size, backend)
+    top = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    panels = [(images, f"test images 0-{images.shape[0] - 1}")]
+    if k == 1:
+        pred = top[:, 0]
+        wrong = [f"#{i}: {names[labels[i]]} read as {names[pred[i]]}"
+                 for i in np.flatnonzero(pred != labels)]
+        panels.append((recon, "reconstructions (decoder fed the predicted capsule)"))
+    else:
+        right = np.sort(top, axis=1) == np.sort(labels, axis=1)
+        wrong = ["#{}: {} read as {}".format(i, "+".join(names[c] for c in labels[i]),
+                                             "+".join(names[c] for c in top[i]))
+                 for i in np.flatnonzero(~right.all(axis=1))]
+        panels.append((_decode(graph, params, images, top, batch_size, backend)[0],
+                       f"decoder fed the {k} predicted capsules"))
+        for j in range(k):
+            panels.append((_decode(graph, params, images, top[:, j], batch_size, backend)[0],
+                           f"predicted capsule {j + 1} alone"))
     nrow = min(8, images.shape[0])
     rows = -(-images.shape[0] // nrow)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 5 * rows / nrow))
-    panels = ((axes[0], images, f"test images 0-{images.shape[0] - 1}"),
-              (axes[1], recon, "reconstructions (decoder fed the predicted capsule)"))
-    for ax, tiles, title in panels:
-        ax.imshow(_grid(tiles, nrow), interpolation="nearest")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 1.2 + 5 * rows / nrow))
+    for ax, (tiles, title) in zip(axes, panels):
+        ax.imshow(_grid(tiles, nrow, shape), interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.axis("off")
     correct = images.shape[0] - len(wrong)
@@ -157,7 +194,7 @@ def perturbed_capsules(v: np.ndarray, cls: int, deltas: np.ndarray = DELTAS) -> 
 
 def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list, path: Path,
                         index: int = 0, backend: Options | Backend = Options()) -> Path:
-    """The 16 x 11 grid of decoded capsule perturbations for one image (1, 1, 28, 28)."""
+    """The 16 x 11 grid of decoded capsule perturbations for one image (1, C, H, W)."""
     scores = class_scores(graph)
     out = graph.run(params, {"x": image}, backend=backend, outputs=[scores, CAPSULES])
     v = to_numpy(out[CAPSULES])[0]                                        # (10, 16)
@@ -168,17 +205,18 @@ def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list
     # y fixes the mask on the predicted capsule even if a shift changed the argmax;
     # x is a required input, though the fed capsules cut everything upstream of them.
     decoded = graph.run(params, {"x": np.broadcast_to(image, (n,) + image.shape[1:]),
-                                 "y": one_hot(np.full(n, cls))},
+                                 "y": one_hot(np.full(n, cls), num_classes(graph))},
                         backend=backend, outputs=[RECON],
                         feed={graph.spec.outputs[CAPSULES]: caps})
-    grid = _grid(to_numpy(decoded[RECON]), nrow=DELTAS.size)
+    grid = _grid(to_numpy(decoded[RECON]), DELTAS.size, image.shape[1:])
+    tile_h, tile_w = _tiles(image, image.shape[1:]).shape[-2:]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 9.2))
     ax.imshow(grid, interpolation="nearest")
-    step = IMAGE_SIZE + 2  # tile plus make_grid's padding
-    ax.set_xticks(2 + IMAGE_SIZE / 2 + step * np.arange(DELTAS.size))
+    # tiles plus make_grid's padding
+    ax.set_xticks(2 + tile_w / 2 + (tile_w + 2) * np.arange(DELTAS.size))
     ax.set_xticklabels([f"{d:+.2f}" for d in DELTAS], fontsize=7, rotation=90)
-    ax.set_yticks(2 + IMAGE_SIZE / 2 + step * np.arange(v.shape[-1]))
+    ax.set_yticks(2 + tile_h / 2 + (tile_h + 2) * np.arange(v.shape[-1]))
     ax.set_yticklabels([str(d) for d in range(v.shape[-1])], fontsize=7)
     ax.set_xlabel("shift added to the dimension")
     ax.set_ylabel("dimension of the digit capsule")

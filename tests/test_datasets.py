@@ -2,6 +2,7 @@
 on-disk format (never downloaded), the generated sets, options, search and errors."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import numpy as np
@@ -76,7 +77,7 @@ def test_registry_describes_every_dataset():
     ("emnist", {"emnist_split": "vowels"}, "unknown EMNIST split 'vowels'"),
     ("folder", {"channels": 2}, "--channels must be 1 (grey) or 3"),
     ("folder", {"size": 0}, "--image-size must be a positive size"),
-    ("multimnist", {"count": 0}, "--count must be a positive number"),
+    ("multimnist", {"count": 0}, "--multimnist-count must be a positive number"),
     ("mnist", {"colour": True}, "unknown data option 'colour'"),
 ])
 def test_bad_options_are_one_line(tmp_path, dataset, options, words):
@@ -382,3 +383,138 @@ def test_derived_seeds_are_stable():
     assert data._derived_seed(0, "multimnist", "train", 0) == data._derived_seed(
         0, "multimnist", "train", 0)
     assert len({data._derived_seed(s, "x", sp) for s in range(3) for sp in ("a", "b")}) == 6
+
+
+# ------------------------------------------------------------- the CLI, end to end
+
+SMALL = ["--set", "routing_iters=1", "--set", "conv1_maps=16", "--set", "primary_types=4",
+         "--no-progress"]
+FIXED_GRAPH = """\
+name: fixed
+inputs:
+  x: {shape: [N, 1, 28, 28]}
+  y: {shape: [N, 10], optional: true}
+params:
+  w: {shape: [784, 10], init: {uniform_fan_in: 784}}
+  b: {shape: [10], init: zeros}
+nodes:
+  - {id: x_flat, op: reshape, in: [x], attrs: {shape: [-1, 784]}}
+  - {id: lengths, op: linear, in: [x_flat, w, b]}
+  - {id: margin, op: margin_loss, in: [lengths, y]}
+  - {id: loss, op: mean, in: [margin]}
+outputs:
+  loss: loss
+  lengths: lengths
+"""
+
+
+def run_cli(capsys, *argv) -> tuple:
+    from capsflow.cli import main as cli_main
+    try:
+        rc = cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()
+
+
+def one_line(capsys, *argv) -> str:
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2, err
+    assert err.startswith(f"capsflow {argv[0]}: error: ") and "\n" not in err, err
+    return err
+
+
+def test_multimnist_run_reports_the_papers_measure(mnist_root, tmp_path, capsys):
+    from conftest import CAPSNET
+    from capsflow.runners.training import read_checkpoint, read_metrics
+    run = tmp_path / "run"
+    rc, out, err = run_cli(capsys, "train", CAPSNET, "--dataset", "multimnist", "--data-dir",
+                           mnist_root, "--limit-train", "20", "--limit-test", "10", "--bs", "10",
+                           "--num_epochs", "1", "--save_dir", run, *SMALL)
+    assert rc == 0, err
+    assert "on MultiMNIST (generated): 1x36x36, 10 classes" in out
+    assert "the paper's MultiMNIST measure" in out and "two longest capsules" in out
+    ckpt = read_checkpoint(run / "last.npz")
+    assert ckpt.overrides["height"] == 36 and ckpt.overrides["width"] == 36
+    assert ckpt.data.labels_per_example == 2 and ckpt.data.options == {"seed": 0}
+    epoch = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"][0]
+    assert 0 <= epoch["test_acc"] <= 1
+    rc, out, err = run_cli(capsys, "eval", CAPSNET, "--checkpoint", run / "last.npz",
+                           "--limit-test", "10")
+    assert rc == 0, err
+    assert "multimnist test split (MultiMNIST (generated): 1x36x36, 10 classes), 10 examples" in out
+    head = out.splitlines()[1]
+    assert head.startswith("test accuracy (the paper's MultiMNIST measure: the two longest "
+                           "capsules are the two digits): ")
+    assert f"{100 * epoch['test_acc']:.2f}%" in head and "at least one digit found" in head
+
+
+def test_the_papers_measure_counts_both_digits():
+    from capsflow.runners.training import correct_predictions
+    scores = np.array([[0.9, 0.8, 0.1], [0.9, 0.1, 0.8], [0.2, 0.9, 0.8]])
+    pairs = one_hot(np.array([[0, 1], [0, 1], [2, 1]]), 3)
+    assert correct_predictions(scores, pairs).tolist() == [True, False, True]
+    singles = one_hot(np.array([0, 2, 1]), 3)
+    assert correct_predictions(scores, singles).tolist() == [True, False, True]
+
+
+def test_graph_that_cannot_take_the_data_is_one_line(folder_root, tmp_path, capsys):
+    from conftest import CAPSNET
+    graph = tmp_path / "fixed.yaml"
+    graph.write_text(FIXED_GRAPH)
+    err = one_line(capsys, "train", graph, "--dataset", "folder", "--data-dir", folder_root,
+                   "--save_dir", tmp_path / "a", "--no-progress")
+    assert "takes 1x28x28 images (input 'x') but --dataset folder has 3x32x32" in err
+    assert "declares none of the vars channels, height, width, classes" in err
+    err = one_line(capsys, "train", graph, "--dataset", "folder", "--data-dir", folder_root,
+                   "--channels", "1", "--image-size", "28", "--save_dir", tmp_path / "b",
+                   "--no-progress")
+    assert "scores 10 classes but --dataset folder has 3" in err
+    err = one_line(capsys, "train", CAPSNET, "--dataset", "folder", "--data-dir", folder_root,
+                   "--set", "channels=1", "--save_dir", tmp_path / "c", "--no-progress")
+    assert "--set channels=1 contradicts --dataset folder (image folder: 3x32x32" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_bad_data_through_the_cli_is_one_line(folder_root, mnist_root, tmp_path, capsys):
+    from conftest import CAPSNET
+    train = ["train", CAPSNET, "--save_dir", tmp_path / "run", "--no-progress"]
+    err = one_line(capsys, *train, "--dataset", "folder")
+    assert "--dataset folder reads your own images: pass --data-dir ROOT" in err
+    err = one_line(capsys, *train, "--dataset", "mnist", "--data-dir", mnist_root,
+                   "--image-size", "32")
+    assert "--image-size does not apply to mnist" in err
+    err = one_line(capsys, *train, "--dataset", "folder", "--data-dir", folder_root,
+                   "--image-size", "0")
+    assert "--image-size must be a size N or HxW" in err
+    _png(folder_root / "train" / "red" / "odd.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    err = one_line(capsys, *train, "--dataset", "folder", "--data-dir", folder_root)
+    assert "odd.png" in err and "pass a size" in err
+    images = mnist_root / "mnist" / "t10k-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(8)))  # a labels magic
+    err = one_line(capsys, *train, "--dataset", "mnist", "--data-dir", mnist_root)
+    assert f"{images}: magic number 0x00000801 is not 0x00000803" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_on_other_data_is_one_line(folder_root, tmp_path, capsys):
+    from conftest import CAPSNET
+    from capsflow.runners.training import read_checkpoint
+    run = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", CAPSNET, "--dataset", "folder", "--data-dir",
+                         folder_root, "--bs", "6", "--num_epochs", "1", "--save_dir", run, *SMALL)
+    assert rc == 0, err
+    # the overrides are what one would --set: the derived sizes (grid_h, pixels...) follow
+    assert read_checkpoint(run / "last.npz").overrides == {
+        "channels": 3, "height": 32, "width": 32, "classes": 3, "conv1_maps": 16,
+        "primary_types": 4, "routing_iters": 1}
+    resume = ["train", CAPSNET, "--resume", run / "last.npz", "--num_epochs", "2",
+              "--no-progress"]
+    err = one_line(capsys, *resume, "--image-size", "30")
+    assert "--image-size [30, 30] differs from the value None" in err
+    for split in ("train", "test"):
+        _png(folder_root / split / "yellow" / "0.png", np.zeros((32, 32, 3), dtype=np.uint8))
+    err = one_line(capsys, *resume)
+    assert ("was trained on image folder: 3x32x32, 3 classes (blue, green, red), the data "
+            "are now image folder: 3x32x32, 4 classes (blue, green, red, yellow)") in err

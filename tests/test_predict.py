@@ -167,3 +167,64 @@ def test_bad_images_are_one_line(run, images, tmp_path, capsys):
     assert "notes.png" in err
     err = one_line(capsys, CAPSNET, "--checkpoint", ckpt, images, "--recon", tmp_path / "notes.png")
     assert "--recon" in err
+
+
+def _colour_png(path: Path, channel: int, size: tuple, rng) -> Path:
+    """Noise with a bright square in one colour channel (0 red, 1 green, 2 blue)."""
+    h, w = size
+    img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
+    img[h // 4:3 * h // 4, w // 4:3 * w // 4, channel] = 250
+    return _png(path, img)
+
+
+def test_train_on_a_colour_folder_then_predict_new_files(tmp_path, capsys, monkeypatch):
+    """The issue's "done when": 32x32 colour PNGs in three class folders; the graph adapts
+    to 3x32x32 and 3 classes; predict classifies new files (of another size)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shapes"
+    colours = {"blue": 2, "green": 1, "red": 0}
+    for split, n in (("train", 8), ("test", 3)):
+        for name, channel in colours.items():
+            for i in range(n):
+                _colour_png(root / split / name / f"{i}.png", channel, (32, 32), rng)
+    run = tmp_path / "run"
+    rc, out, err = cli(capsys, "train", CAPSNET, "--dataset", "folder", "--data-dir", root,
+                       "--bs", "6", "--num_epochs", "4", "--set", "routing_iters=1",
+                       "--set", "conv1_maps=16", "--set", "primary_types=4", "--no-progress",
+                       "--save_dir", run)
+    assert rc == 0, err
+    assert "(3,842,912 parameters;" in out and "channels=3 height=32 width=32 classes=3" in out
+    assert "on image folder: 3x32x32, 3 classes: 24 train / 9 test examples" in out
+    ckpt = read_checkpoint(run / "last.npz")
+    assert {k: ckpt.overrides[k] for k in ("channels", "height", "width", "classes")} == {
+        "channels": 3, "height": 32, "width": 32, "classes": 3}
+    assert ckpt.meta["data"] == {"dataset": "folder", "title": "image folder",
+                                 "classes": ["blue", "green", "red"], "shape": [3, 32, 32],
+                                 "labels_per_example": 1, "options": {"channels": 3}}
+
+    new = tmp_path / "new"
+    for name, channel in colours.items():
+        _colour_png(new / f"{name}.png", channel, (48, 40), rng)
+    rc, out, err = cli(capsys, "predict", CAPSNET, "--checkpoint", run / "last.npz", new,
+                       "--recon", tmp_path / "recon")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert "trained on image folder: 3x32x32, 3 classes; 3 image(s)" in lines[0]
+    for line, name in zip(lines[1:4], sorted(colours)):
+        assert line.startswith(f"{new / (name + '.png')}: {name} (")
+    from PIL import Image
+    with Image.open(tmp_path / "recon" / "red.recon.png") as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    # the checkpoint's data are not MNIST's: evaluating it there is one line
+    _make_dataset(tmp_path / "mnist", compress=False, n_train=10, n_test=10)
+    err = one_line_cmd(capsys, "eval", CAPSNET, "--checkpoint", run / "last.npz",
+                       "--dataset", "mnist", "--data-dir", tmp_path)
+    assert "takes 3x32x32 images and scores 3 classes (trained on folder)" in err
+
+
+def one_line_cmd(capsys, command, *argv) -> str:
+    rc, _, err = cli(capsys, command, *argv)
+    assert rc == 2, err
+    assert err.startswith(f"capsflow {command}: error: ") and "\n" not in err, err
+    return err
