@@ -59,3 +59,14 @@ def pytest_addoption(parser):
                          "stopping and shrinking the first")
     group.addoption("--fuzz-timeout", type=float, default=10.0, metavar="SECONDS",
                     help="a case running longer is a hang (default 10)")
+
+
+def run_cli(capsys, *argv) -> tuple:
+    """(exit status, stdout, stderr stripped) of ``capsflow ARGV...`` run in-process."""
+    from capsflow.cli import main as cli_main
+    try:
+        rc = cli_main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse's own errors
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()

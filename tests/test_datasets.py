@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from test_data import _make_dataset, _write_idx
 from test_formats import _cifar_fixture, _norb_bytes, _png
 
@@ -406,16 +407,6 @@ outputs:
   loss: loss
   lengths: lengths
 """
-
-
-def run_cli(capsys, *argv) -> tuple:
-    from capsflow.cli import main as cli_main
-    try:
-        rc = cli_main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own errors
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err.strip()
 
 
 def one_line(capsys, *argv) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CAPSNET
+from conftest import CAPSNET, run_cli
 from test_data import _make_dataset
 from test_formats import _png
 
@@ -43,13 +43,7 @@ def images(tmp_path) -> Path:
     return folder
 
 
-def cli(capsys, *argv) -> tuple:
-    try:
-        rc = cli_main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse's own errors
-        rc = exc.code
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err.strip()
+cli = run_cli
 
 
 def one_line(capsys, *argv) -> str:
