@@ -16,6 +16,19 @@ final train loss (mean over the last 10% of the steps), test accuracy, routing i
 ("-" for a graph without routing). Accuracy is the argmax of each graph's class scores:
 its output ``scores``, else ``lengths`` (``runners.training.class_scores``), so graphs
 that are not CapsNet (graphs/baseline-cnn.yaml) compare too.
+
+``--jobs N`` trains up to N graphs at a time, each in its own process (started with
+'spawn': a fresh interpreter, no threads or BLAS state inherited), on the data the parent
+loaded, with BLAS held to ``--threads-per-job`` threads (default: the CPUs divided among
+the jobs) so the jobs do not oversubscribe the cores. A graph that fails (diverges, raises
+an error, or its process dies) is a note in its row and the others go on; Ctrl-C stops
+them all, each saving its last.npz as ``capsflow train`` does. The numbers equal those of
+``--jobs 1`` when each job has as many BLAS threads as the sequential run had (the CPU
+convolution sums its batch in one part per thread, so another thread count changes the
+float32 round-off, nothing else).
+
+``capsflow compare --merge DIR... --out DIR`` writes one table and figure of the graphs of
+several such runs (for example one job-array task per graph on a cluster).
 """
 from __future__ import annotations
 
@@ -25,6 +38,8 @@ import math
 import os
 import platform
 import shlex
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +48,14 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from capsflow.backends import get_backend
+from capsflow.backends.cpu.parallel import blas_threads
 from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
                           positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.train import add_data_arguments, add_shift_arguments, config_from_args
+from capsflow.runners.training import METRICS as METRICS_FILE
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
                                        fit_graph_to_data, load_data, read_metrics)
 
@@ -86,6 +103,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="keep each graph's last.npz/best.npz (about 100 MB each for CapsNet); by default "
            "only metrics.jsonl stays")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    a("--merge", action="store_true",
+      help="instead of training: the arguments are folders written by capsflow compare "
+           "(e.g. one per job-array task); write one table and figure of all their graphs "
+           "to --out")
+    a("--jobs", type=positive_int, default=1, metavar="N",
+      help="train up to N graphs at a time, one process each (default 1: one after another); "
+           "their progress is one line per graph started and finished")
+    a("--threads-per-job", dest="threads_per_job", type=positive_int, metavar="N",
+      help="BLAS threads of each job (default with --jobs: the CPUs divided among the jobs, "
+           "at least 1; with --jobs 1: as many as BLAS has)")
 
 
 @dataclass
@@ -104,6 +131,7 @@ class Result:
     seconds: float = 0.0
     note: str = ""
     records: tuple = ()
+    status: int = 0  # the exit status it asks for: 2 for a capsflow error, 1 for a bug
 
     def row(self) -> dict:
         """The table's cells as text, keyed by COLUMNS."""
@@ -143,6 +171,8 @@ class StepBudget:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.merge:
+        return merge(args.graphs, check_output_dir(args.out, "--out"))
     graphs = compile_all(args.graphs, args.overrides)
     config = config_from_args(args)
     get_backend(config.options)  # an unusable backend fails before the data is loaded
@@ -165,21 +195,44 @@ def main(args: argparse.Namespace) -> int:
           f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, seed {config.seed}, "
           f"{config.options.backend}; writing to {out}")
     load_before = _load_average()
-    results = []
-    for graph in graphs:
-        result = train_one(graph, data, config, steps, out / graph.spec.name, args.progress,
-                           args.keep_checkpoints)
-        results.append(result)
-        if result.note == "interrupted":
-            break
+    jobs = min(args.jobs, len(graphs))
+    threads = args.threads_per_job
+    if jobs > 1:
+        threads = threads or max(1, _cpu_count() // jobs)
+        given_paths = dict(zip((g.spec.name for g in graphs), args.graphs))
+        results, interrupted = train_parallel(graphs, given_paths, args.overrides, data, config,
+                                              steps, out, jobs, threads, args.keep_checkpoints)
+    else:
+        results, interrupted = [], False
+        with blas_threads(threads):
+            for graph in graphs:
+                result = train_guarded(graph, data, config, steps, out / graph.spec.name,
+                                       args.progress, args.keep_checkpoints)
+                results.append(result)
+                if result.note == "interrupted":
+                    interrupted = True
+                    break
     description = describe_run(args, config, data, steps)
+    if jobs > 1:
+        description += (f" The {len(graphs)} graphs were trained {jobs} at a time "
+                        f"(--jobs {args.jobs}), each job with {threads} BLAS thread(s): ms/step "
+                        f"was measured with {jobs} jobs sharing the machine, so it is higher "
+                        f"than alone and compares only within this table.")
+    elif threads:
+        description += f" BLAS held to {threads} thread(s) (--threads-per-job)."
     if load_before is not None:  # timings on a shared machine need this context
         description += (f" Load average (1 min) of the machine: {load_before:.1f} before the "
                         f"first graph, {_load_average():.1f} after the last.")
     paths = write_outputs(results, out, description)
     print(table_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 130 if results and results[-1].note == "interrupted" else 0
+    if interrupted:
+        return 130
+    failed = [r.name for r in results if r.status]
+    if failed:
+        print(f"capsflow compare: error: {len(failed)} of {len(results)} graph(s) failed: "
+              f"{', '.join(failed)} (the notes under the table say why)", file=sys.stderr)
+    return max((r.status for r in results), default=0)
 
 
 def compile_all(paths: list, overrides: list) -> list:
@@ -212,6 +265,189 @@ def routing_iterations(graph: Any) -> Optional[str]:
     if not blocks:
         return None
     return ", ".join(f"{name.removesuffix('/routing')} {count}" for name, count in blocks.items())
+
+
+def train_guarded(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
+                  progress: bool = False, keep_checkpoints: bool = False) -> Result:
+    """train_one, with a capsflow error (one graph's, at run time) as the row's note so
+    the other graphs still train; the exit status says it (2)."""
+    try:
+        return train_one(graph, data, config, steps, save_dir, progress, keep_checkpoints)
+    except CapsflowError as exc:
+        print(f"[{graph.spec.name}] failed: {exc}")
+        return failed_result(graph, f"failed: {exc}", 2)
+
+
+def failed_result(graph: Any, note: str, status: int) -> Result:
+    """The row of a graph that did not finish: its size and routing, and why."""
+    return Result(graph.spec.name, str(graph.spec.file), graph.param_count(),
+                  routing_iterations(graph), note=note, status=status)
+
+
+# -- --jobs N: one process per graph -------------------------------------------------------
+GRACE_SECONDS = 10.0  # after Ctrl-C, how long jobs get to save last.npz before a signal
+
+
+def train_parallel(graphs: list, paths: dict, overrides: list, data: Any, config: Any,
+                   steps: int, out: Path, jobs: int, threads: int,
+                   keep_checkpoints: bool) -> tuple:
+    """Train every graph in its own 'spawn' process, ``jobs`` at a time; returns (results in
+    the order of ``graphs``, whether Ctrl-C stopped them). One line per graph started and
+    finished; a process that fails or dies is its graph's note, the others go on."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+    from capsflow.lang.yamlio import parse_override
+    ctx = mp.get_context("spawn")
+    given = dict(parse_override(o) for o in overrides)
+    waiting = list(graphs)
+    running: dict = {}  # name -> (graph, process, receiving end, start time)
+    done: dict = {}
+    interrupted = False
+    print(f"training {len(graphs)} graphs {jobs} at a time, {threads} BLAS thread(s) each; "
+          f"one line per graph started and finished")
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                graph = waiting.pop(0)
+                name = graph.spec.name
+                receive, send = ctx.Pipe(duplex=False)
+                task = Job(paths[name], list(overrides), given, data, config, steps,
+                           out / name, threads, keep_checkpoints)
+                process = ctx.Process(target=_job_main, args=(task, send), daemon=True,
+                                      name=f"capsflow-compare-{name}")
+                process.start()
+                send.close()
+                running[name] = (graph, process, receive, time.perf_counter())
+                print(f"[{name}] started (process {process.pid})", flush=True)
+            ready = wait([entry[2] for entry in running.values()]
+                         + [entry[1].sentinel for entry in running.values()])
+            for name in [n for n, e in running.items() if e[2] in ready or e[1].sentinel in ready]:
+                done[name] = _collect(running.pop(name))
+                _say_finished(done[name])
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"interrupted: stopping {len(running)} running job(s)", file=sys.stderr, flush=True)
+        for name, result in _stop_all(running).items():
+            done[name] = result
+    return [done[g.spec.name] for g in graphs if g.spec.name in done], interrupted
+
+
+@dataclass
+class Job:
+    """What one job process needs: it compiles its graph again (from the file, with the
+    same overrides) and trains it on the parent's data."""
+
+    path: str
+    overrides: list
+    given: dict
+    data: Any
+    config: Any
+    steps: int
+    save_dir: Path
+    threads: int
+    keep_checkpoints: bool
+
+
+def _job_main(job: Job, send: Any) -> None:
+    """A job process: sends back ("ok", Result), ("error", line, status) or
+    ("interrupted",); its own output is whole lines, flushed as they come."""
+    sys.stdout.reconfigure(line_buffering=True)
+    try:
+        with blas_threads(job.threads):
+            from capsflow.core.graph import compile as compile_graph
+            graph = fit_graph_to_data(compile_graph(job.path, job.given), job.data.info,
+                                      job.given)
+            result = train_one(graph, job.data, job.config, job.steps, job.save_dir,
+                               progress=False, keep_checkpoints=job.keep_checkpoints)
+        message: tuple = ("ok", result)
+    except KeyboardInterrupt:
+        message = ("interrupted",)
+    except CapsflowError as exc:
+        message = ("error", f"failed: {exc}", 2)
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        message = ("error", f"failed: {exc.strerror or exc}{where}", 2)
+    except Exception as exc:  # a bug: one line, as the CLI says it
+        from capsflow.cli import bug_report
+        message = ("error", bug_report(exc), 1)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not lose the answer
+        send.send(message)
+    finally:
+        send.close()
+
+
+def _collect(entry: tuple) -> Result:
+    """The Result of a job whose answer came or whose process ended."""
+    graph, process, receive, started = entry
+    message = None
+    try:
+        if receive.poll():
+            message = receive.recv()
+    except (EOFError, OSError):
+        pass
+    process.join(timeout=30)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    receive.close()
+    if message is None:
+        code = process.exitcode
+        why = (f"killed by signal {-code}" if code is not None and code < 0
+               else f"exit status {code}")
+        result = failed_result(graph, f"failed: its process ended without an answer ({why})", 1)
+    elif message[0] == "ok":
+        result = message[1]
+    elif message[0] == "interrupted":
+        result = failed_result(graph, "interrupted", 0)
+    else:
+        result = failed_result(graph, message[1], message[2])
+    if not result.seconds:
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def _say_finished(result: Result) -> None:
+    if result.note and result.ms_per_step is None:
+        print(f"[{result.name}] {result.note}", flush=True)
+        return
+    acc = "-" if result.test_acc is None else f"{100 * result.test_acc:.2f}%"
+    note = f" ({result.note})" if result.note else ""
+    print(f"[{result.name}] finished in {result.seconds:.1f} s: {result.steps} steps, "
+          f"{_num(result.ms_per_step, '.0f')} ms/step, final train loss "
+          f"{_num(result.final_train_loss, '.4f')}, test accuracy {acc}{note}", flush=True)
+
+
+def _stop_all(running: dict) -> dict:
+    """After Ctrl-C: the running jobs got it too when it came from the terminal; each
+    saves last.npz and answers. Those still running after GRACE_SECONDS get SIGINT, then
+    SIGTERM; a second Ctrl-C kills them at once."""
+    from multiprocessing.connection import wait
+    results = {}
+    try:
+        for nudge in (None, signal.SIGINT, signal.SIGTERM):
+            if not running:
+                break
+            if nudge is not None:
+                for _, process, _, _ in running.values():
+                    if process.is_alive():
+                        os.kill(process.pid, nudge)
+            deadline = time.monotonic() + GRACE_SECONDS
+            while running and time.monotonic() < deadline:
+                ready = wait([e[2] for e in running.values()]
+                             + [e[1].sentinel for e in running.values()],
+                             timeout=max(0.0, deadline - time.monotonic()))
+                for name in [n for n, e in running.items()
+                             if e[2] in ready or e[1].sentinel in ready]:
+                    results[name] = _collect(running.pop(name))
+    except KeyboardInterrupt:
+        pass
+    for name, (graph, process, receive, started) in running.items():
+        process.kill()
+        process.join()
+        receive.close()
+        results[name] = failed_result(graph, "interrupted", 0)
+    return results
 
 
 def train_one(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
@@ -257,6 +493,50 @@ def final_train_loss(records: list, steps: int) -> Optional[float]:
     return float(np.mean([r["loss"] for r in tail]))
 
 
+# -- --merge: tables of several runs as one ----------------------------------------------
+def merge(folders: list, out: Path) -> int:
+    """One compare.md/.csv/.png in ``out`` of the graphs in ``folders`` (each written by
+    capsflow compare: its compare.csv, compare.md and one metrics.jsonl per graph)."""
+    results, commands, seen = [], [], {}
+    for folder in map(Path, folders):
+        table = folder / "compare.csv"
+        if not table.is_file():
+            raise CapsflowError(f"{folder} has no compare.csv; --merge takes folders written "
+                                f"by capsflow compare")
+        with table.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        md = folder / "compare.md"
+        command = next((line for line in (md.read_text().splitlines() if md.is_file() else [])
+                        if line.startswith("Command: ")), f"Command: (no compare.md in {folder})")
+        commands.append(f"- {folder}: {command.removeprefix('Command: ')}")
+        for row in rows:
+            name = row["variant"]
+            if name in seen:
+                raise CapsflowError(f"graph '{name}' is in both {seen[name]} and {folder}; "
+                                    f"merge runs of different graphs")
+            seen[name] = folder
+            metrics = folder / name / METRICS_FILE
+            results.append(Result(
+                name, row["graph"], int(row["parameters"]), row["routing_iterations"] or None,
+                steps=int(row["steps"]), ms_per_step=_float(row["ms_per_step"]),
+                final_train_loss=_float(row["final_train_loss"]),
+                test_acc=_float(row["test_acc"]), test_loss=_float(row["test_loss"]),
+                seconds=float(row["seconds"] or 0), note=row["note"],
+                records=tuple(read_metrics(metrics)) if metrics.is_file() else ()))
+    out.mkdir(parents=True, exist_ok=True)
+    description = ("Merged from these runs of capsflow compare (compare the settings: the "
+                   "merge does not check them; ms/step compares only between runs on the "
+                   "same kind of machine and load):\n\n" + "\n".join(commands))
+    paths = write_outputs(results, out, description)
+    print(table_markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _float(text: str) -> Optional[float]:
+    return float(text) if text else None
+
+
 # -- outputs ----------------------------------------------------------------------------
 def command_line(args: argparse.Namespace, options: Options) -> str:
     """The command that reproduces this comparison (the flags that were given)."""
@@ -273,6 +553,10 @@ def command_line(args: argparse.Namespace, options: Options) -> str:
         if value is not None:
             words += [flag, str(value)]
     words += option_arguments(options)
+    if getattr(args, "jobs", 1) > 1:
+        words += ["--jobs", str(args.jobs)]
+    if getattr(args, "threads_per_job", None):
+        words += ["--threads-per-job", str(args.threads_per_job)]
     if args.keep_checkpoints:
         words.append("--keep-checkpoints")
     return " ".join(shlex.quote(w) for w in words)

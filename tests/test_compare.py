@@ -83,3 +83,82 @@ def test_compare_errors_are_one_line(tmp_path, capsys):
         cli_main(["compare", str(CAPSNET), "--steps", "0", "--out", str(tmp_path), *TINY])
     assert refused.value.code == 2
     assert "--steps must be >= 1" in capsys.readouterr().err
+
+
+def _metrics_without_times(out, name):
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in read_metrics(out / name / "metrics.jsonl")]
+
+
+def test_jobs_give_the_numbers_of_one_after_another(tmp_path, capfd):
+    """--jobs 5 on two graphs runs them two at a time, each in its own process; with the
+    same BLAS threads per job, every metrics record is that of the sequential run."""
+    graphs = [str(CAPSNET), str(LEAKY)]
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    assert cli_main(["compare", *graphs, "--steps", "3", "--out", str(seq),
+                     "--threads-per-job", "1", *TINY]) == 0
+    capfd.readouterr()
+    assert cli_main(["compare", *graphs, "--steps", "3", "--out", str(par), "--jobs", "5",
+                     "--threads-per-job", "1", *TINY]) == 0
+    printed = capfd.readouterr().out.splitlines()
+    for name in ("capsnet", "capsnet-leaky"):
+        assert _metrics_without_times(seq, name) == _metrics_without_times(par, name)
+        assert sum(line.startswith(f"[{name}] started (process ") for line in printed) == 1
+        assert sum(line.startswith(f"[{name}] finished in ") for line in printed) == 1
+    with (par / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["capsnet", "capsnet-leaky"]
+    assert all(int(r["steps"]) == 3 and float(r["ms_per_step"]) > 0 for r in rows)
+    md = (par / "compare.md").read_text()
+    assert "trained 2 at a time (--jobs 5), each job with 1 BLAS thread(s)" in md
+    assert "measured with 2 jobs sharing the machine" in md and "--jobs 5" in md
+
+
+def test_a_failing_job_is_a_note_and_the_others_go_on(tmp_path, capfd):
+    """A graph that compiles but that the trainer refuses (a capsflow error at run time)
+    is its row's note; the other graph's row is complete; exit status 2 after the table."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {CAPSNET}\nname: bad\n"
+                   f"inputs:\n  dropout_seed: {{shape: [2], optional: true}}\n")
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        assert cli_main(["compare", str(CAPSNET), str(bad), "--steps", "2", "--out", str(out),
+                         "--jobs", jobs, *TINY]) == 2
+        captured = capfd.readouterr()
+        assert "1 of 2 graph(s) failed: bad" in captured.err
+        assert "[bad] failed: graph input 'dropout_seed' has shape [2]" in captured.out
+        with (out / "compare.csv").open() as f:
+            rows = {r["variant"]: r for r in csv.DictReader(f)}
+        assert rows["bad"]["note"].startswith("failed: graph input 'dropout_seed'")
+        assert rows["bad"]["test_acc"] == "" and rows["capsnet"]["test_acc"] != ""
+        assert int(rows["capsnet"]["steps"]) == 2 and rows["capsnet"]["note"] == ""
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_must_be_positive(tmp_path, capsys, jobs):
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["compare", str(CAPSNET), "--jobs", jobs, "--out", str(tmp_path), *TINY])
+    assert refused.value.code == 2
+    assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_merge_makes_one_table_of_separate_runs(tmp_path, capsys):
+    """One run per graph (as one job-array task each), then --merge: one table, CSV and
+    figure of both, each row as its own run wrote it."""
+    for graph in (CAPSNET, LEAKY):
+        assert cli_main(["compare", str(graph), "--steps", "2", "--out",
+                         str(tmp_path / graph.stem), *TINY]) == 0
+    merged = tmp_path / "all"
+    assert cli_main(["compare", "--merge", str(tmp_path / "capsnet"),
+                     str(tmp_path / "capsnet-leaky"), "--out", str(merged)]) == 0
+    with (merged / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["capsnet", "capsnet-leaky"]
+    for r in rows:
+        with (tmp_path / r["variant"] / "compare.csv").open() as f:
+            assert r == next(csv.DictReader(f))
+    md = (merged / "compare.md").read_text()
+    assert md.count("`capsflow compare ") == 2 and (merged / "compare.png").is_file()
+    capsys.readouterr()
+    assert cli_main(["compare", "--merge", str(tmp_path), "--out", str(merged)]) == 2
+    assert "has no compare.csv" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -86,6 +86,23 @@ def _blas():
         else:
             _state["blas"] = ThreadpoolController()
     return _state["blas"]
+
+
+@contextlib.contextmanager
+def blas_threads(threads: Optional[int]) -> Iterator[None]:
+    """BLAS held to ``threads`` threads meanwhile (as is, for None or without
+    threadpoolctl), and the batch-parallel ops here with it: they use as many threads as
+    BLAS has, a count kept once read, so it is read again inside the limit and after it."""
+    if threads is None or _blas() is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=threads, user_api="blas"):
+        _state.pop("workers", None)
+        try:
+            yield
+        finally:
+            _state.pop("workers", None)
 
 
 def _workers() -> int:
