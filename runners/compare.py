@@ -468,7 +468,7 @@ def train_one(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
     result.seconds = time.perf_counter() - started
     if trainer.stopped_early:
         result.note = "interrupted"
-    if not keep_checkpoints:
+    if not keep_checkpoints and not trainer.stopped_early:  # an interrupted run may resume
         for path in (trainer.last_path, trainer.best_path):
             path.unlink(missing_ok=True)
     records = read_metrics(trainer.metrics_path) if trainer.metrics_path.is_file() else []
