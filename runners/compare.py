@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_arguments(parser)
     a("--keep-checkpoints", action="store_true",
       help="keep each graph's last.npz/best.npz (about 100 MB each for CapsNet); by default "
-           "only metrics.jsonl stays")
+           "only metrics.jsonl stays (and last.npz of an interrupted graph, to resume)")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a("--merge", action="store_true",
       help="instead of training: the arguments are folders written by capsflow compare "
