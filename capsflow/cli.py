@@ -162,6 +162,7 @@ def main(argv: list | None = None) -> int:
         if unknown:  # said by the command's parser: "capsflow train: error: ..."
             parser.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         debug = args.debug
+        args.command_argv = argv  # e.g. for train --nproc, which reruns the command per rank
         return int(args.runner.main(args) or 0)
     except CapsflowError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=1e-3,
                         help="Adam learning rate (1e-3)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    parser.add_argument("--nproc", type=positive_int, metavar="N",
+                        help="instead: time capsflow's data-parallel step on N ranks of this "
+                             "machine against one process, on the same global --bs, and "
+                             "report the scaling efficiency (docs/distributed.md)")
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -239,9 +243,68 @@ def report(fig: dict, top: int) -> str:
     return "\n".join(lines)
 
 
+def run_scaling(args: argparse.Namespace) -> dict:
+    """One process, then ``args.nproc`` ranks (runners/distributed.py), each timing the
+    trainer's step on the same random global batch; the figures and the efficiency."""
+    import tempfile
+    from capsflow.runners.distributed import launch
+    graph = compile_from_args(args)
+    options = options_from_args(args)
+    get_backend(options)
+    if args.bs % args.nproc:
+        raise CapsflowError(f"--bs {args.bs} is the global batch and must be divisible by "
+                            f"--nproc {args.nproc}")
+    cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
+           "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "lr": args.lr,
+           "options": asdict(options)}
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="capsflow-bench-") as tmp:
+        cfg_path = os.path.join(tmp, "cfg.json")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        for ranks in (1, args.nproc):
+            out = os.path.join(tmp, f"ranks{ranks}.json")
+            if ranks == 1:
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+                status = subprocess.run([sys.executable, "-m", "capsflow.runners.distributed",
+                                         cfg_path, out], env=env).returncode
+            else:
+                status = launch([cfg_path, out], ranks, module="capsflow.runners.distributed")
+            if status != 0 or not os.path.isfile(out):
+                raise CapsflowError(f"the {ranks}-rank timing run failed (status {status})")
+            with open(out) as f:
+                runs[ranks] = json.load(f)
+    one = statistics.median(runs[1]["seconds"])
+    many = statistics.median(runs[args.nproc]["seconds"])
+    return {"graph": str(graph.spec.file), "bs": args.bs, "repeats": args.repeats,
+            "warmup": args.warmup, "options": asdict(options), "machine": machine(),
+            "nproc": args.nproc, "median_1": one, "median_n": many,
+            "reduce_median_n": statistics.median(runs[args.nproc]["reduce"]),
+            "speedup": one / many, "efficiency": one / many / args.nproc, "runs": runs}
+
+
+def report_scaling(fig: dict) -> str:
+    n = fig["nproc"]
+    return "\n".join([
+        f"capsflow bench --nproc {n}: {fig['graph']}, global batch {fig['bs']} "
+        f"({fig['bs'] // n} per rank), backend {fig['options']['backend']}, "
+        f"{fig['repeats']} timed steps after {fig['warmup']} warm-up",
+        f"machine: {fig['machine']}",
+        f"1 process:  median {1e3 * fig['median_1']:.1f} ms/step",
+        f"{n} ranks:    median {1e3 * fig['median_n']:.1f} ms/step "
+        f"(all-reduce {1e3 * fig['reduce_median_n']:.1f} ms)",
+        f"speed-up {fig['speedup']:.2f}, scaling efficiency {100 * fig['efficiency']:.0f}% "
+        f"(speed-up / {n})"])
+
+
 def main(args: argparse.Namespace) -> int:
-    fig = run_bench(args)
-    print(report(fig, args.top))
+    if args.nproc and args.nproc > 1:
+        fig = run_scaling(args)
+        print(report_scaling(fig))
+    else:
+        fig = run_bench(args)
+        print(report(fig, args.top))
     if args.json:
         try:
             with open(args.json, "w") as f:

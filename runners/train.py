@@ -18,10 +18,12 @@ from pathlib import Path
 from capsflow.backends import get_backend
 from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_args,
                           non_negative_int, positive_float, positive_int)
+from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.lang.yamlio import parse_override
 from capsflow.runners.data import DATASETS, EMNIST_SPLITS
+from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, launch, strip_nproc
 from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, class_scores,
                                        fit_graph_to_data, load_data, read_checkpoint)
 
@@ -106,8 +108,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"seed of parameter init, batch order and shifts (default {d.seed})")
     add_shift_arguments(parser, d.shift)
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
+    a("--auto-resume", dest="auto_resume", action="store_true",
+      help="continue from --save_dir's last.npz when there is one, else start afresh: the "
+           "same command restarts a run (torchrun --max-restarts, a requeued job)")
     a("--no-progress", dest="progress", action="store_false",
       help="no progress bars (epoch lines are still printed)")
+    a("--nproc", type=positive_int, metavar="N",
+      help="data-parallel: train with N processes on this machine (gloo on CPUs, NCCL "
+           "with --backend cupy), each on its share of every --bs batch; under torchrun "
+           "leave it out (docs/distributed.md)")
+    a("--dist-timeout", dest="dist_timeout", type=positive_float, metavar="SECONDS",
+      default=DEFAULT_TIMEOUT,
+      help=f"data-parallel: the longest a rank waits for the others (default "
+           f"{DEFAULT_TIMEOUT:g}); a rank that dies stops the job within it")
 
 
 def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
@@ -123,6 +136,20 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Tra
 
 
 def main(args: argparse.Namespace) -> int:
+    env = env_config()  # set by torchrun or --nproc; a broken environment is one line
+    nproc = getattr(args, "nproc", None) or 1
+    if env is not None and nproc > 1:
+        raise CapsflowError(f"--nproc {nproc} under a launcher (WORLD_SIZE={env['world_size']} "
+                            f"is set): the launcher starts the ranks, drop --nproc")
+    ranks = env["world_size"] if env is not None else nproc
+    if getattr(args, "auto_resume", False):
+        if args.resume:
+            raise CapsflowError("--auto-resume picks the checkpoint itself: drop --resume")
+        if not args.save_dir:
+            raise CapsflowError("--auto-resume needs --save_dir (the folder whose last.npz "
+                                "it continues from)")
+        if (Path(args.save_dir) / LAST).is_file():
+            args.resume = str(Path(args.save_dir) / LAST)
     ckpt = read_checkpoint(args.resume) if args.resume else None
     from_checkpoint = ckpt is not None and not args.overrides
     if from_checkpoint:  # the run's own --set values
@@ -130,29 +157,57 @@ def main(args: argparse.Namespace) -> int:
     graph = compile_from_args(args)
     class_scores(graph)  # a graph without class scores fails before the data loads
     config = config_from_args(args, ckpt.meta.get("config") if ckpt else None)
+    if config.batch_size % ranks:
+        raise CapsflowError(f"--bs {config.batch_size} is the global batch and must be "
+                            f"divisible by the {ranks} ranks")
     get_backend(config.options)  # an unusable backend fails before the data is loaded
     if args.save_dir:
         save_dir = Path(args.save_dir)
     else:
         save_dir = ckpt.path.parent if ckpt else Path("runs") / graph.spec.name
     check_output_dir(save_dir, "--save_dir")
+    if nproc > 1:  # this process starts the ranks and waits for them
+        argv = getattr(args, "command_argv", None)
+        if argv is None:
+            raise CapsflowError("--nproc needs the command line (capsflow.cli.main)")
+        return launch(strip_nproc(argv), nproc)
+    timeout = getattr(args, "dist_timeout", DEFAULT_TIMEOUT)
+    world = World.from_env(config.options.backend, timeout) if env else None
+    try:
+        return _train(args, ckpt, from_checkpoint, graph, config, save_dir, world)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
+    main_rank = world is None or world.is_main
+    if world is not None:  # mixed backends or settings would silently train apart
+        world.same_everywhere(json.dumps([config.to_json(), args.overrides], sort_keys=True),
+                              "settings (backend, batch, seed, --set values...)")
     data = load_data(config, download=args.download)
     # The graph adapts to the data: its input vars set from the dataset (docs/data.md).
     given = dict(parse_override(o) for o in args.overrides)
     if from_checkpoint:  # its input vars come from the data; restore() compares the data
         given = {k: v for k, v in given.items() if k not in INPUT_VARS}
     graph = fit_graph_to_data(graph, data.info, given)
-    trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress)
+    trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress, world=world)
     if ckpt is not None:
         trainer.restore(ckpt)
+    if ckpt is not None and main_rank:
         print(f"resuming {ckpt.path}: {trainer.state.epoch} epoch(s) and "
               f"{trainer.state.iteration} iteration(s) done")
-    print(describe(graph, config, data, save_dir))
+    if main_rank:
+        print(describe(graph, config, data, save_dir)
+              + (f"; {world.world_size} ranks ({world.backend}), batch "
+                 f"{config.batch_size // world.world_size} each" if world else ""))
     trainer.fit()
     if trainer.stopped_early:
         return 130
+    if world is not None:  # no rank leaves while another may still need it
+        world.barrier()
     st = trainer.state
-    if st.best_acc is not None:
+    if st.best_acc is not None and main_rank:
         print(f"best test accuracy {100 * st.best_acc:.2f}% (epoch {st.best_epoch}); "
               f"checkpoints: {save_dir / LAST}, {trainer.best_path}")
     return 0

@@ -624,10 +624,18 @@ class Trainer:
     """
 
     def __init__(self, graph: Any, data: Data, config: TrainConfig, save_dir: str | Path,
-                 log: Callable[[str], None] = print, progress_bar: bool = True) -> None:
+                 log: Callable[[str], None] = print, progress_bar: bool = True,
+                 world: Any = None) -> None:
         config.check()
         self.graph, self.data, self.config = graph, data, config
         self.save_dir = Path(save_dir)
+        # Data-parallel (runners/distributed.py): a World joined by this process. Every
+        # rank runs this loop on its share of each global batch; rank 0 alone logs and
+        # writes metrics and checkpoints.
+        self.world = world
+        self.is_main = world is None or world.is_main
+        if not self.is_main:
+            log, progress_bar = (lambda line: None), False
         self.log, self.progress_bar = log, progress_bar
         self.backend = get_backend(config.options)
         self.sources = spec_sources(graph)
@@ -644,6 +652,12 @@ class Trainer:
         if not graph.trainable(host):
             raise CapsflowError(f"{graph.spec.file} has no trainable parameter to train")
         self.params = {k: self.backend.asarray(v) for k, v in host.items()}
+        if world is not None:
+            if config.batch_size % world.world_size:
+                raise CapsflowError(f"--bs {config.batch_size} is the global batch and must be "
+                                    f"divisible by the {world.world_size} ranks")
+            from capsflow.runners.distributed import broadcast_params
+            broadcast_params(world, self.params, self.backend.xp)  # identical from the start
         self.optimizer = make_optimizer(config.optimizer, config.lr)
         self.opt_state = self.optimizer.init_state(graph.trainable(self.params))
         self.schedule = ExponentialDecay(config.lr, config.lr_decay)
@@ -680,6 +694,8 @@ class Trainer:
         return meta
 
     def save(self, path: str | Path) -> None:
+        if not self.is_main:
+            return
         write_checkpoint(path, self.params, state_to_flat(self.opt_state), self.meta(),
                          self.sources)
 
@@ -734,6 +750,8 @@ class Trainer:
     def _trim_metrics(self, source: Path) -> None:
         """Keep the metrics records up to the resumed iteration (drops any written after
         the checkpoint, so a resumed run's file equals an uninterrupted run's)."""
+        if not self.is_main:
+            return
         records = read_metrics(source) if source.is_file() else []
         kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration]
         with atomic_file(self.metrics_path) as f:
@@ -747,16 +765,27 @@ class Trainer:
         ``last.npz`` at the last completed step, sets ``stopped_early`` and returns.
         Raises TrainingDiverged when the loss is not finite.
         """
-        self.save_dir.mkdir(parents=True, exist_ok=True)
-        for path in remove_stale_temporaries(self.save_dir):
-            self.log(f"note: removed {path}, left by a run that was killed while writing")
-        if self.state.iteration == 0 and self.state.epoch == 0:
-            self.metrics_path.write_text("")  # a fresh run starts a fresh file
+        if self.is_main:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            for path in remove_stale_temporaries(self.save_dir):
+                self.log(f"note: removed {path}, left by a run that was killed while writing")
+            if self.state.iteration == 0 and self.state.epoch == 0:
+                self.metrics_path.write_text("")  # a fresh run starts a fresh file
         records = []
         # Built here, after any restore() has replaced the parameters and optimizer state:
         # a recorded step holds on to the arrays it was recorded with.
-        self.train_step = TrainStep(self.graph, self.params, self.optimizer, self.opt_state,
-                                    backend=self.backend, outputs=["loss", self.scores])
+        if self.world is None:
+            self.train_step = TrainStep(self.graph, self.params, self.optimizer,
+                                        self.opt_state, backend=self.backend,
+                                        outputs=["loss", self.scores])
+        else:
+            # Op by op (no recorded replay): the all-reduce goes between the backward pass
+            # and the update, through torch.distributed on the host, which a recording
+            # of the two halves cannot hold; and the update must wait for the global loss.
+            from capsflow.runners.distributed import GradientReducer
+            self.train_step = None
+            self.reducer = GradientReducer(self.world, self.graph.trainable(self.params),
+                                           self.backend.xp)
         try:
             while self.state.epoch < self.config.num_epochs:
                 records.append(self._epoch())
@@ -784,17 +813,26 @@ class Trainer:
                 # a resumed run draws the masks of an uninterrupted one.
                 inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, st.iteration).reshape(
                     self.graph.spec.inputs[DROPOUT_SEED].shape)
-            with _overflow_quiet():
-                out = self.train_step.gradients(inputs)
+            if self.world is not None:
+                with _overflow_quiet():
+                    local = self._local_gradients(inputs)
+            else:
+                with _overflow_quiet():
+                    out = self.train_step.gradients(inputs)
             with _interrupts_deferred():  # never stop half-way through an update
-                # Queued before the loss is read (a GPU runs the whole step before the
-                # host waits); a step whose loss is not finite is not applied.
-                self.train_step.update(lr)
-                loss = float(to_numpy(out["loss"]))
+                if self.world is not None:
+                    loss, correct = self._distributed_update(local, y.shape[0], lr)
+                else:
+                    # Queued before the loss is read (a GPU runs the whole step before the
+                    # host waits); a step whose loss is not finite is not applied.
+                    self.train_step.update(lr)
+                    loss = float(to_numpy(out["loss"]))
+                    correct = None
                 if not np.isfinite(loss):
                     raise TrainingDiverged(self._diverged_message(
                         f"the loss became {loss} at iteration {st.iteration + 1}", lr))
-                correct = int(correct_predictions(to_numpy(out[self.scores]), y).sum())
+                if correct is None:
+                    correct = int(correct_predictions(to_numpy(out[self.scores]), y).sum())
                 st.iteration += 1
                 st.iterator = self.batches.get_state()
                 st.epoch_sums.add(loss, correct, y.shape[0])
@@ -806,11 +844,61 @@ class Trainer:
         test = None
         if validate:
             with _overflow_quiet():
-                test = evaluate_split(self.graph, self.params, self.data.test_images,
-                                      self.data.test_labels, cfg.batch_size, self.backend,
-                                      desc="test" if self.progress_bar else None)
+                test = self._evaluate()
         with _interrupts_deferred():
             return self._finish_epoch(lr, test, time.perf_counter() - started)
+
+    # -- data-parallel steps (runners/distributed.py) ----------------------------------
+    def _local_gradients(self, inputs: dict) -> tuple:
+        """This rank's share of the global batch ``inputs``: (gradients of the mean loss
+        over the share or None when it is empty, share size, loss, correct count)."""
+        from capsflow.runners.distributed import share
+        n = inputs["y"].shape[0]
+        part = share(n, self.world.rank, self.world.world_size)
+        local = {k: (v[part] if k in ("x", "y") else v) for k, v in inputs.items()}
+        count = part.stop - part.start
+        if count == 0:  # a last, short batch with fewer examples than ranks
+            return None, 0, 0.0, 0
+        out, grads = self.graph.value_and_grad(self.params, local, backend=self.backend,
+                                               outputs=["loss", self.scores])
+        loss = float(to_numpy(out["loss"]))
+        correct = int(correct_predictions(to_numpy(out[self.scores]), local["y"]).sum())
+        return grads, count, loss, correct
+
+    def _distributed_update(self, local: tuple, n: int, lr: float) -> tuple:
+        """All-reduce the shares' gradients (weighted by share size: the gradient of the
+        mean loss over all ``n`` examples), then the same optimizer step on every rank,
+        skipped (on every rank) when the global loss is not finite.
+        Returns (mean loss over the global batch, correct predictions in it)."""
+        grads, count, loss, correct = local
+        averaged, loss_sum, correct = self.reducer.reduce(grads, count / n, loss * count,
+                                                          correct)
+        mean_loss = loss_sum / n
+        if np.isfinite(mean_loss):
+            self.optimizer.step(self.graph.trainable(self.params), averaged, self.opt_state,
+                                lr=lr, backend=self.backend)
+        return mean_loss, correct
+
+    def _evaluate(self) -> dict:
+        """The test split's loss and accuracy: on one process all of it; data-parallel,
+        each rank its contiguous share, the sums all-reduced (every rank gets them)."""
+        cfg = self.config
+        desc = "test" if self.progress_bar else None
+        if self.world is None:
+            return evaluate_split(self.graph, self.params, self.data.test_images,
+                                  self.data.test_labels, cfg.batch_size, self.backend, desc=desc)
+        from capsflow.runners.distributed import share
+        n = self.data.test_images.shape[0]
+        part = share(n, self.world.rank, self.world.world_size)
+        count = part.stop - part.start
+        result = evaluate_split(self.graph, self.params, self.data.test_images[part],
+                                self.data.test_labels[part], cfg.batch_size, self.backend,
+                                desc=desc)
+        xp = self.backend.xp
+        sums = xp.asarray([result["loss"] * count, round(result["acc"] * count)],
+                          dtype=xp.float64)
+        total = to_numpy(self.world.all_reduce(sums))
+        return {"loss": float(total[0]) / max(n, 1), "acc": float(total[1]) / max(n, 1)}
 
     def _log_window(self, lr: float, bar: Any) -> None:
         st = self.state
@@ -850,7 +938,8 @@ class Trainer:
         # last.npz, replays the epoch and writes best.npz again.
         if improved:
             self.save(self.best_path)
-            _copy_atomic(self.best_path, self.last_path)
+            if self.is_main:
+                _copy_atomic(self.best_path, self.last_path)
         else:
             self.save(self.last_path)
         return record
@@ -863,6 +952,8 @@ class Trainer:
                 f"try a smaller --lr")
 
     def _append(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -1,0 +1,256 @@
+"""Data-parallel training (runners/distributed.py) with 2 gloo ranks on the CPU.
+
+2 ranks on a global batch give the parameters and optimizer state of one process on the
+same batch, to float32 round-off, including an epoch's last, short batch that splits
+unevenly (85 examples in batches of 20: the last 5 go 3 + 2); a run resumes with another
+number of ranks; a killed rank ends the job with a nonzero status within a bound; misuse
+is one line with exit status 2. Every subprocess runs under a timeout: nothing hangs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CAPSNET, REPO, SHARED_DATA
+
+from capsflow.cli import main as cli_main
+from capsflow.runners.distributed import env_config, share, strip_nproc
+from capsflow.runners.training import read_metrics
+
+pytest.importorskip("torch.distributed")
+needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
+                                 reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}")
+
+SMALL = ["--data-dir", str(SHARED_DATA), "--limit-train", "85", "--limit-test", "40",
+         "--bs", "20", "--set", "routing_iters=1", "--set", "conv1_maps=16",
+         "--set", "primary_types=4", "--disp", "1", "--no-progress", "--dist-timeout", "30"]
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT")
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.pop("CAPSFLOW_DATA", None)
+    return env
+
+
+def run(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m capsflow train CAPSNET SMALL flags`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
+                           *flags], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(), cwd=REPO)
+
+
+def in_process(*flags: str) -> int:
+    return cli_main(["train", str(CAPSNET), *SMALL, *flags])
+
+
+def assert_same_state(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Parameters and optimizer moments equal to float32 round-off."""
+    x, y = np.load(a), np.load(b)
+    keys = [k for k in x.files if k.startswith(("param/", "optim/"))]
+    assert keys and sorted(keys) == sorted(k for k in y.files if k.startswith(("param/", "optim/")))
+    for k in keys:
+        scale = max(float(np.abs(x[k]).max()), 1e-30)
+        assert np.abs(x[k] - y[k]).max() <= tol * scale, k
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process: folders after 1 and after 2 epochs."""
+    out = tmp_path_factory.mktemp("single")
+    saved_env = {k: os.environ.pop(k) for k in LAUNCHER_VARS if k in os.environ}
+    try:
+        assert in_process("--num_epochs", "1", "--save_dir", str(out / "e1")) == 0
+        assert in_process("--num_epochs", "2", "--save_dir", str(out / "e2")) == 0
+    finally:
+        os.environ.update(saved_env)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """2 gloo ranks, 1 epoch (through --nproc 2)."""
+    out = tmp_path_factory.mktemp("two") / "e1"
+    started = time.monotonic()
+    result = run("--num_epochs", "1", "--save_dir", str(out), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    return out, result, time.monotonic() - started
+
+
+def test_share_splits_contiguously():
+    assert [share(20, r, 2) for r in range(2)] == [slice(0, 10), slice(10, 20)]
+    assert [share(5, r, 2) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [share(1, r, 3) for r in range(3)] == [slice(0, 1), slice(1, 1), slice(1, 1)]
+    assert strip_nproc(["train", "g", "--nproc", "2", "--bs", "4", "--nproc=3"]) == \
+        ["train", "g", "--bs", "4"]
+
+
+@needs_mnist
+def test_two_ranks_equal_one_process(single, two_ranks):
+    out, result, _ = two_ranks
+    assert_same_state(single / "e1" / "last.npz", out / "last.npz")
+    one = read_metrics(single / "e1" / "metrics.jsonl")
+    two = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in two] == [r["iteration"] for r in one] == [1, 2, 3, 4, 5, 5]
+    for r1, r2 in zip(one, two):
+        for key in ("loss", "train_loss", "test_loss"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5)
+        for key in ("acc", "train_acc", "test_acc"):
+            if key in r1:
+                assert r2[key] == r1[key]
+    # rank 0 alone reports: one description line, one epoch line
+    assert result.stdout.count("epoch 1/1") == 1 and "2 ranks (gloo)" in result.stdout
+
+
+@needs_mnist
+def test_resume_with_another_number_of_ranks(single, two_ranks, tmp_path):
+    # 2 ranks wrote epoch 1; one process continues to epoch 2 ...
+    two = tmp_path / "two"
+    shutil.copytree(two_ranks[0], two)
+    assert in_process("--num_epochs", "2", "--resume", str(two / "last.npz")) == 0
+    assert_same_state(single / "e2" / "last.npz", two / "last.npz")
+    # ... and the other way round: one process wrote epoch 1, 2 ranks continue
+    one = tmp_path / "one"
+    shutil.copytree(single / "e1", one)
+    result = run("--num_epochs", "2", "--resume", str(one / "last.npz"), "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    assert_same_state(single / "e2" / "last.npz", one / "last.npz")
+
+
+@needs_mnist
+def test_a_killed_rank_stops_the_job(tmp_path):
+    """Rank 1 killed (SIGKILL) mid-training: the launcher ends nonzero well within the
+    collective timeout, saying which rank died."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
+           "--limit-train", "2000", "--num_epochs", "5", "--save_dir", str(out),
+           "--nproc", "2"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=clean_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").is_file() or \
+                not (out / "metrics.jsonl").read_text().strip():
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        assert len(children) == 2
+        killed = time.monotonic()
+        os.kill(int(children[1]), 9)
+        _, err = launcher.communicate(timeout=45)
+        took = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 128 + 9
+    assert "rank 1 of 2 was killed by signal 9 (SIGKILL)" in err
+    assert took < 30, took
+
+
+def test_batch_not_divisible_is_one_line(capsys, monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert in_process("--bs", "21", "--nproc", "2") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--bs 21 is the global batch" in err
+
+
+def test_world_size_without_rendezvous_is_one_line(capsys, monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert in_process("--num_epochs", "1") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MASTER_ADDR, MASTER_PORT are not" in err
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert in_process("--nproc", "2") == 2
+    assert "drop --nproc" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(Exception, match="RANK=5 does not lie"):
+        env_config()
+
+
+def test_no_launcher_no_world(monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert env_config() is None
+
+
+def test_bench_nproc_reports_scaling(tmp_path):
+    fig_path = tmp_path / "fig.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "capsflow", "bench", str(CAPSNET), "--set", "routing_iters=1",
+         "--set", "conv1_maps=16", "--set", "primary_types=4", "--bs", "8", "--repeats", "2",
+         "--warmup", "1", "--nproc", "2", "--json", str(fig_path)],
+        capture_output=True, text=True, timeout=120, env=clean_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "scaling efficiency" in result.stdout and "2 ranks" in result.stdout
+    import json
+    fig = json.loads(fig_path.read_text())
+    assert fig["nproc"] == 2 and len(fig["runs"]["2"]["seconds"]) == 2
+    assert fig["efficiency"] == pytest.approx(fig["median_1"] / fig["median_n"] / 2)
+
+
+def test_bench_nproc_batch_not_divisible(capsys):
+    assert cli_main(["bench", str(CAPSNET), "--set", "routing_iters=1", "--bs", "9",
+                     "--nproc", "2"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+@needs_mnist
+def test_auto_resume_continues_from_save_dir(single, tmp_path, capsys, monkeypatch):
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "run"
+    assert in_process("--num_epochs", "1", "--save_dir", str(out), "--auto-resume") == 0
+    assert "resuming" not in capsys.readouterr().out             # nothing to resume: fresh
+    assert in_process("--num_epochs", "2", "--save_dir", str(out), "--auto-resume") == 0
+    assert "resuming" in capsys.readouterr().out
+    assert_same_state(single / "e2" / "last.npz", out / "last.npz")
+    assert in_process("--auto-resume", "--resume", str(out / "last.npz")) == 2
+    assert in_process("--auto-resume") == 2
+    assert "--auto-resume needs --save_dir" in capsys.readouterr().err
+
+
+@needs_mnist
+def test_torchrun_restart_resumes_after_a_killed_rank(tmp_path):
+    """torchrun --max-restarts 1 with --auto-resume: rank 1 killed in epoch 2, torchrun
+    restarts both ranks, which continue from epoch 1's checkpoint and finish."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--max-restarts", "1", "-m", "capsflow", "train", str(CAPSNET), *SMALL,
+           "--limit-train", "1500", "--num_epochs", "3", "--save_dir", str(out),
+           "--auto-resume"]
+    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=clean_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "last.npz").is_file():  # written (atomically) after epoch 1
+            assert agent.poll() is None, agent.communicate()
+            assert time.monotonic() < deadline, "epoch 1 never ended"
+            time.sleep(0.1)
+        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+        os.kill(int(children[-1]), 9)
+        stdout, stderr = agent.communicate(timeout=240)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    said = f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
+    assert agent.returncode == 0, said
+    assert "resuming" in stdout and "1 epoch(s)" in stdout, said
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["iteration"] for r in epochs] == [75, 150, 225]
