@@ -32,12 +32,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from capsflow.backends import Backend, get_backend, to_numpy
+from capsflow.backends import Backend, get_backend
 from capsflow.cli import add_graph_arguments, check_output_dir, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.lang.yamlio import parse_override
 from capsflow.options import add_option_arguments, options_from_args
-from capsflow.runners.data import DATASETS, DataDescription, class_names, one_hot
+from capsflow.runners.data import DATASETS, DataDescription, class_names
 from capsflow.runners.training import (batched_outputs, class_scores, input_shape,
                                        load_model, num_classes, read_checkpoint)
 
@@ -169,17 +169,12 @@ def top_classes(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
-def reconstruct(graph: Any, params: dict, images: np.ndarray, masks: np.ndarray,
+def reconstruct(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
                 batch_size: int, backend: Any) -> np.ndarray:
-    """The decoder's output (N, pixels) with its capsules masked by ``masks`` (N, classes),
-    fed through the label input ``y`` (one-hot: one capsule; two ones: both)."""
-    out = []
-    for lo in range(0, images.shape[0], batch_size):
-        part = slice(lo, lo + batch_size)
-        result = graph.run(params, {"x": images[part], LABELS: masks[part]}, backend=backend,
-                           outputs=[RECON])
-        out.append(to_numpy(result[RECON]))
-    return np.concatenate(out)
+    """The decoder's output (N, pixels) with its capsules masked by ``labels``, int (N,)
+    for one capsule or (N, K) for K of them, fed through the label input ``y``."""
+    return np.concatenate([result[RECON] for _, result in batched_outputs(
+        graph, params, images, labels, (RECON,), batch_size, backend)])
 
 
 def _png(image: np.ndarray, path: Path) -> None:
@@ -208,14 +203,13 @@ def write_reconstructions(graph: Any, params: dict, images: np.ndarray, files: L
                           batch_size: int, backend: Any) -> List[Path]:
     """``out_dir/<stem>.recon.png`` (the predicted capsules) and, for two predicted
     classes, ``<stem>.recon-<class>.png`` for each; returns the files written."""
-    k = described.num_classes
     shape = (images.shape[0],) + tuple(described.shape)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = _stems(files)
-    # (which predicted class, or None for all of them; the decoder's mask)
-    masks: List[Tuple[Optional[int], np.ndarray]] = [(None, one_hot(predicted, k))]
+    # (which predicted class, or None for all of them; the capsules the decoder sees)
+    masks: List[Tuple[Optional[int], np.ndarray]] = [(None, predicted)]
     if predicted.shape[1] > 1:
-        masks += [(j, one_hot(predicted[:, j], k)) for j in range(predicted.shape[1])]
+        masks += [(j, predicted[:, j]) for j in range(predicted.shape[1])]
     written = []
     for which, mask in masks:
         recon = reconstruct(graph, params, images, mask, batch_size, backend).reshape(shape)
