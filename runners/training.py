@@ -469,6 +469,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
     """
     outputs = (class_scores(graph),) if outputs is None else outputs
     n = images.shape[0]
+    classes = num_classes(graph) if labels is not None else None
     starts = range(0, n, batch_size)
     if desc is not None:
         from tqdm import tqdm  # lazy: only runners that show progress need it
@@ -477,7 +478,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         part = slice(lo, min(lo + batch_size, n))
         inputs = {"x": images[part]}
         if labels is not None:
-            inputs["y"] = one_hot(labels[part], num_classes(graph))
+            inputs["y"] = one_hot(labels[part], classes)
         out = graph.run(params, inputs, backend=backend, outputs=list(outputs))
         yield part, {k: to_numpy(v) for k, v in out.items()}
 
@@ -494,14 +495,14 @@ def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndar
     its K highest scores are its K classes (``correct_predictions``).
     Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,) or (N, K)}.
     """
-    scores = class_scores(graph)
+    scores, classes = class_scores(graph), num_classes(graph)
     k = 1 if labels.ndim == 1 else labels.shape[1]
     total, right = 0.0, 0
     pred = np.empty((images.shape[0], k), dtype=np.int64)
     for part, out in batched_outputs(graph, params, images, labels, ("loss", scores),
                                      batch_size, backend, desc):
         total += float(out["loss"]) * (part.stop - part.start)
-        targets = one_hot(labels[part], num_classes(graph))
+        targets = one_hot(labels[part], classes)
         right += int(correct_predictions(out[scores], targets).sum())
         pred[part] = np.argsort(-out[scores], axis=1, kind="stable")[:, :k]
     n = max(images.shape[0], 1)
