@@ -610,12 +610,16 @@ class _Expander:
             loop = ChainMap({"iteration": k, "iterations": count}, value.variables)
             return _fill(str(value), loop, value.loc, self.budget)
         if isinstance(value, dict):
-            out = LocDict((key, self.resolve(v, entry, block, node)) for key, v in value.items())
+            items = {key: self.resolve(v, entry, block, node) for key, v in value.items()}
+            if all(items[key] is v for key, v in value.items()):
+                return value   # nothing deferred: no copy for every node of every iteration
+            out = LocDict(items)
             out.file, out.line = getattr(value, "file", None), getattr(value, "line", None)
             out.key_lines = getattr(value, "key_lines", {})
             return out
         if isinstance(value, list):
-            return [self.resolve(v, entry, block, node) for v in value]
+            items = [self.resolve(v, entry, block, node) for v in value]
+            return value if all(a is b for a, b in zip(items, value)) else items
         return value
 
     def expand_instance(self, entry: Instance, prefix: str, scope: dict, stage: str | None,
