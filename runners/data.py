@@ -266,8 +266,7 @@ class DataDescription:
         return cls(dataset, title or dataset, list(classes), tuple(shape), per, clean)
 
     def describe(self) -> str:
-        c, h, w = self.shape
-        return f"{self.title}: {c}x{h}x{w}, {self.num_classes} classes"
+        return f"{self.title}: {shape_text(self.shape)}, {self.num_classes} classes"
 
 
 class Split(NamedTuple):
@@ -779,15 +778,16 @@ def load_train_test(dataset: str, data_dir: Optional[Union[str, Path]] = None,
     if test.info.shape != train.info.shape:
         where = f" in {data_dir}" if data_dir is not None else ""
         hint = (f"; pass {OPTIONS['size']} to resize both" if "size" in info.options else "")
-        raise DataError(f"{dataset}{where}: the test images are {_shape_text(test.info.shape)} "
-                        f"but the training images are {_shape_text(train.info.shape)}{hint}")
+        raise DataError(f"{dataset}{where}: the test images are {shape_text(test.info.shape)} "
+                        f"but the training images are {shape_text(train.info.shape)}{hint}")
     if test.info.classes != train.info.classes:
         raise DataError(f"{dataset}: the test split's classes differ from the training "
                         f"split's ({len(test.info.classes)} vs {len(train.info.classes)})")
     return train, test
 
 
-def _shape_text(shape: Tuple[int, ...]) -> str:
+def shape_text(shape: Tuple[int, ...]) -> str:
+    """(3, 32, 32) -> '3x32x32', as messages write image shapes."""
     return "x".join(str(s) for s in shape)
 
 

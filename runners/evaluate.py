@@ -26,7 +26,7 @@ from capsflow.cli import add_graph_arguments, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, options_from_args
 from capsflow.runners.data import (DATASETS, NUM_CLASSES, OPTIONS, DataNotFoundError,
-                                   find_dataset_folder, load)
+                                   find_dataset_folder, load, shape_text)
 from capsflow.runners.training import (batched_outputs, class_scores, input_shape,
                                        load_model, num_classes)
 from capsflow.lang.yamlio import parse_override
@@ -74,7 +74,7 @@ def open_model(args: argparse.Namespace, backend: Backend) -> tuple:
     split = load(dataset, "test", data_dir, args.limit_test, seed=ckpt.config.seed, **options)
     shape, classes = input_shape(graph), num_classes(graph)
     if tuple(split.info.shape) != shape or split.info.num_classes != classes:
-        trained = "x".join(map(str, shape)) if shape else "?"
+        trained = shape_text(shape) if shape else "?"
         raise CapsflowError(
             f"{ckpt.path} takes {trained} images and scores {classes} classes (trained on "
             f"{ckpt.config.dataset}); --dataset {dataset} has {split.info.describe()}: "

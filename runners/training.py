@@ -53,7 +53,7 @@ from capsflow.options import Options
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import TrainStep
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
-                                   one_hot)
+                                   one_hot, shape_text)
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -394,7 +394,7 @@ def input_shape(graph: Any) -> Optional[tuple]:
 
 
 def _shape_text(shape: Any) -> str:
-    return "x".join(str(s) for s in shape) if shape is not None else "not [N, C, H, W]"
+    return shape_text(shape) if shape is not None else "not [N, C, H, W]"
 
 
 def check_fits(graph: Any, info: DataDescription) -> None:
