@@ -357,12 +357,11 @@ class _Composer:
         if not isinstance(raw.get("nodes"), list):
             raise SpecError("an included fragment needs a 'nodes' list", file=str(path))
         fragment = _Fragment(str(path), _section(raw, "vars"), _section(raw, "params"))
-        for name, value in fragment.vars.items():
-            self.fragment_vars.setdefault(name, (value, (fragment.path,
-                                                         fragment.vars.key_line(name))))
         inner = dict(scope)
         for name, value in fragment.vars.items():
-            inner.setdefault(name, (value, (fragment.path, fragment.vars.key_line(name))))
+            default = (value, (fragment.path, fragment.vars.key_line(name)))
+            self.fragment_vars.setdefault(name, default)
+            inner.setdefault(name, default)
         pinned = _instance_vars(entry) if "as" in entry else {}
         for name, value in pinned.items():   # an instance's own values win (see _lookup)
             inner[name] = (value, (entry.file, pinned.key_line(name)), "pinned")
