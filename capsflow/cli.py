@@ -84,6 +84,11 @@ def positive_float(text: str) -> float:
     return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
+def non_negative_float(text: str) -> float:
+    """A floor, a weight: finite and >= 0."""
+    return _number(float, text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
 def check_output_dir(path: str | Path, flag: str) -> Path:
     """``path`` as a folder that can be created or written, else one line naming ``flag``;
     called before any work, so a typo does not cost a training run. Creates nothing."""

@@ -54,7 +54,8 @@ from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
-from capsflow.runners.train import add_data_arguments, add_shift_arguments, config_from_args
+from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
+                                   add_shift_arguments, config_from_args)
 from capsflow.runners.training import METRICS as METRICS_FILE
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
                                        fit_graph_to_data, load_data, read_metrics)
@@ -83,8 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bs", type=positive_int, metavar="N", help=f"batch size (default {d.batch_size})")
     a("--lr", type=positive_float, metavar="LR", help=f"learning rate (default {d.lr:g})")
     a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
-    a("--lr-decay", dest="lr_decay", type=float, metavar="F",
-      help=f"learning rate factor per epoch (default {d.lr_decay}; 1 = constant)")
+    add_schedule_arguments(parser)
     a("--val_epoch", type=positive_int, metavar="N",
       help="evaluate on the test split every N epochs (default: once, at the end)")
     a("--disp", type=positive_int, metavar="N",
@@ -192,7 +192,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"comparing {len(graphs)} graphs on {config.dataset}: "
           f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "
           f"{steps} steps of batch {config.batch_size} ({config.num_epochs} epoch(s)), "
-          f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, seed {config.seed}, "
+          f"{config.optimizer} {config.describe_lr()}, seed {config.seed}, "
           f"{config.options.backend}; writing to {out}")
     load_before = _load_average()
     jobs = min(args.jobs, len(graphs))
@@ -544,7 +544,9 @@ def command_line(args: argparse.Namespace, options: Options) -> str:
     for override in args.overrides:
         words += ["--set", override]
     for flag, dest in (("--steps", "steps"), ("--num_epochs", "num_epochs"), ("--bs", "bs"),
-                       ("--lr", "lr"), ("--opt", "opt"), ("--lr-decay", "lr_decay"),
+                       ("--lr", "lr"), ("--opt", "opt"), ("--lr-schedule", "lr_schedule"),
+                       ("--lr-decay", "lr_decay"), ("--decay-steps", "decay_steps"),
+                       ("--min-lr", "min_lr"),
                        ("--val_epoch", "val_epoch"), ("--disp", "disp"), ("--seed", "seed"),
                        ("--shift", "shift"), ("--dataset", "dataset"),
                        ("--data-dir", "data_dir"), ("--limit-train", "limit_train"),
@@ -567,8 +569,8 @@ def describe_run(args: argparse.Namespace, config: Any, data: Any, steps: int) -
     return (f"Command: `{command_line(args, config.options)}`\n\n"
             f"{config.dataset}: {data.train_images.shape[0]} training examples, "
             f"{data.test_images.shape[0]} test examples; {steps} steps of batch "
-            f"{config.batch_size} ({config.num_epochs} epoch(s)), {config.optimizer} lr "
-            f"{config.lr:g} x{config.lr_decay:g} per epoch, {shifts}, seed {config.seed}, "
+            f"{config.batch_size} ({config.num_epochs} epoch(s)), {config.optimizer} "
+            f"{config.describe_lr()}, {shifts}, seed {config.seed}, "
             f"{config.options.backend} {config.dtype} on {platform.machine()} "
             f"({_cpu_count()} CPUs). ms/step is the median time of one training step "
             f"(forward, backward, update); final train loss the mean running train loss "

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from capsflow.backends import get_backend
 from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_args,
-                          non_negative_int, positive_float, positive_int)
+                          non_negative_float, non_negative_int, positive_float,
+                          positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.training.optim import OPTIMIZERS
@@ -31,6 +32,7 @@ from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, c
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
 # The option flags (--backend, --precision, --no-replay...) work the same way.
 _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
+                 "lr_schedule": "lr_schedule", "decay_steps": "decay_steps", "min_lr": "min_lr",
                  "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
                  "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
                  "limit_train": "limit_train", "limit_test": "limit_test",
@@ -45,6 +47,23 @@ def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
                        help=f"random shifts of up to PIXELS in training (default {default})")
     shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
                        help="no shift augmentation")
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """--lr-schedule, --lr-decay, --decay-steps, --min-lr (train, compare)."""
+    defaults = TrainConfig.DECAY_DEFAULTS
+    a = parser.add_argument
+    a("--lr-schedule", dest="lr_schedule", choices=list(defaults),
+      help="per-epoch: lr * F**epoch (default; the Keras port's x0.9); per-step: the paper's "
+           "official code, lr * F**(step/STEPS), never below --min-lr (docs/training.md)")
+    a("--lr-decay", dest="lr_decay", type=float, metavar="F",
+      help=f"the decay factor F (default {defaults['per-epoch'][0]} per epoch, "
+           f"{defaults['per-step'][0]} per-step; 1 = constant)")
+    a("--decay-steps", dest="decay_steps", type=positive_int, metavar="STEPS",
+      help=f"per-step: the lr is multiplied by F every STEPS updates "
+           f"(default {TrainConfig.decay_steps})")
+    a("--min-lr", dest="min_lr", type=non_negative_float, metavar="LR",
+      help=f"per-step: the floor (default {defaults['per-step'][1]:g})")
 
 
 def image_size(text: str) -> list:
@@ -86,8 +105,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--bs", type=positive_int, metavar="N", help=f"batch size (default {d.batch_size})")
     a("--lr", type=positive_float, metavar="LR", help=f"learning rate (default {d.lr:g})")
     a("--opt", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
-    a("--lr-decay", dest="lr_decay", type=float, metavar="F",
-      help=f"learning rate factor per epoch: lr * F**epoch (default {d.lr_decay}; 1 = constant)")
+    add_schedule_arguments(parser)
     a("--num_epochs", type=positive_int, metavar="N",
       help=f"epochs to train (default {d.num_epochs})")
     a("--val_epoch", type=positive_int, metavar="N",
@@ -222,7 +240,7 @@ def describe(graph, config: TrainConfig, data, save_dir: Path) -> str:
     line = (f"training {graph.spec.name} ({graph.param_count():,} parameters;{sets}) on "
             f"{what}: {data.train_images.shape[0]} train / "
             f"{data.test_images.shape[0]} test examples, batch {config.batch_size}, "
-            f"{config.optimizer} lr {config.lr:g} x{config.lr_decay:g}/epoch, {shifts}, "
+            f"{config.optimizer} {config.describe_lr()}, {shifts}, "
             f"{config.options.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")
     if data.info is not None and data.info.labels_per_example > 1:
         line += ("\naccuracy (the paper's MultiMNIST measure): an example counts as right "

@@ -88,7 +88,13 @@ class TrainConfig:
     batch_size: int = 100
     lr: float = 1e-3
     optimizer: str = "adam"
-    lr_decay: float = 0.9          # learning rate of epoch e (from 0): lr * lr_decay ** e
+    # The learning-rate schedule (capsflow.training.optim.ExponentialDecay): per-epoch,
+    # lr * lr_decay ** epoch; or per-step, the official code's lr * lr_decay ** (step /
+    # decay_steps), never below min_lr. None: the schedule's own default (DECAY_DEFAULTS).
+    lr_schedule: str = "per-epoch"
+    lr_decay: Optional[float] = None
+    decay_steps: int = 2000
+    min_lr: Optional[float] = None
     num_epochs: int = 10
     val_epoch: int = 1             # validate every N epochs (and always after the last)
     disp: int = 10                 # log running loss/accuracy every N iterations
@@ -109,12 +115,36 @@ class TrainConfig:
 
     # Settings a resumed run must share with its checkpoint, or it would not continue
     # the same run. The others (epochs, reporting, options, test subset) may change.
-    FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_decay", "seed", "shift",
+    FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_schedule", "lr_decay",
+                       "decay_steps", "min_lr", "seed", "shift",
                        "dataset", "limit_train", "emnist_split", "image_size", "crop",
                        "channels", "multimnist_count", "dtype")
 
+    #: schedule -> (lr_decay, min_lr) when not given: x0.9 per epoch (the Keras port), and
+    #: the paper's official code, x0.96 every 2000 steps with a floor of 1e-6.
+    DECAY_DEFAULTS = {"per-epoch": (0.9, 0.0), "per-step": (0.96, 1e-6)}
+
+    def lr_schedule_fn(self) -> ExponentialDecay:
+        """The schedule these settings describe (raises one line for a bad one)."""
+        return ExponentialDecay(self.lr, self.lr_decay, self.lr_schedule, self.decay_steps,
+                                self.min_lr)
+
+    def describe_lr(self) -> str:
+        """The schedule in words, e.g. 'lr 0.001 x0.96/2000 steps (min 1e-06)'."""
+        if self.lr_schedule == "per-step":
+            return (f"lr {self.lr:g} x{self.lr_decay:g}/{self.decay_steps} steps "
+                    f"(min {self.min_lr:g})")
+        return f"lr {self.lr:g} x{self.lr_decay:g}/epoch"
+
     def check(self) -> None:
-        """One clear line for a setting no run can use."""
+        """One clear line for a setting no run can use. Fills in the schedule's defaults
+        (DECAY_DEFAULTS) for an ``lr_decay`` or ``min_lr`` not given."""
+        if self.lr_schedule not in self.DECAY_DEFAULTS:
+            raise CapsflowError(f"--lr-schedule must be one of {', '.join(self.DECAY_DEFAULTS)}, "
+                                f"got {self.lr_schedule!r}")
+        decay, floor = self.DECAY_DEFAULTS[self.lr_schedule]
+        self.lr_decay = decay if self.lr_decay is None else self.lr_decay
+        self.min_lr = floor if self.min_lr is None else self.min_lr
         for name in ("batch_size", "num_epochs", "val_epoch", "disp"):
             if getattr(self, name) < 1:
                 raise CapsflowError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -128,6 +158,10 @@ class TrainConfig:
             raise CapsflowError(f"--lr must be a finite number > 0, got {self.lr}")
         if not 0 < self.lr_decay <= 1:
             raise CapsflowError(f"--lr-decay must lie in (0, 1], got {self.lr_decay}")
+        if self.decay_steps < 1:
+            raise CapsflowError(f"--decay-steps must be >= 1, got {self.decay_steps}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise CapsflowError(f"--min-lr must lie in [0, --lr {self.lr:g}], got {self.min_lr}")
         if self.shift < 0:
             raise CapsflowError(f"the shift must be >= 0 pixels, got {self.shift}")
         from capsflow.core.graph import DTYPES
@@ -157,6 +191,7 @@ class TrainConfig:
 
 _FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
           "limit_test": "limit-test", "lr_decay": "lr-decay", "data_dir": "data-dir",
+          "lr_schedule": "lr-schedule", "decay_steps": "decay-steps", "min_lr": "min-lr",
           "emnist_split": "emnist-split", "image_size": "image-size",
           "multimnist_count": "multimnist-count"}
 
@@ -661,13 +696,14 @@ class Trainer:
             broadcast_params(world, self.params, self.backend.xp)  # identical from the start
         self.optimizer = make_optimizer(config.optimizer, config.lr)
         self.opt_state = self.optimizer.init_state(graph.trainable(self.params))
-        self.schedule = ExponentialDecay(config.lr, config.lr_decay)
+        self.schedule = config.lr_schedule_fn()
         self.batches = BatchIterator(data.train_images, data.train_labels, config.batch_size,
                                      shuffle=True, augment_shift=config.shift,
                                      rng=np.random.default_rng(config.seed),
                                      num_classes=num_classes(graph))
         self.state = Progress()
         self.stopped_early = False  # set when Ctrl-C ended fit()
+        self.out_of_time = False    # set when fit()'s time budget ended it before the last epoch
 
     # -- checkpoints -----------------------------------------------------------------
     @property
@@ -759,13 +795,16 @@ class Trainer:
             f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
 
     # -- the loop --------------------------------------------------------------------
-    def fit(self) -> list:
-        """Train until ``config.num_epochs`` epochs are complete.
+    def fit(self, seconds: Optional[float] = None) -> list:
+        """Train until ``config.num_epochs`` epochs are complete, or, with ``seconds``,
+        until the first epoch that ends later than that after the call (then
+        ``out_of_time`` is set; ``last.npz`` holds that epoch, and a resumed run goes on).
 
         Returns the epoch records written to metrics.jsonl by this call. Ctrl-C saves
         ``last.npz`` at the last completed step, sets ``stopped_early`` and returns.
         Raises TrainingDiverged when the loss is not finite.
         """
+        deadline = None if seconds is None else time.perf_counter() + seconds
         if self.is_main:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             for path in remove_stale_temporaries(self.save_dir):
@@ -790,6 +829,10 @@ class Trainer:
         try:
             while self.state.epoch < self.config.num_epochs:
                 records.append(self._epoch())
+                if (deadline is not None and time.perf_counter() > deadline
+                        and self.state.epoch < self.config.num_epochs):
+                    self.out_of_time = True
+                    break
         except KeyboardInterrupt:
             with _interrupts_deferred():
                 self.save(self.last_path)
@@ -802,12 +845,13 @@ class Trainer:
     def _epoch(self) -> dict:
         cfg, st = self.config, self.state
         e = st.epoch
-        lr = self.schedule.lr_at(e)
+        lr = self.schedule.lr_at(e, st.iteration)
         started = time.perf_counter() - st.epoch_seconds
         batches = self._bar(self.batches, total=len(self.batches),
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")
         for x, y in batches:
+            lr = self.schedule.lr_at(e, st.iteration)  # per-step schedules change it here
             inputs = {"x": x, "y": y}
             if DROPOUT_SEED in self.graph.spec.inputs:
                 # From the run's seed and the step count, which a checkpoint restores:

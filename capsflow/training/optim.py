@@ -213,20 +213,37 @@ def make_optimizer(name: str, lr: float) -> Optimizer:
     )
 
 
+#: The learning-rate schedules (TrainConfig.lr_schedule; docs/training.md).
+SCHEDULES = ("per-epoch", "per-step")
+
+
 class ExponentialDecay:
-    """Learning rate ``base_lr * factor_per_epoch ** epoch`` (epoch counts from 0)."""
+    """The learning rate as training goes on, one of two exponential decays:
 
-    def __init__(self, base_lr: float, factor_per_epoch: float) -> None:
-        if factor_per_epoch <= 0:
-            raise OptimizerError(
-                f"decay factor must be > 0, got {factor_per_epoch}"
-            )
-        self.base_lr = float(base_lr)
-        self.factor_per_epoch = float(factor_per_epoch)
+    * ``per-epoch`` (the common one, e.g. the Keras CapsNet port): ``base_lr * factor **
+      epoch``, constant within an epoch (epoch counts from 0);
+    * ``per-step`` (the paper's official code, TensorFlow's ``exponential_decay`` without
+      staircase): ``base_lr * factor ** (step / every)`` with ``step`` the number of updates
+      already made, never below ``floor`` (``tf.maximum(lr, 1e-6)`` there).
+    """
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate to use during ``epoch``."""
-        return self.base_lr * self.factor_per_epoch ** int(epoch)
+    def __init__(self, base_lr: float, factor: float, kind: str = "per-epoch",
+                 every: int = 2000, floor: float = 0.0) -> None:
+        if factor <= 0:
+            raise OptimizerError(f"decay factor must be > 0, got {factor}")
+        if kind not in SCHEDULES:
+            raise OptimizerError(f"unknown learning-rate schedule {kind!r}; choose one of: "
+                                 f"{', '.join(SCHEDULES)}")
+        if every < 1:
+            raise OptimizerError(f"the decay interval must be >= 1 step, got {every}")
+        self.base_lr, self.factor = float(base_lr), float(factor)
+        self.kind, self.every, self.floor = kind, int(every), float(floor)
+
+    def lr_at(self, epoch: int, step: int = 0) -> float:
+        """Learning rate of the update made in ``epoch`` after ``step`` earlier updates."""
+        if self.kind == "per-epoch":
+            return self.base_lr * self.factor ** int(epoch)
+        return max(self.base_lr * self.factor ** (int(step) / self.every), self.floor)
 
 
 def state_to_flat(state: State) -> Dict[str, np.ndarray]:
