@@ -40,6 +40,7 @@ COMMANDS = {
     "visualize": ("visualize", "reconstruction, perturbation and training-curve pictures"),
     "render": ("render", "draw the graph and its gradient flow with Graphviz"),
     "compare": ("compare", "train routing variants side by side and tabulate them"),
+    "reproduce": ("reproduce", "run a recipe: one row of the results table (docs/results.md)"),
     "export": ("export", "write the inference forward graph and its weights as an ONNX model"),
 }
 

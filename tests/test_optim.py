@@ -8,6 +8,7 @@ from capsflow.training.optim import (
     SGD,
     Adam,
     ExponentialDecay,
+    OptimizerError,
     make_optimizer,
     state_from_flat,
     state_to_flat,
@@ -161,3 +162,17 @@ def test_exponential_decay():
     assert decay.lr_at(1) == pytest.approx(0.00096)
     assert decay.lr_at(10) == pytest.approx(0.001 * 0.96 ** 10)
     assert ExponentialDecay(0.5, 1.0).lr_at(100) == 0.5
+
+
+def test_per_step_decay_is_the_official_codes_schedule():
+    """tf.train.exponential_decay(1e-3, step, 2000, 0.96) (no staircase), then
+    tf.maximum(lr, 1e-6): continuous in the step, blind to the epoch."""
+    decay = ExponentialDecay(1e-3, 0.96, "per-step", every=2000, floor=1e-6)
+    assert decay.lr_at(epoch=0, step=0) == pytest.approx(1e-3)
+    assert decay.lr_at(epoch=7, step=1000) == pytest.approx(1e-3 * 0.96 ** 0.5)
+    assert decay.lr_at(epoch=0, step=2000) == pytest.approx(0.96e-3)
+    assert decay.lr_at(epoch=0, step=10 ** 7) == 1e-6          # the floor
+    for kind, every, message in (("cosine", 2000, "unknown learning-rate schedule"),
+                                 ("per-step", 0, "decay interval must be >= 1")):
+        with pytest.raises(OptimizerError, match=message):
+            ExponentialDecay(1e-3, 0.96, kind, every=every)

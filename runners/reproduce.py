@@ -1,0 +1,259 @@
+"""``capsflow reproduce RECIPE``: run one row of the results table and write the row.
+
+A recipe (runners/recipe.py, graphs/recipes/) fixes the graph, the data and every
+training setting. The run goes to ``--out`` (default runs/reproduce/NAME): checkpoints,
+metrics.jsonl (one record per epoch, the test accuracy among them), a copy of the recipe,
+and ``row.json``, the row: final and best test accuracy, the paper's figure, epochs,
+wall time, the command and the machine. ``capsflow reproduce --table DIR`` gathers the
+rows under DIR into the markdown table of docs/results.md.
+
+The same command resumes: when ``--out`` holds a run of this recipe it continues from its
+last.npz (a run killed, or stopped by ``--max-minutes``, loses at most the epoch it was
+in); a run of another recipe there is one line and nothing is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from capsflow.backends import get_backend
+from capsflow.cli import check_output_dir, positive_float, positive_int
+from capsflow.errors import CapsflowError
+from capsflow.options import add_option_arguments, option_arguments, options_from_args
+from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
+from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
+                                       read_checkpoint, read_metrics)
+
+ROW = "row.json"
+RECIPE_COPY = "recipe.yaml"
+#: The most row files ``--table`` reads (a table, not a crawl of the disk).
+MAX_ROWS = 200
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("recipe", nargs="?", metavar="RECIPE",
+      help=f"a recipe file, or the name of one in graphs/recipes/ ({', '.join(recipe_names())})")
+    a("--list", action="store_true", help="list the recipes and what each reproduces")
+    a("--table", metavar="DIR",
+      help="print the results table of the runs under DIR (their row.json files)")
+    a("--out", metavar="DIR", help="the run's folder (default runs/reproduce/NAME); an "
+                                   "existing run of the recipe there is continued")
+    a("--epochs", type=positive_int, metavar="N",
+      help="train N epochs instead of the recipe's (the row then says so)")
+    a("--max-minutes", dest="max_minutes", type=positive_float, metavar="M",
+      help="stop after the first epoch that ends past M minutes; the same command goes on")
+    a("--data-dir", dest="data_dir", metavar="ROOT",
+      help="data root (else $CAPSFLOW_DATA, then ~/.cache/capsflow/data; docs/data.md)")
+    a("--download", action="store_true", help="download the dataset through torchvision")
+    a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
+      help="train on the first N examples only (a smoke test: the row says so)")
+    a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
+      help="test on the first N examples only (a smoke test: the row says so)")
+    a("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_option_arguments(parser, keep_unset=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        print(list_recipes())
+        return 0
+    if args.table:
+        print(results_table(collect_rows(Path(args.table))))
+        return 0
+    if not args.recipe:
+        raise CapsflowError("name a recipe (capsflow reproduce --list shows them), or give "
+                            "--list or --table DIR")
+    recipe = load_recipe(args.recipe)
+    changes = {k: getattr(args, k) for k in ("limit_train", "limit_test", "data_dir")
+               if getattr(args, k) is not None}
+    if args.epochs is not None:
+        changes["num_epochs"] = args.epochs
+    changes["options"] = options_from_args(args)
+    recipe = recipe.with_changes(**changes)
+    out = Path(args.out) if args.out else Path("runs") / "reproduce" / recipe.name
+    check_output_dir(out, "--out")
+    get_backend(recipe.config.options)  # an unusable backend fails before the data loads
+    trainer = prepare(recipe, out, args.download, args.progress)
+    command = command_line(args)
+    if trainer.state.epoch >= recipe.config.num_epochs:
+        print(f"{out} already holds all {recipe.config.num_epochs} epochs of {recipe.name}")
+    else:
+        seconds = None if args.max_minutes is None else 60 * args.max_minutes
+        trainer.fit(seconds)
+        if trainer.stopped_early:
+            write_row(recipe, out, command, trainer)
+            return 130
+    row = write_row(recipe, out, command, trainer)
+    print(format_row(row))
+    print(f"row written to {out / ROW}")
+    return 0
+
+
+def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Trainer:
+    """The recipe's Trainer, continued from ``out``'s last.npz when it holds a run of the
+    same recipe; a copy of the recipe is kept in ``out`` to tell."""
+    from capsflow.core.graph import compile as compile_graph
+    copy, last = out / RECIPE_COPY, out / LAST
+    if copy.is_file() and copy.read_text() != recipe.text:
+        raise CapsflowError(f"--out {out} holds a run of another recipe, or of another "
+                            f"version of {recipe.file.name} (see {copy}); give another --out")
+    ckpt = read_checkpoint(last) if last.is_file() else None
+    graph = compile_graph(recipe.graph, recipe.overrides)
+    data = load_data(recipe.config, download=download)
+    graph = fit_graph_to_data(graph, data.info, recipe.overrides)
+    trainer = Trainer(graph, data, recipe.config, out, progress_bar=progress)
+    if ckpt is not None:
+        trainer.restore(ckpt)  # one line when its settings are not the recipe's
+        print(f"continuing {last}: {trainer.state.epoch} of {recipe.config.num_epochs} "
+              f"epoch(s) done")
+    out.mkdir(parents=True, exist_ok=True)
+    copy.write_text(recipe.text)
+    print(f"reproducing {recipe.name}: {recipe.row}\n  {graph.spec.name} "
+          f"({graph.param_count():,} parameters) on {data.info.describe()}: "
+          f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "
+          f"batch {recipe.config.batch_size}, {recipe.config.optimizer} "
+          f"{recipe.config.describe_lr()}, {recipe.config.num_epochs} epochs, "
+          f"{recipe.config.options.backend}; writing to {out}")
+    return trainer
+
+
+# ------------------------------------------------------------------------------ the row
+def write_row(recipe: Recipe, out: Path, command: str, trainer: Trainer) -> dict:
+    """``out/row.json`` from the run's metrics.jsonl: what the results table shows."""
+    epochs = [r for r in read_metrics(out / METRICS) if r.get("kind") == "epoch"]
+    tested = [r for r in epochs if r.get("test_acc") is not None]
+    planned = recipe.config.num_epochs
+    caveats = []
+    if len(epochs) < planned:
+        caveats.append(f"{len(epochs)} of {planned} epochs")
+    own = load_recipe(str(recipe.file)).config
+    if planned != own.num_epochs:
+        caveats.append(f"--epochs {planned} (the recipe says {own.num_epochs})")
+    for name in ("limit_train", "limit_test"):
+        if getattr(recipe.config, name) is not None:
+            caveats.append(f"--{name.replace('_', '-')} {getattr(recipe.config, name)}")
+    best = max(tested, key=lambda r: r["test_acc"], default=None)
+    row = {
+        "recipe": recipe.name, "row": recipe.row, "recipe_file": str(recipe.file),
+        "complete": not caveats, "caveats": caveats,
+        "epochs": len(epochs), "epochs_planned": planned,
+        "final_test_acc": _percent(tested[-1]["test_acc"]) if tested else None,
+        "best_test_acc": _percent(best["test_acc"]) if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "paper_test_acc": recipe.paper, "paper_source": recipe.source,
+        "schedule": recipe.config.describe_lr(), "batch_size": recipe.config.batch_size,
+        "train_seconds": round(sum(r.get("seconds", 0.0) for r in epochs), 1),
+        "command": command, "card": machine_card(trainer),
+    }
+    (out / ROW).write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def _percent(fraction: float) -> float:
+    return round(100 * fraction, 2)
+
+
+def machine_card(trainer: Trainer) -> dict:
+    """What the figures were made on."""
+    from capsflow.runners.bench import machine
+    options = trainer.config.options
+    card = {"machine": machine(), "backend": options.backend, "precision": options.precision,
+            "flags": option_arguments(options), "dtype": trainer.config.dtype,
+            "python": sys.version.split()[0]}
+    if options.backend == "cupy":
+        xp = trainer.backend.xp
+        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
+        card["device"] = props["name"].decode(errors="replace")
+    blas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    if blas:
+        card["openblas_env"] = blas  # a pinned, older kernel: timings are not the fastest
+    return card
+
+
+def command_line(args: argparse.Namespace) -> str:
+    argv = getattr(args, "command_argv", None)
+    if argv is None:
+        return "capsflow reproduce " + (args.recipe or "")
+    return " ".join(shlex.quote(w) for w in ["capsflow", *argv])
+
+
+def format_row(row: dict) -> str:
+    acc = "-" if row["final_test_acc"] is None else f"{row['final_test_acc']:.2f}%"
+    best = ("" if row["best_test_acc"] is None else
+            f" (best {row['best_test_acc']:.2f}% at epoch {row['best_epoch']})")
+    paper = "" if row["paper_test_acc"] is None else f"; paper {row['paper_test_acc']:.2f}%"
+    caveat = "" if row["complete"] else f"; not the recipe's full run: {', '.join(row['caveats'])}"
+    return (f"{row['recipe']}: test accuracy {acc}{best} after {row['epochs']} epoch(s){paper}, "
+            f"{row['train_seconds']:.0f} s{caveat}")
+
+
+# ---------------------------------------------------------------------------- the table
+def collect_rows(folder: Path) -> list:
+    """The row.json files under ``folder`` (sorted by path), each checked to be a row."""
+    if not folder.is_dir():
+        raise CapsflowError(f"--table {folder} is not a folder")
+    paths = sorted(folder.rglob(ROW))[:MAX_ROWS + 1]
+    if len(paths) > MAX_ROWS:
+        raise CapsflowError(f"--table {folder}: more than {MAX_ROWS} {ROW} files below it; "
+                            f"point at the folder of one table")
+    rows = []
+    for path in paths:
+        try:
+            row = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CapsflowError(f"{path}: not a row written by capsflow reproduce ({exc})") from None
+        needed = ("recipe", "row", "final_test_acc", "best_test_acc", "paper_test_acc",
+                  "epochs", "train_seconds", "complete")
+        if not isinstance(row, dict) or any(k not in row for k in needed):
+            raise CapsflowError(f"{path}: not a row written by capsflow reproduce (it needs "
+                                f"{', '.join(needed)})")
+        row["path"] = str(path.parent)
+        rows.append(row)
+    return rows
+
+
+def results_table(rows: list) -> str:
+    """The markdown table of docs/results.md."""
+    lines = ["| row | recipe | test acc. (final) | best (epoch) | paper | epochs | train time |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        final = _cell(r["final_test_acc"])
+        best = "-" if r["best_test_acc"] is None else f"{r['best_test_acc']:.2f}% ({r['best_epoch']})"
+        note = "" if r["complete"] else " (partial: " + ", ".join(r.get("caveats", [])) + ")"
+        lines.append(f"| {r['row']}{note} | `{r['recipe']}` | {final} | {best} | "
+                     f"{_cell(r['paper_test_acc'])} | {r['epochs']} | "
+                     f"{_duration(r['train_seconds'])} |")
+    return "\n".join(lines)
+
+
+def _cell(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _duration(seconds: Any) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def list_recipes() -> str:
+    lines = [f"recipes in {RECIPES_DIR}:"]
+    for name in recipe_names():
+        try:
+            r = load_recipe(name)
+        except CapsflowError as exc:
+            lines.append(f"  {name:<24} (cannot be read: {exc})")
+            continue
+        paper = "" if r.paper is None else f"; paper {r.paper:.2f}%"
+        lines.append(f"  {name:<24} {r.row} ({r.config.dataset}, {r.config.num_epochs} epochs, "
+                     f"{r.config.describe_lr()}{paper})")
+    return "\n".join(lines)

@@ -1,0 +1,192 @@
+"""Recipes (graphs/recipes/, runners/recipe.py) and ``capsflow reproduce``: every shipped
+recipe reads and compiles; a recipe runs a few steps on real MNIST, resumes, stops on a
+time budget and writes its row; bad recipes and misuse are one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CAPSNET, SHARED_DATA, run_cli
+
+import capsflow
+from capsflow.runners.recipe import load_recipe, recipe_names
+from capsflow.runners.training import read_metrics
+
+needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
+                                 reason=f"real MNIST not found in {SHARED_DATA / 'mnist'}")
+
+# A recipe of the real kind, made small: 1 routing iteration, batches of 20.
+TINY_RECIPE = f"""\
+name: tiny
+row: "MNIST: tiny CapsNet"
+graph: {CAPSNET}
+set: {{routing_iters: 1}}
+data: {{dataset: mnist}}
+train:
+  optimizer: adam
+  lr: 1.0e-3
+  lr_schedule: per-step
+  lr_decay: 0.5
+  decay_steps: 4
+  min_lr: 2.0e-4
+  batch_size: 20
+  epochs: 2
+  shift: 2
+  seed: 0
+paper: {{test_acc: 99.0, source: "a test"}}
+"""
+SMALL = ["--data-dir", str(SHARED_DATA), "--limit-train", "120", "--limit-test", "60",
+         "--no-progress"]
+
+
+def write_recipe(tmp_path, text: str = TINY_RECIPE, name: str = "tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def epoch_records(folder) -> list:
+    return [{k: v for k, v in r.items() if k != "seconds"}
+            for r in read_metrics(folder / "metrics.jsonl")]
+
+
+# ------------------------------------------------------------------- shipped recipes
+def test_every_shipped_recipe_reads_and_its_graph_compiles():
+    names = recipe_names()
+    assert {"mnist-capsnet", "mnist-r1-recon", "mnist-r1-norecon", "mnist-r3-norecon",
+            "mnist-baseline-cnn", "fashion-mnist-capsnet", "multimnist-capsnet",
+            "affine-mnist-capsnet"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.name == name, f"{name}.yaml names itself {recipe.name!r}"
+        assert recipe.paper is not None and recipe.source
+        capsflow.compile(recipe.graph, recipe.overrides)
+
+
+def test_table_1_rows_differ_from_the_mnist_row_only_in_what_the_table_varies():
+    """The ablation is fair: same data, optimizer, schedule, epochs and seed."""
+    main = load_recipe("mnist-capsnet")
+    assert main.config.lr_schedule == "per-step" and main.config.lr_decay == 0.96
+    assert main.config.decay_steps == 2000 and main.config.min_lr == 1e-6
+    expected = {"mnist-r1-recon": {"routing_iters": 1, "recon_weight": 0.0005},
+                "mnist-r1-norecon": {"routing_iters": 1, "recon_weight": 0.0},
+                "mnist-r3-norecon": {"routing_iters": 3, "recon_weight": 0.0}}
+    for name, overrides in expected.items():
+        recipe = load_recipe(name)
+        assert recipe.overrides == overrides
+        assert recipe.graph == main.graph and recipe.config == main.config
+    fashion = load_recipe("fashion-mnist-capsnet")
+    assert fashion.config.dataset == "fashion-mnist"
+    assert fashion.config.lr_schedule == main.config.lr_schedule
+
+
+def test_list_shows_every_recipe(capsys):
+    rc, out, err = run_cli(capsys, "reproduce", "--list")
+    assert rc == 0, err
+    for name in recipe_names():
+        assert name in out
+    assert "99.75%" in out
+
+
+# --------------------------------------------------------------------------- running
+@needs_mnist
+def test_a_recipe_runs_resumes_and_writes_its_row(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", whole)
+    assert rc == 0, err
+    row = json.loads((whole / "row.json").read_text())
+    assert row["recipe"] == "tiny" and row["epochs"] == 2 and row["epochs_planned"] == 2
+    assert not row["complete"] and row["caveats"] == ["--limit-train 120", "--limit-test 60"]
+    epochs = [r for r in read_metrics(whole / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert row["final_test_acc"] == round(100 * epochs[-1]["test_acc"], 2)
+    assert row["best_test_acc"] == round(100 * max(r["test_acc"] for r in epochs), 2)
+    assert row["paper_test_acc"] == 99.0 and "reproduce" in row["command"]
+    assert row["card"]["backend"] == "numpy"
+    # The per-step schedule, as the official code computes it: 6 steps an epoch, the
+    # lr of epoch 2's last step (the 12th update, after 11) is 1e-3 * 0.5 ** (11 / 4),
+    # floored at 2e-4.
+    assert epochs[0]["lr"] == pytest.approx(1e-3 * 0.5 ** (5 / 4))
+    assert epochs[1]["lr"] == pytest.approx(2e-4)
+
+    # One epoch, then the same command (without --epochs) continues to the recipe's two.
+    rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", parts, "--epochs", "1")
+    assert rc == 0, err
+    assert json.loads((parts / "row.json").read_text())["epochs"] == 1
+    rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", parts)
+    assert rc == 0, err
+    assert "continuing" in out and "1 of 2 epoch(s) done" in out
+    assert epoch_records(parts) == epoch_records(whole)   # number for number
+    assert json.loads((parts / "row.json").read_text())["final_test_acc"] == row["final_test_acc"]
+
+    # Run again when it is all done: nothing is trained, the row is written again.
+    rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", parts)
+    assert rc == 0 and "already holds all 2 epochs" in out
+
+    rc, out, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    assert rc == 0, err
+    assert out.count("| MNIST: tiny CapsNet") == 2 and "99.00%" in out
+
+
+@needs_mnist
+def test_a_time_budget_stops_at_an_epoch_end_and_the_same_command_goes_on(tmp_path, capsys):
+    recipe = write_recipe(tmp_path)
+    out_dir = tmp_path / "run"
+    argv = ["reproduce", recipe, *SMALL, "--out", out_dir, "--max-minutes", "0.0001"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    row = json.loads((out_dir / "row.json").read_text())
+    assert row["epochs"] == 1 and "1 of 2 epochs" in row["caveats"]
+    rc, out, err = run_cli(capsys, *argv)
+    assert rc == 0, err
+    assert json.loads((out_dir / "row.json").read_text())["epochs"] == 2
+
+
+@needs_mnist
+def test_a_folder_holding_another_recipes_run_is_refused_untouched(tmp_path, capsys):
+    first = write_recipe(tmp_path)
+    other = write_recipe(tmp_path, TINY_RECIPE.replace("seed: 0", "seed: 1"), "other.yaml")
+    out_dir = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "reproduce", first, *SMALL, "--out", out_dir, "--epochs", "1")
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    rc, _, err = run_cli(capsys, "reproduce", other, *SMALL, "--out", out_dir)
+    assert rc == 2 and "holds a run of another recipe" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+# ---------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("change, message", [
+    (("epochs: 2", "epochs: two"), "tiny.yaml:14: train.epochs is a string 'two', expected an integer >= 0"),
+    (("  seed: 0", "  seed: 0\n  momentum: 0.9"), "tiny.yaml:17: unknown key 'momentum' in train"),
+    (("lr_schedule: per-step", "lr_schedule: cosine"), "--lr-schedule must be one of per-epoch, per-step"),
+    (("min_lr: 2.0e-4", "min_lr: 1.0"), "--min-lr must lie in [0, --lr 0.001], got 1.0"),
+    (("dataset: mnist", "dataset: imagenet"), "imagenet"),
+    ((f"graph: {CAPSNET}", "graph: nowhere.yaml"), "tiny.yaml:3: graph 'nowhere.yaml' is not a file"),
+    (("row: \"MNIST: tiny CapsNet\"\n", ""), "the recipe has no 'row'"),
+    (("test_acc: 99.0", "test_acc: 120"), "paper.test_acc is a test accuracy in %, got 120"),
+    (("name: tiny", "name: [tiny]"), "tiny.yaml:1: 'name' must be a non-empty string, got a list"),
+])
+def test_a_bad_recipe_is_one_line_naming_the_file(change, message, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, TINY_RECIPE.replace(*change))
+    rc, _, err = run_cli(capsys, "reproduce", recipe, "--out", tmp_path / "run")
+    assert rc == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no-such-recipe"], "no recipe 'no-such-recipe': not a file, and not one of affine-mnist"),
+    ([], "name a recipe"),
+    (["--table", "nowhere"], "--table nowhere is not a folder"),
+])
+def test_misuse_is_one_line(argv, message, capsys):
+    rc, _, err = run_cli(capsys, "reproduce", *argv)
+    assert rc == 2 and message in err and "\n" not in err, err
+
+
+def test_a_table_of_foreign_files_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "row.json").write_text('{"recipe": "x"}')
+    rc, _, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    assert rc == 2 and "not a row written by capsflow reproduce" in err
+
