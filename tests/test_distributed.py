@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA
 
 from capsflow.cli import main as cli_main
+from capsflow.runners.dist_check import main as dist_check, worst_difference
 from capsflow.runners.distributed import env_config, share, strip_nproc
 from capsflow.runners.training import read_metrics
 
@@ -53,12 +53,8 @@ def in_process(*flags: str) -> int:
 
 def assert_same_state(a: Path, b: Path, tol: float = 1e-5) -> None:
     """Parameters and optimizer moments equal to float32 round-off."""
-    x, y = np.load(a), np.load(b)
-    keys = [k for k in x.files if k.startswith(("param/", "optim/"))]
-    assert keys and sorted(keys) == sorted(k for k in y.files if k.startswith(("param/", "optim/")))
-    for k in keys:
-        scale = max(float(np.abs(x[k]).max()), 1e-30)
-        assert np.abs(x[k] - y[k]).max() <= tol * scale, k
+    name, rel = worst_difference(a, b)
+    assert rel <= tol, (name, rel)
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +250,16 @@ def test_torchrun_restart_resumes_after_a_killed_rank(tmp_path):
     epochs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
     assert [r["iteration"] for r in epochs] == [75, 150, 225]
+
+
+@needs_mnist
+def test_dist_check_runs_a_world_of_one_against_one_process(capsys):
+    """The GPU machine's NCCL check (runners/dist_check.py), here over gloo: a world of one
+    rank, with the real collectives, gives the single process's parameters."""
+    rc = dist_check(["--backend", "numpy", "--data-dir", str(SHARED_DATA), "--bs", "20",
+                     "--limit-train", "60", "--set", "routing_iters=1", "--set", "conv1_maps=16",
+                     "--set", "primary_types=4", "--timeout", "120"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "3 Adam steps of batch 20 on numpy" in out and "1 rank(s) over gloo" in out
+    assert "-> match" in out
