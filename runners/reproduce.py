@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--list", action="store_true", help="list the recipes and what each reproduces")
     a("--table", metavar="DIR",
       help="print the results table of the runs under DIR (their row.json files)")
+    a("--plot", metavar="FILE.png",
+      help="with --table: also draw each row's test error per epoch, the paper's as a dashed line")
     a("--out", metavar="DIR", help="the run's folder (default runs/reproduce/NAME); an "
                                    "existing run of the recipe there is continued")
     a("--epochs", type=positive_int, metavar="N",
@@ -63,8 +65,14 @@ def main(args: argparse.Namespace) -> int:
     if args.list:
         print(list_recipes())
         return 0
+    if args.plot and not args.table:
+        raise CapsflowError("--plot draws the rows of --table DIR: give --table too")
     if args.table:
-        print(results_table(collect_rows(Path(args.table))))
+        rows = collect_rows(Path(args.table))
+        print(results_table(rows))
+        if args.plot:
+            check_output_dir(Path(args.plot).parent, "--plot")
+            print(f"curves: {curves_figure(rows, Path(args.plot))}")
         return 0
     if not args.recipe:
         raise CapsflowError("name a recipe (capsflow reproduce --list shows them), or give "
@@ -230,6 +238,37 @@ def results_table(rows: list) -> str:
                      f"{_cell(r['paper_test_acc'])} | {r['epochs']} | "
                      f"{_duration(r['train_seconds'])} |")
     return "\n".join(lines)
+
+
+def curves_figure(rows: list, path: Path) -> Path:
+    """Each row's test error (100 - accuracy, in %, log scale) after every epoch, and the
+    paper's error as a dashed line of the same colour."""
+    import matplotlib  # lazy: only --plot draws
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for r in rows:
+        epochs = [e for e in read_metrics(Path(r["path"]) / METRICS)
+                  if e.get("kind") == "epoch" and e.get("test_acc") is not None]
+        if not epochs:
+            continue
+        line, = ax.plot([e["epoch"] for e in epochs],
+                        [100 * (1 - e["test_acc"]) for e in epochs], marker="o",
+                        markersize=3, label=f"{r['recipe']} ({r['card'].get('backend', '?')})"
+                        if isinstance(r.get("card"), dict) else r["recipe"])
+        if r["paper_test_acc"] is not None:
+            ax.axhline(100 - r["paper_test_acc"], color=line.get_color(), linestyle="--",
+                       linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error (%), log scale")
+    ax.set_title("test error per epoch (dashed: the paper's)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _cell(value: Optional[float]) -> str:

@@ -123,9 +123,11 @@ def test_a_recipe_runs_resumes_and_writes_its_row(tmp_path, capsys):
     rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", parts)
     assert rc == 0 and "already holds all 2 epochs" in out
 
-    rc, out, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    png = tmp_path / "curves.png"
+    rc, out, err = run_cli(capsys, "reproduce", "--table", tmp_path, "--plot", png)
     assert rc == 0, err
     assert out.count("| MNIST: tiny CapsNet") == 2 and "99.00%" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
 
 @needs_mnist
@@ -178,6 +180,7 @@ def test_a_bad_recipe_is_one_line_naming_the_file(change, message, tmp_path, cap
     (["no-such-recipe"], "no recipe 'no-such-recipe': not a file, and not one of affine-mnist"),
     ([], "name a recipe"),
     (["--table", "nowhere"], "--table nowhere is not a folder"),
+    (["--plot", "x.png"], "--plot draws the rows of --table DIR"),
 ])
 def test_misuse_is_one_line(argv, message, capsys):
     rc, _, err = run_cli(capsys, "reproduce", *argv)
