@@ -193,3 +193,17 @@ def test_a_table_of_foreign_files_is_one_line(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "reproduce", "--table", tmp_path)
     assert rc == 2 and "not a row written by capsflow reproduce" in err
 
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a list\n- not a mapping\n", "a recipe is a mapping of name, row"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+     "g: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n", "tiny.yaml"),
+    ("name: x\nrow: y\n  bad indent: [\n", "tiny.yaml"),
+])
+def test_hostile_recipe_files_are_one_line(text, message, tmp_path, capsys):
+    recipe = write_recipe(tmp_path, text)
+    rc, _, err = run_cli(capsys, "reproduce", recipe, "--out", tmp_path / "run")
+    assert rc == 2 and message in err and "\n" not in err, err
