@@ -175,13 +175,20 @@ def machine_card(trainer: Trainer) -> dict:
             "flags": option_arguments(options), "dtype": trainer.config.dtype,
             "python": sys.version.split()[0]}
     if options.backend == "cupy":
-        xp = trainer.backend.xp
-        props = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)
-        card["device"] = props["name"].decode(errors="replace")
+        card["device"] = device_name(trainer.backend.xp)
     blas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
     if blas:
         card["openblas_env"] = blas  # a pinned, older kernel: timings are not the fastest
     return card
+
+
+def device_name(xp: Any) -> str:
+    """The GPU's name as CUDA reports it (bytes in CuPy), or why it is not known."""
+    try:
+        name = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"]
+    except (AttributeError, KeyError, RuntimeError) as exc:  # e.g. the tests' emulator
+        return f"unknown ({type(exc).__name__})"
+    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
 
 def command_line(args: argparse.Namespace) -> str:
