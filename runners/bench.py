@@ -12,6 +12,15 @@ other jobs share the cores and stretch the wall-clock times. ``--profile`` adds
 capsflow's per-op time and bytes, forward and VJP apart.
 
     capsflow bench graphs/capsnet.yaml --backend numpy --bs 100
+
+``--epoch`` instead trains whole epochs on the real data, test evaluation included,
+through the trainer's own loop (runners/training.py), and tells where the time goes:
+the host's seconds in drawing batches, in queuing (or running) the steps, in waiting
+for each step's loss (read one step late), in evaluation and at the epoch's end, and
+on CuPy the device's time in the steps and in evaluation, from events on its stream
+(docs/benchmarks.md, "One epoch on a GPU"):
+
+    capsflow bench graphs/capsnet.yaml --epoch --backend cupy --data-dir DIR --epochs 2
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 from capsflow.backends import get_backend
@@ -30,7 +40,7 @@ from capsflow.cli import (add_graph_arguments, compile_from_args, non_negative_i
                           positive_float, positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import SWITCHES, Options, add_option_arguments, options_from_args
-from capsflow.runners.bench_worker import PREFIX
+from capsflow.runners.bench_worker import PREFIX, blas_info
 
 MB = 2 ** 20
 
@@ -54,6 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=1e-3,
                         help="Adam learning rate (1e-3)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    epoch = parser.add_argument_group("whole epochs (--epoch)")
+    epoch.add_argument("--epoch", action="store_true",
+                       help="instead: train whole epochs on the data (MNIST), test evaluation "
+                            "included, through the trainer, and split their time between "
+                            "host phases and the device")
+    epoch.add_argument("--epochs", type=positive_int, default=1,
+                       help="epochs to train with --epoch (1); the first one also compiles "
+                            "and records the steps")
+    epoch.add_argument("--data-dir", metavar="DIR", help="where the dataset lies (--epoch)")
+    epoch.add_argument("--limit-train", type=positive_int, metavar="N",
+                       help="first N training images only (--epoch)")
+    epoch.add_argument("--limit-test", type=positive_int, metavar="N",
+                       help="first N test images only (--epoch)")
     parser.add_argument("--nproc", type=positive_int, metavar="N",
                         help="instead: time capsflow's data-parallel step on N ranks of this "
                              "machine against one process, on the same global --bs, and "
@@ -298,8 +321,125 @@ def report_scaling(fig: dict) -> str:
         f"(speed-up / {n})"])
 
 
+# -- whole epochs ------------------------------------------------------------------------
+#: The trainer's host phases (runners/training.PhaseClock), in the report's order.
+PHASES = ("batches", "steps", "reads", "evaluation", "epoch_end")
+
+
+def _epoch_clock(be):
+    """A PhaseClock that also closes each epoch's figures when the epoch ends, and on
+    CuPy records an event on the stream at the start and end of every step's and every
+    evaluation's work: the time between the two is what the device spent on it."""
+    from capsflow.runners.training import PhaseClock
+    timed_on_device = ("steps", "evaluation") if be.name == "cupy" else ()
+
+    class EpochClock(PhaseClock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.epochs: list = []
+            self._events: list = []
+            self._closed: dict = {}
+            self.started = time.perf_counter()
+
+        def enter(self, name: str) -> None:
+            if name in timed_on_device:
+                self._events.append((name, be.xp.cuda.get_current_stream().record()))
+
+        def leave(self, name: str) -> None:
+            if name in timed_on_device:
+                self._events.append((name, be.xp.cuda.get_current_stream().record()))
+            elif name == "epoch_end":
+                self._close_epoch()
+
+        def _close_epoch(self) -> None:
+            be.synchronize()
+            now = time.perf_counter()
+            host = {k: v - self._closed.get(k, 0.0) for k, v in self.seconds.items()}
+            self._closed = dict(self.seconds)
+            device: dict = {}
+            for (name, start), (_, end) in zip(self._events[::2], self._events[1::2]):
+                device[name] = device.get(name, 0.0) + be.xp.cuda.get_elapsed_time(start, end) / 1e3
+            self._events = []
+            self.epochs.append({"wall": now - self.started, "host": host,
+                                "device": device if timed_on_device else None})
+            self.started = now
+
+    return EpochClock()
+
+
+def run_epoch(args: argparse.Namespace) -> dict:
+    """Train ``args.epochs`` epochs in a temporary folder, as ``capsflow train`` would,
+    and return each epoch's wall time and its split."""
+    import tempfile
+    from capsflow.lang.yamlio import parse_override
+    from capsflow.runners.training import TrainConfig, Trainer, fit_graph_to_data, load_data
+    graph = compile_from_args(args)
+    options = options_from_args(args)
+    be = get_backend(options)
+    config = TrainConfig(batch_size=args.bs, lr=args.lr, num_epochs=args.epochs, seed=args.seed,
+                         data_dir=args.data_dir, limit_train=args.limit_train,
+                         limit_test=args.limit_test, options=options)
+    data = load_data(config)
+    given = dict(parse_override(o) for o in args.overrides)
+    graph = fit_graph_to_data(graph, data.info, given)
+    with tempfile.TemporaryDirectory(prefix="capsflow-bench-epoch-") as tmp:
+        trainer = Trainer(graph, data, config, tmp, log=lambda line: None, progress_bar=False)
+        trainer.clock = _epoch_clock(be)  # its wall clock starts now, with the training
+        records = trainer.fit()
+    info = (f"CuPy {be.xp.__version__}" if be.name == "cupy" else
+            f"NumPy {be.xp.__version__}, BLAS {blas_info()}")
+    return {"graph": str(graph.spec.file), "bs": args.bs, "options": asdict(options),
+            "machine": machine(), "info": info, "dataset": config.dataset,
+            "train_images": int(data.train_images.shape[0]),
+            "test_images": int(data.test_images.shape[0]),
+            "steps_per_epoch": len(trainer.batches), "step_mode": trainer.train_step.mode,
+            "evaluation_mode": trainer._forward.mode if trainer._forward else "eager",
+            "epochs": [dict(split, train_loss=r["train_loss"], test_acc=r["test_acc"])
+                       for split, r in zip(trainer.clock.epochs, records)]}
+
+
+def report_epoch(fig: dict) -> str:
+    options = fig["options"]
+    switched_off = "".join(f", {flag}" for name, (flag, _) in SWITCHES.items()
+                           if not options[name])
+    device = options["backend"] == "cupy"
+    lines = [f"capsflow bench --epoch: {fig['graph']}, {fig['dataset']} ({fig['train_images']} "
+             f"training, {fig['test_images']} test images), batch {fig['bs']}, "
+             f"{fig['steps_per_epoch']} steps per epoch, backend {options['backend']} "
+             f"{options['precision']}{switched_off}",
+             f"machine: {fig['machine']}; {fig['info']}",
+             f"steps: {fig['step_mode']}, evaluation: {fig['evaluation_mode']}"]
+    blas_env = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
+    if blas_env and not device:
+        lines.append(f"note: {' and '.join(blas_env)} set: OpenBLAS may not pick its "
+                     "fastest kernel")
+    columns = ["wall", *PHASES, "other"]
+    header = f"{'epoch':<6}" + "".join(f"{c + ' s':>14}" for c in columns)
+    if device:
+        header += f"{'device steps s':>16}{'device eval s':>15}"
+    lines += ["", "seconds: wall, then the host's per phase (docs/benchmarks.md, \"One epoch "
+                  "on a GPU\")" + ("; the device's from events on the stream" if device else ""),
+              header]
+    for k, epoch in enumerate(fig["epochs"], 1):
+        host = epoch["host"]
+        other = epoch["wall"] - sum(host.get(p, 0.0) for p in PHASES)
+        row = f"{k:<6}" + "".join(f"{v:>14.3f}" for v in
+                                  [epoch["wall"], *(host.get(p, 0.0) for p in PHASES), other])
+        if device:
+            row += (f"{epoch['device'].get('steps', 0.0):>16.3f}"
+                    f"{epoch['device'].get('evaluation', 0.0):>15.3f}")
+        lines.append(row)
+    for k, epoch in enumerate(fig["epochs"], 1):
+        acc = "-" if epoch["test_acc"] is None else f"{100 * epoch['test_acc']:.2f}%"
+        lines.append(f"epoch {k}: train loss {epoch['train_loss']:.4f}, test accuracy {acc}")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.nproc and args.nproc > 1:
+    if args.epoch:
+        fig = run_epoch(args)
+        print(report_epoch(fig))
+    elif args.nproc and args.nproc > 1:
         fig = run_scaling(args)
         print(report_scaling(fig))
     else:

@@ -7,7 +7,7 @@
 # $OUT (default runs/gpu-session), one file per item, at most 8 files (what comes back):
 #   gpu_check.log   #13  every GPU correctness check and the step-time table against PyTorch
 #   dist_check.log  #16  NCCL, a world of one rank, against one process (runners/dist_check.py)
-#   epoch.log       #18  one MNIST epoch with its test evaluation, split host/device
+#   epoch.log       #18  two MNIST epochs (the second warm) with test evaluation, split host/device
 #   RECIPE/metrics.jsonl and RECIPE/row.json   #18  each recipe (default mnist-capsnet) for
 #                        the time left (capsflow reproduce --max-minutes): two recipes at most
 # `recipes MINUTES RECIPE...` runs the recipes alone, all MINUTES long (once the checks are done).
@@ -59,7 +59,7 @@ step() {
 if (( checks )); then
     step gpu_check 150 "$PY" -m capsflow.runners.gpu_check --repeats 30
     step dist_check 90 "$PY" -m capsflow.runners.dist_check --backend cupy --data-dir "$DATA" --ranks 1
-    step epoch 60 "$PY" -m capsflow bench graphs/capsnet.yaml --epoch --backend cupy --data-dir "$DATA"
+    step epoch 90 "$PY" -m capsflow bench graphs/capsnet.yaml --epoch --epochs 2 --backend cupy --data-dir "$DATA"
 fi
 recipes=("${recipes[@]:0:2}")
 for i in "${!recipes[@]}"; do

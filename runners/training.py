@@ -51,7 +51,7 @@ from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
 from capsflow.errors import CapsflowError
 from capsflow.options import Options
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
-from capsflow.training.train_step import TrainStep
+from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
                                    one_hot, shape_text)
 
@@ -484,11 +484,36 @@ def correct_predictions(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.take_along_axis(targets, top, axis=1).sum(axis=1) == k
 
 
+def count_correct(xp: Any, scores: Any, targets: Any, k: int) -> Any:
+    """``correct_predictions(scores, targets).sum()`` as array work on the device (a 0-d
+    count, no sort, nothing the host waits for); ``k`` is the number of ones per target
+    row, known on the host (``targets_k``). The top k are the classes whose rank in
+    NumPy's stable sort of ``-scores`` is below k: class j comes before class c when
+    its score is higher, or equal and j < c; NaN scores come after every number, among
+    themselves in class order."""
+    score_c, score_j = scores[:, :, None], scores[:, None, :]
+    nan_c, nan_j = xp.isnan(score_c), xp.isnan(score_j)
+    index = xp.arange(scores.shape[1])
+    earlier = index[None, None, :] < index[None, :, None]        # [., c, j]: j < c
+    ahead = xp.where(nan_c, ~nan_j | earlier,
+                     ~nan_j & ((score_j > score_c) | ((score_j == score_c) & earlier)))
+    top = ahead.sum(axis=2) < max(k, 1)
+    return ((targets * top).sum(axis=1) == k).sum()
+
+
+def targets_k(targets: np.ndarray) -> int:
+    """The k of ``correct_predictions``: the most ones in a row of the (multi-)hot
+    ``targets`` (1 for one label, 2 for MultiMNIST's two)."""
+    return int(round(float(targets.sum(axis=1).max()))) if targets.shape[0] else 0
+
+
 def batched_outputs(graph: Any, params: dict, images: np.ndarray,
                     labels: Optional[np.ndarray] = None, outputs: Optional[tuple] = None,
                     batch_size: int = 100, backend: Options | Backend = Options(),
-                    desc: Optional[str] = None) -> Iterator[tuple]:
-    """Forward passes (``graph.run``, no backward) over ``images`` in order.
+                    desc: Optional[str] = None,
+                    forward: Optional[RecordedForward] = None) -> Iterator[tuple]:
+    """Forward passes (``graph.run``, no backward) over ``images`` in order, recorded
+    and replayed where the backend replays training steps (``RecordedForward``).
 
     Args:
         images: float32 (N, C, H, W). labels: int (N,) or (N, K) (multi-hot: MultiMNIST)
@@ -499,10 +524,15 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         outputs: the outputs to compute (default: the class scores, ``class_scores``).
         backend: the run's Options, or the Backend made from them (as graph.run takes).
         desc: show a tqdm bar with this description.
+        forward: the ``RecordedForward`` of ``graph`` on ``params`` to run, computing at
+            least ``outputs`` (a trainer keeps one for all its evaluations, so that its
+            recording is made once); None: a new one for this call.
     Yields:
         (slice into the N examples, {output name: host NumPy array}) per batch.
     """
     outputs = (class_scores(graph),) if outputs is None else outputs
+    if forward is None:
+        forward = RecordedForward(graph, params, backend, list(outputs))
     n = images.shape[0]
     classes = num_classes(graph) if labels is not None else None
     starts = range(0, n, batch_size)
@@ -514,13 +544,15 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         inputs = {"x": images[part]}
         if labels is not None:
             inputs["y"] = one_hot(labels[part], classes)
-        out = graph.run(params, inputs, backend=backend, outputs=list(outputs))
-        yield part, {k: to_numpy(v) for k, v in out.items()}
+        out = forward(inputs)
+        # Copies: a replayed forward pass rewrites its outputs in place.
+        yield part, {k: np.array(to_numpy(out[k])) for k in outputs}
 
 
 def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndarray,
                    batch_size: int = 100, backend: Options | Backend = Options(),
-                   desc: Optional[str] = None) -> dict:
+                   desc: Optional[str] = None,
+                   forward: Optional[RecordedForward] = None) -> dict:
     """Mean loss and accuracy over a split, forward passes only.
 
     The loss feeds the true labels (it needs them); the predictions are the argmax of the
@@ -528,6 +560,7 @@ def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndar
     depend on the decoder's mask. No dropout seed is fed: dropout is the identity.
     Labels (N, K) (MultiMNIST) feed a multi-hot ``y`` and count an example as right when
     its K highest scores are its K classes (``correct_predictions``).
+    ``forward``: as for ``batched_outputs`` (computing ``loss`` and the class scores).
     Returns {"loss": float, "acc": float in [0, 1], "pred": int64 (N,) or (N, K)}.
     """
     scores, classes = class_scores(graph), num_classes(graph)
@@ -535,7 +568,7 @@ def evaluate_split(graph: Any, params: dict, images: np.ndarray, labels: np.ndar
     total, right = 0.0, 0
     pred = np.empty((images.shape[0], k), dtype=np.int64)
     for part, out in batched_outputs(graph, params, images, labels, ("loss", scores),
-                                     batch_size, backend, desc):
+                                     batch_size, backend, desc, forward):
         total += float(out["loss"]) * (part.stop - part.start)
         targets = one_hot(labels[part], classes)
         right += int(correct_predictions(out[scores], targets).sum())
@@ -564,6 +597,56 @@ class _Sums:
     def means(self) -> tuple:
         n = max(self.count, 1)
         return self.loss / n, self.correct / n
+
+
+class PhaseClock:
+    """Seconds the trainer's host spends in each phase of training, summed over the run:
+    ``batches`` (drawing, shuffling and shifting them), ``steps`` (queuing the steps'
+    work, or running it where the backend runs it at once), ``reads`` (waiting for each
+    step's loss, read one step late), ``evaluation`` and ``epoch_end`` (checks, metrics,
+    checkpoint). ``capsflow bench --epoch`` prints them; a subclass may also time the
+    device (``enter``/``leave`` are called at each phase's start and end)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.enter(name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.leave(name)
+
+    def enter(self, name: str) -> None:
+        pass
+
+    def leave(self, name: str) -> None:
+        pass
+
+    def timed(self, iterable: Any, name: str) -> Iterator:
+        """``iterable``'s items, the time taken to make each one counted in ``name``."""
+        items = iter(iterable)
+        while True:
+            with self.phase(name):
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+            yield item
+
+
+@dataclass
+class _QueuedStep:
+    """A training step whose work is queued and whose numbers are not read yet:
+    ``read()`` gives (loss, correct predictions); the rest is what its accounting needs."""
+
+    read: Callable[[], tuple]
+    lr: float
+    iterator: dict         # BatchIterator.get_state() after its batch
+    count: int             # examples in its batch
 
 
 @dataclass
@@ -702,6 +785,9 @@ class Trainer:
                                      rng=np.random.default_rng(config.seed),
                                      num_classes=num_classes(graph))
         self.state = Progress()
+        self.clock = PhaseClock()   # where the host's time goes (capsflow bench --epoch)
+        self._numbers = None        # device_to_host reader of each step's (loss, correct)
+        self._forward = None        # the RecordedForward of evaluation
         self.stopped_early = False  # set when Ctrl-C ended fit()
         self.out_of_time = False    # set when fit()'s time budget ended it before the last epoch
 
@@ -850,48 +936,94 @@ class Trainer:
         batches = self._bar(self.batches, total=len(self.batches),
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")
-        for x, y in batches:
-            lr = self.schedule.lr_at(e, st.iteration)  # per-step schedules change it here
-            inputs = {"x": x, "y": y}
-            if DROPOUT_SEED in self.graph.spec.inputs:
-                # From the run's seed and the step count, which a checkpoint restores:
-                # a resumed run draws the masks of an uninterrupted one.
-                inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, st.iteration).reshape(
-                    self.graph.spec.inputs[DROPOUT_SEED].shape)
-            if self.world is not None:
-                with _overflow_quiet():
-                    local = self._local_gradients(inputs)
-            else:
-                with _overflow_quiet():
-                    out = self.train_step.gradients(inputs)
-            with _interrupts_deferred():  # never stop half-way through an update
+        # One process: step t's loss and correct count are read once step t+1 is queued,
+        # so a device runs step t+1 while the host waits for step t's numbers (and then
+        # draws the next batch). ``st`` counts a step when its numbers are read: it always
+        # describes the parameters of the steps read, and Ctrl-C or the epoch's end
+        # read the step still pending first.
+        pending: Optional[_QueuedStep] = None
+        try:
+            for x, y in self.clock.timed(batches, "batches"):
+                queued = st.iteration + (pending is not None)  # steps queued before this one
+                lr = self.schedule.lr_at(e, queued)  # per-step schedules change it here
+                inputs = {"x": x, "y": y}
+                if DROPOUT_SEED in self.graph.spec.inputs:
+                    # From the run's seed and the step count, which a checkpoint restores:
+                    # a resumed run draws the masks of an uninterrupted one.
+                    inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, queued).reshape(
+                        self.graph.spec.inputs[DROPOUT_SEED].shape)
                 if self.world is not None:
-                    loss, correct = self._distributed_update(local, y.shape[0], lr)
-                else:
-                    # Queued before the loss is read (a GPU runs the whole step before the
-                    # host waits); a step whose loss is not finite is not applied.
-                    self.train_step.update(lr)
-                    loss = float(to_numpy(out["loss"]))
-                    correct = None
-                if not np.isfinite(loss):
-                    raise TrainingDiverged(self._diverged_message(
-                        f"the loss became {loss} at iteration {st.iteration + 1}", lr))
-                if correct is None:
-                    correct = int(correct_predictions(to_numpy(out[self.scores]), y).sum())
-                st.iteration += 1
-                st.iterator = self.batches.get_state()
-                st.epoch_sums.add(loss, correct, y.shape[0])
-                st.window.add(loss, correct, y.shape[0])
-                st.epoch_seconds = time.perf_counter() - started
-                if st.iteration % cfg.disp == 0:
-                    self._log_window(lr, batches)
+                    with self.clock.phase("steps"), _overflow_quiet():
+                        local = self._local_gradients(inputs)
+                    with _interrupts_deferred():  # never stop half-way through an update
+                        with self.clock.phase("steps"):
+                            numbers = self._distributed_update(local, y.shape[0], lr)
+                        self._account(_QueuedStep(lambda: numbers, lr, self.batches.get_state(),
+                                                  y.shape[0]), started, batches)
+                    continue
+                with self.clock.phase("steps"), _overflow_quiet():
+                    out = self.train_step.gradients(inputs)
+                with _interrupts_deferred():  # never stop half-way through an update
+                    with self.clock.phase("steps"), _overflow_quiet():
+                        # A step whose loss is not finite is not applied (train_step.py).
+                        self.train_step.update(lr)
+                        step = _QueuedStep(self._start_reading(out, y), lr,
+                                           self.batches.get_state(), y.shape[0])
+                    if pending is not None:
+                        self._account(pending, started, batches)
+                    pending = step
+            if pending is not None:
+                with _interrupts_deferred():
+                    step, pending = pending, None
+                    self._account(step, started, batches)
+        except KeyboardInterrupt:
+            if pending is not None:  # its update is applied: count it before saving
+                with _interrupts_deferred():
+                    self._account(pending, started, batches)
+            raise
         validate = (e + 1) % cfg.val_epoch == 0 or e + 1 == cfg.num_epochs
         test = None
         if validate:
-            with _overflow_quiet():
+            with self.clock.phase("evaluation"), _overflow_quiet():
                 test = self._evaluate()
-        with _interrupts_deferred():
+        with _interrupts_deferred(), self.clock.phase("epoch_end"):
             return self._finish_epoch(lr, test, time.perf_counter() - started)
+
+    def _start_reading(self, out: dict, y: np.ndarray) -> Callable[[], tuple]:
+        """Start copying the step's (loss, correct predictions) to the host, both made on
+        the device from its outputs and the labels it read, before the next step can
+        overwrite them (a replayed step rewrites its outputs and input buffers); returns
+        the function that gives them."""
+        xp = self.backend.xp
+        if self._numbers is None:
+            self._numbers = device_to_host(self.backend, (2,), np.float64)
+        targets = self.train_step.last_inputs["y"]
+        correct = count_correct(xp, out[self.scores], targets, targets_k(y))
+        numbers = xp.stack([xp.asarray(out["loss"], dtype=xp.float64).reshape(()),
+                            correct.astype(xp.float64)])
+        read = self._numbers.start(numbers)
+
+        def loss_and_correct() -> tuple:
+            values = read()
+            return float(values[0]), int(values[1])
+        return loss_and_correct
+
+    def _account(self, step: _QueuedStep, started: float, bar: Any) -> None:
+        """Count a step in the run's progress, once its numbers are read: a loss that is
+        not finite stops training, naming that step."""
+        cfg, st = self.config, self.state
+        with self.clock.phase("reads"):
+            loss, correct = step.read()
+        if not np.isfinite(loss):
+            raise TrainingDiverged(self._diverged_message(
+                f"the loss became {loss} at iteration {st.iteration + 1}", step.lr))
+        st.iteration += 1
+        st.iterator = step.iterator
+        st.epoch_sums.add(loss, correct, step.count)
+        st.window.add(loss, correct, step.count)
+        st.epoch_seconds = time.perf_counter() - started
+        if st.iteration % cfg.disp == 0:
+            self._log_window(step.lr, bar)
 
     # -- data-parallel steps (runners/distributed.py) ----------------------------------
     def _local_gradients(self, inputs: dict) -> tuple:
@@ -929,16 +1061,22 @@ class Trainer:
         each rank its contiguous share, the sums all-reduced (every rank gets them)."""
         cfg = self.config
         desc = "test" if self.progress_bar else None
+        # One for the run, so that it records its forward pass once; anew when restore()
+        # has replaced the parameters it reads.
+        if self._forward is None or self._forward.params is not self.params:
+            self._forward = RecordedForward(self.graph, self.params, self.backend,
+                                            ["loss", self.scores])
         if self.world is None:
             return evaluate_split(self.graph, self.params, self.data.test_images,
-                                  self.data.test_labels, cfg.batch_size, self.backend, desc=desc)
+                                  self.data.test_labels, cfg.batch_size, self.backend, desc=desc,
+                                  forward=self._forward)
         from capsflow.runners.distributed import share
         n = self.data.test_images.shape[0]
         part = share(n, self.world.rank, self.world.world_size)
         count = part.stop - part.start
         result = evaluate_split(self.graph, self.params, self.data.test_images[part],
                                 self.data.test_labels[part], cfg.batch_size, self.backend,
-                                desc=desc)
+                                desc=desc, forward=self._forward)
         xp = self.backend.xp
         sums = xp.asarray([result["loss"] * count, round(result["acc"] * count)],
                           dtype=xp.float64)

@@ -10,7 +10,7 @@ import pytest
 
 from capsflow.cli import main
 from capsflow.options import Options
-from conftest import CAPSNET
+from conftest import CAPSNET, SHARED_DATA
 
 NUMBER = r"\d+\.\d+"
 
@@ -79,3 +79,49 @@ def test_report_gives_gpu_steps_in_milliseconds():
     assert "median ms/step" in text and re.search(r"^capsflow\s+4\.27\s+4\.10\s+4\.31\s", text, re.M)
     assert "backend cupy fp32, --no-replay, 3 timed steps" in text
     assert "median s/step" in report(dict(fig, options=asdict(Options())), 5)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs real MNIST")
+def test_bench_epoch_splits_each_epoch_between_host_phases(capsys, tmp_path):
+    """--epoch trains through the trainer on real images and prints, per epoch, the wall
+    time and the host's seconds per phase (which add up to it with 'other')."""
+    code = main(["bench", str(CAPSNET), "--epoch", "--epochs", "2", "--bs", "4",
+                 "--set", "routing_iters=1", "--data-dir", str(SHARED_DATA),
+                 "--limit-train", "6", "--limit-test", "4", "--json", str(tmp_path / "e.json")])
+    out, _ = capsys.readouterr()
+    assert code == 0, out
+    assert "mnist (6 training, 4 test images), batch 4, 2 steps per epoch, backend numpy" in out
+    rows = re.findall(rf"^([12])\s+({NUMBER})((?:\s+{NUMBER}){{6}})$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    for _, wall, phases in rows:
+        parts = [float(v) for v in phases.split()]
+        assert float(wall) > 0 and abs(sum(parts) - float(wall)) < 2e-3 * 7
+    assert re.search(r"^epoch 2: train loss \d+\.\d{4}, test accuracy \d+\.\d\d%$", out, re.M)
+    fig = json.loads((tmp_path / "e.json").read_text())
+    assert len(fig["epochs"]) == 2 and fig["epochs"][0]["device"] is None
+    assert set(fig["epochs"][1]["host"]) == {"batches", "steps", "reads", "evaluation",
+                                             "epoch_end"}
+
+
+def test_bench_epoch_clock_times_the_device_by_events_on_cupy():
+    """On CuPy each step's and each evaluation's work lies between two events on the
+    stream; an epoch's device seconds are the sums of those spans (a stand-in records)."""
+    from types import SimpleNamespace
+    from capsflow.runners.bench import _epoch_clock
+    times = iter([0.0, 2.0, 2.5, 3.0, 10.0, 14.0])  # ms at which the device reached each event
+
+    class Event:
+        def __init__(self):
+            self.ms = next(times)
+
+    stream = SimpleNamespace(record=Event)
+    cuda = SimpleNamespace(get_current_stream=lambda: stream,
+                           get_elapsed_time=lambda a, b: b.ms - a.ms)
+    be = SimpleNamespace(name="cupy", xp=SimpleNamespace(cuda=cuda), synchronize=lambda: None)
+    clock = _epoch_clock(be)
+    for phase in ("steps", "steps", "evaluation", "epoch_end"):
+        with clock.phase(phase):
+            pass
+    [epoch] = clock.epochs
+    assert epoch["device"] == {"steps": pytest.approx(2.5e-3), "evaluation": pytest.approx(4e-3)}
+    assert set(epoch["host"]) == {"steps", "evaluation", "epoch_end"} and epoch["wall"] > 0

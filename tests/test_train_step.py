@@ -157,3 +157,19 @@ def test_adam_with_a_go_flag_of_zero_changes_nothing():
     assert not state["m"]["w"].any()
     opt.apply(p, {"w": rng.standard_normal((3, 4))}, state, np.array([1e-2, 0.5, 1.0]))
     assert not np.array_equal(p["w"], before)
+
+
+@pytest.mark.parametrize("simulate", [False, True])
+def test_last_inputs_are_the_device_arrays_the_step_read(graph, simulate):
+    """What the trainer counts correct predictions from: the batch as the step read it
+    (replayed, the static buffers, which the next step's batch overwrites)."""
+    params = graph.init_params(0, "float64")
+    opt = Adam(1e-3)
+    step = TrainStep(graph, params, opt, opt.init_state(params), simulate=simulate)
+    for batch in _batches(graph, [2, 2, 2]):
+        step.gradients(batch)
+        np.testing.assert_array_equal(step.last_inputs["y"], batch["y"])
+        assert step.last_inputs["x"].dtype == np.float64
+        step.update()
+    assert step.mode == ("replay" if simulate else "eager")
+    assert simulate == (step._inputs is not None and step.last_inputs is step._inputs.buffers)

@@ -16,6 +16,10 @@ the host.
 The first step of a run is op by op, so that everything is compiled before the
 recording; batches of another shape (an epoch's last, shorter batch) run op by op too.
 If the recording fails, the step says so once on stderr and stays op by op.
+
+``RecordedForward`` does the same for the forward pass alone (evaluation), and
+``device_to_host`` lets the host read a step's numbers later, while the device runs
+the next step (runners/training.py reads each step's loss one step late).
 """
 from __future__ import annotations
 
@@ -87,8 +91,46 @@ class _Assign:
 
 
 #: ``host_to_device(be, dst)``: an object whose ``write(values)`` puts host values into
-#: the small device array ``dst`` every step (on CuPy without making the host wait).
+#: the device array ``dst`` every step (on CuPy without making the host wait).
 host_to_device = Routine("host_to_device", _Assign)
+
+
+class _ReadNow:
+    """The reference reader: ``start`` copies the values to the host at once, waiting
+    for the device (see DeviceToHost on CuPy)."""
+
+    def __init__(self, xp: Any, shape: tuple, dtype: Any) -> None:
+        self.dtype = np.dtype(dtype)
+
+    def start(self, src: Any) -> Callable[[], np.ndarray]:
+        values = np.array(to_numpy(src), dtype=self.dtype)  # a copy: ``src`` may be rewritten
+        return lambda: values
+
+
+#: ``device_to_host(be, shape, dtype)``: a reader of small device arrays of that shape.
+#: ``start(src)`` begins copying ``src`` to the host and returns a function that gives
+#: the host values; on CuPy that function waits for this copy alone, not for the work
+#: queued after it. Read a copy before starting the second one after it.
+device_to_host = Routine("device_to_host", _ReadNow)
+
+
+class _StaticInputs:
+    """The device buffers a recording reads, one per input, refilled before each replay:
+    a host array through ``host_to_device`` (on CuPy from pinned memory, without making
+    the host wait), an array already on the device by a device copy."""
+
+    def __init__(self, backend: Any, inputs: dict, dtype: Any) -> None:
+        xp = backend.xp
+        self.buffers = {k: xp.empty(v.shape, dtype=dtype) for k, v in inputs.items()}
+        self._writers = {k: host_to_device(backend, buf) for k, buf in self.buffers.items()}
+
+    def load(self, inputs: dict) -> None:
+        for k, buf in self.buffers.items():
+            value = inputs[k]
+            if isinstance(value, (np.ndarray, np.generic)):
+                self._writers[k].write(value)
+            else:
+                buf[...] = value
 
 
 def _finite_or_absent(loss: Any) -> bool:
@@ -131,7 +173,8 @@ class TrainStep:
         self._from_graph = False
         self._eager_steps = 0
         self._shape_key: Optional[tuple] = None
-        self._inputs: dict = {}   # the static device buffers the recording reads
+        self._inputs: Optional[_StaticInputs] = None  # the buffers the recording reads
+        self.last_inputs: dict = {}  # the device arrays the last gradients() call read
         self._hyper = None        # static (step_size, sqrt(1 - b2^t), go) for Adam's kernel
         self._hyper_in = None     # host_to_device's writer of the first two of those
         self._forward = None      # the recorded gradients half
@@ -159,8 +202,11 @@ class TrainStep:
                 self._stop_replay(exc)
         if self._shape_key is None:
             self._shape_key = key
+        # On the device once, as value_and_grad would put them, and kept for the caller.
+        dtype = next(iter(self.params.values())).dtype
+        self.last_inputs = {k: self.backend.asarray(v, dtype=dtype) for k, v in inputs.items()}
         outputs, self._grads = self.graph.value_and_grad(
-            self.params, inputs, backend=self.backend, outputs=self.outputs)
+            self.params, self.last_inputs, backend=self.backend, outputs=self.outputs)
         self._loss = outputs.get("loss")
         self._from_graph = False
         return outputs
@@ -211,19 +257,69 @@ class TrainStep:
         xp = self.backend.xp
         if self._forward is None:
             dtype = next(iter(self.params.values())).dtype
-            self._inputs = {k: xp.empty(v.shape, dtype=dtype) for k, v in inputs.items()}
+            self._inputs = _StaticInputs(self.backend, inputs, dtype)
             self._hyper = xp.ones(3, dtype=xp.float64)
             self._hyper_in = host_to_device(self.backend, self._hyper[:2])
-            self._load(inputs)
+            self._inputs.load(inputs)
             self._forward = record_step(self.backend, lambda: self.graph.value_and_grad(
-                self.params, self._inputs, backend=self.backend, outputs=self.outputs))
+                self.params, self._inputs.buffers, backend=self.backend, outputs=self.outputs))
         else:
-            self._load(inputs)
+            self._inputs.load(inputs)
+        self.last_inputs = self._inputs.buffers
         self._forward.replay()
         self._from_graph = True
         return self._forward.result[0]
 
-    def _load(self, inputs: dict) -> None:
-        """Copy the batch into the static buffers the recording reads."""
-        for k, buf in self._inputs.items():
-            buf[...] = self.backend.asarray(inputs[k], dtype=buf.dtype)
+
+class RecordedForward:
+    """``graph.run(params, inputs, outputs)`` (a forward pass, e.g. evaluation's),
+    recorded and replayed as TrainStep's gradients half is: where a training step would
+    replay (``Options.replay_steps`` and the fast paths, a backend with a variant of
+    ``record_step``, or ``simulate``), the first batch runs op by op, the next batch of
+    the same shape is recorded, and every later one of that shape replays it; a batch of
+    another shape (a last, shorter one) runs op by op. Each call returns the outputs on
+    the device; replayed, they are arrays that the next call overwrites. ``params`` are
+    read where they are: updating them in place (as the optimizer does) is seen by the
+    next replay."""
+
+    def __init__(self, graph: Any, params: dict, backend: Any, outputs: list,
+                 simulate: bool = False) -> None:
+        self.graph, self.params, self.outputs = graph, params, list(outputs)
+        self.backend = get_backend(backend)
+        options = self.backend.options
+        self.replay_wanted = bool(options.replay_steps and options.fast_paths
+                                  and (record_step.has_variant(options) or simulate))
+        self._shape_key: Optional[tuple] = None
+        self._inputs: Optional[_StaticInputs] = None
+        self._recording = None
+
+    @property
+    def mode(self) -> str:
+        """'replay' once the forward pass replays its recording, else 'eager'."""
+        return "replay" if self._recording is not None else "eager"
+
+    def __call__(self, inputs: dict) -> dict:
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in inputs.items()))
+        if self.replay_wanted and key == self._shape_key:
+            try:
+                return self._replayed(inputs)
+            except RecordError as exc:
+                print(f"capsflow: recording the forward pass failed, running it op by op "
+                      f"({exc})", file=sys.stderr)
+                self.replay_wanted, self._recording = False, None
+        if self._shape_key is None:
+            self._shape_key = key
+        return self.graph.run(self.params, inputs, backend=self.backend, outputs=self.outputs)
+
+    def _replayed(self, inputs: dict) -> dict:
+        if self._recording is None:
+            dtype = next(iter(self.params.values())).dtype
+            self._inputs = _StaticInputs(self.backend, inputs, dtype)
+            self._inputs.load(inputs)
+            self._recording = record_step(self.backend, lambda: self.graph.run(
+                self.params, self._inputs.buffers, backend=self.backend, outputs=self.outputs))
+        else:
+            self._inputs.load(inputs)
+        self._recording.replay()
+        return self._recording.result

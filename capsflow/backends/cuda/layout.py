@@ -1,5 +1,5 @@
-"""Memory layout on the GPU: element-wise ops in their input's memory order, and small
-arrays the host rewrites every step without waiting for the device."""
+"""Memory layout on the GPU: element-wise ops in their input's memory order, and arrays
+the host writes or reads every step without waiting for the device."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -46,3 +46,49 @@ class HostToDevice:
         stream = self._xp.cuda.get_current_stream()
         self.dst.set(self.host, stream=stream)
         self._copied = stream.record()
+
+
+class DeviceToHost:
+    """Small device arrays the host reads a step late: ``start(src)`` queues a copy of
+    ``src`` into pinned host memory on the current stream and records an event after
+    it; the function it returns waits for that event alone, so reading step t's numbers
+    does not wait for step t+1, queued since (a copy into pageable memory, as
+    ``xp.asnumpy`` makes, waits for everything queued). Two pinned buffers in turn: one
+    copy may be in flight while the one before it is read. Needs
+    ``xp.cuda.alloc_pinned_memory`` and ``xp.asnumpy(..., out=, blocking=False)``."""
+
+    SLOTS = 2
+
+    def __init__(self, xp: ModuleType, shape: tuple, dtype: Any) -> None:
+        self._xp = xp
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64))
+        self._slots = []
+        for _ in range(self.SLOTS):
+            memory = xp.cuda.alloc_pinned_memory(max(size * dtype.itemsize, 1))
+            self._slots.append(np.frombuffer(memory, dtype, size).reshape(shape))
+        self._unread = [False] * self.SLOTS
+        self._next = 0
+
+    def start(self, src: Any):
+        k = self._next
+        if self._unread[k]:  # its values would be overwritten before anyone read them
+            raise RuntimeError("DeviceToHost: read a copy before starting the second after it")
+        self._next = (k + 1) % self.SLOTS
+        host = self._slots[k]
+        stream = self._xp.cuda.get_current_stream()
+        # A contiguous array of the slot's type; if that is a temporary, the pool reuses
+        # its memory only for work queued after this copy on the same stream.
+        self._xp.asnumpy(self._xp.ascontiguousarray(src, dtype=host.dtype), stream=stream,
+                         out=host, blocking=False)
+        copied = stream.record()
+        self._unread[k] = True
+        values: list = []
+
+        def read() -> np.ndarray:
+            if not values:
+                copied.synchronize()
+                values.append(host.copy())
+                self._unread[k] = False
+            return values[0]
+        return read

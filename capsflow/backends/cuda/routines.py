@@ -1,15 +1,18 @@
 """The CuPy variants of the engine's routines (capsflow/core/routine.py): the sum of
 factored outer-product gradients and the Adam update as kernels, the training step
-recorded as CUDA graphs, and Adam's per-step numbers copied from pinned memory."""
+recorded as CUDA graphs, host arrays copied to the device (Adam's per-step numbers,
+the batch) from pinned memory, and the step's numbers copied back into it."""
 from __future__ import annotations
+
+import inspect
 
 from capsflow.backends.cuda import kernels
 from capsflow.backends.cuda.cudagraph import Captured
-from capsflow.backends.cuda.layout import HostToDevice
+from capsflow.backends.cuda.layout import DeviceToHost, HostToDevice
 from capsflow.core.gradients import sum_outer_terms
 from capsflow.core.opdef import DECLINED
 from capsflow.training.optim import adam_update
-from capsflow.training.train_step import host_to_device, record_step
+from capsflow.training.train_step import device_to_host, host_to_device, record_step
 
 #: Terms one outer_sum launch takes (the kernel has this many pointer pairs).
 KERNEL_TERMS = 8
@@ -52,3 +55,16 @@ def _(be, dst):
     if not hasattr(be.xp.cuda, "alloc_pinned_memory") or not hasattr(dst, "set"):
         return DECLINED
     return HostToDevice(be.xp, dst)
+
+
+@device_to_host.variant("cupy")
+def _(be, shape, dtype):
+    """DeviceToHost, where the module has pinned memory and an asynchronous ``asnumpy``
+    (CuPy 13 and later; not the tests' emulator)."""
+    if not hasattr(be.xp.cuda, "alloc_pinned_memory") or not hasattr(be.xp, "asnumpy"):
+        return DECLINED
+    try:
+        asynchronous = "blocking" in inspect.signature(be.xp.asnumpy).parameters
+    except (TypeError, ValueError):  # no signature to read: do not guess
+        asynchronous = False
+    return DeviceToHost(be.xp, shape, dtype) if asynchronous else DECLINED
