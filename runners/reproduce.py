@@ -235,15 +235,15 @@ def collect_rows(folder: Path) -> list:
 
 def results_table(rows: list) -> str:
     """The markdown table of docs/results.md."""
-    lines = ["| row | recipe | test acc. (final) | best (epoch) | paper | epochs | train time |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | recipe | test acc. (final) | best (epoch) | paper | epochs | train time | run on |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         final = _cell(r["final_test_acc"])
         best = "-" if r["best_test_acc"] is None else f"{r['best_test_acc']:.2f}% ({r['best_epoch']})"
         note = "" if r["complete"] else " (partial: " + ", ".join(r.get("caveats", [])) + ")"
         lines.append(f"| {r['row']}{note} | `{r['recipe']}` | {final} | {best} | "
                      f"{_cell(r['paper_test_acc'])} | {r['epochs']} | "
-                     f"{_duration(r['train_seconds'])} |")
+                     f"{_duration(r['train_seconds'])} | {_ran_on(r.get('card'))} |")
     return "\n".join(lines)
 
 
@@ -276,6 +276,14 @@ def curves_figure(rows: list, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _ran_on(card: Any) -> str:
+    """'numpy, AMD EPYC, 2 CPUs' or 'cupy, NVIDIA H200': where a row was measured."""
+    if not isinstance(card, dict):
+        return "-"
+    where = card.get("device") or ", ".join(str(card.get("machine", "?")).split(", ")[:2])
+    return f"{card.get('backend', '?')}, {where}"
 
 
 def _cell(value: Optional[float]) -> str:
