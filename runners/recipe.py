@@ -58,6 +58,7 @@ class Recipe:
     paper: Optional[float]   # the paper's (or the target) test accuracy in %, if any
     source: str              # where that figure comes from
     notes: str
+    own_epochs: int          # the file's epochs, whatever with_changes sets
 
     def with_changes(self, **config_changes: Any) -> "Recipe":
         """This recipe with some settings changed (fewer epochs, a data subset, another
@@ -128,7 +129,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         source = where.text(target, "source") if "source" in target else ""
     notes = where.text(doc, "notes") if "notes" in doc else ""
     return Recipe(name, row, path, path.read_text(), graph, overrides, config,
-                  None if paper is None else float(paper), source, notes)
+                  None if paper is None else float(paper), source, notes, config.num_epochs)
 
 
 class _Where:

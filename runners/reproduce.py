@@ -26,6 +26,7 @@ from capsflow.cli import check_output_dir, positive_float, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, option_arguments, options_from_args
 from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
+from capsflow.runners.train import describe
 from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
                                        read_checkpoint, read_metrics)
 
@@ -122,12 +123,8 @@ def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Traine
               f"epoch(s) done")
     out.mkdir(parents=True, exist_ok=True)
     copy.write_text(recipe.text)
-    print(f"reproducing {recipe.name}: {recipe.row}\n  {graph.spec.name} "
-          f"({graph.param_count():,} parameters) on {data.info.describe()}: "
-          f"{data.train_images.shape[0]} train / {data.test_images.shape[0]} test examples, "
-          f"batch {recipe.config.batch_size}, {recipe.config.optimizer} "
-          f"{recipe.config.describe_lr()}, {recipe.config.num_epochs} epochs, "
-          f"{recipe.config.options.backend}; writing to {out}")
+    print(f"reproducing {recipe.name}: {recipe.row}; {recipe.config.num_epochs} epochs\n"
+          + describe(graph, recipe.config, data, out))
     return trainer
 
 
@@ -140,9 +137,8 @@ def write_row(recipe: Recipe, out: Path, command: str, trainer: Trainer) -> dict
     caveats = []
     if len(epochs) < planned:
         caveats.append(f"{len(epochs)} of {planned} epochs")
-    own = load_recipe(str(recipe.file)).config
-    if planned != own.num_epochs:
-        caveats.append(f"--epochs {planned} (the recipe says {own.num_epochs})")
+    if planned != recipe.own_epochs:
+        caveats.append(f"--epochs {planned} (the recipe says {recipe.own_epochs})")
     for name in ("limit_train", "limit_test"):
         if getattr(recipe.config, name) is not None:
             caveats.append(f"--{name.replace('_', '-')} {getattr(recipe.config, name)}")

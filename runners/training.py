@@ -479,7 +479,7 @@ def correct_predictions(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     capsules are the two digits)."""
     if targets.shape[0] == 0:
         return np.zeros(0, dtype=bool)
-    k = int(round(float(targets.sum(axis=1).max())))
+    k = targets_k(targets)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :max(k, 1)]
     return np.take_along_axis(targets, top, axis=1).sum(axis=1) == k
 

@@ -19,7 +19,8 @@ import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA
 
 from capsflow.cli import main as cli_main
-from capsflow.runners.dist_check import main as dist_check, worst_difference
+from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
+from capsflow.runners.dist_check import main as dist_check
 from capsflow.runners.distributed import env_config, share, strip_nproc
 from capsflow.runners.training import read_metrics
 
@@ -30,8 +31,6 @@ needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
 SMALL = ["--data-dir", str(SHARED_DATA), "--limit-train", "85", "--limit-test", "40",
          "--bs", "20", "--set", "routing_iters=1", "--set", "conv1_maps=16",
          "--set", "primary_types=4", "--disp", "1", "--no-progress", "--dist-timeout", "30"]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT")
 
 
 def clean_env() -> dict:

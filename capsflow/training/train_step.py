@@ -138,6 +138,16 @@ def _finite_or_absent(loss: Any) -> bool:
     return loss is None or bool(np.isfinite(float(to_numpy(loss))))
 
 
+def can_replay(options: Any, simulate: bool = False) -> bool:
+    """Whether work run with ``options`` may be recorded once and replayed: asked for
+    (``replay_steps``), on the fast paths (the references' GEMMs, CuPy's own, cannot be
+    recorded), on a backend that registers a variant of ``record_step`` (CuPy).
+    ``simulate`` records even where only the reference recording exists (NumPy), so
+    that the tests run the replay machinery."""
+    return bool(options.replay_steps and options.fast_paths
+                and (record_step.has_variant(options) or simulate))
+
+
 def draws_dropout_masks(graph: Any) -> bool:
     """Whether some dropout op of ``graph`` has a seed input (draws a mask per step)."""
     return any(d.get("op") == "dropout" and len(d["inputs"]) > 1
@@ -157,17 +167,12 @@ class TrainStep:
         self.optimizer, self.opt_state = optimizer, opt_state
         self.backend = get_backend(backend)
         self.outputs = outputs
-        # ``simulate`` records even where only the reference recording exists (NumPy), so
-        # that the tests run the replay machinery.
-        # Replay needs the fast paths: the references' GEMMs (CuPy's own) cannot be recorded.
-        options = self.backend.options
         # A dropout op fed a seed reads the seed's value on the host to draw its mask: a
         # recording would replay the mask of the step it was recorded at. Those graphs
         # run every step op by op.
-        self.replay_wanted = bool(options.replay_steps and options.fast_paths
-                                  and isinstance(optimizer, Adam)
-                                  and (record_step.has_variant(options) or simulate)
-                                  and not draws_dropout_masks(graph))
+        self.replay_wanted = (can_replay(self.backend.options, simulate)
+                              and isinstance(optimizer, Adam)
+                              and not draws_dropout_masks(graph))
         self._grads: Optional[dict] = None
         self._loss = None         # the last gradients() call's loss (eager), for update()
         self._from_graph = False
@@ -286,9 +291,7 @@ class RecordedForward:
                  simulate: bool = False) -> None:
         self.graph, self.params, self.outputs = graph, params, list(outputs)
         self.backend = get_backend(backend)
-        options = self.backend.options
-        self.replay_wanted = bool(options.replay_steps and options.fast_paths
-                                  and (record_step.has_variant(options) or simulate))
+        self.replay_wanted = can_replay(self.backend.options, simulate)
         self._shape_key: Optional[tuple] = None
         self._inputs: Optional[_StaticInputs] = None
         self._recording = None
