@@ -8,8 +8,9 @@
 #   gpu_check.log   #13  every GPU correctness check and the step-time table against PyTorch
 #   dist_check.log  #16  NCCL, a world of one rank, against one process (runners/dist_check.py)
 #   epoch.log       #18  two MNIST epochs (the second warm) with test evaluation, split host/device
-#   RECIPE/metrics.jsonl and RECIPE/row.json   #18  each recipe (default mnist-capsnet) for
-#                        the time left (capsflow reproduce --max-minutes): two recipes at most
+#   RECIPE/metrics.jsonl and RECIPE/row.json   #18  each recipe for the time left (capsflow
+#                        reproduce --max-minutes), two at most; by default MNIST's and
+#                        Fashion-MNIST's 50-epoch rows (x0.9 per epoch), which fit one call
 # `recipes MINUTES RECIPE...` runs the recipes alone, all MINUTES long (once the checks are done).
 # A step that overruns its share is stopped and the next one runs.
 set -uo pipefail
@@ -33,7 +34,8 @@ recipes) checks=0;;
 esac
 minutes=${2:-9}
 shift $(( $# < 2 ? $# : 2 ))
-recipes=("${@:-mnist-capsnet}")
+recipes=("${@:-mnist-capsnet-per-epoch}")
+(( $# )) || recipes=(mnist-capsnet-per-epoch fashion-mnist-capsnet-per-epoch)
 if ! [[ "$minutes" =~ ^[0-9]+$ ]] || (( minutes < 2 )); then
     echo "MINUTES must be a whole number >= 2, got '$minutes'" >&2; exit 2
 fi
@@ -65,7 +67,9 @@ recipes=("${recipes[@]:0:2}")
 for i in "${!recipes[@]}"; do
     recipe=${recipes[$i]}
     # the time left, shared among the recipes still to run
-    budget=$(( (deadline - SECONDS - 5) / (${#recipes[@]} - i) ))
+    left=$(( deadline - SECONDS - 5 ))
+    budget=$(( left / (${#recipes[@]} - i) ))
+    (( budget < 90 )) && budget=$left   # too little to share: the first recipes come first
     # --max-minutes stops after the epoch that ends past it: leave that epoch and the row time
     run_minutes=$(awk -v s="$budget" 'BEGIN { printf "%.2f", (s - 45) / 60 }')
     if (( budget < 90 )); then echo "== $recipe: skipped, no time left"; continue; fi

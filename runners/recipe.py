@@ -26,7 +26,8 @@ from typing import Any, Optional
 
 from capsflow.errors import CapsflowError
 from capsflow.lang.yamlio import LocDict, load_yaml
-from capsflow.runners.training import TrainConfig, _hint_name, _json_type, _matches
+from capsflow.runners.training import TrainConfig
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
 
 #: Where recipes live; ``capsflow reproduce NAME`` looks here for NAME.yaml.
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "graphs" / "recipes"
@@ -123,7 +124,7 @@ def load_recipe(name_or_path: str) -> Recipe:
         where.known_keys(target, ("test_acc", "source"), "paper")
         if "test_acc" in target:
             paper = target["test_acc"]
-            if not (_matches(paper, float) and 0 <= paper <= 100):
+            if not (matches_hint(paper, float) and 0 <= paper <= 100):
                 raise RecipeError(f"{where.at(target, 'test_acc')}: paper.test_acc is a "
                                   f"test accuracy in %, got {paper!r}")
         source = where.text(target, "source") if "source" in target else ""
@@ -152,25 +153,25 @@ class _Where:
         value = mapping[key]
         if not isinstance(value, str) or not value.strip():
             raise RecipeError(f"{self.at(mapping, key)}: '{key}' must be a non-empty string, "
-                              f"got {_json_type(value)}")
+                              f"got {json_type_name(value)}")
         return value
 
     def mapping(self, mapping: dict, key: str) -> dict:
         value = mapping[key]
         if not isinstance(value, dict):
             raise RecipeError(f"{self.at(mapping, key)}: '{key}' must be a mapping, "
-                              f"got {_json_type(value)}")
+                              f"got {json_type_name(value)}")
         return value
 
     def typed(self, mapping: dict, key: str, field: str, what: str) -> Any:
         """``mapping[key]`` as TrainConfig's ``field`` takes it (an int where a float is
         wanted is a float)."""
         value, hint = mapping[key], self.hints[field]
-        if isinstance(value, int) and not isinstance(value, bool) and _matches(1.0, hint) \
-                and not _matches(1, hint):
+        if isinstance(value, int) and not isinstance(value, bool) and matches_hint(1.0, hint) \
+                and not matches_hint(1, hint):
             value = float(value)
-        if not _matches(value, hint) or (isinstance(value, float) and not math.isfinite(value)):
-            raise RecipeError(f"{self.at(mapping, key)}: {what}.{key} is {_json_type(value)} "
-                              f"{value!r}, expected {_hint_name(hint)}")
+        if not matches_hint(value, hint) or (isinstance(value, float) and not math.isfinite(value)):
+            raise RecipeError(f"{self.at(mapping, key)}: {what}.{key} is {json_type_name(value)} "
+                              f"{value!r}, expected {hint_name(hint)}")
         return value
 

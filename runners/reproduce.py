@@ -237,8 +237,11 @@ def results_table(rows: list) -> str:
         final = _cell(r["final_test_acc"])
         best = "-" if r["best_test_acc"] is None else f"{r['best_test_acc']:.2f}% ({r['best_epoch']})"
         note = "" if r["complete"] else " (partial: " + ", ".join(r.get("caveats", [])) + ")"
+        paper = _cell(r["paper_test_acc"])
+        if str(r.get("paper_source", "")).startswith("target"):  # no paper figure: a goal
+            paper += " (target)"
         lines.append(f"| {r['row']}{note} | `{r['recipe']}` | {final} | {best} | "
-                     f"{_cell(r['paper_test_acc'])} | {r['epochs']} | "
+                     f"{paper} | {r['epochs']} | "
                      f"{_duration(r['train_seconds'])} | {_ran_on(r.get('card'))} |")
     return "\n".join(lines)
 
@@ -297,13 +300,16 @@ def _duration(seconds: Any) -> str:
 
 def list_recipes() -> str:
     lines = [f"recipes in {RECIPES_DIR}:"]
-    for name in recipe_names():
+    names = recipe_names()
+    width = max(map(len, names), default=0) + 1
+    for name in names:
         try:
             r = load_recipe(name)
         except CapsflowError as exc:
-            lines.append(f"  {name:<24} (cannot be read: {exc})")
+            lines.append(f"  {name:<{width}} (cannot be read: {exc})")
             continue
-        paper = "" if r.paper is None else f"; paper {r.paper:.2f}%"
-        lines.append(f"  {name:<24} {r.row} ({r.config.dataset}, {r.config.num_epochs} epochs, "
+        kind = "target" if r.source.startswith("target") else "paper"
+        paper = "" if r.paper is None else f"; {kind} {r.paper:.2f}%"
+        lines.append(f"  {name:<{width}} {r.row} ({r.config.dataset}, {r.config.num_epochs} epochs, "
                      f"{r.config.describe_lr()}{paper})")
     return "\n".join(lines)

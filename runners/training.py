@@ -50,6 +50,7 @@ from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
                                          remove_stale_temporaries, save_npz_atomic)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
@@ -305,10 +306,10 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError("'spec_files' names a file twice")
         for key in ("graph_name", "graph_file"):
             if not isinstance(meta.get(key, ""), str):
-                raise CheckpointError(f"'{key}' is {_json_type(meta[key])}, expected a string")
+                raise CheckpointError(f"'{key}' is {json_type_name(meta[key])}, expected a string")
         overrides = meta.get("overrides") or {}
         if not isinstance(overrides, dict):
-            raise CheckpointError(f"'overrides' is {_json_type(overrides)}, expected an object")
+            raise CheckpointError(f"'overrides' is {json_type_name(overrides)}, expected an object")
         config = TrainConfig.from_json(meta.get("config", {}))
         config.check()
         progress = Progress.from_json(meta.get("progress"))
@@ -681,7 +682,7 @@ def from_record(cls: type, record: Any, where: str, complete: bool) -> Any:
     Raises CheckpointError naming the field, e.g. ``progress.epoch``.
     """
     if not isinstance(record, dict):
-        raise CheckpointError(f"'{where}' is {_json_type(record)}, not a JSON object")
+        raise CheckpointError(f"'{where}' is {json_type_name(record)}, not a JSON object")
     hints = typing.get_type_hints(cls)
     values = {}
     for f in fields(cls):
@@ -693,44 +694,14 @@ def from_record(cls: type, record: Any, where: str, complete: bool) -> Any:
         value = record[f.name]
         if is_dataclass(hint):
             value = from_record(hint, value, name, complete)
-        elif not _matches(value, hint):
-            raise CheckpointError(f"'{name}' is {_json_type(value)} {json.dumps(value)[:40]}, "
-                                  f"expected {_hint_name(hint)}")
+        elif not matches_hint(value, hint):
+            raise CheckpointError(f"'{name}' is {json_type_name(value)} {json.dumps(value)[:40]}, "
+                                  f"expected {hint_name(hint)}")
         values[f.name] = value
     try:
         return cls(**values)
     except CapsflowError as exc:  # e.g. Options with an unknown backend
         raise CheckpointError(f"'{where}': {exc}") from None
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    if typing.get_origin(hint) is typing.Union:
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool) or hint is bool:  # bool is an int to Python, not to JSON
-        return isinstance(value, bool) and hint is bool
-    if hint is int:
-        return isinstance(value, int) and value >= 0
-    if hint is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-def _hint_name(hint: Any) -> str:
-    names = {int: "an integer >= 0", float: "a finite number", str: "a string",
-             bool: "true or false", dict: "an object", type(None): "null"}
-    if typing.get_origin(hint) is typing.Union:
-        return " or ".join(_hint_name(h) for h in typing.get_args(hint))
-    return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _json_type(value: Any) -> str:
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"),
-                       (str, "a string"), (list, "a list"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null" if value is None else type(value).__name__
 
 
 class Trainer:

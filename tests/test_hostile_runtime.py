@@ -489,3 +489,17 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(world, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert read_checkpoint(run / "last.npz").epoch == done + 1
     assert temporaries() == []
+
+
+def test_a_reader_that_leaves_early_is_no_error():
+    """`capsflow reproduce --list | head -1`: the pipe closes before capsflow writes; that
+    is the reader's choice, not a failure, so nothing goes to stderr and no bug is reported."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        done = subprocess.run([sys.executable, "-m", "capsflow", "reproduce", "--list"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert done.stderr == b""

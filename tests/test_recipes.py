@@ -4,9 +4,10 @@ time budget and writes its row; bad recipes and misuse are one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from conftest import CAPSNET, SHARED_DATA, run_cli
+from conftest import CAPSNET, REPO, SHARED_DATA, run_cli
 
 import capsflow
 from capsflow.runners.recipe import load_recipe, recipe_names
@@ -55,6 +56,7 @@ def test_every_shipped_recipe_reads_and_its_graph_compiles():
     names = recipe_names()
     assert {"mnist-capsnet", "mnist-r1-recon", "mnist-r1-norecon", "mnist-r3-norecon",
             "mnist-baseline-cnn", "fashion-mnist-capsnet", "multimnist-capsnet",
+            "mnist-capsnet-per-epoch", "fashion-mnist-capsnet-per-epoch",
             "affine-mnist-capsnet"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
@@ -78,6 +80,29 @@ def test_table_1_rows_differ_from_the_mnist_row_only_in_what_the_table_varies():
     fashion = load_recipe("fashion-mnist-capsnet")
     assert fashion.config.dataset == "fashion-mnist"
     assert fashion.config.lr_schedule == main.config.lr_schedule
+
+
+def test_per_epoch_rows_differ_from_their_siblings_only_in_the_schedule():
+    """Each dataset's row is offered with both schedules; nothing else may differ."""
+    from dataclasses import replace
+    for name in ("mnist-capsnet", "fashion-mnist-capsnet"):
+        official, keras = load_recipe(name), load_recipe(f"{name}-per-epoch")
+        assert keras.config.lr_schedule == "per-epoch" and keras.config.lr_decay == 0.9
+        assert keras.config.num_epochs == 50
+        assert (keras.graph, keras.overrides, keras.paper) == \
+            (official.graph, official.overrides, official.paper)
+        assert replace(keras.config, lr_schedule="per-step", lr_decay=0.96, min_lr=1e-6,
+                       num_epochs=official.config.num_epochs) == official.config
+
+
+def test_the_table_marks_a_target_that_is_not_a_paper_figure():
+    from capsflow.runners.reproduce import results_table
+    row = {"row": "R", "recipe": "r", "complete": True, "final_test_acc": 93.1,
+           "best_test_acc": 93.2, "best_epoch": 7, "paper_test_acc": 93.7, "epochs": 50,
+           "train_seconds": 300.0, "card": None}
+    paper = results_table([dict(row, paper_source="Sabour et al. 2017, Table 1")])
+    target = results_table([dict(row, paper_source="target (no paper figure)")])
+    assert "| 93.70% |" in paper and "| 93.70% (target) |" in target
 
 
 def test_list_shows_every_recipe(capsys):
@@ -207,3 +232,13 @@ def test_hostile_recipe_files_are_one_line(text, message, tmp_path, capsys):
     recipe = write_recipe(tmp_path, text)
     rc, _, err = run_cli(capsys, "reproduce", recipe, "--out", tmp_path / "run")
     assert rc == 2 and message in err and "\n" not in err, err
+
+
+def test_the_gpu_sessions_default_recipes_are_shipped():
+    """runners/gpu_session.sh names its default rows in bash; a renamed recipe would
+    only show on a lent GPU, after its minutes were spent."""
+    script = (REPO / "runners" / "gpu_session.sh").read_text()
+    defaults = re.search(r"^\(\( \$# \)\) \|\| recipes=\(([^)]*)\)", script, re.M)
+    assert defaults, "gpu_session.sh no longer sets its default recipes as expected"
+    names = defaults.group(1).split()
+    assert names and set(names) <= set(recipe_names())
