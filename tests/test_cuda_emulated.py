@@ -232,7 +232,8 @@ def test_sum_outer_terms_kernel(emu, monkeypatch, count, dtype):
 
 def test_kernels_with_32_bit_indices_decline_larger_arrays(emu, monkeypatch):
     """Past INT_MAX elements the flat-index kernels step aside, and so does the conv2d
-    variant (for col2im): the reference runs."""
+    variant (for col2im) where one image has that many: the reference runs. A batch that
+    has that many in all is taken in chunks of images (test_conv2d_variant_in_chunks)."""
     rng = _rng()
     monkeypatch.setattr(kernels, "INT_MAX", 50)
     v = rng.standard_normal((2, 3, 4))
@@ -246,20 +247,56 @@ def test_kernels_with_32_bit_indices_decline_larger_arrays(emu, monkeypatch):
     assert not kernels.outer_sum(emu, [np.ones((2, 3, 3))], [np.ones((2, 3, 4))],
                                  np.empty((2, 3, 3, 4)), False)
     w = rng.standard_normal((2, 1, 3, 3))
-    assert conv.gpu_conv2d.forward_fn(get_backend(FAST), np.ones((2, 1, 5, 5)), w,
-                                      stride=1, padding=0) is not DECLINED
     assert conv.gpu_conv2d.forward_fn(get_backend(FAST), np.ones((3, 1, 5, 5)), w,
+                                      stride=1, padding=0) is not DECLINED
+    assert conv._images_per_chunk(np.ones((3, 1, 5, 5)), w, 1, 0) == 2
+    assert conv.gpu_conv2d.forward_fn(get_backend(FAST), np.ones((1, 1, 7, 8)), w,
                                       stride=1, padding=0) is DECLINED
 
 
-def test_conv2d_variant_declines_windows_over_its_budget(emu, monkeypatch):
+def test_conv2d_variant_declines_only_an_image_over_its_budget(emu, monkeypatch):
     rng = _rng()
     x, w = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3))
-    windows = 2 * 4 * 4 * 3 * 3 * 3 * 8  # bytes of the (N*OH*OW, kh*kw*C) float64 matrix
-    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", windows)
-    assert conv.gpu_conv2d.forward_fn(get_backend(FAST), x, w, stride=1, padding=0) is not DECLINED
+    windows = 4 * 4 * 3 * 3 * 3 * 8  # bytes of one image's (OH*OW, kh*kw*C) float64 windows
+    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", 2 * windows)
+    out, extras = conv.gpu_conv2d.forward_fn(get_backend(FAST), x, w, stride=1, padding=0)
+    assert "cols" in extras  # the whole batch at once, its windows kept
+    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", 2 * windows - 1)
+    out, extras = conv.gpu_conv2d.forward_fn(get_backend(FAST), x, w, stride=1, padding=0)
+    assert "cols" not in extras  # one image at a time, nothing kept
     monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", windows - 1)
     assert conv.gpu_conv2d.forward_fn(get_backend(FAST), x, w, stride=1, padding=0) is DECLINED
+
+
+@pytest.mark.parametrize("needs", [(True, True, True), (True, True, False), (False, True, True),
+                                   (True, False, False), (True, True)])
+@pytest.mark.parametrize("channels", [24, 5])  # the im2col kernel; CuPy's copy + ones column
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1)])
+def test_conv2d_variant_in_chunks(emu, monkeypatch, stride, padding, channels, needs):
+    """A batch whose windows exceed the budget: 5 images in chunks of 2, 2 and 1, each
+    chunk's windows copied in the forward and again in the VJP, against the reference."""
+    rng = _rng()
+    c = channels
+    x, w = rng.standard_normal((5, c, 9, 8)), rng.standard_normal((3, c, 3, 4))
+    b = rng.standard_normal(3) if len(needs) > 2 else None
+    h, wd = 9 + 2 * padding, 8 + 2 * padding
+    one_image = ((h - 3) // stride + 1) * ((wd - 4) // stride + 1) * 3 * 4 * c * 8
+    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", 2 * one_image + 1)
+    assert conv._images_per_chunk(x, w, stride, padding) == 2
+    out, extras = conv.gpu_conv2d.forward_fn(get_backend(FAST), x, w, b, stride=stride,
+                                             padding=padding)
+    assert "cols" not in extras
+    op = get_op("conv2d")
+    np.testing.assert_allclose(out, op.forward_fn(np, x, w, b, stride=stride, padding=padding),
+                               rtol=1e-11, atol=1e-11)
+    g = np.random.default_rng(1).standard_normal(out.shape)
+    grads = conv.gpu_conv2d.vjp_fn(get_backend(FAST), {**extras, "x": x, "w": w}, g, needs,
+                                   stride=stride, padding=padding)
+    wants = op.vjp_fn(np, {"x": x, "w": w}, g, needs, stride=stride, padding=padding)
+    for got, want in zip(grads, wants):
+        assert (got is None) == (want is None)
+        if want is not None:
+            np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

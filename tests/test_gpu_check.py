@@ -26,6 +26,25 @@ def test_a_broken_variant_fails_the_op_check(emu, monkeypatch, capsys):
     assert "FAILED: relu" in capsys.readouterr().out
 
 
+def test_chunked_conv_check_passes_and_fails(emu, monkeypatch, capsys):
+    """The large-batch check on a small convolution with a small budget: 3 images in
+    chunks of 1 pass; a variant that drops the last chunk's gradient fails."""
+    from capsflow.backends.cuda import conv
+    shapes = ((3, 4, 7, 7), (5, 4, 3, 3), 2)
+    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", 3 * 3 * 36 * 4)  # one image's windows
+    assert check.check_conv_chunks(shapes)
+    assert "conv2d of 3 images in chunks of 1 vs the reference" in capsys.readouterr().out
+    vjp = conv.gpu_conv2d.vjp_fn
+
+    def broken(be, saved, g, needs, **attrs):
+        gx, gw, gb = vjp(be, saved, g, needs, **attrs)
+        gx[-1] = 0
+        return gx, gw, gb
+    monkeypatch.setattr(conv.gpu_conv2d, "vjp_fn", broken)
+    assert not check.check_conv_chunks(shapes)
+    assert "(dx) -> FAILED" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("program", ["gpu_check", "gpu_kernels"])
 def test_without_a_gpu_it_says_so_and_exits_2(program, capsys):
     try:

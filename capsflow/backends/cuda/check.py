@@ -6,7 +6,8 @@ well under 4 minutes.
    float64 and float32, and a whole-graph finite-difference check on CuPy; then the fast
    paths against the plain ones on CuPy: this package's variants (CUDA kernels, own
    cuBLAS call, ...) and the factored outer-product gradients against every op's
-   reference, and Adam steps replayed as CUDA graphs against op-by-op plain ones;
+   reference, conv2d's variant on a batch too large for its window budget (taken in
+   chunks), and Adam steps replayed as CUDA graphs against op-by-op plain ones;
 3. optionally (a data root) a short MNIST training run on CuPy, with its test accuracy;
 4. last, a table: a training step (batch 100, float32) of capsflow on CuPy against the
    PyTorch CUDA reference in the same run, fp32 and tf32 as CUDA graphs, fp32 with the
@@ -130,6 +131,40 @@ def check_kernels() -> bool:
     return good
 
 
+#: PrimaryCaps' convolution (x, w shapes and stride) at a batch of 400, whose windows
+#: (1.2 GB in float32) exceed the conv2d variant's budget: it takes them in chunks.
+LARGE_CONV = ((400, 256, 20, 20), (256, 256, 9, 9), 2)
+
+
+def check_conv_chunks(shapes: tuple = LARGE_CONV) -> bool:
+    """conv2d's variant on a batch it takes in chunks of images, against the reference
+    on CuPy, float32: the output and the gradients of input, weights and bias."""
+    from capsflow.backends import get_backend, to_numpy
+    from capsflow.backends.cuda import conv
+    from capsflow.core.opdef import get_op
+    be = get_backend(FAST)
+    (x_shape, w_shape, stride), xp = shapes, be.xp
+    rng = np.random.default_rng(5)
+    x, w, b = (xp.asarray(rng.standard_normal(s).astype(np.float32))
+               for s in (x_shape, w_shape, w_shape[:1]))
+    per_chunk = conv._images_per_chunk(x, w, stride, 0)
+    out, extras = conv.gpu_conv2d.forward_fn(be, x, w, b, stride=stride, padding=0)
+    g = xp.asarray(rng.standard_normal(out.shape).astype(np.float32))
+    needs = (True, True, True)
+    got = [out, *conv.gpu_conv2d.vjp_fn(be, {**extras, "x": x, "w": w}, g, needs,
+                                       stride=stride, padding=0)]
+    op = get_op("conv2d")
+    want = [op.forward_fn(xp, x, w, b, stride=stride, padding=0),
+            *op.vjp_fn(xp, {"x": x, "w": w}, g, needs, stride=stride, padding=0)]
+    errors = {name: _rel(to_numpy(a), to_numpy(e)) for name, a, e in zip(("out", "dx", "dw", "db"),
+                                                                        got, want)}
+    name = max(errors, key=errors.get)
+    good = errors[name] <= 1e-5 and per_chunk < x_shape[0]
+    print(f"[2] conv2d of {x_shape[0]} images in chunks of {per_chunk} vs the reference on "
+          f"CuPy, float32: worst {errors[name]:.2e} ({name}) -> {'ok' if good else 'FAILED'}")
+    return good
+
+
 def check_graphs() -> bool:
     """Five Adam steps replayed as CUDA graphs (new batch and learning rate each step)
     against five op-by-op steps through the plain reference, float64."""
@@ -230,6 +265,7 @@ def run(data_dir: str | None = None, repeats: int = 20) -> int:
     ok = check_ops()
     ok &= check_parity()
     ok &= check_kernels()
+    ok &= check_conv_chunks()
     ok &= check_graphs()
     if data_dir:
         train_run(data_dir)

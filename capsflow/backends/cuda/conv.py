@@ -13,9 +13,14 @@ along its rows into a batch of GEMMs where the rows dwarf the result (``_gram``)
 input gradient is one GEMM per kernel row, batched, and one gather kernel
 (kernels.col2im) instead of a strided add per kernel offset.
 
-Where the windows exceed ``DEVICE_CHUNK_BYTES``, the dtype is not float32 or float64,
-or the input has too many elements for col2im's 32-bit indices, the variant declines
-and the reference runs.
+Where the whole batch's windows exceed ``DEVICE_CHUNK_BYTES`` (PrimaryCaps past a
+batch of about 360), the batch is taken in chunks of images whose windows fit: each
+chunk's copy and GEMM write their rows of the output, and the VJP copies each chunk's
+windows again instead of keeping them. Memory stays bounded and every call is still one
+that a CUDA graph records (the reference's ``tensordot`` is CuPy's own cuBLAS call,
+which is not). The variant declines, and the reference runs, only where one image's
+windows exceed the budget, the dtype is not float32 or float64, or one image has too
+many elements for col2im's 32-bit indices.
 """
 from __future__ import annotations
 
@@ -40,14 +45,28 @@ MIN_GPU_ROW = 32
 gpu_conv2d = conv2d.variant("cupy")
 
 
-def _applies(x: Any, w: Any, b: Any, stride: int, padding: int) -> bool:
-    """Whether the windows fit the budget and the kernels take the arrays."""
+def _images_per_chunk(x: Any, w: Any, stride: int, padding: int) -> int:
+    """How many images one chunk takes: as many as the window budget and col2im's 32-bit
+    indices allow (the whole batch where it fits); 0 where a single image is too big."""
     n, c, h, wd = (x.shape[0], x.shape[1], x.shape[2] + 2 * padding, x.shape[3] + 2 * padding)
     kh, kw = w.shape[2:]
     oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
-    return (kernels.usable(x, w, *([] if b is None else [b]))
-            and n * oh * ow * kh * kw * c * x.itemsize <= DEVICE_CHUNK_BYTES
-            and n * h * wd * c <= kernels.INT_MAX)
+    windows_per_image = oh * ow * kh * kw * c * x.itemsize
+    return min(n, DEVICE_CHUNK_BYTES // max(windows_per_image, 1),
+               kernels.INT_MAX // max(h * wd * c, 1))
+
+
+def _windows(xp: Any, xt: Any, kh: int, kw: int, stride: int, ones_column: bool) -> Any:
+    """The im2col matrix of xt (N, H, W, C): by the im2col kernel for rows of at least
+    MIN_GPU_ROW values, else copied by CuPy (``_window_matrix``), with the ones column."""
+    if kw * xt.shape[3] >= MIN_GPU_ROW:
+        return kernels.im2col(xp, xt, kh, kw, stride)
+    return _window_matrix(xp, xt, kh, kw, stride, ones_column)
+
+
+def _chunks(n: int, size: int) -> list:
+    """[(first, end), ...] covering range(n) in runs of ``size``."""
+    return [(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def _window_matrix(xp: Any, xt: Any, kh: int, kw: int, stride: int, ones_column: bool) -> Any:
@@ -72,7 +91,10 @@ def _window_matrix(xp: Any, xt: Any, kh: int, kw: int, stride: int, ones_column:
 
 @gpu_conv2d.forward
 def _(be, x, w, b=None, *, stride, padding):
-    if not _applies(x, w, b, stride, padding):
+    if not kernels.usable(x, w, *([] if b is None else [b])):
+        return DECLINED
+    per_chunk = _images_per_chunk(x, w, stride, padding)
+    if per_chunk < 1:
         return DECLINED
     xp = be.xp
     o, c, kh, kw = w.shape
@@ -80,19 +102,24 @@ def _(be, x, w, b=None, *, stride, padding):
     n, h, wd, _ = xt.shape
     oh, ow = (h - kh) // stride + 1, (wd - kw) // stride + 1
     k = kh * kw * c
-    if kw * c >= MIN_GPU_ROW:
-        cols = kernels.im2col(xp, xt, kh, kw, stride)
-    else:
-        cols = _window_matrix(xp, xt, kh, kw, stride, ones_column=b is not None)
-    w_mat = xp.empty((cols.shape[1], o), dtype=xt.dtype)             # (kh*kw*C [+ 1], O)
+    ones_column = b is not None and kw * c < MIN_GPU_ROW
+    w_mat = xp.empty((k + ones_column, o), dtype=xt.dtype)           # (kh*kw*C [+ 1], O)
     w_mat[:k].reshape(kh, kw, c, o)[...] = w.transpose(2, 3, 1, 0)
-    if cols.shape[1] > k:
+    if ones_column:
         w_mat[k] = b  # against the ones column: the GEMM adds the bias
-    out = matmul_on(be, cols, w_mat)
-    if b is not None and cols.shape[1] == k:
-        out += b
     # The weights' (kh, kw*C, O) copy serves the input gradient's GEMMs.
-    extras = {"xt": xt, "w_cols": w_mat[:k].reshape(kh, kw * c, o), "cols": cols}
+    extras = {"xt": xt, "w_cols": w_mat[:k].reshape(kh, kw * c, o)}
+    if per_chunk == n:  # the usual case: one copy, kept for the weight gradient
+        extras["cols"] = _windows(xp, xt, kh, kw, stride, ones_column)
+        out = matmul_on(be, extras["cols"], w_mat)
+    else:
+        out = xp.empty((n * oh * ow, o), dtype=xt.dtype)
+        for i, end in _chunks(n, per_chunk):
+            cols = _windows(xp, xt[i:end], kh, kw, stride, ones_column)
+            matmul_on(be, cols, w_mat, out=out[i * oh * ow:end * oh * ow])
+            del cols
+    if b is not None and not ones_column:
+        out += b
     return out.reshape(n, oh, ow, o).transpose(0, 3, 1, 2), extras
 
 
@@ -104,24 +131,48 @@ def _(be, saved, g, needs, *, stride, padding):
     n, oh, ow = g.shape[0], g.shape[2], g.shape[3]
     k = kh * kw * c
     g2 = xp.ascontiguousarray(g.transpose(0, 2, 3, 1)).reshape(-1, o)  # (N*OH*OW, O)
-    needs_gb = len(needs) > 2 and needs[2]
+    has_bias = len(needs) > 2
+    # The forward's windows where it kept them (popped, so that they are freed as soon
+    # as used); else it took the batch in chunks of images, whose windows are copied again.
+    kept = saved.pop("cols", None)
+    per_chunk = n if kept is not None else _images_per_chunk(saved["x"], w, stride, padding)
+    chunks = _chunks(n, per_chunk)
+    # The input gradient: one GEMM per kernel row, batched (faster than one GEMM of the
+    # same size on an H200), against the forward's weight copy read transposed, then one
+    # gather kernel.
+    w_rows = saved["w_cols"].transpose(0, 2, 1)                       # (kh, O, kw*C)
+    prod = gxt = None
+    for i, end in chunks:
+        rows = g2[i * oh * ow:end * oh * ow]
+        if needs[1]:
+            if kept is None:
+                kept = _windows(xp, xt[i:end], kh, kw, stride,
+                                ones_column=has_bias and kw * c < MIN_GPU_ROW)
+            part = _gram(be, rows, kept)                               # (O, k [+ 1])
+            kept = None
+            if prod is None:
+                prod = part
+            else:
+                prod += part
+        if needs[0]:
+            gcols = matmul_on(be, rows, w_rows).reshape(kh, end - i, oh, ow, kw, c)
+            part = kernels.col2im(xp, gcols, (end - i,) + xt.shape[1:], stride)
+            del gcols
+            if len(chunks) == 1:
+                gxt = part
+            else:
+                if gxt is None:
+                    gxt = xp.empty(xt.shape, dtype=xt.dtype)
+                gxt[i:end] = part
+    del kept
     gx = gw = gb = None
-    cols = saved.pop("cols")  # popped, so that the windows are freed as soon as used
     if needs[1]:
-        prod = _gram(be, g2, cols)                                     # (O, k [+ 1])
         gw = xp.ascontiguousarray(prod[:, :k].reshape(o, kh, kw, c).transpose(0, 3, 1, 2))
-        if needs_gb and prod.shape[1] > k:  # the ones column: the bias gradient
+        if has_bias and needs[2] and prod.shape[1] > k:  # the ones column: the bias gradient
             gb = xp.ascontiguousarray(prod[:, k])
-    del cols
-    if needs_gb and gb is None:
+    if has_bias and needs[2] and gb is None:
         gb = kernels.column_sums(xp, g2)
     if needs[0]:
-        # One GEMM per kernel row, batched (faster than one GEMM of the same size on an
-        # H200), against the forward's weight copy read transposed, then one gather kernel.
-        w_rows = saved["w_cols"].transpose(0, 2, 1)                   # (kh, O, kw*C)
-        gcols = matmul_on(be, g2, w_rows).reshape(kh, n, oh, ow, kw, c)
-        gxt = kernels.col2im(xp, gcols, xt.shape, stride)
-        del gcols
         if padding:
             gxt = gxt[:, padding:-padding, padding:-padding]
         gx = gxt.transpose(0, 3, 1, 2)                                 # (N, C, H, W) view
