@@ -198,7 +198,8 @@ def format_row(row: dict) -> str:
     acc = "-" if row["final_test_acc"] is None else f"{row['final_test_acc']:.2f}%"
     best = ("" if row["best_test_acc"] is None else
             f" (best {row['best_test_acc']:.2f}% at epoch {row['best_epoch']})")
-    paper = "" if row["paper_test_acc"] is None else f"; paper {row['paper_test_acc']:.2f}%"
+    paper = "" if row["paper_test_acc"] is None else \
+        f"; {_paper_or_target(row['paper_source'])} {row['paper_test_acc']:.2f}%"
     caveat = "" if row["complete"] else f"; not the recipe's full run: {', '.join(row['caveats'])}"
     return (f"{row['recipe']}: test accuracy {acc}{best} after {row['epochs']} epoch(s){paper}, "
             f"{row['train_seconds']:.0f} s{caveat}")
@@ -238,7 +239,7 @@ def results_table(rows: list) -> str:
         best = "-" if r["best_test_acc"] is None else f"{r['best_test_acc']:.2f}% ({r['best_epoch']})"
         note = "" if r["complete"] else " (partial: " + ", ".join(r.get("caveats", [])) + ")"
         paper = _cell(r["paper_test_acc"])
-        if str(r.get("paper_source", "")).startswith("target"):  # no paper figure: a goal
+        if _paper_or_target(r.get("paper_source")) == "target":
             paper += " (target)"
         lines.append(f"| {r['row']}{note} | `{r['recipe']}` | {final} | {best} | "
                      f"{paper} | {r['epochs']} | "
@@ -298,6 +299,12 @@ def _duration(seconds: Any) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _paper_or_target(source: Any) -> str:
+    """What a recipe's figure is: the paper's, or a target where the paper gives none
+    (its source then starts with 'target')."""
+    return "target" if str(source or "").startswith("target") else "paper"
+
+
 def list_recipes() -> str:
     lines = [f"recipes in {RECIPES_DIR}:"]
     names = recipe_names()
@@ -308,8 +315,7 @@ def list_recipes() -> str:
         except CapsflowError as exc:
             lines.append(f"  {name:<{width}} (cannot be read: {exc})")
             continue
-        kind = "target" if r.source.startswith("target") else "paper"
-        paper = "" if r.paper is None else f"; {kind} {r.paper:.2f}%"
+        paper = "" if r.paper is None else f"; {_paper_or_target(r.source)} {r.paper:.2f}%"
         lines.append(f"  {name:<{width}} {r.row} ({r.config.dataset}, {r.config.num_epochs} epochs, "
                      f"{r.config.describe_lr()}{paper})")
     return "\n".join(lines)
