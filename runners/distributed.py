@@ -168,8 +168,13 @@ class World:
             if nccl:  # NCCL runs on torch's stream: order it after CuPy's work, and back
                 import cupy
                 import torch
-                stream = torch.cuda.ExternalStream(cupy.cuda.get_current_stream().ptr)
-                with torch.cuda.stream(stream):
+                ptr = cupy.cuda.get_current_stream().ptr
+                with torch.cuda.stream(torch_stream_of(torch, ptr)):
+                    if torch.cuda.current_stream().cuda_stream != ptr:
+                        raise DistributedError(
+                            f"rank {self.rank}: torch would run the {what} on CUDA stream "
+                            f"{torch.cuda.current_stream().cuda_stream:#x}, not on CuPy's "
+                            f"{ptr:#x}; it would race CuPy's work (a bug in capsflow)")
                     fn()
             else:
                 fn()
@@ -178,6 +183,19 @@ class World:
                 f"rank {self.rank}: the {what} with the other ranks failed ({_first_line(exc)}); "
                 f"another rank stopped or could not be reached within {self.timeout:g} s, "
                 f"so this one stops too") from None
+
+
+def torch_stream_of(torch: Any, ptr: int) -> Any:
+    """torch's handle on the CUDA stream ``ptr`` (CuPy's current stream), for torch's
+    collectives to be ordered after CuPy's work on it and CuPy's after them. CuPy's null
+    stream (0) is CUDA's legacy default stream, which is torch's default stream; it is
+    never given to ``torch.cuda.ExternalStream``, which (pytorch/pytorch#182960) returns
+    a fresh non-blocking stream for 0, one that is ordered with nothing."""
+    if ptr == 0:
+        return torch.cuda.default_stream()
+    if hasattr(torch.cuda, "get_stream_from_external"):  # torch >= 2.7
+        return torch.cuda.get_stream_from_external(ptr)
+    return torch.cuda.ExternalStream(ptr)
 
 
 def _store(env: dict, timeout: float) -> Any:

@@ -8,12 +8,14 @@ is one line with exit status 2. Every subprocess runs under a timeout: nothing h
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA
@@ -21,7 +23,8 @@ from conftest import CAPSNET, REPO, SHARED_DATA
 from capsflow.cli import main as cli_main
 from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
 from capsflow.runners.dist_check import main as dist_check
-from capsflow.runners.distributed import env_config, share, strip_nproc
+from capsflow.runners.distributed import (DistributedError, World, env_config, share,
+                                          strip_nproc, torch_stream_of)
 from capsflow.runners.training import read_metrics
 
 pytest.importorskip("torch.distributed")
@@ -181,6 +184,56 @@ def test_no_launcher_no_world(monkeypatch):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     assert env_config() is None
+
+
+class _FakeCuda:
+    """torch.cuda as far as the stream choice goes, with ExternalStream(0)'s bug
+    (pytorch/pytorch#182960: a fresh pooled stream, not the null stream)."""
+
+    def __init__(self, current: int = 0, has_from_external: bool = True):
+        self.current, self.pooled = current, 0x7000
+        if has_from_external:
+            self.get_stream_from_external = lambda ptr: ("wrapped", ptr)
+
+    def default_stream(self):
+        return ("wrapped", 0)
+
+    def ExternalStream(self, ptr):
+        self.pooled += 1
+        return ("wrapped", ptr or self.pooled)
+
+    def stream(self, s):
+        self.current = s[1]
+        return contextlib.nullcontext()
+
+    def current_stream(self):
+        return SimpleNamespace(cuda_stream=self.current)
+
+
+def test_nccl_is_ordered_on_cupys_own_stream(monkeypatch):
+    """CuPy's null stream is torch's default stream, never ExternalStream(0); another
+    stream is wrapped as it is; a collective that would run anywhere else is refused."""
+    for has_from_external in (True, False):
+        torch = SimpleNamespace(cuda=_FakeCuda(has_from_external=has_from_external))
+        assert torch_stream_of(torch, 0) == ("wrapped", 0)
+        assert torch_stream_of(torch, 0x1234) == ("wrapped", 0x1234)
+
+    import torch as real_torch
+    cupy = SimpleNamespace(cuda=SimpleNamespace(
+        get_current_stream=lambda: SimpleNamespace(ptr=0)))
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    world = World(rank=0, world_size=1, local_rank=0, backend="nccl", timeout=5)
+    ran = []
+    monkeypatch.setattr(real_torch, "cuda", _FakeCuda(current=0x55))
+    world._collective(lambda: ran.append(real_torch.cuda.current_stream().cuda_stream),
+                      "all-reduce", flat=[0.0])
+    assert ran == [0]  # on the null stream, where CuPy queued the gradients
+    # torch left on a stream of its own (as ExternalStream(0) would make it): refused
+    real_torch.cuda.current = 0x55
+    monkeypatch.setattr(real_torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    with pytest.raises(DistributedError, match="not on CuPy's 0x0; it would race"):
+        world._collective(lambda: ran.append("raced"), "all-reduce", flat=[0.0])
+    assert ran == [0]
 
 
 def test_bench_nproc_reports_scaling(tmp_path):
