@@ -134,3 +134,34 @@ def test_matmul_into_out_without_cublas(accumulate):
     want = a @ b + (out if accumulate else 0)
     assert gemm.matmul(np, a, b, out=out, accumulate=accumulate) is out
     np.testing.assert_allclose(out, want, rtol=1e-12)
+
+
+def test_the_handle_keeps_its_workspace_across_streams():
+    """cublasSetStream resets a handle's workspace to cuBLAS's default pool, so each
+    change of stream (eager on the null stream, a capture on its own) sets capsflow's
+    workspace again; the same stream twice calls neither."""
+    from types import SimpleNamespace
+    calls = []
+    workspace = SimpleNamespace(data=SimpleNamespace(ptr=0xAB00), nbytes=1 << 20)
+
+    def set_stream(handle, ptr):
+        calls.append(("stream", ptr.value or 0))
+        return 0
+
+    def set_workspace(handle, ptr, size):
+        calls.append(("workspace", ptr.value, size.value))
+        return 0
+
+    lib = gemm._Cublas("handle", workspace, None, set_stream, set_workspace)
+    for stream in (0, 0, 0x51, 0x51, 0):
+        lib.on_stream(stream)
+    bound = [("workspace", 0xAB00, 1 << 20)]
+    assert calls == [("stream", 0), *bound, ("stream", 0x51), *bound, ("stream", 0), *bound]
+
+    failing = gemm._Cublas("handle", workspace, None, set_stream, lambda *args: 7)
+    with pytest.raises(RuntimeError, match="status 7"):
+        failing.on_stream(0x51)
+    calls.clear()
+    old = gemm._Cublas("handle", workspace, None, set_stream)  # no cublasSetWorkspace
+    old.on_stream(0x51)
+    assert calls == [("stream", 0x51)]

@@ -224,6 +224,10 @@ class TrainStep:
             self._hyper_in.write(hyper)
             try:
                 if self._update is None:
+                    # The guard once, eagerly, on the same arrays: the eager steps check
+                    # the loss on the host, so its two kernels would otherwise be
+                    # compiled and loaded first inside the recording.
+                    self._set_go()
                     self._update = record_step(self.backend, self._guarded_update)
                 self._update.replay()
             except RecordError as exc:  # apply this step op by op, from the recorded gradients
@@ -249,12 +253,15 @@ class TrainStep:
         self.replay_wanted = False
         self._forward = self._update = None
 
-    def _guarded_update(self) -> None:
-        """The update half as recorded: go = isfinite(loss), then Adam, which reads it."""
-        xp = self.backend.xp
+    def _set_go(self) -> None:
+        """go = isfinite(loss) on the device, in Adam's per-step numbers."""
         loss = self._forward.result[0].get("loss")
         if loss is not None:
-            xp.copyto(self._hyper[2:], xp.isfinite(loss))
+            self.backend.xp.copyto(self._hyper[2:], self.backend.xp.isfinite(loss))
+
+    def _guarded_update(self) -> None:
+        """The update half as recorded: go = isfinite(loss), then Adam, which reads it."""
+        self._set_go()
         self.optimizer.apply(self.trainable, self._forward.result[1], self.opt_state, self._hyper,
                              self.backend)
 

@@ -26,7 +26,9 @@ _OP_N, _OP_T = 0, 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1
 _COMPUTE_32F, _COMPUTE_32F_FAST_TF32, _COMPUTE_64F = 68, 77, 70
 _GEMM_DEFAULT = -1
-_WORKSPACE_BYTES = 32 * 2 ** 20  # cuBLAS' recommendation for Hopper; set so no capture allocates
+#: cuBLAS' workspace size recommended for Hopper. capsflow gives its handle a workspace of
+#: its own (again at each change of stream: _Cublas.on_stream), so no capture allocates one.
+_WORKSPACE_BYTES = 32 * 2 ** 20
 
 
 def matmul(xp: Any, a: Any, b: Any, out: Any = None, accumulate: bool = False,
@@ -188,13 +190,30 @@ def merged_stride(shape: tuple, strides: tuple) -> int | None:
 
 
 # -- the cuBLAS side ---------------------------------------------------------------------------
-@dataclass(frozen=True)
 class _Cublas:
-    """capsflow's cuBLAS handle, its workspace and the two functions it calls."""
-    handle: Any
-    workspace: Any
-    gemm: Any
-    set_stream: Any
+    """capsflow's cuBLAS handle, its workspace and the functions it calls."""
+
+    def __init__(self, handle: Any, workspace: Any, gemm: Any, set_stream: Any,
+                 set_workspace: Any = None) -> None:
+        self.handle, self.workspace, self.gemm = handle, workspace, gemm
+        self._set_stream, self._set_workspace = set_stream, set_workspace
+        self._stream: Any = None
+
+    def on_stream(self, ptr: int) -> None:
+        """Queue the handle's GEMMs on stream ``ptr`` (CuPy's current one), with capsflow's
+        workspace. cublasSetStream resets the handle's workspace to cuBLAS's default pool
+        (cuBLAS documentation, cublasSetStream), so the workspace is set again after it;
+        otherwise cuBLAS would allocate its own inside each CUDA graph capture."""
+        if ptr == self._stream:
+            return
+        status = self._set_stream(self.handle, ctypes.c_void_p(ptr))
+        if status == 0 and self._set_workspace is not None:
+            status = self._set_workspace(self.handle, ctypes.c_void_p(self.workspace.data.ptr),
+                                         ctypes.c_size_t(self.workspace.nbytes))
+        if status != 0:
+            raise RuntimeError(f"cuBLAS could not be bound to stream {ptr:#x} "
+                               f"(status {status})")
+        self._stream = ptr
 
 
 #: By array module: its _Cublas, or None where none can be loaded (then ``xp.matmul``
@@ -219,19 +238,19 @@ def _open(xp: Any) -> "_Cublas | None":
     if lib.cublasCreate_v2(ctypes.byref(handle)) != 0:
         return None
     workspace = xp.empty(_WORKSPACE_BYTES, dtype=xp.uint8)
-    try:
-        lib.cublasSetWorkspace_v2(handle, ctypes.c_void_p(workspace.data.ptr),
-                                  ctypes.c_size_t(_WORKSPACE_BYTES))
-    except AttributeError:  # older cuBLAS: it manages its own workspace
-        pass
+    set_workspace = getattr(lib, "cublasSetWorkspace_v2", None)  # absent before CUDA 11
+    if set_workspace is not None:
+        set_workspace.restype = ctypes.c_int
+        set_workspace.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     f = lib.cublasGemmStridedBatchedEx
     f.restype = ctypes.c_int
     vp, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     matrix = [vp, i, i, ll]                       # pointer, data type, ld, batch stride
     f.argtypes = ([vp] + [i] * 5 + [vp] + matrix + matrix  # handle, ops, m, n, k, alpha, A, B
                   + [vp] + matrix + [i, i, i])             # beta, C, batch, compute, algo
+    lib.cublasSetStream_v2.restype = ctypes.c_int
     lib.cublasSetStream_v2.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    return _Cublas(handle, workspace, f, lib.cublasSetStream_v2)
+    return _Cublas(handle, workspace, f, lib.cublasSetStream_v2, set_workspace)
 
 
 def _load_library(xp: Any):
@@ -271,7 +290,7 @@ def _run(xp: Any, a: Any, b: Any, out: Any, accumulate: bool, tf32: bool) -> Any
         dtype, compute = _CUDA_R_32F, _COMPUTE_32F_FAST_TF32 if tf32 else _COMPUTE_32F
         one, beta = ctypes.c_float(1), ctypes.c_float(1 if accumulate else 0)
     lib = cublas(xp)
-    lib.set_stream(lib.handle, ctypes.c_void_p(xp.cuda.get_current_stream().ptr))
+    lib.on_stream(xp.cuda.get_current_stream().ptr)
     status = lib.gemm(
         lib.handle, p.transa, p.transb, p.m, p.n, p.k, ctypes.c_void_p(ctypes.addressof(one)),
         ctypes.c_void_p(p.A.array.data.ptr), dtype, p.A.ld, p.A.batch_stride,
