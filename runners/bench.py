@@ -181,12 +181,16 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def _progress(total: int):
+    """A progress bar on a terminal; nothing where stderr is a log file (a bar's
+    carriage-return updates would fill it)."""
+    class _Silent:
+        def update(self, n: int = 1) -> None: ...
+        def close(self) -> None: ...
+    if not sys.stderr.isatty():
+        return _Silent()
     try:
         from tqdm import tqdm
     except ImportError:
-        class _Silent:
-            def update(self, n: int = 1) -> None: ...
-            def close(self) -> None: ...
         return _Silent()
     return tqdm(total=total, desc="bench steps", leave=False, file=sys.stderr)
 

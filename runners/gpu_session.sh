@@ -8,10 +8,14 @@
 #   gpu_check.log   #13  every GPU correctness check and the step-time table against PyTorch
 #   dist_check.log  #16  NCCL, a world of one rank, against one process (runners/dist_check.py)
 #   epoch.log       #18  two MNIST epochs (the second warm) with test evaluation, split host/device
-#   RECIPE/metrics.jsonl and RECIPE/row.json   #18  each recipe for the time left (capsflow
-#                        reproduce --max-minutes), two at most; by default MNIST's and
-#                        Fashion-MNIST's 50-epoch rows (x0.9 per epoch), which fit one call
+#   RECIPE/metrics.jsonl and RECIPE/row.json   #18  the recipes in order, two at most,
+#                        each for all the time left (capsflow reproduce --max-minutes); by
+#                        default MNIST's 50-epoch row (x0.9 per epoch), then Fashion-MNIST's
+#   recipes.log          the recipes' output
 # `recipes MINUTES RECIPE...` runs the recipes alone, all MINUTES long (once the checks are done).
+# MINUTES must fit the call: at most the call's timeout less a minute for the install and the
+# copies, and within the session's device time (the device tool's status, budget_left_s,
+# less about two minutes to start a machine).
 # A step that overruns its share is stopped and the next one runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +47,8 @@ OUT=${OUT:-runs/gpu-session}
 PY=${PYTHON:-python3}
 DATA=gpu-data
 mkdir -p "$OUT"
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null \
+    || { echo "gpu_session: pip install -e . failed; nothing can run" >&2; exit 1; }
 export PYTHONUNBUFFERED=1
 deadline=$(( SECONDS + 60 * minutes ))
 
@@ -60,23 +65,30 @@ step() {
 
 if (( checks )); then
     step gpu_check 150 "$PY" -m capsflow.runners.gpu_check --repeats 30
-    step dist_check 90 "$PY" -m capsflow.runners.dist_check --backend cupy --data-dir "$DATA" --ranks 1
+    step dist_check 90 "$PY" -m capsflow.runners.dist_check --backend cupy --data-dir "$DATA" \
+        --ranks 1 --timeout 40
     step epoch 90 "$PY" -m capsflow bench graphs/capsnet.yaml --epoch --epochs 2 --backend cupy --data-dir "$DATA"
 fi
 recipes=("${recipes[@]:0:2}")
-for i in "${!recipes[@]}"; do
-    recipe=${recipes[$i]}
-    # the time left, shared among the recipes still to run
-    left=$(( deadline - SECONDS - 5 ))
-    budget=$(( left / (${#recipes[@]} - i) ))
-    (( budget < 90 )) && budget=$left   # too little to share: the first recipes come first
-    # --max-minutes stops after the epoch that ends past it: leave that epoch and the row time
-    run_minutes=$(awk -v s="$budget" 'BEGIN { printf "%.2f", (s - 45) / 60 }')
+for recipe in "${recipes[@]}"; do
+    # In order: each recipe may take all the time left (the first runs to its end, the
+    # next gets what remains). --max-minutes stops after the epoch that ends past it:
+    # leave that epoch and the row time.
+    budget=$(( deadline - SECONDS - 5 ))
     if (( budget < 90 )); then echo "== $recipe: skipped, no time left"; continue; fi
-    step "$recipe" "$budget" "$PY" -m capsflow reproduce "$recipe" --backend cupy \
-        --data-dir "$DATA" --out "runs/reproduce-gpu/$recipe" --max-minutes "$run_minutes" --no-progress
+    run_minutes=$(awk -v s="$budget" 'BEGIN { printf "%.2f", (s - 45) / 60 }')
+    folder="runs/reproduce-gpu/$recipe"
     mkdir -p "$OUT/$recipe"
-    cp "runs/reproduce-gpu/$recipe/metrics.jsonl" "runs/reproduce-gpu/$recipe/row.json" "$OUT/$recipe/" 2>/dev/null
-    rm -f "$OUT/$recipe.log"   # its lines are in metrics.jsonl; 8 files come back
+    # metrics.jsonl into $OUT every 15 s: if the call itself is cut short, the epochs
+    # run so far still come back
+    ( while sleep 15; do cp "$folder/metrics.jsonl" "$OUT/$recipe/" 2>/dev/null; done ) &
+    copier=$!
+    step "$recipe" "$budget" "$PY" -m capsflow reproduce "$recipe" --backend cupy \
+        --data-dir "$DATA" --out "$folder" --max-minutes "$run_minutes" --no-progress
+    kill "$copier" 2>/dev/null; wait "$copier" 2>/dev/null
+    cp "$folder/metrics.jsonl" "$folder/row.json" "$OUT/$recipe/" 2>/dev/null
+    # one log for the recipes (8 files come back: 3 logs, this one, 2 per recipe)
+    { echo "== $recipe"; cat "$OUT/$recipe.log"; } >> "$OUT/recipes.log" 2>/dev/null
+    rm -f "$OUT/$recipe.log"
 done
 echo "== gpu_session: done in $SECONDS s; files in $OUT"

@@ -30,7 +30,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -47,7 +46,8 @@ import numpy as np
 
 from capsflow.backends import Backend, get_backend, to_numpy
 from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
-                                         remove_stale_temporaries, save_npz_atomic)
+                                         remove_stale_temporaries, same_file_atomic,
+                                         save_npz_atomic)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options
 from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
@@ -382,12 +382,6 @@ def graph_from_checkpoint(ckpt: Checkpoint, overrides: Optional[dict] = None) ->
                 raise CheckpointError(f"{ckpt.path}: cannot rebuild the stored spec file "
                                       f"'{name}' ({exc.strerror}); the file is damaged") from None
         return compile_graph(root / main, merged)
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename."""
-    with open(src, "rb") as fin, atomic_file(dst) as fout:
-        shutil.copyfileobj(fin, fout, length=1 << 20)
 
 
 # --------------------------------------------------------------------- evaluation
@@ -1093,7 +1087,7 @@ class Trainer:
         if improved:
             self.save(self.best_path)
             if self.is_main:
-                _copy_atomic(self.best_path, self.last_path)
+                same_file_atomic(self.best_path, self.last_path)  # no second write
         else:
             self.save(self.last_path)
         return record

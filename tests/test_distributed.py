@@ -315,3 +315,14 @@ def test_dist_check_runs_a_world_of_one_against_one_process(capsys):
     assert rc == 0, out
     assert "3 Adam steps of batch 20 on numpy" in out and "1 rank(s) over gloo" in out
     assert "-> match" in out
+
+
+@needs_mnist
+def test_dist_check_stops_a_run_past_its_timeout(capsys):
+    """A run that hangs (here: one that needs longer than its 1 s) is killed, named, and
+    the check ends with status 2 instead of waiting."""
+    rc = dist_check(["--backend", "numpy", "--data-dir", str(SHARED_DATA), "--bs", "20",
+                     "--limit-train", "60", "--timeout", "1"])
+    out = capsys.readouterr().out
+    assert rc == 2, out
+    assert "the one process run failed (exit 124)" in out and "killed after 1 s" in out

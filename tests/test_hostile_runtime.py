@@ -31,7 +31,9 @@ from capsflow.runners import data as data_module
 from capsflow.runners import train as train_module
 from capsflow.runners.training import (CheckpointError, graph_from_checkpoint,
                                        read_checkpoint)
-from capsflow.training.checkpoint import TEMP_SUFFIX, remove_stale_temporaries
+from capsflow.training.checkpoint import (TEMP_SUFFIX, _TEMP_NAME, load_npz,
+                                         remove_stale_temporaries, same_file_atomic,
+                                         save_npz_atomic)
 
 GRAPH = """\
 name: {name}
@@ -433,6 +435,32 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
         path.write_bytes(b"x")
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert live.exists() and foreign.exists()
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_last_checkpoint_as_the_best_one(tmp_path, monkeypatch, links):
+    """best.npz becomes last.npz without a second write (a hard link renamed over it),
+    or by a copy where links are refused; a later save of either leaves the other as
+    it was, and no temporary file stays."""
+    best, last = tmp_path / "best.npz", tmp_path / "last.npz"
+    save_npz_atomic(best, {"w": np.arange(3.0)})
+    save_npz_atomic(last, {"w": np.zeros(3)})
+    made = []
+    real_link = os.link
+
+    def link(src, dst):
+        made.append(Path(dst).name)
+        if not links:
+            raise PermissionError("no hard links on this file system")
+        real_link(src, dst)
+    monkeypatch.setattr(os, "link", link)
+    same_file_atomic(best, last)
+    assert _TEMP_NAME.match(made[0])  # a killed run's leftover would be cleaned up
+    assert (best.stat().st_ino == last.stat().st_ino) == links
+    assert list(load_npz(last)["w"]) == [0.0, 1.0, 2.0]
+    save_npz_atomic(last, {"w": np.ones(3)})   # the next epoch's last.npz
+    assert list(load_npz(best)["w"]) == [0.0, 1.0, 2.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "last.npz"]
 
 
 def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(world, tmp_path):

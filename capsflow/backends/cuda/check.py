@@ -223,19 +223,20 @@ def bench_args(options: Options, repeats: int) -> argparse.Namespace:
 
 
 def bench_table(repeats: int) -> None:
+    """The table, each row printed as soon as it is measured (a run stopped part way
+    keeps the rows measured before)."""
     from capsflow.runners.bench import run_bench
-    rows = []
-    for label, options in BENCH_ROWS:
+    for k, (label, options) in enumerate(BENCH_ROWS):
         fig = run_bench(bench_args(options, repeats))
-        rows.append((label, fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"], fig))
-    print(f"\n[4] training step, batch 100, float32 inputs ({rows[0][3]['machine']}; "
-          f"{rows[0][1]['info']}; {rows[0][2]['info']})")
-    print(f"{'precision':<20} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
-          f"{'capsflow peak MB':>17} {'pytorch peak MB':>16}")
-    for label, cf, pt, fig in rows:
+        cf, pt = fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"]
+        if k == 0:
+            print(f"\n[4] training step, batch 100, float32 inputs ({fig['machine']}; "
+                  f"{cf['info']}; {pt['info']})")
+            print(f"{'precision':<20} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
+                  f"{'capsflow peak MB':>17} {'pytorch peak MB':>16}", flush=True)
         print(f"{label:<20} {cf['median'] * 1e3:>12.2f} {pt['median'] * 1e3:>11.2f} "
               f"{fig['ratio_median']:>6.2f} {_mb(cf.get('device_peak')):>17} "
-              f"{_mb(pt.get('device_peak')):>16}")
+              f"{_mb(pt.get('device_peak')):>16}", flush=True)
     print("ratio = capsflow / PyTorch eager, medians; target <= 0.5 (fp32). capsflow replays "
           "CUDA graphs except in 'eager' rows (--no-replay); 'unfactored': outer-product "
           "gradients made one by one (--no-factored-grads); 'xp only': that and every op's "
