@@ -242,3 +242,31 @@ def test_the_gpu_sessions_default_recipes_are_shipped():
     assert defaults, "gpu_session.sh no longer sets its default recipes as expected"
     names = defaults.group(1).split()
     assert names and set(names) <= set(recipe_names())
+
+
+@needs_mnist
+def test_sigterm_saves_the_run_and_writes_its_row(tmp_path):
+    """A scheduler's or `timeout`'s SIGTERM mid-epoch is taken as Ctrl-C: the last
+    completed step is saved and the row written (incomplete), with status 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    recipe, out_dir = write_recipe(tmp_path), tmp_path / "run"
+    small = [str(a) for a in SMALL]
+    small[small.index("--limit-train") + 1] = "4000"  # 200 steps an epoch: time to stop it
+    proc = subprocess.Popen([sys.executable, "-m", "capsflow", "reproduce", str(recipe), *small,
+                             "--out", str(out_dir)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and proc.poll() is None:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    said, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, said
+    assert "interrupted in epoch 1" in said
+    row = json.loads((out_dir / "row.json").read_text())
+    assert row["complete"] is False and row["epochs"] == 0
+    assert (out_dir / "last.npz").is_file()
