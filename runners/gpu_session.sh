@@ -65,8 +65,8 @@ step() {
 
 if (( checks )); then
     step gpu_check 150 "$PY" -m capsflow.runners.gpu_check --repeats 30
-    step dist_check 90 "$PY" -m capsflow.runners.dist_check --backend cupy --data-dir "$DATA" \
-        --ranks 1 --timeout 40
+    step dist_check 100 "$PY" -m capsflow.runners.dist_check --backend cupy --data-dir "$DATA" \
+        --ranks 1 --timeout 48
     step epoch 90 "$PY" -m capsflow bench graphs/capsnet.yaml --epoch --epochs 2 --backend cupy --data-dir "$DATA"
 fi
 recipes=("${recipes[@]:0:2}")
