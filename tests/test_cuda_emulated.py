@@ -212,6 +212,33 @@ def test_a_capsnet_step_runs_every_kernel(emu, capsnet, batch64, monkeypatch):
     assert sum(applied["routing_contraction"]) >= 4
 
 
+@pytest.mark.parametrize("budget,chunked", [
+    (7_200_000, "primary"),   # PrimaryCaps one image a chunk (6.0 MB of windows each)
+    (600_000, "conv1")])      # Conv1 two images a chunk; PrimaryCaps' image too big: reference
+def test_a_capsnet_step_with_convolutions_in_chunks_equals_numpy(emu, capsnet, batch64,
+                                                                 monkeypatch, budget, chunked):
+    """The chunked conv2d inside a whole CapsNet step (the engine's saved arrays, the
+    gradient sums) gives NumPy's outputs and gradients."""
+    monkeypatch.setattr(conv, "DEVICE_CHUNK_BYTES", budget)
+    seen = []
+    forward = conv.gpu_conv2d.forward_fn
+
+    def spy(be, x, w, b=None, **attrs):
+        result = forward(be, x, w, b, **attrs)
+        seen.append("declined" if result is DECLINED else "cols" in result[1])
+        return result
+    monkeypatch.setattr(conv.gpu_conv2d, "forward_fn", spy)
+    x, y = batch64
+    params = capsnet.init_params(seed=0, dtype="float64")
+    want_out, want = capsnet.value_and_grad(params, {"x": x, "y": y}, backend="numpy")
+    got_out, got = capsnet.value_and_grad(params, {"x": x, "y": y}, backend=get_backend(FAST))
+    # Conv1 then PrimaryCaps: kept windows (True), chunks (False) or the reference
+    assert seen == ([True, False] if chunked == "primary" else [False, "declined"])
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
+    np.testing.assert_allclose(got_out["loss"], want_out["loss"], rtol=1e-12)
+
+
 @pytest.mark.parametrize("count,dtype", [(1, np.float64), (5, np.float32), (11, np.float64)])
 def test_sum_outer_terms_kernel(emu, monkeypatch, count, dtype):
     """The CUDA variant: 8 terms a launch, then accumulating launches, against the
