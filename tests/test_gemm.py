@@ -165,3 +165,14 @@ def test_the_handle_keeps_its_workspace_across_streams():
     old = gemm._Cublas("handle", workspace, None, set_stream)  # no cublasSetWorkspace
     old.on_stream(0x51)
     assert calls == [("stream", 0x51)]
+
+
+def test_the_cublas_that_cupy_mapped_is_found_in_proc_maps():
+    maps = "\n".join([
+        "7f00-7f01 r-xp 00000000 08:01 1 /opt/venv/nvidia/cu13/lib/libcublas.so.13",
+        "7f01-7f02 r--p 00001000 08:01 1 /opt/venv/nvidia/cu13/lib/libcublas.so.13",
+        "7f02-7f03 r-xp 00000000 08:01 2 /tmp/my libs/libcublasLt.so.13",
+        "7f03-7f04 r-xp 00000000 08:01 3 /old/libcublas.so.12 (deleted)",
+        "7f04-7f05 rw-p 00000000 00:00 0 ",
+        "7f05-7f06 r-xp 00000000 08:01 4 /usr/lib/libc.so.6"])
+    assert gemm.mapped_cublas(maps) == ["/opt/venv/nvidia/cu13/lib/libcublas.so.13"]

@@ -253,16 +253,33 @@ def _open(xp: Any) -> "_Cublas | None":
     return _Cublas(handle, workspace, f, lib.cublasSetStream_v2, set_workspace)
 
 
+def mapped_cublas(maps: str) -> list:
+    """The libcublas files mapped into a process, from its /proc/PID/maps text (the path
+    is the sixth field and may hold spaces; a file deleted since it was mapped cannot be
+    opened again and is left out)."""
+    paths = set()
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and "/libcublas.so" in fields[5]:
+            path = fields[5].strip()
+            if not path.endswith(" (deleted)"):
+                paths.add(path)
+    return sorted(paths)
+
+
 def _load_library(xp: Any):
     """The libcublas that CuPy loaded (found in /proc/self/maps), else by soname."""
     xp.cuda.device.get_cublas_handle()  # makes CuPy load cuBLAS
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libcublas.so" in line}
+            paths = mapped_cublas(f.read())
     except OSError:
-        paths = set()
-    for path in sorted(paths):
-        return ctypes.CDLL(path)
+        paths = []
+    for path in paths:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
     for name in ("libcublas.so.13", "libcublas.so.12", "libcublas.so"):
         try:
             return ctypes.CDLL(name)
