@@ -38,8 +38,8 @@ recipes) checks=0;;
 esac
 minutes=${2:-9}
 shift $(( $# < 2 ? $# : 2 ))
-recipes=("${@:-mnist-capsnet-per-epoch}")
-(( $# )) || recipes=(mnist-capsnet-per-epoch fashion-mnist-capsnet-per-epoch)
+default_recipes=(mnist-capsnet-per-epoch fashion-mnist-capsnet-per-epoch)
+if (( $# )); then recipes=("$@"); else recipes=("${default_recipes[@]}"); fi
 if ! [[ "$minutes" =~ ^[0-9]+$ ]] || (( minutes < 2 )); then
     echo "MINUTES must be a whole number >= 2, got '$minutes'" >&2; exit 2
 fi

@@ -238,7 +238,7 @@ def test_the_gpu_sessions_default_recipes_are_shipped():
     """runners/gpu_session.sh names its default rows in bash; a renamed recipe would
     only show on a lent GPU, after its minutes were spent."""
     script = (REPO / "runners" / "gpu_session.sh").read_text()
-    defaults = re.search(r"^\(\( \$# \)\) \|\| recipes=\(([^)]*)\)", script, re.M)
+    defaults = re.search(r"^default_recipes=\(([^)]*)\)", script, re.M)
     assert defaults, "gpu_session.sh no longer sets its default recipes as expected"
     names = defaults.group(1).split()
     assert names and set(names) <= set(recipe_names())
