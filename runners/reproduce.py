@@ -17,12 +17,9 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import sys
-import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from capsflow.backends import get_backend
 from capsflow.cli import check_output_dir, positive_float, positive_int
@@ -31,7 +28,7 @@ from capsflow.options import add_option_arguments, option_arguments, options_fro
 from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
 from capsflow.runners.train import describe
 from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
-                                       read_checkpoint, read_metrics)
+                                       read_checkpoint, read_metrics, terminate_as_interrupt)
 
 ROW = "row.json"
 RECIPE_COPY = "recipe.yaml"
@@ -97,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{out} already holds all {recipe.config.num_epochs} epochs of {recipe.name}")
     else:
         seconds = None if args.max_minutes is None else 60 * args.max_minutes
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             trainer.fit(seconds)
         if trainer.stopped_early:
             write_row(recipe, out, command, trainer)
@@ -106,21 +103,6 @@ def main(args: argparse.Namespace) -> int:
     print(format_row(row))
     print(f"row written to {out / ROW}")
     return 0
-
-
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop, `timeout`'s) taken as Ctrl-C while training: the run
-    saves its last completed step, and the row is written, instead of both being lost.
-    It is re-sent as SIGINT, so a save in progress still defers it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Trainer:

@@ -26,7 +26,8 @@ from capsflow.lang.yamlio import parse_override
 from capsflow.runners.data import DATASETS, EMNIST_SPLITS
 from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, launch, strip_nproc
 from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, class_scores,
-                                       fit_graph_to_data, load_data, read_checkpoint)
+                                       fit_graph_to_data, load_data, read_checkpoint,
+                                       terminate_as_interrupt)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -219,7 +220,11 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
         print(describe(graph, config, data, save_dir)
               + (f"; {world.world_size} ranks ({world.backend}), batch "
                  f"{config.batch_size // world.world_size} each" if world else ""))
-    trainer.fit()
+    if world is None:
+        with terminate_as_interrupt():
+            trainer.fit()
+    else:
+        trainer.fit()
     if trainer.stopped_early:
         return 130
     if world is not None:  # no rank leaves while another may still need it

@@ -1209,6 +1209,22 @@ def _interrupts_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `timeout`'s) taken as Ctrl-C in the block: a training
+    run saves its last completed step instead of losing the work since its last epoch.
+    It is re-sent as SIGINT, so a save or an update in progress still defers it. Only
+    for one process: under a launcher, each rank's SIGTERM is the launcher's business."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------------- inference
 
 

@@ -531,3 +531,29 @@ def test_a_reader_that_leaves_early_is_no_error():
         os.close(write_end)
     assert done.returncode == 1
     assert done.stderr == b""
+
+
+def test_sigterm_saves_a_single_process_run(world, tmp_path):
+    """A scheduler's SIGTERM (SLURM's at a time limit, `timeout`'s) stops `capsflow train`
+    as Ctrl-C does: the last completed step is saved, status 130, and the run resumes."""
+    graph, data, _ = world
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "capsflow", "train", str(graph), "--data-dir", str(data),
+            "--bs", "10", "--no-progress", "--save_dir", str(run)]
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = subprocess.Popen(base + ["--num_epochs", "100000"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / "last.npz").exists():  # a few epochs in
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    said, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, said
+    assert "interrupted in epoch" in said
+    saved = read_checkpoint(run / "last.npz")
+    assert saved.progress.iteration > 0
+    finished = subprocess.run(base + ["--resume", str(run / "last.npz"), "--num_epochs",
+                                      str(saved.epoch + 1)], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr
