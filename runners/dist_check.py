@@ -99,20 +99,20 @@ def main(argv: list | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capsflow-dist-check-") as tmp:
         one, many = Path(tmp) / "one", Path(tmp) / "ranks"
         started = time.perf_counter()
-        runs = {}
+        runs = []
         # Each run's outcome is printed as soon as it ends: a run that hangs or fails
         # still leaves the other's line in the log.
         for name, folder, ranks in (("one process", one, None),
                                     (f"{args.ranks} rank(s)", many, args.ranks)):
-            done, seconds = runs[name] = train(common, folder, ranks, args.timeout)
+            done, seconds = train(common, folder, ranks, args.timeout)
             if done.returncode != 0:
                 tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
                 print(f"dist_check: the {name} run failed (exit {done.returncode}): {tail}")
                 return 2
             print(f"dist_check: {name} trained ({seconds:.2f} s for the epoch)")
+            runs.append((done, seconds))
         name, rel = worst_difference(one / "last.npz", many / "last.npz")
-    ranked, ranked_seconds = runs[f"{args.ranks} rank(s)"]
-    single_seconds = runs["one process"][1]
+    (_, single_seconds), (ranked, ranked_seconds) = runs
     steps = args.limit_train // args.bs
     comm = "nccl" if args.backend == "cupy" else "gloo"
     if f"{args.ranks} ranks ({comm})" not in ranked.stdout:  # else the check proves nothing

@@ -170,11 +170,12 @@ class World:
                 import torch
                 ptr = cupy.cuda.get_current_stream().ptr
                 with torch.cuda.stream(torch_stream_of(torch, ptr)):
-                    if torch.cuda.current_stream().cuda_stream != ptr:
+                    torch_ptr = torch.cuda.current_stream().cuda_stream
+                    if torch_ptr != ptr:
                         raise DistributedError(
                             f"rank {self.rank}: torch would run the {what} on CUDA stream "
-                            f"{torch.cuda.current_stream().cuda_stream:#x}, not on CuPy's "
-                            f"{ptr:#x}; it would race CuPy's work (a bug in capsflow)")
+                            f"{torch_ptr:#x}, not on CuPy's {ptr:#x}; it would race "
+                            f"CuPy's work (a bug in capsflow)")
                     fn()
             else:
                 fn()

@@ -11,6 +11,7 @@ A graph that cannot take the dataset's images is one line naming both shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -220,10 +221,7 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
         print(describe(graph, config, data, save_dir)
               + (f"; {world.world_size} ranks ({world.backend}), batch "
                  f"{config.batch_size // world.world_size} each" if world else ""))
-    if world is None:
-        with terminate_as_interrupt():
-            trainer.fit()
-    else:
+    with terminate_as_interrupt() if world is None else contextlib.nullcontext():
         trainer.fit()
     if trainer.stopped_early:
         return 130

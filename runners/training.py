@@ -1196,15 +1196,9 @@ def _overflow_quiet() -> Iterator[None]:
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block is done (an update or a save is never cut in half)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list = []
-    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
+    with _signal_handled(signal.SIGINT, lambda *a: caught.append(a)):
         yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
 
@@ -1215,14 +1209,22 @@ def terminate_as_interrupt() -> Iterator[None]:
     run saves its last completed step instead of losing the work since its last epoch.
     It is re-sent as SIGINT, so a save or an update in progress still defers it. Only
     for one process: under a launcher, each rank's SIGTERM is the launcher's business."""
+    with _signal_handled(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT)):
+        yield
+
+
+@contextmanager
+def _signal_handled(signum: int, handler: Callable) -> Iterator[None]:
+    """``handler`` for ``signum`` in the block, the previous one restored after it. Only in
+    the main thread, where Python runs signal handlers (elsewhere nothing changes)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signum, handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signum, previous)
 
 
 # ---------------------------------------------------------------------- inference
