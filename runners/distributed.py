@@ -8,10 +8,10 @@ between processes (docs/distributed.md):
   gloo for the NumPy backend, NCCL for CuPy, with a timeout so that no collective
   waits forever (a rank that dies makes the others fail with one line).
 * ``launch(argv, nproc)`` is ``capsflow train --nproc N``: it starts N copies of the
-  command on this machine with those variables set, watches them, and stops the others
-  when one fails.
+  command on this machine with those variables set, watches them, stops the others
+  when one fails, and passes a stop (Ctrl-C, SIGTERM) on to every rank.
 * ``GradientReducer`` packs a rank's gradients (weighted by its share of the global
-  batch) and two running sums into one flat buffer, shared with torch without a copy
+  batch), two running sums and its stop request into one flat buffer, shared with torch without a copy
   (``torch.from_numpy``; CuPy through DLPack), and all-reduces it: afterwards every
   rank holds the gradient of the mean loss over the whole global batch.
 
@@ -31,15 +31,19 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
 from capsflow.errors import CapsflowError
+from capsflow.runners.signals import terminate_as_interrupt
 
 #: The launcher's variables (torchrun sets them; ``--nproc`` sets them for its children).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DEFAULT_TIMEOUT = 300.0  # seconds a collective may wait for the other ranks
+# Seconds the ranks get to finish their step and save it after a stop (as SLURM's
+# KillWait and torchrun give their processes: 30 s), before they are killed.
+STOP_GRACE = 30.0
 
 
 class DistributedError(CapsflowError):
@@ -242,16 +246,26 @@ def _as_tensor(flat: Any) -> Any:
 # ----------------------------------------------------------------------- gradients
 
 
+class Reduced(NamedTuple):
+    """One step's sums over all ranks (GradientReducer.reduce)."""
+
+    grads: dict       # the gradient of the mean loss over the global batch, per parameter
+    loss_sum: float   # the loss summed over the global batch
+    correct: int      # correct predictions in the global batch
+    stop: bool        # some rank was asked to stop (signals.StopRequests)
+
+
 class GradientReducer:
     """All-reduces a step's gradients as one flat buffer.
 
     The buffer holds every trainable parameter's gradient, in the order of ``names``,
-    followed by two numbers: the loss times the rank's example count and its number of
-    correct predictions. Each rank writes its gradient of the mean loss over its share,
-    times ``share / global batch``; the sum over ranks is then the gradient of the mean
-    loss over the global batch, identical on every rank."""
+    followed by three numbers: the loss times the rank's example count, its number of
+    correct predictions, and 1 when it was asked to stop. Each rank writes its gradient
+    of the mean loss over its share, times ``share / global batch``; the sum over ranks
+    is then the gradient of the mean loss over the global batch, identical on every
+    rank. The stop requests travel with it so that every rank stops after the same step."""
 
-    EXTRA = 2
+    EXTRA = 3
 
     def __init__(self, world: World, params: dict, xp: Any) -> None:
         self.world, self.xp = world, xp
@@ -268,9 +282,9 @@ class GradientReducer:
         return self.flat[lo:lo + self.sizes[name]].reshape(self.shapes[name])
 
     def reduce(self, grads: Optional[dict], weight: float, loss_sum: float,
-               correct: int) -> tuple:
-        """-> (averaged gradients: views into the buffer, global loss sum, global
-        correct count). ``grads`` None: this rank had no examples (contributes 0)."""
+               correct: int, stop: bool = False) -> Reduced:
+        """The sums over all ranks; the gradients are views into the buffer. ``grads``
+        None: this rank had no examples (contributes 0)."""
         xp = self.xp
         for name in self.names:
             view = self.view(name)
@@ -278,12 +292,14 @@ class GradientReducer:
                 view[...] = 0
             else:
                 xp.multiply(grads[name], weight, out=view)
-        self.flat[-2] = loss_sum
-        self.flat[-1] = correct
+        self.flat[-3] = loss_sum
+        self.flat[-2] = correct
+        self.flat[-1] = 1 if stop else 0
         self.world.all_reduce(self.flat)
-        tail = np.asarray(self.flat[-2:].get() if hasattr(self.flat, "get") else self.flat[-2:],
-                          dtype=np.float64)
-        return {k: self.view(k) for k in self.names}, float(tail[0]), int(round(tail[1]))
+        tail = self.flat[-3:]
+        tail = np.asarray(tail.get() if hasattr(tail, "get") else tail, dtype=np.float64)
+        return Reduced({k: self.view(k) for k in self.names}, float(tail[0]),
+                       int(round(tail[1])), bool(tail[2] > 0))
 
 
 def broadcast_params(world: World, params: dict, xp: Any) -> None:
@@ -324,13 +340,14 @@ def strip_nproc(argv: list) -> list:
 
 
 def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
-           module: str = "capsflow") -> int:
-    """Run ``python -m MODULE *argv`` (``capsflow``) as ``nproc`` ranks on this machine (the variables
-    torchrun would set), and wait for them. When one fails, the others get ``grace``
-    seconds to stop by themselves (their collectives fail), then are terminated.
+           module: str = "capsflow", stop_grace: float = STOP_GRACE) -> int:
+    """Run ``python -m MODULE *argv`` (``capsflow``) as ``nproc`` ranks on this machine (the
+    variables torchrun would set), and wait for them. When one fails, the others get
+    ``grace`` seconds to stop by themselves (their collectives fail), then are terminated.
+    Ctrl-C or SIGTERM to this process is passed on to every rank (``_pass_stop_on``).
 
-    Returns 0, or the exit status of the first rank that failed (128 + signal number
-    for one killed by a signal)."""
+    Returns 0, 130 after a stop, or the exit status of the first rank that failed (128 +
+    signal number for one killed by a signal)."""
     log = log or (lambda line: print(line, file=sys.stderr))
     port = free_port()
     procs = []
@@ -338,45 +355,74 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
     # BLAS, and with it capsflow's CPU thread pool, take this many threads per rank.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = str(max(1, (cpus or 1) // nproc))
-    for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env.setdefault(var, threads)
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
-    failed: Optional[tuple] = None
-    deadline = None
-    try:
-        while True:
-            codes = [p.poll() for p in procs]
-            if failed is None:
-                bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-                if bad:
-                    failed = bad[0]
-                    deadline = time.monotonic() + grace
-            if all(c is not None for c in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                _stop(procs)
-                break
-            time.sleep(0.1)
-    except KeyboardInterrupt:  # Ctrl-C reached the ranks too: let them save and stop
-        for p in procs:
-            try:
-                p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        return 130
-    for p in procs:
-        p.wait()
+    with terminate_as_interrupt():
+        try:
+            for rank in range(nproc):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nproc),
+                           LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(nproc),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                    env.setdefault(var, threads)
+                procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+            failed = _watch(procs, grace)
+        except KeyboardInterrupt:
+            return _pass_stop_on(procs, stop_grace, log)
     if failed is None:
         return 0
     rank, code = failed
-    status = code if code > 0 else 128 - code
-    why = (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
-           else f"exited with status {code}")
-    log(f"capsflow: rank {rank} of {nproc} {why}; the job stopped")
-    return status
+    log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
+    return code if code > 0 else 128 - code
+
+
+def _watch(procs: list, grace: float) -> Optional[tuple]:
+    """Wait for the ranks; -> None when all succeeded, else (rank, exit code) of the first
+    that failed, the others given ``grace`` seconds to end before they are terminated."""
+    failed: Optional[tuple] = None
+    deadline = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if failed is None:
+            bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if bad:
+                failed = bad[0]
+                deadline = time.monotonic() + grace
+        if all(c is not None for c in codes):
+            return failed
+        if deadline is not None and time.monotonic() > deadline:
+            _stop(procs)
+            return failed
+        time.sleep(0.1)
+
+
+def _pass_stop_on(procs: list, grace: float, log: Any) -> int:
+    """Ctrl-C or SIGTERM reached the launcher: SIGTERM to every rank still running (the
+    ranks then stop after the same step, and rank 0 saves it: signals.StopRequests), and
+    ``grace`` seconds for them to end before they are killed; another Ctrl-C or SIGTERM
+    kills them at once. Returns 130, as an interrupted run does."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    end = time.monotonic() + grace
+    try:
+        for p in procs:
+            p.wait(timeout=max(end - time.monotonic(), 0.1))
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    for rank, p in enumerate(procs):
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+            log(f"capsflow: rank {rank} of {len(procs)} did not stop within {grace:g} s "
+                f"and was killed; its last completed step may not be saved")
+        elif p.returncode not in (0, 130, -signal.SIGTERM):  # 130: stopped and saved
+            log(f"capsflow: rank {rank} of {len(procs)} {_ended(p.returncode)} while stopping")
+    return 130
+
+
+def _ended(code: int) -> str:
+    """How a rank's process ended, from its exit code (negative: killed by a signal)."""
+    return (f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0
+            else f"exited with status {code}")
 
 
 def _stop(procs: list) -> None:
@@ -429,7 +475,7 @@ def time_steps(cfg: dict, out_path: str) -> None:
             loss = float(to_numpy(out["loss"]))
             reduced = _time.perf_counter()
             if reducer is not None:
-                grads, _, _ = reducer.reduce(grads, (part.stop - part.start) / n, loss, 0)
+                grads = reducer.reduce(grads, (part.stop - part.start) / n, loss, 0).grads
             reduced = _time.perf_counter() - reduced
             opt.step(trainable, grads, state, backend=be)
             be.synchronize()

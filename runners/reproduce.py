@@ -27,8 +27,9 @@ from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, option_arguments, options_from_args
 from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
 from capsflow.runners.train import describe
+from capsflow.runners.signals import terminate_as_interrupt
 from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
-                                       read_checkpoint, read_metrics, terminate_as_interrupt)
+                                       read_checkpoint, read_metrics)
 
 ROW = "row.json"
 RECIPE_COPY = "recipe.yaml"

@@ -26,9 +26,9 @@ from capsflow.training.optim import OPTIMIZERS
 from capsflow.lang.yamlio import parse_override
 from capsflow.runners.data import DATASETS, EMNIST_SPLITS
 from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, launch, strip_nproc
+from capsflow.runners.signals import terminate_as_interrupt
 from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, class_scores,
-                                       fit_graph_to_data, load_data, read_checkpoint,
-                                       terminate_as_interrupt)
+                                       fit_graph_to_data, load_data, read_checkpoint)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -221,6 +221,7 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
         print(describe(graph, config, data, save_dir)
               + (f"; {world.world_size} ranks ({world.backend}), batch "
                  f"{config.batch_size // world.world_size} each" if world else ""))
+    # A rank's SIGTERM is a stop request the ranks agree on (Trainer.fit, StopRequests).
     with terminate_as_interrupt() if world is None else contextlib.nullcontext():
         trainer.fit()
     if trainer.stopped_early:

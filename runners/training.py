@@ -30,14 +30,12 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 import typing
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -55,6 +53,7 @@ from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
                                    one_hot, shape_text)
+from capsflow.runners.signals import StopRequests, interrupts_deferred
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -754,6 +753,8 @@ class Trainer:
         self._numbers = None        # device_to_host reader of each step's (loss, correct)
         self._forward = None        # the RecordedForward of evaluation
         self.stopped_early = False  # set when Ctrl-C ended fit()
+        # Data-parallel: SIGINT/SIGTERM ask every rank to stop after the same step.
+        self.stop_requests = StopRequests()
         self.out_of_time = False    # set when fit()'s time budget ended it before the last epoch
 
     # -- checkpoints -----------------------------------------------------------------
@@ -877,20 +878,22 @@ class Trainer:
             self.train_step = None
             self.reducer = GradientReducer(self.world, self.graph.trainable(self.params),
                                            self.backend.xp)
-        try:
-            while self.state.epoch < self.config.num_epochs:
-                records.append(self._epoch())
-                if (deadline is not None and time.perf_counter() > deadline
-                        and self.state.epoch < self.config.num_epochs):
-                    self.out_of_time = True
-                    break
-        except KeyboardInterrupt:
-            with _interrupts_deferred():
-                self.save(self.last_path)
-            self.stopped_early = True
-            self.log(f"interrupted in epoch {self.state.epoch + 1} after iteration "
-                     f"{self.state.iteration}; saved {self.last_path}; continue with "
-                     f"--resume {self.last_path}")
+        # Data-parallel ranks take SIGINT and SIGTERM as requests to stop, the save too.
+        with self.stop_requests.handled() if self.world is not None else nullcontext():
+            try:
+                while self.state.epoch < self.config.num_epochs:
+                    records.append(self._epoch())
+                    if (deadline is not None and time.perf_counter() > deadline
+                            and self.state.epoch < self.config.num_epochs):
+                        self.out_of_time = True
+                        break
+            except KeyboardInterrupt:
+                with interrupts_deferred():
+                    self.save(self.last_path)
+                self.stopped_early = True
+                self.log(f"interrupted in epoch {self.state.epoch + 1} after iteration "
+                         f"{self.state.iteration}; saved {self.last_path}; continue with "
+                         f"--resume {self.last_path}")
         return records
 
     def _epoch(self) -> dict:
@@ -920,15 +923,17 @@ class Trainer:
                 if self.world is not None:
                     with self.clock.phase("steps"), _overflow_quiet():
                         local = self._local_gradients(inputs)
-                    with _interrupts_deferred():  # never stop half-way through an update
+                    with interrupts_deferred():  # never stop half-way through an update
                         with self.clock.phase("steps"):
-                            numbers = self._distributed_update(local, y.shape[0], lr)
+                            numbers, stop = self._distributed_update(local, y.shape[0], lr)
                         self._account(_QueuedStep(lambda: numbers, lr, self.batches.get_state(),
                                                   y.shape[0]), started, batches)
+                    if stop:  # a rank was asked to stop: all stop here, rank 0 saves
+                        raise KeyboardInterrupt
                     continue
                 with self.clock.phase("steps"), _overflow_quiet():
                     out = self.train_step.gradients(inputs)
-                with _interrupts_deferred():  # never stop half-way through an update
+                with interrupts_deferred():  # never stop half-way through an update
                     with self.clock.phase("steps"), _overflow_quiet():
                         # A step whose loss is not finite is not applied (train_step.py).
                         self.train_step.update(lr)
@@ -938,12 +943,12 @@ class Trainer:
                         self._account(pending, started, batches)
                     pending = step
             if pending is not None:
-                with _interrupts_deferred():
+                with interrupts_deferred():
                     step, pending = pending, None
                     self._account(step, started, batches)
         except KeyboardInterrupt:
             if pending is not None:  # its update is applied: count it before saving
-                with _interrupts_deferred():
+                with interrupts_deferred():
                     self._account(pending, started, batches)
             raise
         validate = (e + 1) % cfg.val_epoch == 0 or e + 1 == cfg.num_epochs
@@ -951,7 +956,7 @@ class Trainer:
         if validate:
             with self.clock.phase("evaluation"), _overflow_quiet():
                 test = self._evaluate()
-        with _interrupts_deferred(), self.clock.phase("epoch_end"):
+        with interrupts_deferred(), self.clock.phase("epoch_end"):
             return self._finish_epoch(lr, test, time.perf_counter() - started)
 
     def _start_reading(self, out: dict, y: np.ndarray) -> Callable[[], tuple]:
@@ -1011,15 +1016,16 @@ class Trainer:
         """All-reduce the shares' gradients (weighted by share size: the gradient of the
         mean loss over all ``n`` examples), then the same optimizer step on every rank,
         skipped (on every rank) when the global loss is not finite.
-        Returns (mean loss over the global batch, correct predictions in it)."""
+        Returns ((mean loss over the global batch, correct predictions in it), whether
+        any rank was asked to stop)."""
         grads, count, loss, correct = local
-        averaged, loss_sum, correct = self.reducer.reduce(grads, count / n, loss * count,
-                                                          correct)
-        mean_loss = loss_sum / n
+        reduced = self.reducer.reduce(grads, count / n, loss * count, correct,
+                                      stop=self.stop_requests.asked)
+        mean_loss = reduced.loss_sum / n
         if np.isfinite(mean_loss):
-            self.optimizer.step(self.graph.trainable(self.params), averaged, self.opt_state,
-                                lr=lr, backend=self.backend)
-        return mean_loss, correct
+            self.optimizer.step(self.graph.trainable(self.params), reduced.grads,
+                                self.opt_state, lr=lr, backend=self.backend)
+        return (mean_loss, reduced.correct), reduced.stop
 
     def _evaluate(self) -> dict:
         """The test split's loss and accuracy: on one process all of it; data-parallel,
@@ -1191,40 +1197,6 @@ def _overflow_quiet() -> Iterator[None]:
             warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
-
-
-@contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C until the block is done (an update or a save is never cut in half)."""
-    caught: list = []
-    with _signal_handled(signal.SIGINT, lambda *a: caught.append(a)):
-        yield
-    if caught:
-        raise KeyboardInterrupt
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop, `timeout`'s) taken as Ctrl-C in the block: a training
-    run saves its last completed step instead of losing the work since its last epoch.
-    It is re-sent as SIGINT, so a save or an update in progress still defers it. Only
-    for one process: under a launcher, each rank's SIGTERM is the launcher's business."""
-    with _signal_handled(signal.SIGTERM, lambda *a: os.kill(os.getpid(), signal.SIGINT)):
-        yield
-
-
-@contextmanager
-def _signal_handled(signum: int, handler: Callable) -> Iterator[None]:
-    """``handler`` for ``signum`` in the block, the previous one restored after it. Only in
-    the main thread, where Python runs signal handlers (elsewhere nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signum, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signum, previous)
 
 
 # ---------------------------------------------------------------------- inference

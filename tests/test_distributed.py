@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
 from capsflow.runners.dist_check import main as dist_check
 from capsflow.runners.distributed import (DistributedError, World, env_config, share,
                                           strip_nproc, torch_stream_of)
-from capsflow.runners.training import read_metrics
+from capsflow.runners.training import read_checkpoint, read_metrics
 
 pytest.importorskip("torch.distributed")
 needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(),
@@ -153,6 +154,45 @@ def test_a_killed_rank_stops_the_job(tmp_path):
     assert launcher.returncode == 128 + 9
     assert "rank 1 of 2 was killed by signal 9 (SIGKILL)" in err
     assert took < 30, took
+
+
+@needs_mnist
+def test_a_stopped_launcher_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGTERM to `capsflow train --nproc 2` (a scheduler's stop, `timeout`'s) mid-epoch:
+    it reaches both ranks, which stop after the same step (no rank left waiting in a
+    collective); rank 0 saves that step, status 130; the run resumes and counts every step
+    once."""
+    out = tmp_path / "run"
+    flags = ["--limit-train", "2000", "--num_epochs", "1", "--nproc", "2"]
+    launcher = subprocess.Popen([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
+                                 *flags, "--save_dir", str(out)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "metrics.jsonl").is_file() or \
+                not (out / "metrics.jsonl").read_text().strip():  # both ranks are stepping
+            assert launcher.poll() is None, launcher.communicate()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+        launcher.send_signal(signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    said = f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
+    assert launcher.returncode == 130, said
+    assert "while stopping" not in stderr and "was killed" not in stderr, said
+    assert "interrupted in epoch 1" in stdout, said
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # no rank left behind
+    saved = read_checkpoint(out / "last.npz").progress.iteration
+    logged = [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert 0 < saved < 100 and logged[-1] == saved
+    resumed = run(*flags, "--save_dir", str(out), "--resume", str(out / "last.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    logged = [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert logged == list(range(1, 101))
 
 
 def test_batch_not_divisible_is_one_line(capsys, monkeypatch):

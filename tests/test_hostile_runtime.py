@@ -533,16 +533,23 @@ def test_a_reader_that_leaves_early_is_no_error():
     assert done.stderr == b""
 
 
-def test_sigterm_saves_a_single_process_run(world, tmp_path):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_saves_a_single_process_run(world, tmp_path, sigint):
     """A scheduler's SIGTERM (SLURM's at a time limit, `timeout`'s) stops `capsflow train`
-    as Ctrl-C does: the last completed step is saved, status 130, and the run resumes."""
+    as Ctrl-C does: the last completed step is saved, status 130, and the run resumes.
+    Also where SIGINT is ignored (a job that a script started in the background)."""
     graph, data, _ = world
     run = tmp_path / "run"
     base = [sys.executable, "-m", "capsflow", "train", str(graph), "--data-dir", str(data),
             "--bs", "10", "--no-progress", "--save_dir", str(run)]
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     proc = subprocess.Popen(base + ["--num_epochs", "100000"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignore_sigint if sigint == "ignored" else None)
     deadline = time.monotonic() + 60
     while not (run / "last.npz").exists():  # a few epochs in
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()

@@ -1,0 +1,90 @@
+"""How Ctrl-C (SIGINT) and a scheduler's stop (SIGTERM: SLURM's at a time limit,
+`timeout`'s, torchrun's) end a training run without losing its work.
+
+* ``interrupts_deferred()`` holds both while an update or a save runs, then hands each on
+  to the handler it would have reached: an update or a checkpoint is never cut in half.
+* ``terminate_as_interrupt()``: one process takes SIGTERM as Ctrl-C (KeyboardInterrupt),
+  and the trainer saves its last completed step.
+* ``StopRequests``: data-parallel ranks must all stop after the same step, the one rank 0
+  saves for all of them; there a signal only asks to stop, and the trainer sends the
+  request with the next step's all-reduce (runners/distributed.py, GradientReducer).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def signal_handled(signum: int, handler: Callable) -> Iterator[None]:
+    """``handler`` for ``signum`` in the block, the previous one restored after it. Only in
+    the main thread, where Python runs signal handlers (elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _has_python_handler(signum: int) -> bool:
+    # Not SIG_IGN, SIG_DFL, or a handler installed outside Python (getsignal gives None).
+    return callable(signal.getsignal(signum))
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then hand each one that came to
+    the handler it would have reached (Python's own raises KeyboardInterrupt). Only
+    signals with a Python handler are held: one that is ignored (SIGINT in a job a script
+    started in the background) or left to its default action stays so."""
+    caught: list = []
+    with ExitStack() as stack:
+        for signum in STOP_SIGNALS:
+            if _has_python_handler(signum):
+                stack.enter_context(signal_handled(signum, lambda s, _f: caught.append(s)))
+        yield
+    for signum in dict.fromkeys(caught):  # each signal once, in the order they came
+        handler = signal.getsignal(signum)
+        if callable(handler):
+            handler(signum, None)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM taken as Ctrl-C in the block: a training process saves its last completed
+    step instead of losing the work since its last epoch. The handler raises
+    KeyboardInterrupt itself, so SIGTERM stops a run even where SIGINT is ignored."""
+    with signal_handled(signal.SIGTERM, _raise_interrupt):
+        yield
+
+
+class StopRequests:
+    """A data-parallel rank's stop signals. In ``handled()``, SIGTERM and SIGINT (unless
+    ignored) only set ``asked``; the trainer sends it with the next step's gradients, and
+    every rank stops after that step once any rank has asked."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def _ask(self, signum: int, frame: Any) -> None:
+        self.asked = True
+
+    @contextmanager
+    def handled(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for signum in STOP_SIGNALS:
+                if signum == signal.SIGTERM or _has_python_handler(signum):
+                    stack.enter_context(signal_handled(signum, self._ask))
+            yield
