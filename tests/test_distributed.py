@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterator
 
 import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA
@@ -52,6 +53,34 @@ def run(*flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 def in_process(*flags: str) -> int:
     return cli_main(["train", str(CAPSNET), *SMALL, *flags])
+
+
+@contextlib.contextmanager
+def running(cmd: list) -> Iterator[subprocess.Popen]:
+    """``cmd`` started (output piped), killed on the way out if it still runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=clean_env(), cwd=REPO)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def children_when(proc: subprocess.Popen, ready: Callable[[], bool], seconds: float,
+                  what: str) -> list:
+    """Wait (at most ``seconds``) until ``ready()`` while ``proc`` runs; -> its children's pids."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    return Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+
+
+def has_records(path: Path) -> bool:
+    return path.is_file() and bool(path.read_text().strip())
 
 
 def assert_same_state(a: Path, b: Path, tol: float = 1e-5) -> None:
@@ -132,25 +161,14 @@ def test_a_killed_rank_stops_the_job(tmp_path):
     cmd = [sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
            "--limit-train", "2000", "--num_epochs", "5", "--save_dir", str(out),
            "--nproc", "2"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=clean_env(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.jsonl").is_file() or \
-                not (out / "metrics.jsonl").read_text().strip():
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.2)
-        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    with running(cmd) as launcher:
+        children = children_when(launcher, lambda: has_records(out / "metrics.jsonl"), 60,
+                                 "training never started")
         assert len(children) == 2
         killed = time.monotonic()
         os.kill(int(children[1]), 9)
         _, err = launcher.communicate(timeout=45)
         took = time.monotonic() - killed
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
     assert launcher.returncode == 128 + 9
     assert "rank 1 of 2 was killed by signal 9 (SIGKILL)" in err
     assert took < 30, took
@@ -164,23 +182,12 @@ def test_a_stopped_launcher_stops_every_rank_after_the_same_step(tmp_path):
     once."""
     out = tmp_path / "run"
     flags = ["--limit-train", "2000", "--num_epochs", "1", "--nproc", "2"]
-    launcher = subprocess.Popen([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
-                                 *flags, "--save_dir", str(out)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.jsonl").is_file() or \
-                not (out / "metrics.jsonl").read_text().strip():  # both ranks are stepping
-            assert launcher.poll() is None, launcher.communicate()
-            assert time.monotonic() < deadline, "training never started"
-            time.sleep(0.05)
-        children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    with running([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL, *flags,
+                  "--save_dir", str(out)]) as launcher:
+        children = children_when(launcher, lambda: has_records(out / "metrics.jsonl"), 60,
+                                 "training never started")  # both ranks are stepping
         launcher.send_signal(signal.SIGTERM)
         stdout, stderr = launcher.communicate(timeout=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.communicate()
     said = f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
     assert launcher.returncode == 130, said
     assert "while stopping" not in stderr and "was killed" not in stderr, said
@@ -321,21 +328,11 @@ def test_torchrun_restart_resumes_after_a_killed_rank(tmp_path):
            "--max-restarts", "1", "-m", "capsflow", "train", str(CAPSNET), *SMALL,
            "--limit-train", "1500", "--num_epochs", "3", "--save_dir", str(out),
            "--auto-resume"]
-    agent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=clean_env(), cwd=REPO)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "last.npz").is_file():  # written (atomically) after epoch 1
-            assert agent.poll() is None, agent.communicate()
-            assert time.monotonic() < deadline, "epoch 1 never ended"
-            time.sleep(0.1)
-        children = Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()
+    with running(cmd) as agent:
+        # last.npz is written (atomically) after epoch 1
+        children = children_when(agent, (out / "last.npz").is_file, 180, "epoch 1 never ended")
         os.kill(int(children[-1]), 9)
         stdout, stderr = agent.communicate(timeout=240)
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
     said = f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
     assert agent.returncode == 0, said
     assert "resuming" in stdout and "1 epoch(s)" in stdout, said
