@@ -275,6 +275,7 @@ def run_scaling(args: argparse.Namespace) -> dict:
     trainer's step on the same random global batch; the figures and the efficiency."""
     import tempfile
     from capsflow.runners.distributed import launch
+    from capsflow.runners.signals import terminate_as_interrupt
     graph = compile_from_args(args)
     options = options_from_args(args)
     get_backend(options)
@@ -289,19 +290,23 @@ def run_scaling(args: argparse.Namespace) -> dict:
         cfg_path = os.path.join(tmp, "cfg.json")
         with open(cfg_path, "w") as f:
             json.dump(cfg, f)
-        for ranks in (1, args.nproc):
-            out = os.path.join(tmp, f"ranks{ranks}.json")
-            if ranks == 1:
-                env = {k: v for k, v in os.environ.items()
-                       if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-                status = subprocess.run([sys.executable, "-m", "capsflow.runners.distributed",
-                                         cfg_path, out], env=env).returncode
-            else:
-                status = launch([cfg_path, out], ranks, module="capsflow.runners.distributed")
-            if status != 0 or not os.path.isfile(out):
-                raise CapsflowError(f"the {ranks}-rank timing run failed (status {status})")
-            with open(out) as f:
-                runs[ranks] = json.load(f)
+        # A scheduler's stop (SIGTERM) ends the timing runs as Ctrl-C does.
+        with terminate_as_interrupt():
+            for ranks in (1, args.nproc):
+                out = os.path.join(tmp, f"ranks{ranks}.json")
+                if ranks == 1:
+                    env = {k: v for k, v in os.environ.items()
+                           if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+                    status = subprocess.run([sys.executable, "-m", "capsflow.runners.distributed",
+                                             cfg_path, out], env=env).returncode
+                else:
+                    status = launch([cfg_path, out], ranks, module="capsflow.runners.distributed")
+                    if status == 130:  # stopped (Ctrl-C, SIGTERM): not a failure of the run
+                        raise KeyboardInterrupt
+                if status != 0 or not os.path.isfile(out):
+                    raise CapsflowError(f"the {ranks}-rank timing run failed (status {status})")
+                with open(out) as f:
+                    runs[ranks] = json.load(f)
     one = statistics.median(runs[1]["seconds"])
     many = statistics.median(runs[args.nproc]["seconds"])
     return {"graph": str(graph.spec.file), "bs": args.bs, "repeats": args.repeats,

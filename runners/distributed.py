@@ -11,9 +11,10 @@ between processes (docs/distributed.md):
   command on this machine with those variables set, watches them, stops the others
   when one fails, and passes a stop (Ctrl-C, SIGTERM) on to every rank.
 * ``GradientReducer`` packs a rank's gradients (weighted by its share of the global
-  batch), two running sums and its stop request into one flat buffer, shared with torch without a copy
-  (``torch.from_numpy``; CuPy through DLPack), and all-reduces it: afterwards every
-  rank holds the gradient of the mean loss over the whole global batch.
+  batch), two running sums and its stop request into one flat buffer, shared with torch
+  without a copy (``torch.from_numpy``; CuPy through DLPack), and all-reduces it:
+  afterwards every rank holds the gradient of the mean loss over the whole global batch,
+  and knows whether any rank was asked to stop.
 
 * ``time_steps`` is ``capsflow bench --nproc N``'s worker (``python -m
   capsflow.runners.distributed CFG OUT``): the step timed on one process and on N ranks.

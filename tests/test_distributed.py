@@ -83,6 +83,14 @@ def has_records(path: Path) -> bool:
     return path.is_file() and bool(path.read_text().strip())
 
 
+def running_process(pid: str) -> bool:
+    """Whether process ``pid`` still runs (a zombie, killed but not reaped, does not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def assert_same_state(a: Path, b: Path, tol: float = 1e-5) -> None:
     """Parameters and optimizer moments equal to float32 round-off."""
     name, rel = worst_difference(a, b)
@@ -192,7 +200,7 @@ def test_a_stopped_launcher_stops_every_rank_after_the_same_step(tmp_path):
     assert launcher.returncode == 130, said
     assert "while stopping" not in stderr and "was killed" not in stderr, said
     assert "interrupted in epoch 1" in stdout, said
-    assert not any(Path(f"/proc/{pid}").exists() for pid in children)  # no rank left behind
+    assert not any(running_process(pid) for pid in children)  # no rank left behind
     saved = read_checkpoint(out / "last.npz").progress.iteration
     logged = [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert 0 < saved < 100 and logged[-1] == saved
@@ -296,6 +304,22 @@ def test_bench_nproc_reports_scaling(tmp_path):
     fig = json.loads(fig_path.read_text())
     assert fig["nproc"] == 2 and len(fig["runs"]["2"]["seconds"]) == 2
     assert fig["efficiency"] == pytest.approx(fig["median_1"] / fig["median_n"] / 2)
+
+
+def test_a_stopped_bench_nproc_says_interrupted():
+    """SIGTERM while `capsflow bench --nproc 2` times one process: the timing run is
+    stopped with it, and the command says it was interrupted (status 130)."""
+    with running([sys.executable, "-m", "capsflow", "bench", str(CAPSNET), "--set",
+                  "routing_iters=1", "--bs", "8", "--repeats", "100000", "--nproc", "2",
+                  "--no-torch"]) as bench:
+        worker = children_when(bench, lambda: Path(
+            f"/proc/{bench.pid}/task/{bench.pid}/children").read_text().strip() != "", 60,
+            "the timing run never started")
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 130, err
+    assert err.strip().endswith("interrupted") and "failed" not in err, err
+    assert not running_process(worker[0])  # stopped with it
 
 
 def test_bench_nproc_batch_not_divisible(capsys):
