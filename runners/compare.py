@@ -54,6 +54,7 @@ from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
+from capsflow.runners.signals import Terminated, terminate_as_interrupt
 from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
                                    add_shift_arguments, config_from_args)
 from capsflow.runners.training import METRICS as METRICS_FILE
@@ -199,19 +200,8 @@ def main(args: argparse.Namespace) -> int:
     threads = args.threads_per_job
     if jobs > 1:
         threads = threads or max(1, _cpu_count() // jobs)
-        given_paths = dict(zip((g.spec.name for g in graphs), args.graphs))
-        results, interrupted = train_parallel(graphs, given_paths, args.overrides, data, config,
-                                              steps, out, jobs, threads, args.keep_checkpoints)
-    else:
-        results, interrupted = [], False
-        with blas_threads(threads):
-            for graph in graphs:
-                result = train_guarded(graph, data, config, steps, out / graph.spec.name,
-                                       args.progress, args.keep_checkpoints)
-                results.append(result)
-                if result.note == "interrupted":
-                    interrupted = True
-                    break
+    with terminate_as_interrupt():  # a scheduler's stop ends the sweep as Ctrl-C does
+        results, interrupted = train_all(graphs, args, data, config, steps, out, jobs, threads)
     description = describe_run(args, config, data, steps)
     if jobs > 1:
         description += (f" The {len(graphs)} graphs were trained {jobs} at a time "
@@ -233,6 +223,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"capsflow compare: error: {len(failed)} of {len(results)} graph(s) failed: "
               f"{', '.join(failed)} (the notes under the table say why)", file=sys.stderr)
     return max((r.status for r in results), default=0)
+
+
+def train_all(graphs: list, args: argparse.Namespace, data: Any, config: Any, steps: int,
+              out: Path, jobs: int, threads: Optional[int]) -> tuple:
+    """Every graph, one after another or ``jobs`` at a time; -> (results, whether a stop
+    ended the sweep)."""
+    if jobs > 1:
+        given_paths = dict(zip((g.spec.name for g in graphs), args.graphs))
+        return train_parallel(graphs, given_paths, args.overrides, data, config, steps, out,
+                              jobs, threads, args.keep_checkpoints)
+    results = []
+    with blas_threads(threads):
+        for graph in graphs:
+            result = train_guarded(graph, data, config, steps, out / graph.spec.name,
+                                   args.progress, args.keep_checkpoints)
+            results.append(result)
+            if result.note == "interrupted":
+                return results, True
+    return results, False
 
 
 def compile_all(paths: list, overrides: list) -> list:
@@ -285,7 +294,7 @@ def failed_result(graph: Any, note: str, status: int) -> Result:
 
 
 # -- --jobs N: one process per graph -------------------------------------------------------
-GRACE_SECONDS = 10.0  # after Ctrl-C, how long jobs get to save last.npz before a signal
+GRACE_SECONDS = 10.0  # after a stop, how long jobs get to save last.npz before the next step
 
 
 def train_parallel(graphs: list, paths: dict, overrides: list, data: Any, config: Any,
@@ -324,10 +333,11 @@ def train_parallel(graphs: list, paths: dict, overrides: list, data: Any, config
             for name in [n for n, e in running.items() if e[2] in ready or e[1].sentinel in ready]:
                 done[name] = _collect(running.pop(name))
                 _say_finished(done[name])
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         interrupted = True
         print(f"interrupted: stopping {len(running)} running job(s)", file=sys.stderr, flush=True)
-        for name, result in _stop_all(running).items():
+        # A Ctrl-C at the terminal reached the jobs too; a SIGTERM to this process did not.
+        for name, result in _stop_all(running, told=not isinstance(stop, Terminated)).items():
             done[name] = result
     return [done[g.spec.name] for g in graphs if g.spec.name in done], interrupted
 
@@ -353,7 +363,7 @@ def _job_main(job: Job, send: Any) -> None:
     ("interrupted",); its own output is whole lines, flushed as they come."""
     sys.stdout.reconfigure(line_buffering=True)
     try:
-        with blas_threads(job.threads):
+        with terminate_as_interrupt(), blas_threads(job.threads):
             from capsflow.core.graph import compile as compile_graph
             graph = fit_graph_to_data(compile_graph(job.path, job.given), job.data.info,
                                       job.given)
@@ -418,14 +428,15 @@ def _say_finished(result: Result) -> None:
           f"{_num(result.final_train_loss, '.4f')}, test accuracy {acc}{note}", flush=True)
 
 
-def _stop_all(running: dict) -> dict:
-    """After Ctrl-C: the running jobs got it too when it came from the terminal; each
-    saves last.npz and answers. Those still running after GRACE_SECONDS get SIGINT, then
-    SIGTERM; a second Ctrl-C kills them at once."""
+def _stop_all(running: dict, told: bool) -> dict:
+    """After a stop: each running job saves last.npz and answers. Jobs ``told`` already
+    (a Ctrl-C at the terminal reaches them too) get GRACE_SECONDS first; then SIGTERM,
+    which a job takes as Ctrl-C, and GRACE_SECONDS more; then they are killed. Another
+    Ctrl-C or SIGTERM kills them at once."""
     from multiprocessing.connection import wait
     results = {}
     try:
-        for nudge in (None, signal.SIGINT, signal.SIGTERM):
+        for nudge in ((None,) if told else ()) + (signal.SIGTERM,):
             if not running:
                 break
             if nudge is not None:

@@ -3,8 +3,8 @@
 
 * ``interrupts_deferred()`` holds both while an update or a save runs, then hands each on
   to the handler it would have reached: an update or a checkpoint is never cut in half.
-* ``terminate_as_interrupt()``: one process takes SIGTERM as Ctrl-C (KeyboardInterrupt),
-  and the trainer saves its last completed step.
+* ``terminate_as_interrupt()``: one process takes SIGTERM as Ctrl-C (``Terminated``, a
+  KeyboardInterrupt), and the trainer saves its last completed step.
 * ``StopRequests``: data-parallel ranks must all stop after the same step, the one rank 0
   saves for all of them; there a signal only asks to stop, and the trainer sends the
   request with the next step's all-reduce (runners/distributed.py, GradientReducer).
@@ -57,16 +57,22 @@ def interrupts_deferred() -> Iterator[None]:
             handler(signum, None)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class Terminated(KeyboardInterrupt):
+    """SIGTERM taken as Ctrl-C (``terminate_as_interrupt``). Caught wherever Ctrl-C is;
+    a process with children tells by it that they were not signalled with it, as they
+    are by a Ctrl-C at the terminal."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 @contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM taken as Ctrl-C in the block: a training process saves its last completed
     step instead of losing the work since its last epoch. The handler raises
-    KeyboardInterrupt itself, so SIGTERM stops a run even where SIGINT is ignored."""
-    with signal_handled(signal.SIGTERM, _raise_interrupt):
+    (``Terminated``) itself, so SIGTERM stops a run even where SIGINT is ignored."""
+    with signal_handled(signal.SIGTERM, _raise_terminated):
         yield
 
 

@@ -70,3 +70,11 @@ def run_cli(capsys, *argv) -> tuple:
         rc = exc.code
     captured = capsys.readouterr()
     return rc, captured.out, captured.err.strip()
+
+
+def process_runs(pid: str | int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, killed but not reaped, does not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

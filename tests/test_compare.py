@@ -3,9 +3,15 @@ curves, and that every graph sees the same seed, batches and budget."""
 from __future__ import annotations
 
 import csv
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
-from conftest import CAPSNET, REPO, SHARED_DATA
+from conftest import CAPSNET, REPO, SHARED_DATA, process_runs
 
 import capsflow
 from capsflow.cli import main as cli_main
@@ -162,3 +168,37 @@ def test_merge_makes_one_table_of_separate_runs(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["compare", "--merge", str(tmp_path), "--out", str(merged)]) == 2
     assert "has no compare.csv" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_jobs_and_keeps_their_work(tmp_path):
+    """SIGTERM to `capsflow compare --jobs 2` (a scheduler's stop) while both jobs train:
+    it is passed on to the jobs, each saves last.npz and answers; the table is written
+    with both rows marked interrupted, status 130, and no job is left running."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "capsflow", "compare", str(CAPSNET),
+                             str(LEAKY), "--steps", "100000", "--disp", "1", "--jobs", "2",
+                             "--threads-per-job", "1", "--out", str(out), *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        logs = [out / name / "metrics.jsonl" for name in ("capsnet", "capsnet-leaky")]
+        while not all(log.is_file() and log.read_text().strip() for log in logs):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the jobs never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    with (out / "compare.csv").open() as f:
+        rows = {r["variant"]: r for r in csv.DictReader(f)}
+    assert {name: r["note"] for name, r in rows.items()} == \
+        {"capsnet": "interrupted", "capsnet-leaky": "interrupted"}, stdout
+    for name in rows:
+        assert int(rows[name]["steps"]) > 0 and (out / name / "last.npz").is_file()
+    jobs = re.findall(r"started \(process (\d+)\)", stdout)
+    assert len(jobs) == 2 and not any(process_runs(pid) for pid in jobs)
+

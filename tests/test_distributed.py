@@ -20,7 +20,7 @@ from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import pytest
-from conftest import CAPSNET, REPO, SHARED_DATA
+from conftest import CAPSNET, REPO, SHARED_DATA, process_runs
 
 from capsflow.cli import main as cli_main
 from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
@@ -81,14 +81,6 @@ def children_when(proc: subprocess.Popen, ready: Callable[[], bool], seconds: fl
 
 def has_records(path: Path) -> bool:
     return path.is_file() and bool(path.read_text().strip())
-
-
-def running_process(pid: str) -> bool:
-    """Whether process ``pid`` still runs (a zombie, killed but not reaped, does not)."""
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
 
 
 def assert_same_state(a: Path, b: Path, tol: float = 1e-5) -> None:
@@ -200,7 +192,7 @@ def test_a_stopped_launcher_stops_every_rank_after_the_same_step(tmp_path):
     assert launcher.returncode == 130, said
     assert "while stopping" not in stderr and "was killed" not in stderr, said
     assert "interrupted in epoch 1" in stdout, said
-    assert not any(running_process(pid) for pid in children)  # no rank left behind
+    assert not any(process_runs(pid) for pid in children)  # no rank left behind
     saved = read_checkpoint(out / "last.npz").progress.iteration
     logged = [r["iteration"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert 0 < saved < 100 and logged[-1] == saved
@@ -319,7 +311,7 @@ def test_a_stopped_bench_nproc_says_interrupted():
         _, err = bench.communicate(timeout=60)
     assert bench.returncode == 130, err
     assert err.strip().endswith("interrupted") and "failed" not in err, err
-    assert not running_process(worker[0])  # stopped with it
+    assert not process_runs(worker[0])  # stopped with it
 
 
 def test_bench_nproc_batch_not_divisible(capsys):
