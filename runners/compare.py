@@ -381,7 +381,8 @@ def _job_main(job: Job, send: Any) -> None:
         from capsflow.cli import bug_report
         message = ("error", bug_report(exc), 1)
     try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late Ctrl-C must not lose the answer
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a late stop must not lose the answer
+            signal.signal(signum, signal.SIG_IGN)
         send.send(message)
     finally:
         send.close()

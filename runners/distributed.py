@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from capsflow.errors import CapsflowError
-from capsflow.runners.signals import terminate_as_interrupt
+from capsflow.runners.signals import stops_dropped, terminate_as_interrupt
 
 #: The launcher's variables (torchrun sets them; ``--nproc`` sets them for its children).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -399,7 +399,8 @@ def _pass_stop_on(procs: list, grace: float, log: Any) -> int:
     """Ctrl-C or SIGTERM reached the launcher: SIGTERM to every rank still running (the
     ranks then stop after the same step, and rank 0 saves it: signals.StopRequests), and
     ``grace`` seconds for them to end before they are killed; another Ctrl-C or SIGTERM
-    kills them at once. Returns 130, as an interrupted run does."""
+    kills them at once. Returns 130, as an interrupted run does (0 when every rank had
+    finished)."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -409,15 +410,21 @@ def _pass_stop_on(procs: list, grace: float, log: Any) -> int:
             p.wait(timeout=max(end - time.monotonic(), 0.1))
     except (subprocess.TimeoutExpired, KeyboardInterrupt):
         pass
+    with stops_dropped():  # a third stop must not leave ranks running
+        _reap(procs, grace, log)
+    return 0 if all(p.returncode == 0 for p in procs) else 130  # 0: all had finished
+
+
+def _reap(procs: list, grace: float, log: Any) -> None:
+    """Kill the ranks still running after a stop's grace; say how any other ended badly."""
     for rank, p in enumerate(procs):
         if p.poll() is None:
             p.kill()
             p.wait()
             log(f"capsflow: rank {rank} of {len(procs)} did not stop within {grace:g} s "
                 f"and was killed; its last completed step may not be saved")
-        elif p.returncode not in (0, 130, -signal.SIGTERM):  # 130: stopped and saved
+        elif p.returncode not in (0, 130):  # 130: stopped (and saved)
             log(f"capsflow: rank {rank} of {len(procs)} {_ended(p.returncode)} while stopping")
-    return 130
 
 
 def _ended(code: int) -> str:
@@ -495,4 +502,9 @@ def time_steps(cfg: dict, out_path: str) -> None:
 if __name__ == "__main__":  # python -m capsflow.runners.distributed CFG.json OUT.json
     import json as _json
     with open(sys.argv[1]) as _f:
-        time_steps(_json.load(_f), sys.argv[2])
+        _cfg = _json.load(_f)
+    try:
+        with terminate_as_interrupt():  # the launcher's stop: end as a stopped rank does
+            time_steps(_cfg, sys.argv[2])
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -2,7 +2,8 @@
 `timeout`'s, torchrun's) end a training run without losing its work.
 
 * ``interrupts_deferred()`` holds both while an update or a save runs, then hands each on
-  to the handler it would have reached: an update or a checkpoint is never cut in half.
+  to the handler it would have reached: an update or a checkpoint is never cut in half;
+  ``stops_dropped()`` drops them while a run that is stopping saves.
 * ``terminate_as_interrupt()``: one process takes SIGTERM as Ctrl-C (``Terminated``, a
   KeyboardInterrupt), and the trainer saves its last completed step.
 * ``StopRequests``: data-parallel ranks must all stop after the same step, the one rank 0
@@ -31,7 +32,8 @@ def signal_handled(signum: int, handler: Callable) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signum, previous)
+        # None: a handler installed outside Python, which cannot be put back.
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 def _has_python_handler(signum: int) -> bool:
@@ -63,6 +65,18 @@ class Terminated(KeyboardInterrupt):
     are by a Ctrl-C at the terminal."""
 
 
+@contextmanager
+def stops_dropped() -> Iterator[None]:
+    """SIGINT and SIGTERM dropped in the block, where they have a Python handler: for the
+    save of a run that is stopping already, which a second Ctrl-C, or the second SIGTERM
+    of a scheduler that signals every process of a job, must not cut short."""
+    with ExitStack() as stack:
+        for signum in STOP_SIGNALS:
+            if _has_python_handler(signum):
+                stack.enter_context(signal_handled(signum, signal.SIG_IGN))
+        yield
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated
 
@@ -89,6 +103,7 @@ class StopRequests:
 
     @contextmanager
     def handled(self) -> Iterator[None]:
+        self.asked = False
         with ExitStack() as stack:
             for signum in STOP_SIGNALS:
                 if signum == signal.SIGTERM or _has_python_handler(signum):

@@ -53,7 +53,7 @@ from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
                                    one_hot, shape_text)
-from capsflow.runners.signals import StopRequests, interrupts_deferred
+from capsflow.runners.signals import StopRequests, interrupts_deferred, stops_dropped
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -888,7 +888,7 @@ class Trainer:
                         self.out_of_time = True
                         break
             except KeyboardInterrupt:
-                with interrupts_deferred():
+                with stops_dropped():  # stopping already: another stop must not cut the save
                     self.save(self.last_path)
                 self.stopped_early = True
                 self.log(f"interrupted in epoch {self.state.epoch + 1} after iteration "
@@ -1029,7 +1029,7 @@ class Trainer:
 
     def _evaluate(self) -> dict:
         """The test split's loss and accuracy: on one process all of it; data-parallel,
-        each rank its contiguous share, the sums all-reduced (every rank gets them)."""
+        each rank its share (``_evaluate_share``; every rank gets the sums)."""
         cfg = self.config
         desc = "test" if self.progress_bar else None
         # One for the run, so that it records its forward pass once; anew when restore()
@@ -1041,17 +1041,35 @@ class Trainer:
             return evaluate_split(self.graph, self.params, self.data.test_images,
                                   self.data.test_labels, cfg.batch_size, self.backend, desc=desc,
                                   forward=self._forward)
+        return self._evaluate_share()
+
+    def _evaluate_share(self) -> dict:
+        """Data-parallel evaluation: each rank its contiguous share of the test split, in
+        rounds of one batch, as many on every rank (the largest share's). Each round ends
+        in one small all-reduce of the sums and the stop requests, so that a stop during
+        evaluation ends it within a batch on every rank, and no rank waits for another."""
         from capsflow.runners.distributed import share
-        n = self.data.test_images.shape[0]
+        cfg, xp = self.config, self.backend.xp
+        images, labels = self.data.test_images, self.data.test_labels
+        n = images.shape[0]
         part = share(n, self.world.rank, self.world.world_size)
-        count = part.stop - part.start
-        result = evaluate_split(self.graph, self.params, self.data.test_images[part],
-                                self.data.test_labels[part], cfg.batch_size, self.backend,
-                                desc=desc, forward=self._forward)
-        xp = self.backend.xp
-        sums = xp.asarray([result["loss"] * count, round(result["acc"] * count)],
-                          dtype=xp.float64)
-        total = to_numpy(self.world.all_reduce(sums))
+        rounds = range(-(-share(n, 0, self.world.world_size).stop // cfg.batch_size))
+        if self.progress_bar:
+            from tqdm import tqdm
+            rounds = tqdm(rounds, desc="test", unit="batch", leave=False, dynamic_ncols=True)
+        total = np.zeros(2)
+        for r in rounds:
+            lo = min(part.start + r * cfg.batch_size, part.stop)
+            hi = min(lo + cfg.batch_size, part.stop)
+            sums = [0.0, 0.0, 1.0 if self.stop_requests.asked else 0.0]
+            if hi > lo:
+                result = evaluate_split(self.graph, self.params, images[lo:hi], labels[lo:hi],
+                                        cfg.batch_size, self.backend, forward=self._forward)
+                sums[:2] = result["loss"] * (hi - lo), round(result["acc"] * (hi - lo))
+            reduced = to_numpy(self.world.all_reduce(xp.asarray(sums, dtype=xp.float64)))
+            if reduced[2] > 0:  # a rank was asked to stop: all stop here, rank 0 saves
+                raise KeyboardInterrupt
+            total += reduced[:2]
         return {"loss": float(total[0]) / max(n, 1), "acc": float(total[1]) / max(n, 1)}
 
     def _log_window(self, lr: float, bar: Any) -> None:

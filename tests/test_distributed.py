@@ -202,6 +202,29 @@ def test_a_stopped_launcher_stops_every_rank_after_the_same_step(tmp_path):
     assert logged == list(range(1, 101))
 
 
+@needs_mnist
+def test_a_stop_during_evaluation_ends_it_within_a_batch(tmp_path):
+    """2 steps, then a long evaluation (4000 test images in rounds of 2 x 20): SIGTERM
+    during it stops both ranks at the same round; rank 0 saves the 2 steps (the epoch
+    not finished), and the resumed run evaluates and ends the epoch."""
+    out = tmp_path / "run"
+    flags = ["--limit-train", "40", "--limit-test", "4000", "--num_epochs", "1", "--nproc", "2"]
+    with running([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL, *flags,
+                  "--save_dir", str(out)]) as launcher:
+        metrics = out / "metrics.jsonl"
+        children_when(launcher, lambda: has_records(metrics) and
+                      len(metrics.read_text().splitlines()) == 2, 60, "never evaluated")
+        launcher.send_signal(signal.SIGTERM)
+        stdout, stderr = launcher.communicate(timeout=60)
+    said = f"stdout:\n{stdout[-2000:]}\nstderr:\n{stderr[-3000:]}"
+    assert launcher.returncode == 130 and "while stopping" not in stderr, said
+    assert "interrupted in epoch 1 after iteration 2" in stdout, said
+    assert [r["kind"] for r in read_metrics(metrics)] == ["train", "train"]
+    resumed = run(*flags, "--save_dir", str(out), "--resume", str(out / "last.npz"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["kind"] for r in read_metrics(metrics)] == ["train", "train", "epoch"]
+
+
 def test_batch_not_divisible_is_one_line(capsys, monkeypatch):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)

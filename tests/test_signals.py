@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from capsflow.runners.distributed import GradientReducer
-from capsflow.runners.signals import StopRequests, interrupts_deferred, terminate_as_interrupt
+from capsflow.runners.signals import (StopRequests, interrupts_deferred, stops_dropped,
+                                      terminate_as_interrupt)
 
 
 @pytest.fixture
@@ -43,6 +44,18 @@ def test_sigterm_stops_like_ctrl_c_and_is_held_too():
                 done.append("the rest of the save")
     assert done == ["the rest of the save"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_stopping_run_drops_further_stops_while_it_saves():
+    done = []
+    with terminate_as_interrupt():
+        with stops_dropped():
+            signal.raise_signal(signal.SIGTERM)  # a scheduler's second SIGTERM
+            signal.raise_signal(signal.SIGINT)   # an impatient second Ctrl-C
+            done.append("the whole save")
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    assert done == ["the whole save"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sigterm_stops_a_run_whose_sigint_is_ignored(sigint_ignored):
