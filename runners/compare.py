@@ -54,7 +54,7 @@ from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
-from capsflow.runners.signals import Terminated, terminate_as_interrupt
+from capsflow.runners.signals import Terminated, interrupts_deferred, terminate_as_interrupt
 from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
                                    add_shift_arguments, config_from_args)
 from capsflow.runners.training import METRICS as METRICS_FILE
@@ -324,9 +324,10 @@ def train_parallel(graphs: list, paths: dict, overrides: list, data: Any, config
                            out / name, threads, keep_checkpoints)
                 process = ctx.Process(target=_job_main, args=(task, send), daemon=True,
                                       name=f"capsflow-compare-{name}")
-                process.start()
-                send.close()
-                running[name] = (graph, process, receive, time.perf_counter())
+                with interrupts_deferred():  # a started job is always one that is stopped
+                    process.start()
+                    send.close()
+                    running[name] = (graph, process, receive, time.perf_counter())
                 print(f"[{name}] started (process {process.pid})", flush=True)
             ready = wait([entry[2] for entry in running.values()]
                          + [entry[1].sentinel for entry in running.values()])

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from capsflow.errors import CapsflowError
-from capsflow.runners.signals import stops_dropped, terminate_as_interrupt
+from capsflow.runners.signals import interrupts_deferred, stops_dropped, terminate_as_interrupt
 
 #: The launcher's variables (torchrun sets them; ``--nproc`` sets them for its children).
 ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -364,7 +364,9 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
                 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                     env.setdefault(var, threads)
-                procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], env=env))
+                with interrupts_deferred():  # a started rank is always one that is stopped
+                    procs.append(subprocess.Popen([sys.executable, "-m", module, *argv],
+                                                  env=env))
             failed = _watch(procs, grace)
         except KeyboardInterrupt:
             return _pass_stop_on(procs, stop_grace, log)
