@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from capsflow.runners.distributed import GradientReducer
-from capsflow.runners.signals import (StopRequests, interrupts_deferred, stops_dropped,
-                                      terminate_as_interrupt)
+from capsflow.runners.signals import (StopRequests, Terminated, interrupts_deferred,
+                                      stops_dropped, terminate_as_interrupt)
 
 
 @pytest.fixture
@@ -22,28 +22,22 @@ def sigint_ignored():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_ctrl_c_is_held_until_the_block_ends():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_is_held_until_the_block_ends(signum):
     done = []
     with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            signal.raise_signal(signal.SIGINT)
+        with terminate_as_interrupt(), interrupts_deferred():
+            signal.raise_signal(signum)
             done.append("the rest of the update")
     assert done == ["the rest of the update"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def test_sigterm_stops_like_ctrl_c_and_is_held_too():
-    with pytest.raises(KeyboardInterrupt):
+def test_sigterm_stops_like_ctrl_c():
+    with pytest.raises(Terminated):  # a KeyboardInterrupt
         with terminate_as_interrupt():
             signal.raise_signal(signal.SIGTERM)
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with terminate_as_interrupt():
-            with interrupts_deferred():
-                signal.raise_signal(signal.SIGTERM)
-                done.append("the rest of the save")
-    assert done == ["the rest of the save"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_stopping_run_drops_further_stops_while_it_saves():
