@@ -392,7 +392,7 @@ def _watch(procs: list, grace: float) -> Optional[tuple]:
         if all(c is not None for c in codes):
             return failed
         if deadline is not None and time.monotonic() > deadline:
-            _stop(procs)
+            _terminate(procs, 5.0)  # those still running: 5 s more, then killed
             return failed
         time.sleep(0.1)
 
@@ -401,32 +401,16 @@ def _pass_stop_on(procs: list, grace: float, log: Any) -> int:
     """Ctrl-C or SIGTERM reached the launcher: SIGTERM to every rank still running (the
     ranks then stop after the same step, and rank 0 saves it: signals.StopRequests), and
     ``grace`` seconds for them to end before they are killed; another Ctrl-C or SIGTERM
-    kills them at once. Returns 130, as an interrupted run does (0 when every rank had
-    finished)."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    end = time.monotonic() + grace
-    try:
-        for p in procs:
-            p.wait(timeout=max(end - time.monotonic(), 0.1))
-    except (subprocess.TimeoutExpired, KeyboardInterrupt):
-        pass
-    with stops_dropped():  # a third stop must not leave ranks running
-        _reap(procs, grace, log)
-    return 0 if all(p.returncode == 0 for p in procs) else 130  # 0: all had finished
-
-
-def _reap(procs: list, grace: float, log: Any) -> None:
-    """Kill the ranks still running after a stop's grace; say how any other ended badly."""
+    kills them at once. Says which rank was killed or ended otherwise than stopped.
+    Returns 130, as an interrupted run does (0 when every rank had finished)."""
+    killed = _terminate(procs, grace)
     for rank, p in enumerate(procs):
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        if rank in killed:
             log(f"capsflow: rank {rank} of {len(procs)} did not stop within {grace:g} s "
                 f"and was killed; its last completed step may not be saved")
         elif p.returncode not in (0, 130):  # 130: stopped (and saved)
             log(f"capsflow: rank {rank} of {len(procs)} {_ended(p.returncode)} while stopping")
+    return 0 if all(p.returncode == 0 for p in procs) else 130  # 0: all had finished
 
 
 def _ended(code: int) -> str:
@@ -435,17 +419,25 @@ def _ended(code: int) -> str:
             else f"exited with status {code}")
 
 
-def _stop(procs: list) -> None:
-    """Terminate the ranks still running; kill those that do not end within 5 s."""
+def _terminate(procs: list, grace: float) -> list:
+    """SIGTERM to the ranks still running (in training, a request to stop), ``grace``
+    seconds for them to end, then kill those that have not; another Ctrl-C or SIGTERM
+    while waiting kills them at once. Returns the killed ranks."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
-    end = time.monotonic() + 5.0
-    for p in procs:
-        try:
+    end = time.monotonic() + grace
+    try:
+        for p in procs:
             p.wait(timeout=max(end - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            p.kill()
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        pass
+    with stops_dropped():  # a further stop must not leave ranks running
+        killed = [rank for rank, p in enumerate(procs) if p.poll() is None]
+        for rank in killed:
+            procs[rank].kill()
+            procs[rank].wait()
+    return killed
 
 
 # ------------------------------------------------------------------- step timing

@@ -42,16 +42,25 @@ def _has_python_handler(signum: int) -> bool:
 
 
 @contextmanager
+def _stops_handled(handler: Callable, sigterm_always: bool = False) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM in the block where Python handles them now (one
+    that is ignored or left to its default action stays so); with ``sigterm_always``,
+    for SIGTERM in any case."""
+    with ExitStack() as stack:
+        for signum in STOP_SIGNALS:
+            if _has_python_handler(signum) or (sigterm_always and signum == signal.SIGTERM):
+                stack.enter_context(signal_handled(signum, handler))
+        yield
+
+
+@contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT and SIGTERM until the block is done, then hand each one that came to
     the handler it would have reached (Python's own raises KeyboardInterrupt). Only
     signals with a Python handler are held: one that is ignored (SIGINT in a job a script
     started in the background) or left to its default action stays so."""
     caught: list = []
-    with ExitStack() as stack:
-        for signum in STOP_SIGNALS:
-            if _has_python_handler(signum):
-                stack.enter_context(signal_handled(signum, lambda s, _f: caught.append(s)))
+    with _stops_handled(lambda signum, _frame: caught.append(signum)):
         yield
     for signum in dict.fromkeys(caught):  # each signal once, in the order they came
         handler = signal.getsignal(signum)
@@ -70,10 +79,7 @@ def stops_dropped() -> Iterator[None]:
     """SIGINT and SIGTERM dropped in the block, where they have a Python handler: for the
     save of a run that is stopping already, which a second Ctrl-C, or the second SIGTERM
     of a scheduler that signals every process of a job, must not cut short."""
-    with ExitStack() as stack:
-        for signum in STOP_SIGNALS:
-            if _has_python_handler(signum):
-                stack.enter_context(signal_handled(signum, signal.SIG_IGN))
+    with _stops_handled(signal.SIG_IGN):
         yield
 
 
@@ -104,8 +110,5 @@ class StopRequests:
     @contextmanager
     def handled(self) -> Iterator[None]:
         self.asked = False
-        with ExitStack() as stack:
-            for signum in STOP_SIGNALS:
-                if signum == signal.SIGTERM or _has_python_handler(signum):
-                    stack.enter_context(signal_handled(signum, self._ask))
+        with _stops_handled(self._ask, sigterm_always=True):
             yield
