@@ -52,4 +52,8 @@ def main(args: argparse.Namespace) -> int:
     blocks = ", ".join(f"{b} x{n}" for b, n in graph.spec.blocks.items()) or "none"
     print(f"{graph.spec.file}: {ops} op nodes, repeat blocks: {blocks}")
     print(f"parameters: {total:,} total, {total - decoder:,} without decoder")
+    for param in graph.spec.params.values():
+        if param.schedule is not None:  # set by the trainer each epoch (docs/spec.md)
+            print(f"scheduled: {param.name} {param.scheduled_value(0):g} in the first epoch, "
+                  f"{param.schedule.per_epoch:+g} per epoch, until {param.schedule.until:g}")
     return 0

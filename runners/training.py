@@ -900,6 +900,8 @@ class Trainer:
         cfg, st = self.config, self.state
         e = st.epoch
         lr = self.schedule.lr_at(e, st.iteration)
+        for name, value in self.graph.scheduled_values(e).items():
+            self.params[name].fill(value)  # in place: a recorded step holds this array
         started = time.perf_counter() - st.epoch_seconds
         batches = self._bar(self.batches, total=len(self.batches),
                             initial=(st.iterator or {}).get("position", 0),
@@ -1098,6 +1100,9 @@ class Trainer:
                   "train_loss": train_loss, "train_acc": train_acc,
                   "test_loss": test["loss"] if test else None,
                   "test_acc": test["acc"] if test else None, "lr": lr, "seconds": seconds}
+        scheduled = self.graph.scheduled_values(st.epoch)
+        if scheduled:
+            record["scheduled"] = scheduled
         improved = test is not None and (st.best_acc is None or test["acc"] > st.best_acc)
         if improved:
             st.best_acc, st.best_epoch = test["acc"], st.epoch + 1
@@ -1140,12 +1145,15 @@ class Trainer:
 
 
 def format_epoch(record: dict, num_epochs: int) -> str:
-    """One line per epoch: train loss/acc, test loss/acc, lr, seconds."""
+    """One line per epoch: train loss/acc, test loss/acc, lr, any scheduled parameters'
+    values (docs/spec.md), seconds."""
     test = (f"test loss {record['test_loss']:.4f}  test acc {100 * record['test_acc']:.2f}%"
             if record["test_acc"] is not None else "test -")
+    scheduled = "".join(f"  {name} {value:.4g}"
+                        for name, value in record.get("scheduled", {}).items())
     return (f"epoch {record['epoch']}/{num_epochs}  train loss {record['train_loss']:.4f}  "
-            f"train acc {100 * record['train_acc']:.2f}%  {test}  lr {record['lr']:.2e}  "
-            f"{record['seconds']:.1f} s")
+            f"train acc {100 * record['train_acc']:.2f}%  {test}  lr {record['lr']:.2e}"
+            f"{scheduled}  {record['seconds']:.1f} s")
 
 
 def read_metrics(path: str | Path) -> list:

@@ -231,13 +231,14 @@ def test_em_votes_are_pose_matrices_times_weights_per_window(em):
         np.testing.assert_allclose(out["class_a_in"][n, 0, pos * C + c], a[n, pos, c])
 
 
-@pytest.mark.parametrize("margin", [None, 0.9])
-def test_spread_loss_is_the_papers_formula(tmp_path, margin):
+@pytest.mark.parametrize("margin,epoch", [(None, 0), (None, 3), (0.5, 9)])
+def test_spread_loss_is_the_papers_formula(tmp_path, margin, epoch):
+    """With the margin m the trainer sets in ``epoch``: 0.2 + 0.1 per epoch up to 0.9."""
     overrides = {} if margin is None else {"margin": margin}
     graph = probe(tmp_path, "capsnet-em", overrides)
-    m = graph.spec.vars["margin"]
-    assert m == (0.2 if margin is None else margin)
+    m = {(None, 0): 0.2, (None, 3): 0.5, (0.5, 9): 0.9}[margin, epoch]
     params = graph.init_params(seed=2, dtype="float64")
+    params["spread.margin"].fill(graph.scheduled_values(epoch)["spread.margin"])
     batch = random_batch(graph, 4, seed=2)
     out = graph.run(params, batch)
     a, y = out["scores"], batch["y"]

@@ -41,6 +41,11 @@ class Graph:
         get gradients."""
         return {k: params[k] for k, p in self.spec.params.items() if p.trainable}
 
+    def scheduled_values(self, epoch: int) -> dict:
+        """{name: value} of the parameters with a ``schedule`` (docs/spec.md) during
+        ``epoch`` (0 = the first); the trainer sets them at each epoch's start."""
+        return {k: p.scheduled_value(epoch) for k, p in self.spec.params.items() if p.schedule}
+
     def param_count(self, names: list | None = None) -> int:
         """Number of parameter values (a Python int: it never overflows)."""
         chosen = None if names is None else set(names)

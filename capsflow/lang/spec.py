@@ -50,6 +50,20 @@ class InputSpec:
     line: int | None = None
 
 
+@dataclass(frozen=True)
+class EpochSchedule:
+    """A value that moves by ``per_epoch`` each epoch from its start, up or down to
+    ``until`` and no further: how a ``trainable: false`` parameter with a ``schedule``
+    changes during training (EM routing's spread-loss margin, 0.2 -> 0.9)."""
+    per_epoch: float
+    until: float
+
+    def value_at(self, start: float, epoch: int) -> float:
+        """The value during epoch ``epoch`` (0 = the first), from ``start`` at epoch 0."""
+        value = start + self.per_epoch * epoch
+        return min(value, self.until) if self.per_epoch >= 0 else max(value, self.until)
+
+
 @dataclass
 class ParamSpec:
     name: str
@@ -58,6 +72,11 @@ class ParamSpec:
     trainable: bool = True
     line: int | None = None
     file: str | None = None   # where it was declared: the graph, a base or a fragment
+    schedule: EpochSchedule | None = None  # set by the trainer at each epoch's start
+
+    def scheduled_value(self, epoch: int) -> float:
+        """The value the trainer gives this (scheduled) parameter during ``epoch``."""
+        return self.schedule.value_at(constant_init_value(self.init), epoch)
 
 
 @dataclass
@@ -383,13 +402,54 @@ def _parse_params(section: Any, path: str) -> dict:
         if not isinstance(entry, dict) or "shape" not in entry:
             raise SpecError(f"parameter '{name}' needs a shape", file=file, line=line)
         what = f"parameter '{name}'"
-        _check_keys(entry, {"shape", "init", "trainable", "doc"}, what, file)
+        _check_keys(entry, {"shape", "init", "trainable", "schedule", "doc"}, what, file)
         shape = _shape(entry["shape"], what, file, line)
         if any(isinstance(d, str) for d in shape):
             raise SpecError(f"{what}: shape must be all integers", file=file, line=line)
-        params[name] = ParamSpec(name, shape, _parse_init(entry.get("init", "zeros"), name, file, line),
-                                 _flag(entry, "trainable", True, what, file, line), line, file)
+        param = ParamSpec(name, shape, _parse_init(entry.get("init", "zeros"), name, file, line),
+                          _flag(entry, "trainable", True, what, file, line), line, file)
+        if "schedule" in entry:
+            param.schedule = _parse_schedule(entry["schedule"], param, what)
+        params[name] = param
     return params
+
+
+SCHEDULE_FORM = "{per_epoch: STEP, until: LAST}"
+CONSTANT_INITS = {"zeros": 0.0, "ones": 1.0, "constant": None}  # None: the init's argument
+
+
+def constant_init_value(init: tuple) -> float:
+    """The value of a constant init ("zeros", "ones", ("constant", V))."""
+    kind, arg = init
+    return float(arg) if kind == "constant" else CONSTANT_INITS[kind]
+
+
+def _parse_schedule(value: Any, param: ParamSpec, what: str) -> EpochSchedule:
+    """A parameter's ``schedule``: only for a ``trainable: false`` parameter with a constant
+    init (the start value), and ``until`` on the side ``per_epoch`` moves towards."""
+    file, line = param.file, param.line
+    if not isinstance(value, dict) or set(value) != {"per_epoch", "until"}:
+        raise SpecError(f"{what}: schedule must be {SCHEDULE_FORM}, got {show(value)}",
+                        file=file, line=line)
+    numbers = {}
+    for key in ("per_epoch", "until"):
+        number = _finite(value[key]) if is_number(value[key]) else None
+        if number is None:
+            raise SpecError(f"{what}: schedule's {key} must be a finite number, got "
+                            f"{show(value[key])}", file=file, line=line)
+        numbers[key] = number
+    if param.trainable:
+        raise SpecError(f"{what}: a schedule sets the value at each epoch, so the optimizer "
+                        f"must not: add trainable: false", file=file, line=line)
+    if param.init[0] not in CONSTANT_INITS:
+        raise SpecError(f"{what}: a schedule starts from a constant init (zeros, ones or "
+                        f"{{constant: VALUE}}), got {param.init[0]}", file=file, line=line)
+    start, step, until = constant_init_value(param.init), numbers["per_epoch"], numbers["until"]
+    if (until - start) * step < 0:
+        direction = "up" if step > 0 else "down"
+        raise SpecError(f"{what}: schedule's per_epoch {step:g} moves {direction} from the start "
+                        f"{start:g}, away from until {until:g}", file=file, line=line)
+    return EpochSchedule(step, until)
 
 
 # What each init's number must be; numpy would fail later, or make NaN or infinite values.
