@@ -12,7 +12,8 @@ mnist, fashion-mnist, kmnist, emnist (``emnist_split``: balanced, byclass, bymer
 digits, letters, mnist), cifar10, svhn, smallnorb (``size``, ``crop``: the paper's 48x48
 then 32x32), folder (your own ``ROOT/train/CLASS/*.png`` and ``ROOT/test/CLASS/...``;
 ``size``, ``crop``, ``channels``), and two generated from the MNIST files, deterministic in
-``seed``: multimnist (two overlapping digits, 36x36; ``count``) and affine-mnist (train:
+``seed``: multimnist (two overlapping digits, 36x36; ``count``; ``fresh``: the training
+overlays drawn anew for each epoch, ``Split.for_epoch``) and affine-mnist (train:
 MNIST padded and translated in 40x40; test: an affine, generated, affNIST-like set).
 
 Where the files are found. A data *root* holds one folder per dataset::
@@ -46,9 +47,10 @@ from __future__ import annotations
 import copy
 import os
 import zlib
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -151,7 +153,7 @@ DATASETS: Dict[str, DatasetInfo] = {
     "multimnist": DatasetInfo(
         "multimnist", "MultiMNIST (generated)", "multimnist", (1, 36, 36),
         tuple(str(d) for d in range(10)), source="mnist", labels_per_example=2,
-        options=("count",), offline="generated from the MNIST files"),
+        options=("count", "fresh"), offline="generated from the MNIST files"),
     "affine-mnist": DatasetInfo(
         "affine-mnist", "affine-mnist (train: MNIST padded and translated in 40x40; test: "
         "affine, generated, affNIST-like)", "affine", (1, 40, 40),
@@ -164,7 +166,8 @@ SMALLNORB_SIZE = 48   # Sabour et al. (2017): "downsampled to 48x48", then 32x32
 SMALLNORB_CROP = 32
 #: Every load option, its meaning for messages and the CLI flag that sets it.
 OPTIONS = {"emnist_split": "--emnist-split", "size": "--image-size", "crop": "--crop",
-           "channels": "--channels", "count": "--multimnist-count"}
+           "channels": "--channels", "count": "--multimnist-count",
+           "fresh": "--multimnist-fresh"}
 
 
 def dataset_names() -> List[str]:
@@ -276,6 +279,9 @@ class Split(NamedTuple):
     labels: np.ndarray              # int64 (N,), or (N, 2) for multimnist
     info: DataDescription
     parts: Optional[np.ndarray] = None  # multimnist with keep_parts: (N, 2, 1, H, W)
+    # multimnist's training split with fresh=True: epoch -> (images, labels) of that
+    # epoch's overlays (epoch 0's are ``images``, ``labels``); None: one set for all epochs.
+    for_epoch: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None
 
 
 # --------------------------------------------------------------------------- paths
@@ -518,6 +524,12 @@ def _resolve_options(info: DatasetInfo, options: Dict[str, Any]) -> Dict[str, An
             raise DataArgumentError(f"{OPTIONS['count']} must be a positive number of "
                                     f"examples, got {count!r}")
         out["count"] = None if count is None else int(count)
+    if "fresh" in info.options:
+        fresh = options.get("fresh")
+        if not (fresh is None or isinstance(fresh, bool)):
+            raise DataArgumentError(f"{OPTIONS['fresh']} is on or off (true or false), "
+                                    f"got {fresh!r}")
+        out["fresh"] = bool(fresh)
     return out
 
 
@@ -656,8 +668,10 @@ def _round_robin(labels: np.ndarray) -> np.ndarray:
 
 def _generate(info: DatasetInfo, split: str, x: np.ndarray, y: np.ndarray,
               options: Dict[str, Any], seed: int, limit: Optional[int],
-              keep_parts: bool) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """A generated split from the MNIST split (x, y)."""
+              keep_parts: bool, epoch: int = 0
+              ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """A generated split from the MNIST split (x, y); MultiMNIST's ``epoch`` > 0: the
+    overlays drawn afresh for that epoch (``fresh``), each chunk from its own seed."""
     from capsflow.runners import synthetic
     if info.reader == "multimnist":
         count = options["count"] or x.shape[0]
@@ -665,8 +679,9 @@ def _generate(info: DatasetInfo, split: str, x: np.ndarray, y: np.ndarray,
         images, labels, parts = [], [], []
         for chunk in range(-(-wanted // MULTIMNIST_CHUNK)):
             take = min(MULTIMNIST_CHUNK, wanted - chunk * MULTIMNIST_CHUNK)
+            words = (info.name, split, chunk) + ((f"epoch {epoch}",) if epoch else ())
             m, pair, part = synthetic.multimnist(
-                x, y, MULTIMNIST_CHUNK, _derived_seed(seed, info.name, split, chunk))
+                x, y, MULTIMNIST_CHUNK, _derived_seed(seed, *words))
             images.append(m[:take])
             labels.append(pair[:take])
             if keep_parts:
@@ -705,7 +720,9 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
         keep_parts: multimnist only: also return each digit alone (``Split.parts``).
         options: ``emnist_split``; ``size``, ``crop`` (an int or (h, w)), ``channels``
             (1 or 3) for folder (size, crop also smallnorb: default 48 and 32); ``count``
-            (multimnist examples per split; default one per MNIST digit).
+            (multimnist examples per split; default one per MNIST digit); ``fresh``
+            (multimnist: ``Split.for_epoch`` gives each epoch's own training overlays,
+            epoch 0's being the set returned; the test split stays one set).
     Returns:
         a :class:`Split`: images float32 (N, C, H, W) in [0, 1], C-contiguous; labels
         int64 (N,) (multimnist: (N, 2)); the :class:`DataDescription`.
@@ -717,7 +734,7 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
     opts = _resolve_options(info, options)
     recorded: Dict[str, Any] = {k: opts[k] for k in ("emnist_split", "size", "crop")
                                 if k in opts}
-    parts = None
+    parts = for_epoch = None
     if info.reader == "folder":
         if download:
             raise DataArgumentError("--download does not apply to --dataset folder: its "
@@ -736,6 +753,8 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
         files_info = _files_info(info.name)
         x, y, classes = _read_files(files_info, split, folder, opts, seed, verify)
         if info.source:
+            if opts.get("fresh") and split == "train":  # the MNIST digits stay for it
+                for_epoch = partial(_fresh_split, info, x, y, opts, seed, limit)
             x, y, parts = _generate(info, split, x, y, opts, seed, limit, keep_parts)
             classes = list(info.classes)
             recorded["seed"] = int(seed)
@@ -751,7 +770,14 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
                                   tuple(int(s) for s in x.shape[1:]),
                                   info.labels_per_example, recorded)
     images = np.ascontiguousarray(x, dtype=np.float32)
-    return Split(images, np.ascontiguousarray(y, dtype=np.int64), description, parts)
+    return Split(images, np.ascontiguousarray(y, dtype=np.int64), description, parts, for_epoch)
+
+
+def _fresh_split(info: DatasetInfo, x: np.ndarray, y: np.ndarray, options: Dict[str, Any],
+                 seed: int, limit: Optional[int], epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+    """``Split.for_epoch``: the training overlays of ``epoch`` from the MNIST digits (x, y)."""
+    images, labels, _ = _generate(info, "train", x, y, options, seed, limit, False, epoch)
+    return images, labels
 
 
 def load_split(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
@@ -874,6 +900,15 @@ class BatchIterator:
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
         self._resume_position = 0  # batches to skip on the next iter() (set_state)
         self._epoch: Optional[Dict[str, Any]] = None  # the epoch in progress, if any
+
+    def replace_examples(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """Draw the next batches from ``images``, ``labels`` (as many, of the same shapes:
+        a generated set's next epoch); the order, shifts and position are kept."""
+        if images.shape != self.images.shape or labels.shape != self.labels.shape:
+            raise DataArgumentError(f"replacement examples {images.shape}, {labels.shape} "
+                                    f"differ from {self.images.shape}, {self.labels.shape}")
+        self.images = np.ascontiguousarray(images, dtype=np.float32)
+        self.labels = np.asarray(labels, dtype=np.int64)
 
     def __len__(self) -> int:
         """Number of batches per epoch."""

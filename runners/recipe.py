@@ -35,7 +35,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "graphs" / "recipes"
 TOP_KEYS = ("name", "row", "graph", "set", "data", "train", "paper", "notes")
 REQUIRED = ("name", "row", "graph", "data", "train")
 DATA_KEYS = ("dataset", "emnist_split", "image_size", "crop", "channels", "multimnist_count",
-             "limit_train", "limit_test")
+             "multimnist_fresh", "limit_train", "limit_test")
 #: train: TrainConfig's fields under these names (``epochs`` is ``num_epochs``).
 TRAIN_KEYS = {"optimizer": "optimizer", "lr": "lr", "lr_schedule": "lr_schedule",
               "lr_decay": "lr_decay", "decay_steps": "decay_steps", "min_lr": "min_lr",

@@ -39,7 +39,8 @@ _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay":
                  "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
                  "limit_train": "limit_train", "limit_test": "limit_test",
                  "emnist_split": "emnist_split", "image_size": "image_size", "crop": "crop",
-                 "channels": "channels", "multimnist_count": "multimnist_count"}
+                 "channels": "channels", "multimnist_count": "multimnist_count",
+                 "multimnist_fresh": "multimnist_fresh"}
 
 
 def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
@@ -98,6 +99,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, default: str) -> None:
       help="folder: 1 grey or 3 colour (default: colour when any training image is)")
     a("--multimnist-count", dest="multimnist_count", type=positive_int, metavar="N",
       help="multimnist examples per split (default: one per MNIST digit)")
+    a("--multimnist-fresh", dest="multimnist_fresh", action="store_true", default=None,
+      help="multimnist: draw new training overlays for every epoch (the paper made 1,000 "
+           "per digit; default: one set for all epochs)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -110,6 +110,7 @@ class TrainConfig:
     crop: Optional[list] = None            # [height, width]: folder, smallnorb
     channels: Optional[int] = None         # 1 or 3: folder
     multimnist_count: Optional[int] = None  # examples per split: multimnist
+    multimnist_fresh: bool = False         # multimnist: new training overlays each epoch
     dtype: str = "float32"
     options: Options = Options()   # backend, precision, fast paths: how the numbers are made
 
@@ -118,7 +119,7 @@ class TrainConfig:
     FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_schedule", "lr_decay",
                        "decay_steps", "min_lr", "seed", "shift",
                        "dataset", "limit_train", "emnist_split", "image_size", "crop",
-                       "channels", "multimnist_count", "dtype")
+                       "channels", "multimnist_count", "multimnist_fresh", "dtype")
 
     #: schedule -> (lr_decay, min_lr) when not given: x0.9 per epoch (the Keras port), and
     #: the paper's official code, x0.96 every 2000 steps with a floor of 1e-6.
@@ -174,7 +175,8 @@ class TrainConfig:
     def data_options(self) -> dict:
         """The dataset options given (``runners.data.load``'s keywords)."""
         given = {"emnist_split": self.emnist_split, "size": self.image_size,
-                 "crop": self.crop, "channels": self.channels, "count": self.multimnist_count}
+                 "crop": self.crop, "channels": self.channels, "count": self.multimnist_count,
+                 "fresh": self.multimnist_fresh or None}
         return {k: v for k, v in given.items() if v is not None}
 
     def to_json(self) -> dict:
@@ -193,7 +195,7 @@ _FLAGS = {"batch_size": "bs", "optimizer": "opt", "limit_train": "limit-train",
           "limit_test": "limit-test", "lr_decay": "lr-decay", "data_dir": "data-dir",
           "lr_schedule": "lr-schedule", "decay_steps": "decay-steps", "min_lr": "min-lr",
           "emnist_split": "emnist-split", "image_size": "image-size",
-          "multimnist_count": "multimnist-count"}
+          "multimnist_count": "multimnist-count", "multimnist_fresh": "multimnist-fresh"}
 
 
 def _flag(name: str) -> str:
@@ -203,13 +205,16 @@ def _flag(name: str) -> str:
 @dataclass
 class Data:
     """Train and test splits: images float32 (N, C, H, W) in [0, 1], labels int64 (N,)
-    (MultiMNIST: (N, 2)), and what they are (None when made by hand)."""
+    (MultiMNIST: (N, 2)), and what they are (None when made by hand). ``train_for_epoch``
+    (MultiMNIST with ``--multimnist-fresh``): epoch -> that epoch's training split, epoch
+    0's being ``train_images``, ``train_labels``."""
 
     train_images: np.ndarray
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
     info: Optional[DataDescription] = None
+    train_for_epoch: Optional[Callable[[int], Tuple[np.ndarray, np.ndarray]]] = None
 
 
 def load_data(config: TrainConfig, download: bool = False) -> Data:
@@ -218,7 +223,8 @@ def load_data(config: TrainConfig, download: bool = False) -> Data:
     train, test = load_train_test(config.dataset, config.data_dir, config.limit_train,
                                   config.limit_test, download, config.seed,
                                   **config.data_options())
-    return Data(train.images, train.labels, test.images, test.labels, train.info)
+    return Data(train.images, train.labels, test.images, test.labels, train.info,
+                train.for_epoch)
 
 
 # ------------------------------------------------------------------- checkpoints
@@ -748,6 +754,7 @@ class Trainer:
                                      shuffle=True, augment_shift=config.shift,
                                      rng=np.random.default_rng(config.seed),
                                      num_classes=num_classes(graph))
+        self.examples_epoch = 0  # the epoch whose training examples self.batches holds
         self.state = Progress()
         self.clock = PhaseClock()   # where the host's time goes (capsflow bench --epoch)
         self._numbers = None        # device_to_host reader of each step's (loss, correct)
@@ -902,6 +909,10 @@ class Trainer:
         lr = self.schedule.lr_at(e, st.iteration)
         for name, value in self.graph.scheduled_values(e).items():
             self.params[name].fill(value)  # in place: a recorded step holds this array
+        if self.data.train_for_epoch is not None and self.examples_epoch != e:
+            with self.clock.phase("batches"):  # a set drawn afresh for each epoch
+                self.batches.replace_examples(*self.data.train_for_epoch(e))
+            self.examples_epoch = e
         started = time.perf_counter() - st.epoch_seconds
         batches = self._bar(self.batches, total=len(self.batches),
                             initial=(st.iterator or {}).get("position", 0),

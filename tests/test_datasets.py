@@ -292,6 +292,31 @@ def test_multimnist_from_the_mnist_files(mnist_root):
     assert not np.array_equal(test.images[:30], a.images[:30])
 
 
+def test_fresh_multimnist_draws_new_training_overlays_for_each_epoch(mnist_root, monkeypatch):
+    monkeypatch.setattr(data, "MULTIMNIST_CHUNK", 16)
+    fixed = load("multimnist", "train", mnist_root, limit=40, seed=3)
+    fresh = load("multimnist", "train", mnist_root, limit=40, seed=3, fresh=True)
+    assert fixed.for_epoch is None
+    assert load("multimnist", "test", mnist_root, limit=40, seed=3, fresh=True).for_epoch is None
+    np.testing.assert_array_equal(fresh.images, fixed.images)   # epoch 0: the usual set
+    for name, got in zip(("images", "labels"), fresh.for_epoch(0)):
+        np.testing.assert_array_equal(got, getattr(fixed, name))
+    one, two = fresh.for_epoch(1), fresh.for_epoch(2)
+    again = load("multimnist", "train", mnist_root, limit=40, seed=3, fresh=True).for_epoch(1)
+    assert one[0].tobytes() == again[0].tobytes() and np.array_equal(one[1], again[1])
+    for images, labels in (one, two):
+        assert images.shape == (40, 1, 36, 36) and images.dtype == np.float32
+        assert labels.shape == (40, 2) and (labels[:, 0] != labels[:, 1]).all()
+        assert not np.array_equal(images, fixed.images)
+    assert not np.array_equal(one[0], two[0])
+    # In one chunk of an epoch, every training digit is a base digit once (the 60 digits
+    # are 6 per class).
+    monkeypatch.setattr(data, "MULTIMNIST_CHUNK", 60)
+    whole = load("multimnist", "train", mnist_root, seed=3, fresh=True)
+    for epoch in (0, 1, 5):
+        assert np.bincount(whole.for_epoch(epoch)[1][:, 0]).tolist() == [6] * 10
+
+
 def test_multimnist_chunks_keep_prefixes(mnist_root, monkeypatch):
     monkeypatch.setattr(data, "MULTIMNIST_CHUNK", 16)
     whole = load("multimnist", "train", mnist_root, count=40)
@@ -439,6 +464,39 @@ def test_multimnist_run_reports_the_papers_measure(mnist_root, tmp_path, capsys)
     assert head.startswith("test accuracy (the paper's MultiMNIST measure: the two longest "
                            "capsules are the two digits): ")
     assert f"{100 * epoch['test_acc']:.2f}%" in head and "at least one digit found" in head
+
+
+def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
+        mnist_root, tmp_path, capsys):
+    """Epoch 1 is the fixed set's, epoch 2 is not; 1 epoch + a resumed one ends where 2
+    uninterrupted epochs do (the resumed run draws epoch 2's overlays, not epoch 1's)."""
+    from conftest import CAPSNET
+    from capsflow.runners.training import read_checkpoint, read_metrics
+
+    def train(name, *extra):
+        rc, _, err = run_cli(capsys, "train", CAPSNET, "--dataset", "multimnist", "--data-dir",
+                             mnist_root, "--limit-train", "20", "--limit-test", "10", "--bs",
+                             "10", "--save_dir", tmp_path / name, *SMALL, *extra)
+        assert rc == 0, err
+        return read_checkpoint(tmp_path / name / "last.npz")
+
+    def losses(name):
+        return [r["train_loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl")
+                if r["kind"] == "epoch"]
+
+    fixed = train("fixed", "--num_epochs", "2")
+    whole = train("whole", "--num_epochs", "2", "--multimnist-fresh")
+    assert whole.meta["config"]["multimnist_fresh"] is True
+    assert losses("whole")[0] == losses("fixed")[0] and losses("whole")[1] != losses("fixed")[1]
+    train("split", "--num_epochs", "1", "--multimnist-fresh")
+    split = train("split", "--num_epochs", "2", "--resume", tmp_path / "split" / "last.npz")
+    assert losses("split") == losses("whole")
+    for name in whole.params:
+        np.testing.assert_array_equal(split.params[name], whole.params[name], err_msg=name)
+    assert not np.array_equal(fixed.params["digit.W"], whole.params["digit.W"])
+    err = one_line(capsys, "train", CAPSNET, "--data-dir", mnist_root, "--multimnist-fresh",
+                   "--save_dir", tmp_path / "mnist", "--no-progress")
+    assert "--multimnist-fresh does not apply to mnist (only to multimnist)" in err
 
 
 def test_the_papers_measure_counts_both_digits():
