@@ -14,7 +14,8 @@ then 32x32), folder (your own ``ROOT/train/CLASS/*.png`` and ``ROOT/test/CLASS/.
 ``size``, ``crop``, ``channels``), and two generated from the MNIST files, deterministic in
 ``seed``: multimnist (two overlapping digits, 36x36; ``count``; ``fresh``: the training
 overlays drawn anew for each epoch, ``Split.for_epoch``) and affine-mnist (train:
-MNIST padded and translated in 40x40; test: an affine, generated, affNIST-like set).
+MNIST padded and translated in 40x40; test: an affine, generated, affNIST-like set); and
+affnist, affNIST's own transformed test set (``test.mat``), a test split only.
 
 Where the files are found. A data *root* holds one folder per dataset::
 
@@ -65,6 +66,7 @@ SYSTEM_ROOT = Path("/usr/share/datasets")
 #: first N examples are the same whatever the count or limit, and memory stays bounded.
 MULTIMNIST_CHUNK = 10_000
 SMALLNORB_URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
+AFFNIST_URL = "https://www.cs.toronto.edu/~tijmen/affNIST/"
 
 
 class DataError(CapsflowError):
@@ -92,7 +94,7 @@ class DatasetInfo:
     name: str                                   # capsflow name, e.g. "fashion-mnist"
     title: str                                  # shown to people
     reader: str                                 # idx, emnist, cifar10, svhn, smallnorb,
-                                                # folder, multimnist, affine
+                                                # folder, multimnist, affine, affnist
     shape: Optional[Tuple[int, int, int]]       # (channels, height, width)
     class_list: Union[Tuple[str, ...], str, None]   # names, or a list in runners/formats.py
     folders: Tuple[str, ...] = ()               # under a data root, in search order
@@ -159,7 +161,14 @@ DATASETS: Dict[str, DatasetInfo] = {
         "affine, generated, affNIST-like)", "affine", (1, 40, 40),
         tuple(str(d) for d in range(10)), source="mnist",
         offline="generated from the MNIST files"),
+    "affnist": DatasetInfo(
+        "affnist", "affNIST (transformed test set)", "affnist", (1, 40, 40),
+        tuple(str(d) for d in range(10)), ("affnist",), "affNIST .mat",
+        offline=f"test.mat of affNIST's transformed set ({AFFNIST_URL}); a test set only"),
 }
+#: Datasets with a test split only: evaluate on them (capsflow eval --dataset NAME).
+TEST_ONLY = {"affnist": "train on affine-mnist (MNIST padded and translated in 40x40, as "
+                        "the paper did) and evaluate with capsflow eval --dataset affnist"}
 EMNIST_SPLITS = ("balanced", "byclass", "bymerge", "digits", "letters", "mnist")
 DEFAULT_EMNIST_SPLIT = "balanced"
 SMALLNORB_SIZE = 48   # Sabour et al. (2017): "downsampled to 48x48", then 32x32 crops
@@ -330,6 +339,9 @@ def _split_files(info: DatasetInfo, split: str, options: Dict[str, Any]) -> List
     if info.reader == "smallnorb":
         from capsflow.runners.formats import SMALLNORB_PREFIX
         return [f"{SMALLNORB_PREFIX[split]}-{k}.mat" for k in ("dat", "cat")]
+    if info.reader == "affnist":  # a test set only
+        from capsflow.runners.formats import AFFNIST_FILE
+        return [AFFNIST_FILE] if split == "test" else []
     raise AssertionError(info.reader)
 
 
@@ -453,6 +465,8 @@ def _fetch_hint(info: DatasetInfo) -> str:
         return f", or pass --download to fetch it into {default_data_root()}"
     if info.reader == "smallnorb":
         return f" (download them from {SMALLNORB_URL} and unpack them there)"
+    if info.reader == "affnist":
+        return f" (get test.mat of the transformed set from {AFFNIST_URL} and put it there)"
     return ""
 
 
@@ -612,8 +626,10 @@ def _given(info: DatasetInfo, options: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _read_files(info: DatasetInfo, split: str, folder: Path, options: Dict[str, Any],
-                seed: int, verify: bool) -> Tuple[np.ndarray, np.ndarray, List[str]]:
-    """One split of a file-based dataset (its folder found): images, labels, classes."""
+                seed: int, verify: bool, limit: Optional[int]
+                ) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+    """One split of a file-based dataset (its folder found): images, labels, classes
+    (affnist: only the first ``limit``, before they become float32)."""
     from capsflow.runners import formats
     if info.reader in ("idx", "emnist"):
         names = _split_files(info, split, options)
@@ -651,6 +667,8 @@ def _read_files(info: DatasetInfo, split: str, folder: Path, options: Dict[str, 
             else:
                 x = formats.center_crop(x, crop)
         return x, y, classes
+    if info.reader == "affnist":
+        return formats.read_affnist(folder, limit)
     raise AssertionError(info.reader)
 
 
@@ -730,6 +748,9 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
     info = _dataset_info(dataset)
     if split not in SPLITS:
         raise DataArgumentError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    if split == "train" and info.name in TEST_ONLY:
+        raise DataArgumentError(f"{info.name} is a test set, with no training split: "
+                                f"{TEST_ONLY[info.name]}")
     _check_limit(limit)
     opts = _resolve_options(info, options)
     recorded: Dict[str, Any] = {k: opts[k] for k in ("emnist_split", "size", "crop")
@@ -751,7 +772,7 @@ def load(dataset: str, split: str, data_dir: Optional[Union[str, Path]] = None,
     else:
         folder = _find(info, data_dir, download, opts)
         files_info = _files_info(info.name)
-        x, y, classes = _read_files(files_info, split, folder, opts, seed, verify)
+        x, y, classes = _read_files(files_info, split, folder, opts, seed, verify, limit)
         if info.source:
             if opts.get("fresh") and split == "train":  # the MNIST digits stay for it
                 for_epoch = partial(_fresh_split, info, x, y, opts, seed, limit)

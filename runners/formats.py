@@ -11,6 +11,7 @@ Formats:
 * IDX (MNIST, Fashion-MNIST, KMNIST, EMNIST): :func:`read_idx_pair`, raw or ``.gz``.
 * CIFAR-10 python batches (``cifar-10-batches-py/``): :func:`read_cifar10`, md5-checked.
 * SVHN cropped digits (``train_32x32.mat``...): :func:`read_svhn`, md5-checked, needs scipy.
+* affNIST's transformed test set (``test.mat``): :func:`read_affnist`, needs scipy.
 * smallNORB binary matrices (``smallnorb-5x46789x9x18x6x2x96x96-training-dat.mat``...):
   :func:`read_smallnorb`, optionally downsampled; :func:`center_crop` and
   :func:`random_crop` for the paper's 32x32 crops; :func:`read_smallnorb_info`.
@@ -39,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from capsflow.runners.data import DataArgumentError, DataError, DataNotFoundError
+from capsflow.runners.data import AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError
 
 PathLike = Union[str, Path]
 Size = Union[int, Tuple[int, int], Sequence[int]]
@@ -506,15 +507,7 @@ def read_svhn(folder: PathLike, split: str, verify: bool = True,
                                 f"cropped digits; pass download to fetch it)")
     if verify:
         _verify_md5(path, md5)
-    _check_mat_header(path)
-    try:
-        from scipy.io import loadmat  # lazy: only SVHN needs scipy
-    except ImportError:
-        raise DataError("reading SVHN's .mat files needs scipy (pip install scipy)") from None
-    try:
-        mat = loadmat(str(path), variable_names=("X", "y"))
-    except Exception as exc:  # noqa: BLE001 - scipy raises many kinds on a bad file
-        raise _fail(path, f"unreadable MATLAB file: {type(exc).__name__}: {exc}") from None
+    mat = _loadmat(path, ("X", "y"), "SVHN")
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None:
         raise _fail(path, "lacks the variable 'X' or 'y' (SVHN format 2 holds both)")
@@ -529,15 +522,71 @@ def read_svhn(folder: PathLike, split: str, verify: bool = True,
     return _to_float(x.transpose(3, 2, 0, 1)), labels, list(SVHN_CLASSES)
 
 
-def _check_mat_header(path: Path) -> None:
+def _check_mat_header(path: Path, dataset: str = "SVHN") -> None:
     with open(path, "rb") as f:
         head = f.read(128)
     if head.startswith(b"MATLAB 7.3"):
-        raise _fail(path, "is a MATLAB v7.3 (HDF5) file; SVHN's files are MATLAB 5.0: "
+        raise _fail(path, f"is a MATLAB v7.3 (HDF5) file; {dataset}'s files are MATLAB 5.0: "
                           "use the original download")
     if len(head) < 128 or not head.startswith(b"MATLAB 5.0 MAT-file") \
             or head[126:128] not in (b"IM", b"MI"):
         raise _fail(path, "is not a MATLAB 5.0 MAT-file (bad 128-byte header)")
+
+
+def _loadmat(path: Path, names: Tuple[str, ...], dataset: str) -> dict:
+    """``names`` from a MATLAB 5.0 file, through scipy; one line for any failure."""
+    _check_mat_header(path, dataset)
+    try:
+        from scipy.io import loadmat  # lazy: only the .mat datasets need scipy
+    except ImportError:
+        raise DataError(f"reading {dataset}'s .mat files needs scipy (pip install scipy)") from None
+    try:
+        return loadmat(str(path), variable_names=names)
+    except Exception as exc:  # noqa: BLE001 - scipy raises many kinds on a bad file
+        raise _fail(path, f"unreadable MATLAB file: {type(exc).__name__}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- affNIST
+
+AFFNIST_FILE = "test.mat"
+AFFNIST_SIDE = 40
+
+
+def read_affnist(folder: PathLike, limit: Optional[int] = None) -> Arrays:
+    """affNIST's test set (Tieleman 2013), the one Sabour et al. (2017, Section 5.2) test on:
+    ``test.mat`` of the "transformed" set, 320,000 MNIST test digits under random affine
+    transformations in 40x40.
+
+    The file holds one struct ``affNISTdata``; its ``image`` is uint8 (1600, N), each
+    column one image with pixel ``row * 40 + column`` (as affNIST's own readers take it),
+    and ``label_int`` holds the N digits 0..9. ``limit`` keeps the first examples before
+    they become float32 (the whole set is 2 GB as float32).
+    Returns:
+        images float32 (N, 1, 40, 40), labels int64 (N,), class names "0".."9".
+    """
+    path = Path(folder).expanduser() / AFFNIST_FILE
+    if not path.is_file():
+        raise DataNotFoundError(f"{path}: no such file (affNIST's transformed test set, "
+                                f"from {AFFNIST_URL})")
+    mat = _loadmat(path, ("affNISTdata",), "affNIST")
+    data = mat.get("affNISTdata")
+    fields = getattr(getattr(data, "dtype", None), "names", None) or ()
+    if data is None or not {"image", "label_int"} <= set(fields) or data.size != 1:
+        raise _fail(path, "lacks the struct 'affNISTdata' with fields 'image' and 'label_int'")
+    images, labels = np.asarray(data["image"].flat[0]), np.asarray(data["label_int"].flat[0])
+    side = AFFNIST_SIDE * AFFNIST_SIDE
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[0] != side:
+        raise _fail(path, f"'image' is {images.dtype} {images.shape}, expected uint8 "
+                          f"({side}, N)")
+    labels = labels.reshape(-1)
+    if labels.shape[0] != images.shape[1]:
+        raise _fail(path, f"holds {images.shape[1]:,} images but {labels.shape[0]:,} labels")
+    if not np.issubdtype(labels.dtype, np.number) or labels.size == 0 \
+            or labels.min() < 0 or labels.max() > 9:
+        raise _fail(path, "labels 'label_int' must lie in 0..9")
+    keep = images.shape[1] if limit is None else min(limit, images.shape[1])
+    x = images[:, :keep].T.reshape(keep, 1, AFFNIST_SIDE, AFFNIST_SIDE)
+    return _to_float(x), labels[:keep].astype(np.int64), [str(d) for d in range(10)]
 
 
 # ------------------------------------------------------------------------ smallNORB

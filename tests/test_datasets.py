@@ -52,7 +52,7 @@ def mnist_root(tmp_path):
 
 def test_registry_describes_every_dataset():
     assert list(DATASETS) == ["mnist", "fashion-mnist", "kmnist", "emnist", "cifar10", "svhn",
-                              "smallnorb", "folder", "multimnist", "affine-mnist"]
+                              "smallnorb", "folder", "multimnist", "affine-mnist", "affnist"]
     for name, info in DATASETS.items():
         assert info.name == name and info.title and info.offline
         if info.shape is not None:
@@ -497,6 +497,36 @@ def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
     err = one_line(capsys, "train", CAPSNET, "--data-dir", mnist_root, "--multimnist-fresh",
                    "--save_dir", tmp_path / "mnist", "--no-progress")
     assert "--multimnist-fresh does not apply to mnist (only to multimnist)" in err
+
+
+def test_a_model_trained_on_translated_mnist_is_evaluated_on_affnist(mnist_root, tmp_path,
+                                                                    capsys):
+    """The paper's affine test: train on affine-mnist, evaluate on affNIST's test.mat
+    (a fixture in affNIST's layout); affnist has no training split."""
+    sio = pytest.importorskip("scipy.io")
+    from conftest import CAPSNET
+    from test_formats import write_affnist
+    affnist = tmp_path / "aff" / "affnist"
+    affnist.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    write_affnist(affnist / "test.mat", rng.integers(0, 256, (12, 40, 40), dtype=np.uint8),
+                  np.arange(12, dtype=np.uint8) % 10, sio)
+    run = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", CAPSNET, "--dataset", "affine-mnist", "--data-dir",
+                         mnist_root, "--limit-train", "10", "--limit-test", "10", "--bs", "10",
+                         "--num_epochs", "1", "--save_dir", run, *SMALL)
+    assert rc == 0, err
+    rc, out, err = run_cli(capsys, "eval", CAPSNET, "--checkpoint", run / "last.npz",
+                           "--dataset", "affnist", "--data-dir", tmp_path / "aff")
+    assert rc == 0, err
+    assert "affnist test split (affNIST (transformed test set): 1x40x40, 10 classes), 12 " \
+           "examples" in out, out
+    err = one_line(capsys, "train", CAPSNET, "--dataset", "affnist", "--data-dir",
+                   tmp_path / "aff", "--save_dir", tmp_path / "bad", "--no-progress")
+    assert "affnist is a test set, with no training split: train on affine-mnist" in err
+    err = one_line(capsys, "eval", CAPSNET, "--checkpoint", run / "last.npz", "--dataset",
+                   "affnist", "--data-dir", mnist_root)
+    assert "affnist data not found in --data-dir" in err and "test.mat" in err
 
 
 def test_the_papers_measure_counts_both_digits():

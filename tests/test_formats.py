@@ -20,7 +20,7 @@ from capsflow.runners import formats
 from capsflow.runners.data import DataArgumentError, DataError, DataNotFoundError
 from capsflow.runners.formats import (
     center_crop, random_crop, read_cifar10, read_idx_pair, read_image_folder, read_images,
-    read_smallnorb, read_smallnorb_info, read_svhn)
+    read_affnist, read_smallnorb, read_smallnorb_info, read_svhn)
 
 from conftest import SHARED_DATA
 
@@ -397,6 +397,74 @@ def test_svhn_download_goes_through_torchvision(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "_torchvision_download", fake_download)
     _, labels, _ = read_svhn(tmp_path, "test", verify=False, download=True)
     assert labels.tolist() == [0, 3] and calls == [("SVHN", tmp_path, {"split": "test"})]
+
+
+# -------------------------------------------------------------------------- affNIST
+
+
+def write_affnist(path: Path, images: np.ndarray, labels: np.ndarray, sio) -> None:
+    """affNIST's layout: one struct affNISTdata, image uint8 (1600, N) (column n is image
+    n, pixel row * 40 + column), label_int (1, N), and label_one_of_n as the real files."""
+    n = images.shape[0]
+    sio.savemat(path, {"affNISTdata": {
+        "image": images.reshape(n, 1600).T, "label_int": labels.reshape(1, n),
+        "label_one_of_n": np.eye(10, dtype=np.uint8)[labels % 10].T}})
+
+
+@pytest.fixture
+def affnist(tmp_path):
+    sio = pytest.importorskip("scipy.io")
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, size=(6, 40, 40), dtype=np.uint8)
+    y = np.array([7, 0, 3, 9, 1, 7], dtype=np.uint8)
+    write_affnist(tmp_path / "test.mat", x, y, sio)
+    return tmp_path, x, y, sio
+
+
+def test_affnist_round_trip(affnist):
+    folder, x, y, _ = affnist
+    images, labels, names = read_affnist(folder)
+    assert images.shape == (6, 1, 40, 40) and images.dtype == np.float32
+    assert images.flags.c_contiguous and labels.dtype == np.int64
+    assert labels.tolist() == y.tolist() and names == [str(d) for d in range(10)]
+    # image 2, row 5, column 31 (not transposed)
+    assert images[2, 0, 5, 31] == np.float32(x[2, 5, 31] / np.float32(255))
+    np.testing.assert_array_equal(np.rint(images[:, 0] * 255).astype(np.uint8), x)
+    first, labels, _ = read_affnist(folder, limit=2)
+    assert first.shape == (2, 1, 40, 40) and labels.tolist() == [7, 0]
+    np.testing.assert_array_equal(first, images[:2])
+
+
+def test_affnist_bad_files(affnist):
+    folder, x, y, sio = affnist
+    path = folder / "test.mat"
+    good = path.read_bytes()
+    cases = [
+        ("not a MATLAB 5.0 MAT-file", lambda: path.write_bytes(b"hello" * 40)),
+        (r"is a MATLAB v7.3 \(HDF5\) file; affNIST's files",
+         lambda: path.write_bytes(b"MATLAB 7.3 MAT-file" + b" " * 200)),
+        ("unreadable MATLAB file", lambda: path.write_bytes(good[: len(good) // 2])),
+        ("lacks the struct 'affNISTdata'", lambda: sio.savemat(path, {"X": x})),
+        ("lacks the struct 'affNISTdata'",
+         lambda: sio.savemat(path, {"affNISTdata": {"image": x.reshape(6, 1600).T}})),
+        (r"'image' is uint8 \(1599, 6\), expected uint8 \(1600, N\)",
+         lambda: sio.savemat(path, {"affNISTdata": {"image": x.reshape(6, 1600).T[1:],
+                                                     "label_int": y.reshape(1, 6)}})),
+        (r"'image' is float64", lambda: sio.savemat(path, {"affNISTdata": {
+            "image": x.reshape(6, 1600).T / 255.0, "label_int": y.reshape(1, 6)}})),
+        ("holds 6 images but 5 labels", lambda: sio.savemat(
+            path, {"affNISTdata": {"image": x.reshape(6, 1600).T, "label_int": y[:5]}})),
+        ("must lie in 0..9", lambda: write_affnist(path, x, y + 10, sio)),
+    ]
+    for expected, write in cases:
+        write()
+        with pytest.raises(DataError, match=expected) as err:
+            read_affnist(folder)
+        _error(err, path)
+    path.unlink()
+    with pytest.raises(DataNotFoundError, match="transformed test set") as err:
+        read_affnist(folder)
+    _error(err, path)
 
 
 # ------------------------------------------------------------------------ smallNORB
