@@ -365,14 +365,21 @@ def test_svhn_checksum_and_missing(svhn):
     _error(err, "test_32x32.mat")
 
 
+def broken_mat_files(path: Path, dataset: str) -> list:
+    """(message, write) for a .mat file that is no MATLAB 5.0 file, an HDF5 one, or cut."""
+    good = path.read_bytes()
+    return [
+        ("not a MATLAB 5.0 MAT-file", lambda: path.write_bytes(b"hello" * 40)),
+        (rf"is a MATLAB v7.3 \(HDF5\) file; {dataset}'s files",
+         lambda: path.write_bytes(b"MATLAB 7.3 MAT-file" + b" " * 200)),
+        ("unreadable MATLAB file", lambda: path.write_bytes(good[: len(good) // 2])),
+    ]
+
+
 def test_svhn_bad_files(svhn):
     folder, x, y, sio = svhn
     path = folder / "train_32x32.mat"
-    good = path.read_bytes()
-    cases = [
-        ("not a MATLAB 5.0 MAT-file", lambda: path.write_bytes(b"hello" * 40)),
-        ("MATLAB v7.3", lambda: path.write_bytes(b"MATLAB 7.3 MAT-file" + b" " * 200)),
-        ("unreadable MATLAB file", lambda: path.write_bytes(good[: len(good) // 2])),
+    cases = broken_mat_files(path, "SVHN") + [
         ("lacks the variable 'X' or 'y'", lambda: sio.savemat(path, {"X": x})),
         (r"'X' is uint8 \(32, 32, 1, 5\)", lambda: sio.savemat(path, {"X": x[:, :, :1], "y": y})),
         ("holds 5 images but 4 labels", lambda: sio.savemat(path, {"X": x, "y": y[:4]})),
@@ -438,12 +445,7 @@ def test_affnist_round_trip(affnist):
 def test_affnist_bad_files(affnist):
     folder, x, y, sio = affnist
     path = folder / "test.mat"
-    good = path.read_bytes()
-    cases = [
-        ("not a MATLAB 5.0 MAT-file", lambda: path.write_bytes(b"hello" * 40)),
-        (r"is a MATLAB v7.3 \(HDF5\) file; affNIST's files",
-         lambda: path.write_bytes(b"MATLAB 7.3 MAT-file" + b" " * 200)),
-        ("unreadable MATLAB file", lambda: path.write_bytes(good[: len(good) // 2])),
+    cases = broken_mat_files(path, "affNIST") + [
         ("lacks the struct 'affNISTdata'", lambda: sio.savemat(path, {"X": x})),
         ("lacks the struct 'affNISTdata'",
          lambda: sio.savemat(path, {"affNISTdata": {"image": x.reshape(6, 1600).T}})),
