@@ -170,6 +170,9 @@ class StepBudget:
     def set_state(self, state: dict) -> None:
         self.batches.set_state(state)
 
+    def replace_examples(self, images: Any, labels: Any) -> None:
+        self.batches.replace_examples(images, labels)  # a set drawn afresh each epoch
+
 
 def main(args: argparse.Namespace) -> int:
     if args.merge:

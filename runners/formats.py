@@ -581,9 +581,12 @@ def read_affnist(folder: PathLike, limit: Optional[int] = None) -> Arrays:
     labels = labels.reshape(-1)
     if labels.shape[0] != images.shape[1]:
         raise _fail(path, f"holds {images.shape[1]:,} images but {labels.shape[0]:,} labels")
-    if not np.issubdtype(labels.dtype, np.number) or labels.size == 0 \
-            or labels.min() < 0 or labels.max() > 9:
-        raise _fail(path, "labels 'label_int' must lie in 0..9")
+    if labels.size == 0:
+        raise _fail(path, "holds no images")
+    # Whole numbers of any real type (MATLAB may store them as doubles): not NaN, not 3.5.
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)) \
+            or not np.isin(labels, np.arange(10)).all():
+        raise _fail(path, "labels 'label_int' must be the whole numbers 0..9")
     keep = images.shape[1] if limit is None else min(limit, images.shape[1])
     x = images[:, :keep].T.reshape(keep, 1, AFFNIST_SIDE, AFFNIST_SIDE)
     return _to_float(x), labels[:keep].astype(np.int64), [str(d) for d in range(10)]

@@ -907,13 +907,13 @@ class Trainer:
         cfg, st = self.config, self.state
         e = st.epoch
         lr = self.schedule.lr_at(e, st.iteration)
+        started = time.perf_counter() - st.epoch_seconds
         for name, value in self.graph.scheduled_values(e).items():
             self.params[name].fill(value)  # in place: a recorded step holds this array
         if self.data.train_for_epoch is not None and self.examples_epoch != e:
             with self.clock.phase("batches"):  # a set drawn afresh for each epoch
                 self.batches.replace_examples(*self.data.train_for_epoch(e))
             self.examples_epoch = e
-        started = time.perf_counter() - st.epoch_seconds
         batches = self._bar(self.batches, total=len(self.batches),
                             initial=(st.iterator or {}).get("position", 0),
                             desc=f"epoch {e + 1}/{cfg.num_epochs}")

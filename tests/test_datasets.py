@@ -467,10 +467,12 @@ def test_multimnist_run_reports_the_papers_measure(mnist_root, tmp_path, capsys)
 
 
 def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
-        mnist_root, tmp_path, capsys):
-    """Epoch 1 is the fixed set's, epoch 2 is not; 1 epoch + a resumed one ends where 2
-    uninterrupted epochs do (the resumed run draws epoch 2's overlays, not epoch 1's)."""
+        mnist_root, tmp_path, capsys, monkeypatch):
+    """Epoch 1 is the fixed set's, epoch 2 is not; a run stopped in the middle of epoch 2
+    and resumed ends where 2 uninterrupted epochs do (it draws epoch 2's overlays again,
+    not epoch 1's). compare takes the flag too."""
     from conftest import CAPSNET
+    from capsflow.core.graph import Graph
     from capsflow.runners.training import read_checkpoint, read_metrics
 
     def train(name, *extra):
@@ -489,11 +491,30 @@ def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
     assert whole.meta["config"]["multimnist_fresh"] is True
     assert losses("whole")[0] == losses("fixed")[0] and losses("whole")[1] != losses("fixed")[1]
     train("split", "--num_epochs", "1", "--multimnist-fresh")
-    split = train("split", "--num_epochs", "2", "--resume", tmp_path / "split" / "last.npz")
+    calls, real = [], Graph.value_and_grad
+
+    def stop_in_second_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Graph, "value_and_grad", stop_in_second_step)
+    last = tmp_path / "split" / "last.npz"
+    rc, _, err = run_cli(capsys, "train", CAPSNET, "--resume", last, "--num_epochs", "2")
+    assert rc == 130, err
+    assert read_checkpoint(last).meta["progress"]["iteration"] == 3      # epoch 2, step 1
+    monkeypatch.setattr(Graph, "value_and_grad", real)
+    split = train("split", "--num_epochs", "2", "--resume", last)
     assert losses("split") == losses("whole")
     for name in whole.params:
         np.testing.assert_array_equal(split.params[name], whole.params[name], err_msg=name)
     assert not np.array_equal(fixed.params["digit.W"], whole.params["digit.W"])
+    rc, _, err = run_cli(capsys, "compare", CAPSNET, "--dataset", "multimnist",
+                         "--multimnist-fresh", "--data-dir", mnist_root, "--limit-train", "20",
+                         "--limit-test", "10", "--bs", "10", "--num_epochs", "2", "--out",
+                         tmp_path / "compare", *SMALL)
+    assert rc == 0, err
     err = one_line(capsys, "train", CAPSNET, "--data-dir", mnist_root, "--multimnist-fresh",
                    "--save_dir", tmp_path / "mnist", "--no-progress")
     assert "--multimnist-fresh does not apply to mnist (only to multimnist)" in err

@@ -429,7 +429,7 @@ def affnist(tmp_path):
 
 
 def test_affnist_round_trip(affnist):
-    folder, x, y, _ = affnist
+    folder, x, y, sio = affnist
     images, labels, names = read_affnist(folder)
     assert images.shape == (6, 1, 40, 40) and images.dtype == np.float32
     assert images.flags.c_contiguous and labels.dtype == np.int64
@@ -437,6 +437,9 @@ def test_affnist_round_trip(affnist):
     # image 2, row 5, column 31 (not transposed)
     assert images[2, 0, 5, 31] == np.float32(x[2, 5, 31] / np.float32(255))
     np.testing.assert_array_equal(np.rint(images[:, 0] * 255).astype(np.uint8), x)
+    sio.savemat(folder / "test.mat", {"affNISTdata": {"image": x.reshape(6, 1600).T,
+                                                       "label_int": y.astype(float)}})
+    assert read_affnist(folder)[1].tolist() == y.tolist()   # labels stored as doubles
     first, labels, _ = read_affnist(folder, limit=2)
     assert first.shape == (2, 1, 40, 40) and labels.tolist() == [7, 0]
     np.testing.assert_array_equal(first, images[:2])
@@ -456,7 +459,13 @@ def test_affnist_bad_files(affnist):
             "image": x.reshape(6, 1600).T / 255.0, "label_int": y.reshape(1, 6)}})),
         ("holds 6 images but 5 labels", lambda: sio.savemat(
             path, {"affNISTdata": {"image": x.reshape(6, 1600).T, "label_int": y[:5]}})),
-        ("must lie in 0..9", lambda: write_affnist(path, x, y + 10, sio)),
+        ("must be the whole numbers 0..9", lambda: write_affnist(path, x, y + 10, sio)),
+        ("must be the whole numbers 0..9", lambda: sio.savemat(path, {"affNISTdata": {
+            "image": x.reshape(6, 1600).T, "label_int": y.reshape(1, 6) + 0.5}})),
+        ("must be the whole numbers 0..9", lambda: sio.savemat(path, {"affNISTdata": {
+            "image": x.reshape(6, 1600).T, "label_int": np.full((1, 6), np.nan)}})),
+        ("holds no images", lambda: sio.savemat(path, {"affNISTdata": {
+            "image": np.zeros((1600, 0), np.uint8), "label_int": np.zeros((1, 0))}})),
     ]
     for expected, write in cases:
         write()

@@ -37,6 +37,7 @@ def graph_text(gain_line: str = SCHEDULED) -> str:
     (0.2, 0.1, 0.9, [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.9, 0.9]),
     (1.0, -0.25, 0.5, [1.0, 0.75, 0.5, 0.5]),
     (3.0, 0.0, 3.0, [3.0, 3.0]),
+    (0.95, 0.0, 0.9, [0.95, 0.95]),     # a zero step keeps the start, wherever until is
 ])
 def test_the_value_moves_each_epoch_and_stops_at_until(start, step, until, expected):
     schedule = EpochSchedule(step, until)
@@ -93,6 +94,17 @@ def test_a_bad_schedule_is_one_line_naming_the_parameter(tmp_path, capsys, gain_
     assert rc == 2 and len(err.splitlines()) == 1 and message in err
 
 
+def test_an_until_too_large_for_the_dtype_is_one_line(tmp_path, capsys):
+    path = tmp_path / "g.yaml"
+    path.write_text(graph_text("  gain: {shape: [10], init: ones, trainable: false,"
+                               " schedule: {per_epoch: 1.0e+300, until: 1.0e+300}}\n"))
+    graph = capsflow.compile(path)
+    graph.init_params(seed=0, dtype="float64")                  # float64 holds it
+    with pytest.raises(SpecError, match=f"^{path}:8: parameter 'gain': schedule's until "
+                                        "1e\\+300 is too large for float32$"):
+        graph.init_params(seed=0, dtype="float32")
+
+
 @pytest.fixture
 def train(tmp_path):
     """The train command's first words (the scheduled graph, 40 train / 20 test images),
@@ -125,15 +137,28 @@ def test_training_sets_records_and_saves_the_value_of_each_epoch(train, tmp_path
 
 
 def test_a_resumed_run_sets_the_value_of_its_epoch_and_matches_an_uninterrupted_one(
-        train, tmp_path, capsys):
+        train, tmp_path, capsys, monkeypatch):
     """The value changes the loss (gain scales the logits), so a resumed run that kept the
-    saved value instead of its epoch's would end with other parameters."""
+    saved value instead of its epoch's would end with other parameters. Resumed at an
+    epoch's end, then in the middle of epoch 2 (a Ctrl-C in its second step)."""
+    from capsflow.core.graph import Graph
     assert run_cli(capsys, *train("whole"), "--num_epochs", "3")[0] == 0
     assert run_cli(capsys, *train("split"), "--num_epochs", "1")[0] == 0
-    first = read_checkpoint(tmp_path / "split" / "last.npz")
-    assert np.array_equal(first.params["gain"], np.full(10, 1.0, np.float32))
-    rc, _, err = run_cli(capsys, *train("split"), "--num_epochs", "3",
-                         "--resume", tmp_path / "split" / "last.npz")
+    last = tmp_path / "split" / "last.npz"
+    assert np.array_equal(read_checkpoint(last).params["gain"], np.full(10, 1.0, np.float32))
+    calls, real = [], Graph.value_and_grad
+
+    def stop_in_second_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Graph, "value_and_grad", stop_in_second_step)
+    assert run_cli(capsys, *train("split"), "--num_epochs", "3", "--resume", last)[0] == 130
+    assert read_checkpoint(last).meta["progress"]["iteration"] == 5     # epoch 2, step 1
+    monkeypatch.setattr(Graph, "value_and_grad", real)
+    rc, _, err = run_cli(capsys, *train("split"), "--num_epochs", "3", "--resume", last)
     assert rc == 0, err
     whole = read_checkpoint(tmp_path / "whole" / "last.npz")
     split = read_checkpoint(tmp_path / "split" / "last.npz")

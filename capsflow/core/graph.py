@@ -218,6 +218,12 @@ def _initialise(rng: np.random.Generator, p: ParamSpec, dtype: str) -> np.ndarra
     if not np.isfinite(values).all():
         raise SpecError(f"parameter '{p.name}': init {{{kind}: {arg}}} makes values too large "
                         f"for {dtype}", file=p.file, line=p.line)
+    # A schedule's values lie between its start (the init, checked above) and ``until``.
+    with np.errstate(over="ignore"):
+        last = None if p.schedule is None else np.array(p.schedule.until, dtype=dtype)
+    if last is not None and not np.isfinite(last):
+        raise SpecError(f"parameter '{p.name}': schedule's until {p.schedule.until:g} is too "
+                        f"large for {dtype}", file=p.file, line=p.line)
     return values
 
 

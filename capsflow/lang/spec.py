@@ -60,8 +60,10 @@ class EpochSchedule:
 
     def value_at(self, start: float, epoch: int) -> float:
         """The value during epoch ``epoch`` (0 = the first), from ``start`` at epoch 0."""
+        if self.per_epoch == 0:
+            return start
         value = start + self.per_epoch * epoch
-        return min(value, self.until) if self.per_epoch >= 0 else max(value, self.until)
+        return min(value, self.until) if self.per_epoch > 0 else max(value, self.until)
 
 
 @dataclass
