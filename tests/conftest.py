@@ -1,5 +1,7 @@
 """Shared test helpers."""
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -78,3 +80,23 @@ def process_runs(pid: str | int) -> bool:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def ctrl_c_in_call(number: int) -> Iterator[None]:
+    """Inside: Graph.value_and_grad (a training step's forward and backward) raises
+    KeyboardInterrupt, as a Ctrl-C would, on its ``number``-th call."""
+    from capsflow.core.graph import Graph
+    calls, real = [], Graph.value_and_grad
+
+    def stopping(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    Graph.value_and_grad = stopping
+    try:
+        yield
+    finally:
+        Graph.value_and_grad = real

@@ -467,12 +467,11 @@ def test_multimnist_run_reports_the_papers_measure(mnist_root, tmp_path, capsys)
 
 
 def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
-        mnist_root, tmp_path, capsys, monkeypatch):
+        mnist_root, tmp_path, capsys):
     """Epoch 1 is the fixed set's, epoch 2 is not; a run stopped in the middle of epoch 2
     and resumed ends where 2 uninterrupted epochs do (it draws epoch 2's overlays again,
     not epoch 1's). compare takes the flag too."""
-    from conftest import CAPSNET
-    from capsflow.core.graph import Graph
+    from conftest import CAPSNET, ctrl_c_in_call
     from capsflow.runners.training import read_checkpoint, read_metrics
 
     def train(name, *extra):
@@ -491,20 +490,11 @@ def test_fresh_multimnist_trains_on_new_overlays_each_epoch_and_resumes_exactly(
     assert whole.meta["config"]["multimnist_fresh"] is True
     assert losses("whole")[0] == losses("fixed")[0] and losses("whole")[1] != losses("fixed")[1]
     train("split", "--num_epochs", "1", "--multimnist-fresh")
-    calls, real = [], Graph.value_and_grad
-
-    def stop_in_second_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Graph, "value_and_grad", stop_in_second_step)
     last = tmp_path / "split" / "last.npz"
-    rc, _, err = run_cli(capsys, "train", CAPSNET, "--resume", last, "--num_epochs", "2")
+    with ctrl_c_in_call(2):
+        rc, _, err = run_cli(capsys, "train", CAPSNET, "--resume", last, "--num_epochs", "2")
     assert rc == 130, err
     assert read_checkpoint(last).meta["progress"]["iteration"] == 3      # epoch 2, step 1
-    monkeypatch.setattr(Graph, "value_and_grad", real)
     split = train("split", "--num_epochs", "2", "--resume", last)
     assert losses("split") == losses("whole")
     for name in whole.params:

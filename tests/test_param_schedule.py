@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, ctrl_c_in_call, run_cli
 from test_frozen import GRAPH
 
 import capsflow
@@ -137,27 +137,17 @@ def test_training_sets_records_and_saves_the_value_of_each_epoch(train, tmp_path
 
 
 def test_a_resumed_run_sets_the_value_of_its_epoch_and_matches_an_uninterrupted_one(
-        train, tmp_path, capsys, monkeypatch):
+        train, tmp_path, capsys):
     """The value changes the loss (gain scales the logits), so a resumed run that kept the
     saved value instead of its epoch's would end with other parameters. Resumed at an
     epoch's end, then in the middle of epoch 2 (a Ctrl-C in its second step)."""
-    from capsflow.core.graph import Graph
     assert run_cli(capsys, *train("whole"), "--num_epochs", "3")[0] == 0
     assert run_cli(capsys, *train("split"), "--num_epochs", "1")[0] == 0
     last = tmp_path / "split" / "last.npz"
     assert np.array_equal(read_checkpoint(last).params["gain"], np.full(10, 1.0, np.float32))
-    calls, real = [], Graph.value_and_grad
-
-    def stop_in_second_step(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Graph, "value_and_grad", stop_in_second_step)
-    assert run_cli(capsys, *train("split"), "--num_epochs", "3", "--resume", last)[0] == 130
+    with ctrl_c_in_call(2):
+        assert run_cli(capsys, *train("split"), "--num_epochs", "3", "--resume", last)[0] == 130
     assert read_checkpoint(last).meta["progress"]["iteration"] == 5     # epoch 2, step 1
-    monkeypatch.setattr(Graph, "value_and_grad", real)
     rc, _, err = run_cli(capsys, *train("split"), "--num_epochs", "3", "--resume", last)
     assert rc == 0, err
     whole = read_checkpoint(tmp_path / "whole" / "last.npz")
