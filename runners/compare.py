@@ -392,8 +392,10 @@ def _job_main(job: Job, send: Any) -> None:
         send.close()
 
 
-def _collect(entry: tuple) -> Result:
-    """The Result of a job whose answer came or whose process ended."""
+def _collect(entry: tuple, stopping: bool = False) -> Result:
+    """The Result of a job whose answer came or whose process ended. ``stopping``: the
+    job was asked to stop, so a death by SIGINT or SIGTERM (a job still starting, before
+    it could answer) is its interruption, not a failure."""
     graph, process, receive, started = entry
     message = None
     try:
@@ -406,8 +408,10 @@ def _collect(entry: tuple) -> Result:
         process.kill()
         process.join()
     receive.close()
-    if message is None:
-        code = process.exitcode
+    code = process.exitcode
+    if message is None and stopping and code in (-signal.SIGINT, -signal.SIGTERM):
+        result = failed_result(graph, "interrupted", 0)
+    elif message is None:
         why = (f"killed by signal {-code}" if code is not None and code < 0
                else f"exit status {code}")
         result = failed_result(graph, f"failed: its process ended without an answer ({why})", 1)
@@ -455,7 +459,7 @@ def _stop_all(running: dict, told: bool) -> dict:
                              timeout=max(0.0, deadline - time.monotonic()))
                 for name in [n for n, e in running.items()
                              if e[2] in ready or e[1].sentinel in ready]:
-                    results[name] = _collect(running.pop(name))
+                    results[name] = _collect(running.pop(name), stopping=True)
     except KeyboardInterrupt:
         pass
     for name, (graph, process, receive, started) in running.items():

@@ -202,3 +202,36 @@ def test_sigterm_stops_the_jobs_and_keeps_their_work(tmp_path):
     jobs = re.findall(r"started \(process (\d+)\)", stdout)
     assert len(jobs) == 2 and not any(process_runs(pid) for pid in jobs)
 
+
+
+
+def _wait_for_a_signal(ready) -> None:
+    """A job process that has not yet installed its handlers: signals at their defaults."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_job_stopped_before_it_could_answer_is_interrupted_not_failed(signum):
+    """A job still starting (spawn) when a stop comes dies by the signal without an answer:
+    after a stop that is its interruption; without one it is a failure."""
+    import multiprocessing as mp
+    import os
+    from capsflow.runners.compare import _collect
+    graph = capsflow.compile(CAPSNET)
+    ctx = mp.get_context("fork")
+    notes = []
+    for stopping in (True, False):
+        receive, send = ctx.Pipe(duplex=False)
+        ready = ctx.Event()
+        process = ctx.Process(target=_wait_for_a_signal, args=(ready,), daemon=True)
+        process.start()
+        send.close()
+        assert ready.wait(30)
+        os.kill(process.pid, signum)
+        notes.append(_collect((graph, process, receive, time.perf_counter()), stopping).note)
+    assert notes[0] == "interrupted"
+    assert notes[1] == ("failed: its process ended without an answer "
+                        f"(killed by signal {int(signum)})")
