@@ -56,7 +56,7 @@ from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.signals import Terminated, interrupts_deferred, terminate_as_interrupt
 from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
-                                   add_shift_arguments, config_from_args)
+                                   add_augmentation_arguments, config_from_args)
 from capsflow.runners.training import METRICS as METRICS_FILE
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
                                        fit_graph_to_data, load_data, read_metrics)
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            f"points per curve)")
     a("--seed", type=non_negative_int, metavar="S",
       help=f"seed of init, batch order and shifts (default {d.seed})")
-    add_shift_arguments(parser, d.shift)
+    add_augmentation_arguments(parser, d.shift)
     add_data_arguments(parser, d.dataset)
     a("--limit-train", dest="limit_train", type=positive_int, metavar="N",
       help="train on the first N training examples only")
@@ -569,11 +569,19 @@ def command_line(args: argparse.Namespace, options: Options) -> str:
                        ("--min-lr", "min_lr"),
                        ("--val_epoch", "val_epoch"), ("--disp", "disp"), ("--seed", "seed"),
                        ("--shift", "shift"), ("--dataset", "dataset"),
-                       ("--data-dir", "data_dir"), ("--limit-train", "limit_train"),
-                       ("--limit-test", "limit_test"), ("--out", "out")):
-        value = getattr(args, dest)
+                       ("--data-dir", "data_dir"), ("--emnist-split", "emnist_split"),
+                       ("--image-size", "image_size"), ("--crop", "crop"),
+                       ("--channels", "channels"), ("--multimnist-count", "multimnist_count"),
+                       ("--limit-train", "limit_train"), ("--limit-test", "limit_test"),
+                       ("--out", "out")):
+        value = getattr(args, dest, None)
+        if isinstance(value, (list, tuple)):  # --image-size and --crop: HxW
+            value = "x".join(str(v) for v in value)
         if value is not None:
             words += [flag, str(value)]
+    for flag, dest in (("--flip", "flip"), ("--multimnist-fresh", "multimnist_fresh")):
+        if getattr(args, dest, None):
+            words.append(flag)
     words += option_arguments(options)
     if getattr(args, "jobs", 1) > 1:
         words += ["--jobs", str(args.jobs)]
@@ -585,12 +593,11 @@ def command_line(args: argparse.Namespace, options: Options) -> str:
 
 
 def describe_run(args: argparse.Namespace, config: Any, data: Any, steps: int) -> str:
-    shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
     return (f"Command: `{command_line(args, config.options)}`\n\n"
             f"{config.dataset}: {data.train_images.shape[0]} training examples, "
             f"{data.test_images.shape[0]} test examples; {steps} steps of batch "
             f"{config.batch_size} ({config.num_epochs} epoch(s)), {config.optimizer} "
-            f"{config.describe_lr()}, {shifts}, seed {config.seed}, "
+            f"{config.describe_lr()}, {config.describe_augmentation()}, seed {config.seed}, "
             f"{config.options.backend} {config.dtype} on {platform.machine()} "
             f"({_cpu_count()} CPUs). ms/step is the median time of one training step "
             f"(forward, backward, update); final train loss the mean running train loss "

@@ -877,7 +877,8 @@ class BatchIterator:
     """Mini-batches over (images, labels), re-iterable: each ``iter()`` is a new epoch.
 
     Every epoch draws, from one ``numpy.random.Generator``, a permutation (when
-    ``shuffle``) and one random (dy, dx) shift per example (when ``augment_shift > 0``).
+    ``shuffle``), one random (dy, dx) shift per example (when ``augment_shift > 0``) and
+    whether each example is mirrored left to right (when ``augment_flip``; probability 1/2).
     ``get_state()``/``set_state()`` capture that generator plus the position inside the
     current epoch, so a resumed run sees the same batches as an uninterrupted one.
 
@@ -899,6 +900,7 @@ class BatchIterator:
         drop_last: bool = False,
         rng: Union[np.random.Generator, int, None] = None,
         num_classes: int = NUM_CLASSES,
+        augment_flip: bool = False,
     ) -> None:
         """``images`` (N, C, H, W), ``labels`` int (N,) or (N, K); ``rng`` a Generator or
         a seed."""
@@ -916,6 +918,7 @@ class BatchIterator:
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.augment_shift = int(augment_shift)
+        self.augment_flip = bool(augment_flip)
         self.drop_last = bool(drop_last)
         self.num_classes = int(num_classes)
         self.rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
@@ -939,19 +942,22 @@ class BatchIterator:
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         return self._epoch_batches()
 
-    def _draw_epoch(self) -> Tuple[np.ndarray, Optional[np.ndarray]]:
-        """Example order (N,) and shifts (N, 2) for one epoch, in a fixed draw order."""
+    def _draw_epoch(self) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """Example order (N,), shifts (N, 2) and flips bool (N,) for one epoch, in a fixed
+        draw order (flips last: a run without them draws what it drew before they existed)."""
         n = self.images.shape[0]
         order = self.rng.permutation(n) if self.shuffle else np.arange(n)
-        shifts = None
+        shifts = flips = None
         if self.augment_shift > 0:
             s = self.augment_shift
             shifts = self.rng.integers(-s, s + 1, size=(n, 2))
-        return order, shifts
+        if self.augment_flip:
+            flips = self.rng.random(n) < 0.5
+        return order, shifts, flips
 
     def _epoch_batches(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         start_state = _rng_state(self.rng)
-        order, shifts = self._draw_epoch()
+        order, shifts, flips = self._draw_epoch()
         skip, self._resume_position = self._resume_position, 0
         record = {"rng": start_state, "position": skip}
         self._epoch = record
@@ -960,13 +966,16 @@ class BatchIterator:
             # Counted before the yield: a checkpoint taken after using this batch
             # must resume with the next one.
             record["position"] = b + 1
-            yield self._make_batch(order[lo:hi], None if shifts is None else shifts[lo:hi])
+            yield self._make_batch(order[lo:hi], None if shifts is None else shifts[lo:hi],
+                                   None if flips is None else flips[lo:hi])
         if self._epoch is record:
             self._epoch = None
 
-    def _make_batch(self, index: np.ndarray,
-                    shifts: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def _make_batch(self, index: np.ndarray, shifts: Optional[np.ndarray],
+                    flips: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         x = np.take(self.images, index, axis=0)  # a copy: callers may modify it
+        if flips is not None:
+            x[flips] = x[flips, :, :, ::-1]
         if shifts is not None:
             x = shift_images(x, shifts, self.augment_shift)
         return x, one_hot(self.labels[index], self.num_classes)

@@ -40,7 +40,7 @@ DATA_KEYS = ("dataset", "emnist_split", "image_size", "crop", "channels", "multi
 TRAIN_KEYS = {"optimizer": "optimizer", "lr": "lr", "lr_schedule": "lr_schedule",
               "lr_decay": "lr_decay", "decay_steps": "decay_steps", "min_lr": "min_lr",
               "batch_size": "batch_size", "epochs": "num_epochs", "val_epoch": "val_epoch",
-              "shift": "shift", "seed": "seed", "dtype": "dtype"}
+              "shift": "shift", "flip": "flip", "seed": "seed", "dtype": "dtype"}
 
 
 class RecipeError(CapsflowError):

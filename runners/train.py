@@ -36,20 +36,24 @@ from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, c
 _CONFIG_FLAGS = {"bs": "batch_size", "lr": "lr", "opt": "optimizer", "lr_decay": "lr_decay",
                  "lr_schedule": "lr_schedule", "decay_steps": "decay_steps", "min_lr": "min_lr",
                  "num_epochs": "num_epochs", "val_epoch": "val_epoch", "disp": "disp",
-                 "seed": "seed", "shift": "shift", "dataset": "dataset", "data_dir": "data_dir",
+                 "seed": "seed", "shift": "shift", "flip": "flip", "dataset": "dataset",
+                 "data_dir": "data_dir",
                  "limit_train": "limit_train", "limit_test": "limit_test",
                  "emnist_split": "emnist_split", "image_size": "image_size", "crop": "crop",
                  "channels": "channels", "multimnist_count": "multimnist_count",
                  "multimnist_fresh": "multimnist_fresh"}
 
 
-def add_shift_arguments(parser: argparse.ArgumentParser, default: int) -> None:
-    """--shift PIXELS / --no-shift: the training augmentation (also used by compare)."""
+def add_augmentation_arguments(parser: argparse.ArgumentParser, default: int) -> None:
+    """--shift PIXELS / --no-shift, --flip: the training augmentation (also used by compare)."""
     shift = parser.add_mutually_exclusive_group()
     shift.add_argument("--shift", type=non_negative_int, metavar="PIXELS",
                        help=f"random shifts of up to PIXELS in training (default {default})")
     shift.add_argument("--no-shift", dest="shift", action="store_const", const=0,
                        help="no shift augmentation")
+    parser.add_argument("--flip", action="store_true", default=None,
+                        help="mirror each training image left to right with probability 1/2 "
+                             "(for Fashion-MNIST, as the Keras port; not for digits)")
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="validate on the first N test examples only")
     a("--seed", type=non_negative_int, metavar="S",
       help=f"seed of parameter init, batch order and shifts (default {d.seed})")
-    add_shift_arguments(parser, d.shift)
+    add_augmentation_arguments(parser, d.shift)
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
     a("--auto-resume", dest="auto_resume", action="store_true",
       help="continue from --save_dir's last.npz when there is one, else start afresh: the "
@@ -242,13 +246,12 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
 def describe(graph, config: TrainConfig, data, save_dir: Path) -> str:
     """What is about to be trained, on what, and where it is saved: one line, and a
     second one for MultiMNIST saying how its accuracy counts."""
-    shifts = f"shifts up to {config.shift} px" if config.shift else "no shifts"
     sets = "".join(f" {k}={v}" for k, v in graph.spec.vars.items())
     what = data.info.describe() if data.info is not None else config.dataset
     line = (f"training {graph.spec.name} ({graph.param_count():,} parameters;{sets}) on "
             f"{what}: {data.train_images.shape[0]} train / "
             f"{data.test_images.shape[0]} test examples, batch {config.batch_size}, "
-            f"{config.optimizer} {config.describe_lr()}, {shifts}, "
+            f"{config.optimizer} {config.describe_lr()}, {config.describe_augmentation()}, "
             f"{config.options.backend} {config.dtype}, seed {config.seed}; saving to {save_dir}")
     if data.info is not None and data.info.labels_per_example > 1:
         line += ("\naccuracy (the paper's MultiMNIST measure): an example counts as right "

@@ -100,6 +100,7 @@ class TrainConfig:
     disp: int = 10                 # log running loss/accuracy every N iterations
     seed: int = 0                  # parameter init and batch order/shifts
     shift: int = 2                 # random shifts of up to this many pixels (0: off)
+    flip: bool = False             # random left-right mirroring (Fashion-MNIST's Keras port)
     dataset: str = "mnist"
     data_dir: Optional[str] = None
     limit_train: Optional[int] = None
@@ -117,7 +118,7 @@ class TrainConfig:
     # Settings a resumed run must share with its checkpoint, or it would not continue
     # the same run. The others (epochs, reporting, options, test subset) may change.
     FIXED_ON_RESUME = ("batch_size", "lr", "optimizer", "lr_schedule", "lr_decay",
-                       "decay_steps", "min_lr", "seed", "shift",
+                       "decay_steps", "min_lr", "seed", "shift", "flip",
                        "dataset", "limit_train", "emnist_split", "image_size", "crop",
                        "channels", "multimnist_count", "multimnist_fresh", "dtype")
 
@@ -171,6 +172,13 @@ class TrainConfig:
         make_optimizer(self.optimizer, self.lr)  # unknown names raise one line
         from capsflow.runners.data import _dataset_info, _resolve_options
         _resolve_options(_dataset_info(self.dataset), self.data_options())  # one line
+
+    def describe_augmentation(self) -> str:
+        """The training augmentation in words, e.g. 'shifts up to 2 px, left-right flips'."""
+        words = [f"shifts up to {self.shift} px" if self.shift else "no shifts"]
+        if self.flip:
+            words.append("left-right flips")
+        return ", ".join(words)
 
     def data_options(self) -> dict:
         """The dataset options given (``runners.data.load``'s keywords)."""
@@ -752,6 +760,7 @@ class Trainer:
         self.schedule = config.lr_schedule_fn()
         self.batches = BatchIterator(data.train_images, data.train_labels, config.batch_size,
                                      shuffle=True, augment_shift=config.shift,
+                                     augment_flip=config.flip,
                                      rng=np.random.default_rng(config.seed),
                                      num_classes=num_classes(graph))
         self.examples_epoch = 0  # the epoch whose training examples self.batches holds

@@ -238,6 +238,30 @@ def test_shift_images_direction_and_zero_fill():
     np.testing.assert_array_equal(shift_images(image, np.zeros((1, 2), int), 2), image)
 
 
+def test_flips_mirror_about_half_the_examples_left_to_right():
+    images, labels = _toy(200)
+    flipping = BatchIterator(images, labels, batch_size=200, shuffle=False, augment_shift=0,
+                             rng=3, augment_flip=True)
+    (x, y), = list(flipping)
+    mirrored = np.array([np.array_equal(a, b[:, :, ::-1]) and not np.array_equal(a, b)
+                         for a, b in zip(x, images)])
+    kept = np.array([np.array_equal(a, b) for a, b in zip(x, images)])
+    assert (mirrored | kept).all() and 70 < mirrored.sum() < 130
+    np.testing.assert_array_equal(y.argmax(1), labels)
+    (again, _), = list(flipping)
+    assert not np.array_equal(again, x)                     # each epoch mirrors others
+    # Flips are drawn after the order and the shifts, which stay as without flips: the
+    # examples left unmirrored are the very batches of a run without --flip.
+    shifted = BatchIterator(images, labels, batch_size=200, shuffle=True, augment_shift=2, rng=4)
+    both = BatchIterator(images, labels, batch_size=200, shuffle=True, augment_shift=2, rng=4,
+                         augment_flip=True)
+    (xs, ys), = list(shifted)
+    (xb, yb), = list(both)
+    np.testing.assert_array_equal(ys, yb)
+    unchanged = sum(np.array_equal(a, b) for a, b in zip(xs, xb))
+    assert 70 < unchanged < 130
+
+
 def _assert_same(batches_a: list, batches_b: list) -> None:
     assert len(batches_a) == len(batches_b)
     for (xa, ya), (xb, yb) in zip(batches_a, batches_b):

@@ -194,3 +194,21 @@ def test_options_reach_the_training_step_and_the_checkpoint(tmp_path, monkeypatc
     assert train("--num_epochs", "2", *short, "--resume", str(tmp_path / "last.npz"),
                  "--no-replay") == 0
     assert seen[-1] == chosen.replace(replay_steps=False)
+
+
+def test_flips_are_a_setting_of_the_run(tmp_path, capsys):
+    """--flip is said, stored in the checkpoint, kept on resume and cannot change there."""
+    out = tmp_path / "flips"
+    assert train("--num_epochs", "1", "--limit-train", "40", "--flip",
+                 "--save_dir", str(out)) == 0
+    assert "shifts up to 2 px, left-right flips, numpy float32" in capsys.readouterr().out
+    assert read_checkpoint(out / "last.npz").meta["config"]["flip"] is True
+    assert train("--num_epochs", "2", "--limit-train", "40",
+                 "--resume", str(out / "last.npz")) == 0
+    assert read_checkpoint(out / "last.npz").meta["config"]["flip"] is True
+    plain = tmp_path / "plain"
+    assert train("--num_epochs", "1", "--limit-train", "40", "--save_dir", str(plain)) == 0
+    capsys.readouterr()
+    assert train("--num_epochs", "2", "--limit-train", "40", "--flip",
+                 "--resume", str(plain / "last.npz")) == 2
+    assert "--flip True differs from the value False" in capsys.readouterr().err
