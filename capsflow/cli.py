@@ -3,8 +3,9 @@
 Each runner module in capsflow.runners defines ``add_arguments(parser)`` and
 ``main(args) -> int``; this file wires them up and decides how a run ends:
 
-* a user error (``CapsflowError``, a bad flag, a file the system refuses: ``OSError``) is
-  one line, ``capsflow COMMAND: error: ...``, exit status 2;
+* a user error (``CapsflowError``, a bad flag, a file the system refuses: ``OSError``, or
+  memory that sizes the user chose cannot get: ``MemoryError``) is one line,
+  ``capsflow COMMAND: error: ...``, exit status 2;
 * any other exception is a bug in capsflow: one line naming the exception, the file and
   line it came from and where to report it, exit status 1 (the status of an uncaught
   Python exception, so scripts and fuzzers tell bugs from user errors); the traceback is
@@ -179,6 +180,10 @@ def main(argv: list | None = None) -> int:
     except OSError as exc:  # a file the system refuses (disk full, permissions...)
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError as exc:  # sizes the user chose (batch, images, graph vars) too large
+        print(f"{prog}: error: not enough memory ({exc or 'MemoryError'}); smaller sizes "
+              f"(--bs, --image-size, --set ...) need less", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -694,6 +694,9 @@ def _generate(info: DatasetInfo, split: str, x: np.ndarray, y: np.ndarray,
     if info.reader == "multimnist":
         count = options["count"] or x.shape[0]
         wanted = count if limit is None else min(count, limit)
+        check_fits_in_memory(wanted, (1, 36, 36), f"multimnist's {split} split",
+                             f"use a smaller {OPTIONS['count']} or --limit-{split}",
+                             copies=3 if keep_parts else 1)  # parts: each digit alone too
         images, labels, parts = [], [], []
         for chunk in range(-(-wanted // MULTIMNIST_CHUNK)):
             take = min(MULTIMNIST_CHUNK, wanted - chunk * MULTIMNIST_CHUNK)
@@ -836,6 +839,27 @@ def load_train_test(dataset: str, data_dir: Optional[Union[str, Path]] = None,
 def shape_text(shape: Tuple[int, ...]) -> str:
     """(3, 32, 32) -> '3x32x32', as messages write image shapes."""
     return "x".join(str(s) for s in shape)
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(count: int, shape: Tuple[int, ...], what: str, smaller: str,
+                         copies: int = 1) -> None:
+    """One line, before anything is allocated, when ``copies`` x ``count`` float32 images of
+    ``shape`` would not fit in this machine's memory; ``smaller`` says which flags shrink
+    them (a hostile --multimnist-count or --image-size must not exhaust memory)."""
+    need = copies * count * int(np.prod(shape, dtype=object)) * 4
+    have = physical_memory()
+    if have is not None and need > have:
+        raise DataArgumentError(f"{what}: {count:,} images of {shape_text(shape)} need "
+                                f"{need / 2**30:,.1f} GiB as float32, more than this machine's "
+                                f"{have / 2**30:,.1f} GiB of memory; {smaller}")
 
 
 # ------------------------------------------------------------------------ batching

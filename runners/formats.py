@@ -40,7 +40,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from capsflow.runners.data import AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError
+from capsflow.runners.data import (AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError,
+                                   check_fits_in_memory)
 
 PathLike = Union[str, Path]
 Size = Union[int, Tuple[int, int], Sequence[int]]
@@ -695,6 +696,7 @@ def area_resize(images: np.ndarray, size: Size, chunk: int = 1024) -> np.ndarray
     n, c, hin, win = images.shape
     rows, cols = _area_weights(hin, h), _area_weights(win, w).T
     scale = np.float32(1 / 255.0 if images.dtype == np.uint8 else 1.0)
+    check_fits_in_memory(n, (c, h, w), "resized images", "use a smaller --image-size")
     out = np.empty((n, c, h, w), dtype=np.float32)
     whole = hin % h == 0 and win % w == 0  # e.g. 96 -> 48: plain block means, cheaper
     for lo in range(0, n, chunk):
@@ -840,6 +842,8 @@ def _load_images(files: List[Path], size: Optional[Size], crop: Optional[Size],
         raise DataArgumentError(f"crop {crop_size[0]}x{crop_size[1]} is larger than the "
                                 f"images ({out_size[0]}x{out_size[1]}, e.g. {files[0]})")
     final = crop_size or out_size
+    check_fits_in_memory(len(files), (channels, *final), f"{files[0].parent.parent}",
+                         "use a smaller --image-size or --crop")
     images = np.empty((len(files), channels, final[0], final[1]), dtype=np.float32)
     resize = out_size if size is not None else None
     for i, path in enumerate(files):

@@ -349,3 +349,21 @@ def test_download_only_when_asked_and_failure_is_one_line(tmp_path, monkeypatch)
     message = str(info.value)
     assert "\n" not in message and "Name or service not known" in message
     assert str(tmp_path / "cache" / "capsflow" / "data") in message
+
+
+def test_sizes_that_cannot_fit_in_memory_are_one_line_before_any_allocation(monkeypatch):
+    """A hostile --multimnist-count, --image-size or crop is refused before anything is
+    allocated (here against a pretend 1 GiB machine)."""
+    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    data.check_fits_in_memory(1000, (1, 36, 36), "small", "hint")     # 5 MB: fine
+    with pytest.raises(data.DataArgumentError) as err:
+        data.check_fits_in_memory(10**9, (1, 36, 36), "multimnist's train split",
+                                  "use a smaller --multimnist-count or --limit-train")
+    assert str(err.value) == (
+        "multimnist's train split: 1,000,000,000 images of 1x36x36 need 4,828.0 GiB as "
+        "float32, more than this machine's 1.0 GiB of memory; use a smaller "
+        "--multimnist-count or --limit-train")
+    with pytest.raises(data.DataArgumentError, match="need 14,483.9 GiB"):
+        data.check_fits_in_memory(10**9, (1, 36, 36), "parts", "hint", copies=3)
+    monkeypatch.setattr(data, "physical_memory", lambda: None)  # unknown: no refusal
+    data.check_fits_in_memory(10**12, (1, 36, 36), "any", "hint")

@@ -540,6 +540,24 @@ def test_a_model_trained_on_translated_mnist_is_evaluated_on_affnist(mnist_root,
     assert "affnist data not found in --data-dir" in err and "test.mat" in err
 
 
+def test_generated_or_resized_sets_too_big_for_memory_are_one_line(mnist_root, folder_root,
+                                                                   tmp_path, capsys,
+                                                                   monkeypatch):
+    """Refused before anything is made or allocated (a pretend 1 GiB machine)."""
+    from conftest import CAPSNET
+    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    err = one_line(capsys, "train", CAPSNET, "--dataset", "multimnist", "--multimnist-count",
+                   "300000", "--data-dir", mnist_root, "--save_dir", tmp_path / "a", *SMALL)
+    assert ("multimnist's train split: 300,000 images of 1x36x36 need 1.4 GiB as float32, "
+            "more than this machine's 1.0 GiB of memory; use a smaller --multimnist-count "
+            "or --limit-train") in err
+    err = one_line(capsys, "train", CAPSNET, "--dataset", "folder", "--image-size", "3000",
+                   "--data-dir", folder_root, "--save_dir", tmp_path / "b", *SMALL)
+    assert (f"{folder_root / 'train'}: 12 images of 3x3000x3000 need 1.2 GiB as float32, "
+            f"more than this machine's 1.0 GiB of memory; use a smaller --image-size or "
+            f"--crop") in err
+
+
 def test_the_papers_measure_counts_both_digits():
     from capsflow.runners.training import correct_predictions
     scores = np.array([[0.9, 0.8, 0.1], [0.9, 0.1, 0.8], [0.2, 0.9, 0.8]])

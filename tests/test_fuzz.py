@@ -896,6 +896,8 @@ def problem_with(result: dict) -> str | None:
             return None
         if rc != 2:
             return f"capsflow check exited {rc!r} (not 0 or 2): {err}"
+        if "not enough memory" in err:  # the CLI's MemoryError line: a size no limit refused
+            return f"capsflow check ran out of memory: {err}"
         if "Traceback" in err or len(err.strip().splitlines()) != 1:
             return f"capsflow check exited 2 with more than one line: {err}"
     elif outcome == "error":

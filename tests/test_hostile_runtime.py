@@ -148,6 +148,20 @@ def test_user_errors_stay_one_line_with_status_2(monkeypatch, capsys, world, tmp
     assert one_line(capsys, "check", world[0]) == "capsflow check: error: bad input"
 
 
+def test_memory_that_the_sizes_cannot_get_is_a_user_error(monkeypatch, capsys, world):
+    """A MemoryError comes from sizes the user chose (a batch, images, graph vars) that no
+    earlier check refused: one line, status 2, not 'a bug in capsflow'."""
+    def too_big(args):
+        raise MemoryError("Unable to allocate 74.5 GiB for an array with shape (2, 1, 100000, "
+                          "100000) and data type float32")
+
+    monkeypatch.setattr(capsflow.runners.check, "main", too_big)
+    assert one_line(capsys, "check", world[0]) == (
+        "capsflow check: error: not enough memory (Unable to allocate 74.5 GiB for an array "
+        "with shape (2, 1, 100000, 100000) and data type float32); smaller sizes (--bs, "
+        "--image-size, --set ...) need less")
+
+
 # ------------------------------------------------------------------- flags
 
 
