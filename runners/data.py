@@ -841,6 +841,11 @@ def shape_text(shape: Tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
+def bytes_text(count: int) -> str:
+    """1288490188 -> '1.2 GiB'; below a GiB in MiB."""
+    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
+
+
 def physical_memory() -> Optional[int]:
     """This machine's memory in bytes (None where the system does not say)."""
     try:
@@ -858,8 +863,8 @@ def check_fits_in_memory(count: int, shape: Tuple[int, ...], what: str, smaller:
     have = physical_memory()
     if have is not None and need > have:
         raise DataArgumentError(f"{what}: {count:,} images of {shape_text(shape)} need "
-                                f"{need / 2**30:,.1f} GiB as float32, more than this machine's "
-                                f"{have / 2**30:,.1f} GiB of memory; {smaller}")
+                                f"{bytes_text(need)} as float32, more than this machine's "
+                                f"{bytes_text(have)} of memory; {smaller}")
 
 
 # ------------------------------------------------------------------------ batching

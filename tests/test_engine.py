@@ -146,3 +146,32 @@ def test_a_scalar_input_is_fed_as_a_scalar(tmp_path):
     graph = capsflow.compile(path)
     out = graph.run({}, {"x": np.ones((2, 3)), "s": np.float64(2.0)})["out"]
     np.testing.assert_array_equal(out, np.full((2, 3), 2.0))
+
+
+@pytest.mark.parametrize("stem, overrides", [("capsnet", {"routing_iters": 5}),
+                                              ("capsnet-em", {}), ("capsnet-attention", {})])
+@pytest.mark.parametrize("fusion", [True, False])
+def test_the_saved_for_backward_bytes_never_exceed_the_measured_peak(stem, overrides, fusion):
+    """saved_for_backward_bytes is a lower bound on a training step's peak: what the
+    executor's own live-bytes meter counts beyond the parameters, at two batch sizes, with
+    and without fusion."""
+    from capsflow.core import fusion as fusion_module
+    from capsflow.core.memory import saved_for_backward_bytes
+    from capsflow.options import Options
+    graph = capsflow.compile(CAPSNET.parent / f"{stem}.yaml", overrides)
+    params = graph.init_params(seed=0)
+    param_bytes = sum(p.nbytes for p in params.values())
+    scores = "lengths" if "lengths" in graph.spec.outputs else "scores"
+    plan = graph.plan(set(graph.spec.inputs), ["loss", scores], "loss")
+    dag = graph.dag
+    if fusion:
+        dag, plan = fusion_module.lower(dag, plan)
+    rng = np.random.default_rng(0)
+    for batch in (2, 6):
+        x = rng.random((batch, *graph.dag.nodes["x"]["shape"][1:])).astype(np.float32)
+        y = np.eye(10, dtype=np.float32)[np.arange(batch) % 10]
+        bound = saved_for_backward_bytes(dag, plan, batch, 4)
+        peak = graph.value_and_grad(params, {"x": x, "y": y}, Options(fusion=fusion),
+                                    return_peak=True)[2]
+        # The meter counts the parameters too, and they are held throughout.
+        assert 0 < bound and param_bytes + bound <= peak, (batch, bound, peak)

@@ -212,3 +212,21 @@ def test_flips_are_a_setting_of_the_run(tmp_path, capsys):
     assert train("--num_epochs", "2", "--limit-train", "40", "--flip",
                  "--resume", str(plain / "last.npz")) == 2
     assert "--flip True differs from the value False" in capsys.readouterr().err
+
+
+def test_a_step_whose_activations_cannot_fit_is_refused_before_it_runs(tmp_path, capsys,
+                                                                       monkeypatch):
+    """Against a pretend 8 MiB machine: the batch of 20 keeps more for its backward pass;
+    the message gives the bytes and what to shrink. Without a known size, no refusal."""
+    from capsflow.runners import data
+    monkeypatch.setattr(data, "physical_memory", lambda: 8 * 2**20)
+    assert train("--num_epochs", "1", "--save_dir", str(tmp_path / "a")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(
+        "capsflow train: error: a training step of capsnet at batch 20 keeps at least ")
+    assert err.endswith("MiB of activations for its backward pass, more than this machine's "
+                        "8.0 MiB of memory; use a smaller --bs or smaller --set values")
+    assert not (tmp_path / "a" / "last.npz").exists()
+    monkeypatch.setattr(data, "physical_memory", lambda: None)
+    assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir",
+                 str(tmp_path / "b")) == 0

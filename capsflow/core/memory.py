@@ -1,6 +1,7 @@
 """Live-bytes accounting: how much array memory the executor holds at each step."""
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 
@@ -40,3 +41,26 @@ class LiveBytes:
         self.current = sum(seen.values())
         self.peak = max(self.peak, self.current)
         return self.current
+
+
+def saved_for_backward_bytes(dag: Any, plan: Any, batch: int, itemsize: int) -> int:
+    """Bytes of the op values that ``plan``'s reverse pass reads (each op's declared
+    ``saves``: inputs or ``out``), with every batch symbol (``N``) set to ``batch``. The
+    forward pass keeps them all until the reverse pass reaches them, so this is a lower
+    bound on a training step's peak memory, known before anything runs."""
+    from capsflow.core.opdef import OPS
+    kept = set()
+    for name in plan.needs:
+        node = dag.nodes[name]
+        op = OPS[node["op"]]
+        slots = op.input_names(len(node["inputs"]))
+        for key in op.saves:
+            ref = name if key == "out" else (
+                node["inputs"][slots.index(key)] if key in slots else None)
+            if ref is not None and dag.nodes[ref]["kind"] == "op":
+                kept.add(ref)
+    total = 0
+    for ref in kept:
+        dims = dag.nodes[ref].get("shape") or ()
+        total += itemsize * math.prod(batch if isinstance(d, str) else int(d) for d in dims)
+    return total
