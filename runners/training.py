@@ -738,7 +738,8 @@ class Trainer:
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         self.scores = class_scores(graph)  # the output whose argmax is the prediction
-        check_step_fits(graph, config, self.scores, len(data.train_labels))
+        check_step_fits(graph, config.options, min(config.batch_size, len(data.train_labels)),
+                        config.dtype, self.scores)
         if data.info is not None:
             check_fits(graph, data.info)
         seed_input = graph.spec.inputs.get(DROPOUT_SEED)
@@ -1165,24 +1166,23 @@ class Trainer:
                     dynamic_ncols=True, mininterval=interval, leave=False)
 
 
-def check_step_fits(graph: Any, config: TrainConfig, scores: str, examples: int) -> None:
-    """One line, before anything is allocated, when a NumPy training step at
-    ``config.batch_size`` (or all ``examples``, when fewer) would keep more activations for its backward pass than this
-    machine has memory (``--set routing_iters=1000 --bs 1000``): a lower bound
-    (capsflow.core.memory.saved_for_backward_bytes), so a step refused here could never
-    run; one that passes may still need more. (On a GPU, CuPy's out-of-memory error says
-    it, as a MemoryError.)"""
-    if config.options.backend != "numpy" or "loss" not in graph.spec.outputs:
+def check_step_fits(graph: Any, options: Options, batch: int, dtype: str, scores: str) -> None:
+    """One line, before anything is allocated, when a NumPy training step of ``batch``
+    examples would keep more activations for its backward pass than this machine has
+    memory (``--set routing_iters=1000 --bs 2000``). The count is a lower bound
+    (capsflow.core.memory.saved_for_backward_bytes): a step refused here could never run;
+    one that passes may still need more. (On a GPU, CuPy's out-of-memory error says it,
+    as a MemoryError.)"""
+    if options.backend != "numpy" or "loss" not in graph.spec.outputs:
         return
     from capsflow.core import fusion
     from capsflow.core.memory import saved_for_backward_bytes
     from capsflow.runners import data as data_module
     plan = graph.plan(set(graph.spec.inputs), ["loss", scores], "loss")
     dag = graph.dag
-    if config.options.fusion:
+    if options.fusion:
         dag, plan = fusion.lower(dag, plan)
-    batch = min(config.batch_size, examples)
-    need = saved_for_backward_bytes(dag, plan, batch, np.dtype(config.dtype).itemsize)
+    need = saved_for_backward_bytes(dag, plan, batch, np.dtype(dtype).itemsize)
     have = data_module.physical_memory()
     if have is not None and need > have:
         raise CapsflowError(f"a training step of {graph.spec.name} at batch {batch} "
