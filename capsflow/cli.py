@@ -182,7 +182,9 @@ def main(argv: list | None = None) -> int:
         print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError as exc:  # sizes the user chose (batch, images, graph vars) too large
-        print(f"{prog}: error: not enough memory ({exc or 'MemoryError'}); smaller sizes "
+        if debug:  # an absurd allocation may also be capsflow's: show where it was
+            traceback.print_exc()
+        print(f"{prog}: error: not enough memory ({str(exc) or 'MemoryError'}); smaller sizes "
               f"(--bs, --image-size, --set ...) need less", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -154,8 +154,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     names = ["capsflow"] if args.no_torch else ["capsflow", "pytorch"]
     if not args.no_torch:
         _check_reference(graph)
-    from capsflow.runners.training import check_step_fits, class_scores
-    check_step_fits(graph, options, args.bs, "float32", class_scores(graph))
+    from capsflow.runners.training import check_step_fits
+    check_step_fits(graph, options, args.bs, "float32")  # the worker's step needs 'loss' alone
     cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
            "warmup": args.warmup, "seed": args.seed, "lr": args.lr, "options": asdict(options)}
     workers = []

@@ -92,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help=f"record the running train loss every N steps (default: about {CURVE_POINTS} "
            f"points per curve)")
     a("--seed", type=non_negative_int, metavar="S",
-      help=f"seed of init, batch order and shifts (default {d.seed})")
+      help=f"seed of init, batch order, shifts and flips (default {d.seed})")
     add_augmentation_arguments(parser, d.shift)
     add_data_arguments(parser, d.dataset)
     a("--limit-train", dest="limit_train", type=positive_int, metavar="N",

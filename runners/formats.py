@@ -694,9 +694,9 @@ def area_resize(images: np.ndarray, size: Size, chunk: int = 1024) -> np.ndarray
     area averaging (exact 2x2 means for 96 -> 48), in chunks to bound memory."""
     h, w = _pair(size, "size")  # type: ignore[misc]
     n, c, hin, win = images.shape
+    check_fits_in_memory(n, (c, h, w), "resized images", "use a smaller --image-size")
     rows, cols = _area_weights(hin, h), _area_weights(win, w).T
     scale = np.float32(1 / 255.0 if images.dtype == np.uint8 else 1.0)
-    check_fits_in_memory(n, (c, h, w), "resized images", "use a smaller --image-size")
     out = np.empty((n, c, h, w), dtype=np.float32)
     whole = hin % h == 0 and win % w == 0  # e.g. 96 -> 48: plain block means, cheaper
     for lo in range(0, n, chunk):

@@ -133,7 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--limit-test", dest="limit_test", type=positive_int, metavar="N",
       help="validate on the first N test examples only")
     a("--seed", type=non_negative_int, metavar="S",
-      help=f"seed of parameter init, batch order and shifts (default {d.seed})")
+      help=f"seed of parameter init, batch order, shifts and flips (default {d.seed})")
     add_augmentation_arguments(parser, d.shift)
     a("--resume", metavar="CHECKPOINT", help="continue the run saved in CHECKPOINT (last.npz)")
     a("--auto-resume", dest="auto_resume", action="store_true",

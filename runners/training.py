@@ -98,7 +98,7 @@ class TrainConfig:
     num_epochs: int = 10
     val_epoch: int = 1             # validate every N epochs (and always after the last)
     disp: int = 10                 # log running loss/accuracy every N iterations
-    seed: int = 0                  # parameter init and batch order/shifts
+    seed: int = 0                  # parameter init and batch order/shifts/flips
     shift: int = 2                 # random shifts of up to this many pixels (0: off)
     flip: bool = False             # random left-right mirroring (Fashion-MNIST's Keras port)
     dataset: str = "mnist"
@@ -738,7 +738,10 @@ class Trainer:
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         self.scores = class_scores(graph)  # the output whose argmax is the prediction
-        check_step_fits(graph, config.options, min(config.batch_size, len(data.train_labels)),
+        # Each rank runs its share of the batch (ranks on other machines have their own memory).
+        ranks = world.world_size if world is not None else 1
+        check_step_fits(graph, config.options,
+                        -(-min(config.batch_size, len(data.train_labels)) // ranks),
                         config.dtype, self.scores)
         if data.info is not None:
             check_fits(graph, data.info)
@@ -1166,7 +1169,8 @@ class Trainer:
                     dynamic_ncols=True, mininterval=interval, leave=False)
 
 
-def check_step_fits(graph: Any, options: Options, batch: int, dtype: str, scores: str) -> None:
+def check_step_fits(graph: Any, options: Options, batch: int, dtype: str,
+                    scores: Optional[str] = None) -> None:
     """One line, before anything is allocated, when a NumPy training step of ``batch``
     examples would keep more activations for its backward pass than this machine has
     memory (``--set routing_iters=1000 --bs 2000``). The count is a lower bound
@@ -1178,7 +1182,7 @@ def check_step_fits(graph: Any, options: Options, batch: int, dtype: str, scores
     from capsflow.core import fusion
     from capsflow.core.memory import saved_for_backward_bytes
     from capsflow.runners import data as data_module
-    plan = graph.plan(set(graph.spec.inputs), ["loss", scores], "loss")
+    plan = graph.plan(set(graph.spec.inputs), ["loss"] + ([scores] if scores else []), "loss")
     dag = graph.dag
     if options.fusion:
         dag, plan = fusion.lower(dag, plan)

@@ -135,3 +135,17 @@ def test_a_step_too_big_for_the_machine_is_refused_before_any_worker_starts(caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a training step of capsnet at batch 10000 keeps at " \
         "least" in err and "more than this machine's 1.0 GiB of memory" in err
+
+
+def test_a_graph_with_no_class_scores_is_benched(capsys, tmp_path):
+    """bench's step needs 'loss' alone; the memory check must not ask for more."""
+    graph = tmp_path / "loss-only.yaml"
+    graph.write_text("name: loss-only\ninputs:\n  x: {shape: [N, 1, 28, 28]}\n"
+                     "  y: {shape: [N, 10], optional: true}\n"
+                     "params:\n  w: {shape: [784, 10], init: {normal: 0.01}}\n"
+                     "nodes:\n  - {id: flat, op: reshape, in: [x], attrs: {shape: [-1, 784]}}\n"
+                     "  - {id: z, op: matmul, in: [flat, w]}\n"
+                     "  - {id: e, op: sub, in: [z, y]}\n  - {id: e2, op: mul, in: [e, e]}\n"
+                     "  - {id: loss, op: mean, in: [e2]}\noutputs:\n  loss: loss\n")
+    assert main(["bench", str(graph), "--bs", "2", "--repeats", "1", "--warmup", "1",
+                 "--no-torch"]) == 0, capsys.readouterr().err

@@ -564,6 +564,14 @@ def test_smallnorb_corrupt_files(norb):
         _write_norb(folder, dat, cat, info)
 
 
+def test_a_resize_too_big_for_memory_is_refused_before_its_weights(monkeypatch):
+    from capsflow.runners import data
+    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    with pytest.raises(DataArgumentError, match="resized images: 1 images of 1x100000x100000 "
+                                                "need 37.3 GiB"):
+        formats.area_resize(np.zeros((1, 1, 96, 96), np.uint8), 100000)
+
+
 def test_crops(norb):
     images = np.arange(2 * 2 * 6 * 8, dtype=np.float32).reshape(2, 2, 6, 8)
     c = center_crop(images, 4)

@@ -160,6 +160,16 @@ def test_memory_that_the_sizes_cannot_get_is_a_user_error(monkeypatch, capsys, w
         "capsflow check: error: not enough memory (Unable to allocate 74.5 GiB for an array "
         "with shape (2, 1, 100000, 100000) and data type float32); smaller sizes (--bs, "
         "--image-size, --set ...) need less")
+    rc, err = cli(capsys, "--debug", "check", world[0])      # where it came from, on request
+    assert rc == 2 and err.startswith("Traceback (most recent call last)"), err
+    assert "in too_big" in err and err.splitlines()[-1].startswith("capsflow check: error: ")
+
+    def bare(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(capsflow.runners.check, "main", bare)
+    assert "error: not enough memory (MemoryError); smaller sizes" in one_line(
+        capsys, "check", world[0])
 
 
 # ------------------------------------------------------------------- flags

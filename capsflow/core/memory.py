@@ -43,11 +43,24 @@ class LiveBytes:
         return self.current
 
 
+#: Ops whose output is (in NumPy and CuPy, usually) a view of their input's memory.
+VIEW_OPS = ("reshape", "transpose", "expand_dims", "stop_gradient")
+
+
+def _owner(dag: Any, ref: str) -> str:
+    """The value whose memory ``ref`` looks into: back through view ops."""
+    while dag.nodes[ref]["kind"] == "op" and dag.nodes[ref]["op"] in VIEW_OPS:
+        ref = dag.nodes[ref]["inputs"][0]
+    return ref
+
+
 def saved_for_backward_bytes(dag: Any, plan: Any, batch: int, itemsize: int) -> int:
     """Bytes of the op values that ``plan``'s reverse pass reads (each op's declared
-    ``saves``: inputs or ``out``), with every batch symbol (``N``) set to ``batch``. The
-    forward pass keeps them all until the reverse pass reaches them, so this is a lower
-    bound on a training step's peak memory, known before anything runs."""
+    ``saves``: inputs or ``out``), with every batch symbol (``N``) set to ``batch``, each
+    counted once at the value that owns its memory (a reshape or transpose of a saved value
+    is a view of it; a graph input or parameter is not counted). The forward pass keeps
+    them all until the reverse pass reaches them, so this is a lower bound on a training
+    step's peak memory, known before anything runs."""
     from capsflow.core.opdef import OPS
     kept = set()
     for name in plan.needs:
@@ -57,8 +70,10 @@ def saved_for_backward_bytes(dag: Any, plan: Any, batch: int, itemsize: int) -> 
         for key in op.saves:
             ref = name if key == "out" else (
                 node["inputs"][slots.index(key)] if key in slots else None)
-            if ref is not None and dag.nodes[ref]["kind"] == "op":
-                kept.add(ref)
+            if ref is not None:
+                owner = _owner(dag, ref)
+                if dag.nodes[owner]["kind"] == "op":
+                    kept.add(owner)
     total = 0
     for ref in kept:
         dims = dag.nodes[ref].get("shape") or ()
