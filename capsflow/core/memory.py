@@ -1,4 +1,5 @@
-"""Live-bytes accounting: how much array memory the executor holds at each step."""
+"""Live-bytes accounting: how much array memory the executor holds at each step, and a
+lower bound on a training step's activations known before it runs."""
 from __future__ import annotations
 
 import math
