@@ -4,8 +4,6 @@ a bad schedule is one line naming the parameter. On test_frozen's tiny graph, wh
 frozen ``gain`` lies on the way to the loss."""
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +16,7 @@ from test_frozen import GRAPH
 import capsflow
 from capsflow.errors import SpecError
 from capsflow.lang.spec import EpochSchedule
-from capsflow.runners.training import read_checkpoint
+from capsflow.runners.training import read_checkpoint, read_metrics
 
 FROZEN = "  gain: {shape: [10], init: {normal: 1.0}, trainable: false}\n"
 SCHEDULED = ("  gain: {shape: [10], init: {constant: 1.0}, trainable: false,\n"
@@ -121,8 +119,7 @@ def train(tmp_path):
 
 
 def epoch_records(run) -> list:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == "epoch"]
+    return [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "epoch"]
 
 
 def test_training_sets_records_and_saves_the_value_of_each_epoch(train, tmp_path, capsys):
@@ -163,14 +160,15 @@ def test_every_data_parallel_rank_sets_the_value_of_its_epoch(train, tmp_path, c
     """2 gloo ranks over 2 epochs end as one process does, to float32 round-off: a rank
     that kept the start value would give other gradients in the second epoch."""
     pytest.importorskip("torch.distributed")
-    from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
+    from test_distributed import clean_env
+
+    from capsflow.runners.dist_check import worst_difference
     command = [str(part) for part in train("two")] + ["--num_epochs", "2"]
     rc, _, err = run_cli(capsys, *train("one"), "--num_epochs", "2")
     assert rc == 0, err
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     result = subprocess.run([sys.executable, "-m", "capsflow", *command, "--nproc", "2",
                              "--dist-timeout", "30"], capture_output=True, text=True,
-                            timeout=180, env=env, cwd=REPO)
+                            timeout=180, env=clean_env(), cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert [r["scheduled"] for r in epoch_records(tmp_path / "two")] == [{"gain": 1.0},
                                                                          {"gain": 1.5}]

@@ -2,8 +2,9 @@
 lower bound on a training step's activations known before it runs."""
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable
+
+from capsflow.core.shapes import prod, split_dim
 
 
 def _root(a: Any) -> Any:
@@ -77,6 +78,6 @@ def saved_for_backward_bytes(dag: Any, plan: Any, batch: int, itemsize: int) -> 
                     kept.add(owner)
     total = 0
     for ref in kept:
-        dims = dag.nodes[ref].get("shape") or ()
-        total += itemsize * math.prod(batch if isinstance(d, str) else int(d) for d in dims)
+        symbols, factor = split_dim(prod(dag.nodes[ref].get("shape") or ()))  # N*36 too
+        total += itemsize * factor * batch ** sum(symbols.values())
     return total
