@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 
 import numpy as np
 
+from capsflow.core import memory
 from capsflow.errors import CapsflowError
 
 SPLITS = ("train", "test")
@@ -841,30 +842,17 @@ def shape_text(shape: Tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def bytes_text(count: int) -> str:
-    """1288490188 -> '1.2 GiB'; below a GiB in MiB."""
-    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
-
-
-def physical_memory() -> Optional[int]:
-    """This machine's memory in bytes (None where the system does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def check_fits_in_memory(count: int, shape: Tuple[int, ...], what: str, smaller: str,
                          copies: int = 1) -> None:
     """One line, before anything is allocated, when ``copies`` x ``count`` float32 images of
     ``shape`` would not fit in this machine's memory; ``smaller`` says which flags shrink
     them (a hostile --multimnist-count or --image-size must not exhaust memory)."""
     need = copies * count * int(np.prod(shape, dtype=object)) * 4
-    have = physical_memory()
+    have = memory.physical_memory()
     if have is not None and need > have:
         raise DataArgumentError(f"{what}: {count:,} images of {shape_text(shape)} need "
-                                f"{bytes_text(need)} as float32, more than this machine's "
-                                f"{bytes_text(have)} of memory; {smaller}")
+                                f"{memory.bytes_text(need)} as float32, more than this "
+                                f"machine's {memory.bytes_text(have)} of memory; {smaller}")
 
 
 # ------------------------------------------------------------------------ batching

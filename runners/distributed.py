@@ -72,8 +72,11 @@ def env_config(environ: Optional[dict] = None) -> Optional[dict]:
             f"not: launch with torchrun (or capsflow train --nproc N), which sets RANK, "
             f"WORLD_SIZE, MASTER_ADDR and MASTER_PORT; or unset WORLD_SIZE")
     values = {}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        text = env.get(name, "0" if name == "LOCAL_RANK" else "")
+    # LOCAL_WORLD_SIZE (the ranks on this machine, which share its memory): torchrun and
+    # --nproc set it; another launcher may not (then each rank counts as alone).
+    defaults = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        text = env.get(name, defaults.get(name, ""))
         try:
             values[name] = int(text)
         except ValueError:
@@ -81,10 +84,14 @@ def env_config(environ: Optional[dict] = None) -> Optional[dict]:
     if values["WORLD_SIZE"] < 1 or not 0 <= values["RANK"] < values["WORLD_SIZE"]:
         raise DistributedError(f"RANK={values['RANK']} does not lie in 0..WORLD_SIZE-1 "
                                f"(WORLD_SIZE={values['WORLD_SIZE']})")
+    if not 1 <= values["LOCAL_WORLD_SIZE"] <= values["WORLD_SIZE"]:
+        raise DistributedError(f"LOCAL_WORLD_SIZE={values['LOCAL_WORLD_SIZE']} does not lie "
+                               f"in 1..WORLD_SIZE (WORLD_SIZE={values['WORLD_SIZE']})")
     if not 0 < values["MASTER_PORT"] < 65536:
         raise DistributedError(f"MASTER_PORT={values['MASTER_PORT']} is not a port number")
     return {"rank": values["RANK"], "world_size": values["WORLD_SIZE"],
-            "local_rank": values["LOCAL_RANK"], "addr": env["MASTER_ADDR"],
+            "local_rank": values["LOCAL_RANK"],
+            "local_world_size": values["LOCAL_WORLD_SIZE"], "addr": env["MASTER_ADDR"],
             "port": values["MASTER_PORT"]}
 
 
@@ -103,6 +110,7 @@ class World:
     local_rank: int
     backend: str                   # "gloo" or "nccl"
     timeout: float                 # seconds
+    local_world_size: int = 1      # ranks on this machine (they share its memory)
 
     @property
     def is_main(self) -> bool:
@@ -129,7 +137,8 @@ class World:
             raise DistributedError(f"rank {env['rank']}: could not join the process group at "
                                    f"{env['addr']}:{env['port']} within {timeout:g} s "
                                    f"({_first_line(exc)})") from None
-        world = cls(env["rank"], env["world_size"], env["local_rank"], backend, timeout)
+        world = cls(env["rank"], env["world_size"], env["local_rank"], backend, timeout,
+                    env["local_world_size"])
         return world
 
     # -- collectives ---------------------------------------------------------------------

@@ -21,7 +21,9 @@ Formats:
 Every bad input raises :class:`~capsflow.runners.data.DataError` (or a subclass) with one
 line that names the file and the problem. Size fields in binary headers are checked
 against the file's length before anything is allocated from them; gzip streams are read
-in chunks, so memory follows the bytes actually present. Nothing here downloads unless a
+in chunks, so memory follows the bytes actually present, and what their headers declare
+must fit in memory (a gzip bomb inflates a few MB to tens of GB); compressed MATLAB
+variables are inflated and counted, keeping nothing, before scipy unpacks them. Nothing here downloads unless a
 caller passes ``download=True`` (CIFAR-10, SVHN: through torchvision). torchvision,
 scipy and PIL are imported lazily.
 """
@@ -36,10 +38,11 @@ import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from capsflow.core import memory
 from capsflow.runners.data import (AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError,
                                    check_fits_in_memory)
 
@@ -200,6 +203,13 @@ class _Binary:
         """Exactly the rest of the file, which must be ``nbytes`` long."""
         if self.length is not None:
             self._check_rest(nbytes, what)
+        else:  # a gzip stream: a few MB can inflate to tens of GB (a gzip bomb)
+            have = memory.physical_memory()
+            if have is not None and nbytes > have:
+                raise _fail(self.path, f"the header declares {what} "
+                                       f"({memory.bytes_text(nbytes)} decompressed), more than "
+                                       f"this machine's {memory.bytes_text(have)} of memory; is "
+                                       f"it the right file?")
         data = self._read(nbytes)
         if len(data) < nbytes:
             raise self._size_error(len(data), nbytes, what)
@@ -534,9 +544,61 @@ def _check_mat_header(path: Path, dataset: str = "SVHN") -> None:
         raise _fail(path, "is not a MATLAB 5.0 MAT-file (bad 128-byte header)")
 
 
+MAT_COMPRESSED = 15  # miCOMPRESSED: a zlib stream holding one variable
+
+
+def _check_mat_unpacks(path: Path) -> None:
+    """One line when a MATLAB 5.0 file's variables unpack to more bytes than this machine
+    has memory. scipy inflates a compressed variable whole, and a few MB of zlib can
+    inflate to tens of GB (a zip bomb); so each compressed element is inflated here first
+    in chunks, counting bytes and keeping none, and the count stops once it is too many.
+    A plain element's bytes are in the file already."""
+    have = memory.physical_memory()
+    if have is None:
+        return
+    with open(path, "rb") as f:
+        order = "<" if f.read(128)[126:128] == b"IM" else ">"
+        total = 0
+        while True:
+            tag = f.read(8)
+            if len(tag) < 8:
+                return  # the end, or a truncation scipy reports
+            kind, count = struct.unpack(order + "II", tag)
+            if kind != MAT_COMPRESSED:
+                total += count
+                f.seek(count, os.SEEK_CUR)
+            else:
+                total += _inflated_size(f, count, have - total)
+            if total > have:
+                raise _fail(path, f"its variables unpack to more than this machine's "
+                                  f"{memory.bytes_text(have)} of memory; is it the right file?")
+
+
+def _inflated_size(f: BinaryIO, count: int, stop_above: int) -> int:
+    """Bytes the zlib stream of the next ``count`` bytes of ``f`` inflates to, counted in
+    chunks (none kept); the count stops once past ``stop_above``. A damaged stream counts
+    what it gave (scipy reports the damage)."""
+    inflater, size, left = zlib.decompressobj(), 0, count
+    try:
+        while left > 0 and size <= stop_above:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+            data = inflater.decompress(chunk, 1 << 24)
+            size += len(data)
+            while inflater.unconsumed_tail and size <= stop_above:
+                size += len(inflater.decompress(inflater.unconsumed_tail, 1 << 24))
+    except zlib.error:
+        pass
+    f.seek(left, os.SEEK_CUR)
+    return size
+
+
 def _loadmat(path: Path, names: Tuple[str, ...], dataset: str) -> dict:
     """``names`` from a MATLAB 5.0 file, through scipy; one line for any failure."""
     _check_mat_header(path, dataset)
+    _check_mat_unpacks(path)
     try:
         from scipy.io import loadmat  # lazy: only the .mat datasets need scipy
     except ImportError:

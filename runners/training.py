@@ -47,12 +47,13 @@ from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
                                          remove_stale_temporaries, same_file_atomic,
                                          save_npz_atomic)
 from capsflow.errors import CapsflowError
-from capsflow.options import Options
+from capsflow.options import Options, as_options
 from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
                                    one_hot, shape_text)
+from capsflow.runners.step_memory import check_forward_fits, check_step_fits
 from capsflow.runners.signals import StopRequests, interrupts_deferred, stops_dropped
 
 CHECKPOINT_FORMAT = "capsflow-checkpoint"
@@ -539,9 +540,12 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
         (slice into the N examples, {output name: host NumPy array}) per batch.
     """
     outputs = (class_scores(graph),) if outputs is None else outputs
-    if forward is None:
-        forward = RecordedForward(graph, params, backend, list(outputs))
     n = images.shape[0]
+    if forward is None:
+        check_forward_fits(graph, params, as_options(backend), min(batch_size, n),
+                           list(outputs), ["x"] + (["y"] if labels is not None else []),
+                           log=lambda line: print(line, file=sys.stderr))
+        forward = RecordedForward(graph, params, backend, list(outputs))
     classes = num_classes(graph) if labels is not None else None
     starts = range(0, n, batch_size)
     if desc is not None:
@@ -738,11 +742,12 @@ class Trainer:
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         self.scores = class_scores(graph)  # the output whose argmax is the prediction
-        # Each rank runs its share of the batch (ranks on other machines have their own memory).
+        # Each rank runs its share of the batch, in its share of this machine's memory.
         ranks = world.world_size if world is not None else 1
         check_step_fits(graph, config.options,
                         -(-min(config.batch_size, len(data.train_labels)) // ranks),
-                        config.dtype, self.scores)
+                        config.dtype, self.scores, log=self.log,
+                        ranks_here=world.local_world_size if world is not None else 1)
         if data.info is not None:
             check_fits(graph, data.info)
         seed_input = graph.spec.inputs.get(DROPOUT_SEED)
@@ -1167,33 +1172,6 @@ class Trainer:
         interval = 0.5 if sys.stderr.isatty() else 60.0
         return tqdm(iterable, total=total, initial=initial, desc=desc, unit="it",
                     dynamic_ncols=True, mininterval=interval, leave=False)
-
-
-def check_step_fits(graph: Any, options: Options, batch: int, dtype: str,
-                    scores: Optional[str] = None) -> None:
-    """One line, before anything is allocated, when a NumPy training step of ``batch``
-    examples would keep more activations for its backward pass than this machine has
-    memory (``--set routing_iters=1000 --bs 2000``). The count is a lower bound
-    (capsflow.core.memory.saved_for_backward_bytes): a step refused here could never run;
-    one that passes may still need more. (On a GPU, CuPy's out-of-memory error says it,
-    as a MemoryError.)"""
-    if options.backend != "numpy" or "loss" not in graph.spec.outputs:
-        return
-    from capsflow.core import fusion
-    from capsflow.core.memory import saved_for_backward_bytes
-    from capsflow.runners import data as data_module
-    plan = graph.plan(set(graph.spec.inputs), ["loss"] + ([scores] if scores else []), "loss")
-    dag = graph.dag
-    if options.fusion:
-        dag, plan = fusion.lower(dag, plan)
-    need = saved_for_backward_bytes(dag, plan, batch, np.dtype(dtype).itemsize)
-    have = data_module.physical_memory()
-    if have is not None and need > have:
-        raise CapsflowError(f"a training step of {graph.spec.name} at batch {batch} "
-                            f"keeps at least {data_module.bytes_text(need)} of activations "
-                            f"for its backward pass, more than this machine's "
-                            f"{data_module.bytes_text(have)} of memory; use a smaller --bs or "
-                            f"smaller --set values")
 
 
 def format_epoch(record: dict, num_epochs: int) -> str:

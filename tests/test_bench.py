@@ -127,11 +127,11 @@ def test_bench_epoch_clock_times_the_device_by_events_on_cupy():
     assert set(epoch["host"]) == {"steps", "evaluation", "epoch_end"} and epoch["wall"] > 0
 
 
-def test_a_step_too_big_for_the_machine_is_refused_before_any_worker_starts(capsys,
+@pytest.mark.parametrize("nproc", [[], ["--nproc", "2"]])
+def test_a_step_too_big_for_the_machine_is_refused_before_any_worker_starts(nproc, capsys,
                                                                           monkeypatch):
-    from capsflow.runners import data
-    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
-    assert main(["bench", str(CAPSNET), "--bs", "10000", "--no-torch"]) == 2
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**30)
+    assert main(["bench", str(CAPSNET), "--bs", "10000", "--no-torch", *nproc]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "a training step of capsnet at batch 10000 keeps at " \
         "least" in err and "more than this machine's 1.0 GiB of memory" in err

@@ -354,7 +354,7 @@ def test_download_only_when_asked_and_failure_is_one_line(tmp_path, monkeypatch)
 def test_sizes_that_cannot_fit_in_memory_are_one_line_before_any_allocation(monkeypatch):
     """A hostile --multimnist-count, --image-size or crop is refused before anything is
     allocated (here against a pretend 1 GiB machine)."""
-    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**30)
     data.check_fits_in_memory(1000, (1, 36, 36), "small", "hint")     # 5 MB: fine
     with pytest.raises(data.DataArgumentError) as err:
         data.check_fits_in_memory(10**9, (1, 36, 36), "multimnist's train split",
@@ -365,5 +365,5 @@ def test_sizes_that_cannot_fit_in_memory_are_one_line_before_any_allocation(monk
         "--multimnist-count or --limit-train")
     with pytest.raises(data.DataArgumentError, match="need 14,483.9 GiB"):
         data.check_fits_in_memory(10**9, (1, 36, 36), "parts", "hint", copies=3)
-    monkeypatch.setattr(data, "physical_memory", lambda: None)  # unknown: no refusal
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: None)  # unknown: no refusal
     data.check_fits_in_memory(10**12, (1, 36, 36), "any", "hint")

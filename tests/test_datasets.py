@@ -545,7 +545,7 @@ def test_generated_or_resized_sets_too_big_for_memory_are_one_line(mnist_root, f
                                                                    monkeypatch):
     """Refused before anything is made or allocated (a pretend 1 GiB machine)."""
     from conftest import CAPSNET
-    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**30)
     err = one_line(capsys, "train", CAPSNET, "--dataset", "multimnist", "--multimnist-count",
                    "300000", "--data-dir", mnist_root, "--save_dir", tmp_path / "a", *SMALL)
     assert ("multimnist's train split: 300,000 images of 1x36x36 need 1.4 GiB as float32, "

@@ -250,6 +250,19 @@ def test_world_size_without_rendezvous_is_one_line(capsys, monkeypatch):
         env_config()
 
 
+def test_the_ranks_on_this_machine_come_from_local_world_size():
+    """LOCAL_WORLD_SIZE (the ranks sharing this machine's memory) is read with the rest of
+    the launcher's settings; absent, a rank counts as alone; outside 1..WORLD_SIZE, one
+    line."""
+    env = {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert env_config(env)["local_world_size"] == 1
+    assert env_config({**env, "LOCAL_WORLD_SIZE": "2"})["local_world_size"] == 2
+    for bad in ("0", "5", "two"):
+        with pytest.raises(DistributedError, match=f"LOCAL_WORLD_SIZE={bad!r}"
+                           if bad == "two" else f"LOCAL_WORLD_SIZE={bad} does not lie"):
+            env_config({**env, "LOCAL_WORLD_SIZE": bad})
+
+
 def test_no_launcher_no_world(monkeypatch):
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -335,6 +348,26 @@ def test_a_stopped_bench_nproc_says_interrupted():
     assert bench.returncode == 130, err
     assert err.strip().endswith("interrupted") and "failed" not in err, err
     assert not process_runs(worker[0])  # stopped with it
+
+
+def test_a_bench_nproc_stopped_while_the_ranks_time_says_interrupted():
+    """SIGTERM once `capsflow bench --nproc 2` has started its two timing ranks (after
+    the one-process run): both ranks stop with it, and the command says it was
+    interrupted (status 130), not that a run failed."""
+    def ranks_started():
+        path = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+        return len(path.read_text().split()) == 2
+    with running([sys.executable, "-m", "capsflow", "bench", str(CAPSNET), "--set",
+                  "routing_iters=1", "--bs", "8", "--repeats", "3", "--nproc", "2",
+                  "--no-torch"]) as bench:
+        ranks = children_when(bench, ranks_started, 240, "the 2-rank timing run never started")
+        time.sleep(1.0)  # into their start-up (torch's import, the rendezvous)
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    assert bench.returncode == 130, err
+    assert err.strip().endswith("interrupted") and "failed" not in err, err
+    assert "Traceback" not in err, err
+    assert not any(process_runs(rank) for rank in ranks)
 
 
 def test_bench_nproc_batch_not_divisible(capsys):

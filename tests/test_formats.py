@@ -133,22 +133,40 @@ def test_idx_corrupt_gzip(idx_pair):
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_huge_header_allocates_nothing(tmp_path, compress):
     """A header claiming 4G x 4G x 4G bytes: refused from the file's length (raw) or
-    after the few bytes the stream holds (gzip), never allocated."""
+    from the machine's memory (gzip), never allocated."""
     lp = _write(tmp_path / "labels", _idx_bytes(np.zeros(3, np.uint8)))
     ip = _write(tmp_path / "images",
                 struct.pack(">IIII", 0x803, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF) + b"\0" * 64,
                 compress)
-    tracemalloc.start()
     start = time.perf_counter()
+    peak = _refused_idx_peak(ip, lp, "more than this machine's" if compress else "truncated")
+    assert peak < 16 << 20, f"peak {peak:,} bytes"
+    assert time.perf_counter() - start < 2
+
+
+def _refused_idx_peak(images: Path, labels: Path, match: str) -> int:
+    """The traced peak of read_idx_pair refusing ``images`` with one line matching ``match``."""
+    tracemalloc.start()
     try:
-        with pytest.raises(DataError, match="truncated") as err:
-            read_idx_pair(ip, lp)
+        with pytest.raises(DataError, match=match) as err:
+            read_idx_pair(images, labels)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    _error(err, ip)
-    assert peak < 16 << 20, f"peak {peak:,} bytes"
-    assert time.perf_counter() - start < 2
+    _error(err, images)
+    return peak
+
+
+def test_a_gzip_bomb_is_refused_before_it_inflates(tmp_path, monkeypatch):
+    """32 MiB of zeros is a gzip stream of 32 KiB whose header may declare all of it; on
+    a pretend 16 MiB machine it is one line before a byte is inflated."""
+    lp = _write(tmp_path / "labels", _idx_bytes(np.zeros(32, np.uint8)))
+    ip = _write(tmp_path / "images", _idx_bytes(np.zeros((32, 1024, 1024), np.uint8)), True)
+    assert ip.stat().st_size < 2**20
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**24)
+    peak = _refused_idx_peak(ip, lp, r"the header declares 32 x 1024 x 1024 bytes \(32\.0 "
+                                     r"MiB decompressed\), more than this machine's 16\.0 MiB")
+    assert peak < 8 << 20, f"peak {peak:,} bytes"
 
 
 def test_missing_idx_file(tmp_path):
@@ -392,6 +410,32 @@ def test_svhn_bad_files(svhn):
         _error(err, path)
 
 
+@pytest.mark.parametrize("compressed", [True, False])
+def test_a_mat_file_that_unpacks_beyond_memory_is_refused_unread(svhn, monkeypatch,
+                                                                 compressed):
+    """64 MiB of zeros, compressed, is a .mat file of about 64 KiB; on a pretend 32 MiB
+    machine it is one line, counted by inflating in chunks before scipy unpacks anything
+    (an uncompressed one is counted from its tags). The small file still loads."""
+    folder, x, y, sio = svhn
+    path = folder / "train_32x32.mat"
+    big = np.zeros((32, 32, 3, 21846), np.uint8)  # 64 MiB
+    sio.savemat(path, {"X": big, "y": np.ones((21846, 1), np.uint8)},
+                do_compression=compressed)
+    assert (path.stat().st_size < 2**20) == compressed
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**25)
+    loaded = []
+    monkeypatch.setattr(sio, "loadmat", lambda *a, **k: loaded.append(a))
+    with pytest.raises(DataError, match=r"its variables unpack to more than this machine's "
+                                        r"32\.0 MiB of memory") as err:
+        read_svhn(folder, "train", verify=False)
+    _error(err, path)
+    assert loaded == []
+    monkeypatch.undo()
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**25)
+    sio.savemat(path, {"X": x, "y": y}, do_compression=compressed)
+    assert read_svhn(folder, "train", verify=False)[0].shape == (5, 3, 32, 32)
+
+
 def test_svhn_download_goes_through_torchvision(tmp_path, monkeypatch):
     sio = pytest.importorskip("scipy.io")
     calls = []
@@ -565,8 +609,7 @@ def test_smallnorb_corrupt_files(norb):
 
 
 def test_a_resize_too_big_for_memory_is_refused_before_its_weights(monkeypatch):
-    from capsflow.runners import data
-    monkeypatch.setattr(data, "physical_memory", lambda: 2**30)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**30)
     with pytest.raises(DataArgumentError, match="resized images: 1 images of 1x100000x100000 "
                                                 "need 37.3 GiB"):
         formats.area_resize(np.zeros((1, 1, 96, 96), np.uint8), 100000)

@@ -353,6 +353,28 @@ def test_truncated_or_corrupt_npz_is_one_line(world, tmp_path, capsys):
     assert "truncated" in one_line(capsys, "eval", graph, "--checkpoint", half, "--data-dir", data)
 
 
+def test_a_checkpoint_that_unpacks_beyond_memory_is_refused_unread(world, tmp_path, capsys,
+                                                                     monkeypatch):
+    """A zip bomb: 256 MiB of deflated zeros is a file of a few hundred KiB. Against a
+    pretend 128 MiB machine it is one line, from the sizes in the zip's directory,
+    before a byte is unpacked; the real checkpoint still loads."""
+    graph, data, run = world
+    bomb = tmp_path / "bomb.npz"
+    np.savez_compressed(bomb, **{"param/w": np.zeros(2**26, np.float32)})
+    assert bomb.stat().st_size < 2**20
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**27)
+    unpacked = []
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__",
+                        lambda self, key: unpacked.append(key))
+    err = one_line(capsys, "eval", graph, "--checkpoint", bomb, "--data-dir", data)
+    assert err.endswith(f"{bomb}: its arrays unpack to 256.0 MiB, more than this machine's "
+                        f"128.0 MiB of memory; the file is damaged or not capsflow's"), err
+    assert unpacked == []
+    monkeypatch.undo()
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**27)
+    assert read_checkpoint(run / "last.npz").params
+
+
 UNIQUE = f"capsflow-escape-{uuid.uuid4().hex}"
 
 

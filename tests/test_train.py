@@ -216,17 +216,17 @@ def test_flips_are_a_setting_of_the_run(tmp_path, capsys):
 
 def test_a_step_whose_activations_cannot_fit_is_refused_before_it_runs(tmp_path, capsys,
                                                                        monkeypatch):
-    """Against a pretend 8 MiB machine: the batch of 20 keeps more for its backward pass;
-    the message gives the bytes and what to shrink. Without a known size, no refusal."""
-    from capsflow.runners import data
-    monkeypatch.setattr(data, "physical_memory", lambda: 8 * 2**20)
-    assert train("--num_epochs", "1", "--save_dir", str(tmp_path / "a")) == 2
+    """Against a pretend 48 MiB machine (MNIST's files, 45 MiB unpacked, fit): the batch
+    of 120 keeps more (52 MiB) for its backward pass; the message gives the bytes and what
+    to shrink. Without a known size, no refusal."""
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 48 * 2**20)
+    assert train("--num_epochs", "1", "--bs", "120", "--save_dir", str(tmp_path / "a")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(
-        "capsflow train: error: a training step of capsnet at batch 20 keeps at least ")
+        "capsflow train: error: a training step of capsnet at batch 120 keeps at least "), err
     assert err.endswith("MiB of activations for its backward pass, more than this machine's "
-                        "8.0 MiB of memory; use a smaller --bs or smaller --set values")
+                        "48.0 MiB of memory; use a smaller --bs or smaller --set values")
     assert not (tmp_path / "a" / "last.npz").exists()
-    monkeypatch.setattr(data, "physical_memory", lambda: None)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: None)
     assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir",
                  str(tmp_path / "b")) == 0

@@ -1,10 +1,26 @@
-"""Live-bytes accounting: how much array memory the executor holds at each step, and a
-lower bound on a training step's activations known before it runs."""
+"""Memory: this machine's, the array memory the executor holds at each step, and a lower
+bound on a training step's activations known before it runs."""
 from __future__ import annotations
 
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Optional
 
 from capsflow.core.shapes import prod, split_dim
+
+
+def physical_memory() -> Optional[int]:
+    """This machine's memory in bytes (None where the system does not say). Every check
+    of a size against memory calls it here (tests pretend a smaller machine by replacing
+    it)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def bytes_text(count: int) -> str:
+    """1288490188 -> '1.2 GiB'; below a GiB in MiB."""
+    return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
 
 
 def _root(a: Any) -> Any:
@@ -76,8 +92,10 @@ def saved_for_backward_bytes(dag: Any, plan: Any, batch: int, itemsize: int) -> 
                 owner = _owner(dag, ref)
                 if dag.nodes[owner]["kind"] == "op":
                     kept.add(owner)
-    total = 0
-    for ref in kept:
-        symbols, factor = split_dim(prod(dag.nodes[ref].get("shape") or ()))  # N*36 too
-        total += itemsize * factor * batch ** sum(symbols.values())
-    return total
+    return sum(value_bytes(dag, ref, batch, itemsize) for ref in kept)
+
+
+def value_bytes(dag: Any, ref: str, batch: int, itemsize: int) -> int:
+    """Bytes of value ``ref`` with every batch symbol (``N``) set to ``batch``."""
+    symbols, factor = split_dim(prod(dag.nodes[ref].get("shape") or ()))  # N*36 too
+    return itemsize * factor * batch ** sum(symbols.values())

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -20,6 +21,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from capsflow.backends import to_numpy
+from capsflow.core import memory
 from capsflow.errors import CapsflowError
 
 
@@ -120,6 +122,7 @@ def load_npz(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CapsflowError(f"no such file: {path}")
+    _check_unpacked_size(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
@@ -131,6 +134,24 @@ def load_npz(path: str | Path) -> dict:
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CapsflowError(f"{path} is not a readable .npz file ({exc.__class__.__name__}: "
                             f"{message}); was it truncated?") from None
+
+
+def _check_unpacked_size(path: Path) -> None:
+    """One line when the arrays of ``path`` unpack to more bytes than this machine has: a
+    few MB of deflated zeros can declare tens of GB (a zip bomb), and loading would
+    exhaust memory. The zip's directory gives each member's size before anything is
+    unpacked, and reading a member never yields more than that size. (A file that is not
+    a zip is left for np.load to report.)"""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    have = memory.physical_memory()
+    if have is not None and unpacked > have:
+        raise CapsflowError(f"{path}: its arrays unpack to {memory.bytes_text(unpacked)}, more "
+                            f"than this machine's {memory.bytes_text(have)} of memory; the file "
+                            f"is damaged or not capsflow's")
 
 
 def save_params(path: str | Path, params: dict) -> None:
