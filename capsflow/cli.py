@@ -53,7 +53,14 @@ class _Parser(argparse.ArgumentParser):
         # The validators below say "must be ..."; argparse prefixes "argument --bs: ".
         # Written "--bs must be >= 1, got 0", as TrainConfig.check words the same rule.
         message = re.sub(r"^argument (\S+): must ", r"\1 must ", message)
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {printable(message)}\n")
+
+
+def printable(text: str) -> str:
+    """``text`` as one printable line: a newline, a control character or an undecodable
+    byte (a surrogate) that the user typed into a flag or a file name is written as its
+    escape (``\\n``, ``\\x07``, ``\\udcdc``), so that an error stays one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 # ------------------------------------------------------------- flag validators
@@ -74,6 +81,14 @@ def _number(convert: Callable, text: str, ok: Callable, rule: str):
 def positive_int(text: str) -> int:
     """A count: 1, 2, ..."""
     return _number(int, text, lambda v: v >= 1, ">= 1 (a positive integer)")
+
+
+def int_up_to(high: int) -> Callable[[str], int]:
+    """A count from 1 to ``high`` (threads: a count past any machine's is a typo)."""
+    def count(text: str) -> int:
+        return _number(int, text, lambda v: 1 <= v <= high, f"between 1 and {high:,}")
+    count.__name__ = "int"
+    return count
 
 
 def non_negative_int(text: str) -> int:
@@ -172,14 +187,15 @@ def main(argv: list | None = None) -> int:
         args.command_argv = argv  # e.g. for train --nproc, which reruns the command per rank
         return int(args.runner.main(args) or 0)
     except CapsflowError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if not _said_by_rank_zero(exc):
+            print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except BrokenPipeError:  # the reader left early (`capsflow ... | head`): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
     except OSError as exc:  # a file the system refuses (disk full, permissions...)
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"{prog}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{prog}: error: {printable(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return EXIT_USER_ERROR
     except MemoryError as exc:  # sizes the user chose (batch, images, graph vars) too large
         if debug:  # an absurd allocation may also be capsflow's: show where it was
@@ -195,6 +211,21 @@ def main(argv: list | None = None) -> int:
             traceback.print_exc()
         print(f"{prog}: {bug_report(exc, debug)}", file=sys.stderr)
         return EXIT_BUG
+
+
+def _said_by_rank_zero(exc: CapsflowError) -> bool:
+    """Whether this process is rank 1, 2... of a data-parallel job on one machine, where
+    rank 0 meets the same user error (the same flags, files and data) and says it: one
+    line for the job, not one per rank. A rank's own trouble (a DistributedError: its
+    rendezvous, its collectives) is always said, as is anything on a multi-machine job."""
+    from capsflow.runners.distributed import DistributedError, env_config
+    if isinstance(exc, DistributedError):
+        return False
+    try:
+        env = env_config()
+    except CapsflowError:
+        return False
+    return env is not None and env["rank"] > 0 and env["local_world_size"] == env["world_size"]
 
 
 def bug_report(exc: BaseException, debug: bool = False) -> str:

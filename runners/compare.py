@@ -49,7 +49,7 @@ import numpy as np
 
 from capsflow.backends import get_backend
 from capsflow.backends.cpu.parallel import blas_threads
-from capsflow.cli import (check_output_dir, non_negative_int, positive_float,
+from capsflow.cli import (check_output_dir, int_up_to, non_negative_int, positive_float,
                           positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, add_option_arguments, option_arguments
@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--jobs", type=positive_int, default=1, metavar="N",
       help="train up to N graphs at a time, one process each (default 1: one after another); "
            "their progress is one line per graph started and finished")
-    a("--threads-per-job", dest="threads_per_job", type=positive_int, metavar="N",
+    a("--threads-per-job", dest="threads_per_job", type=int_up_to(MAX_THREADS), metavar="N",
       help="BLAS threads of each job (default with --jobs: the CPUs divided among the jobs, "
            "at least 1; with --jobs 1: as many as BLAS has)")
 
@@ -297,6 +297,7 @@ def failed_result(graph: Any, note: str, status: int) -> Result:
 
 
 # -- --jobs N: one process per graph -------------------------------------------------------
+MAX_THREADS = 4096  # --threads-per-job: more than any machine has is a typo
 GRACE_SECONDS = 10.0  # after a stop, how long jobs get to save last.npz before the next step
 
 

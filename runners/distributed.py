@@ -36,6 +36,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
+from capsflow.cli import EXIT_USER_ERROR
 from capsflow.errors import CapsflowError
 from capsflow.runners.signals import interrupts_deferred, stops_dropped, terminate_as_interrupt
 
@@ -337,14 +338,16 @@ def free_port() -> int:
 
 
 def strip_nproc(argv: list) -> list:
-    """``argv`` without ``--nproc N`` / ``--nproc=N``."""
+    """``argv`` without ``--nproc N`` / ``--nproc=N``, or the abbreviations argparse
+    accepted for it (``--npr 2``: ``--n`` alone is ambiguous, so at least ``--np``)."""
     out, skip = [], False
     for a in argv:
+        name = a.split("=", 1)[0]
         if skip:
             skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
+        elif len(name) >= 4 and "--nproc".startswith(name):
+            skip = "=" not in a
+        else:
             out.append(a)
     return out
 
@@ -382,7 +385,8 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
     if failed is None:
         return 0
     rank, code = failed
-    log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
+    if procs[0].returncode != EXIT_USER_ERROR:  # else rank 0 said why, in one line
+        log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
     return code if code > 0 else 128 - code
 
 

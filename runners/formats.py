@@ -22,8 +22,9 @@ Every bad input raises :class:`~capsflow.runners.data.DataError` (or a subclass)
 line that names the file and the problem. Size fields in binary headers are checked
 against the file's length before anything is allocated from them; gzip streams are read
 in chunks, so memory follows the bytes actually present, and what their headers declare
-must fit in memory (a gzip bomb inflates a few MB to tens of GB); compressed MATLAB
-variables are inflated and counted, keeping nothing, before scipy unpacks them. Nothing here downloads unless a
+must fit in memory with its float32 copy (a gzip bomb: a few MB inflate to GBs);
+compressed MATLAB variables are inflated and counted, keeping nothing, before scipy
+unpacks them. Nothing here downloads unless a
 caller passes ``download=True`` (CIFAR-10, SVHN: through torchvision). torchvision,
 scipy and PIL are imported lazily.
 """
@@ -184,6 +185,7 @@ class _Binary:
         file (its length checked first), or the decompressed bytes of a gzip stream."""
         nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize
         if self.length is None:
+            self._check_inflated_fits(nbytes, nbytes // dtype.itemsize * 4, what)
             return np.frombuffer(self.payload(nbytes, what), dtype=dtype).reshape(dims)
         self._check_rest(nbytes, what)
         if nbytes == 0:
@@ -203,13 +205,6 @@ class _Binary:
         """Exactly the rest of the file, which must be ``nbytes`` long."""
         if self.length is not None:
             self._check_rest(nbytes, what)
-        else:  # a gzip stream: a few MB can inflate to tens of GB (a gzip bomb)
-            have = memory.physical_memory()
-            if have is not None and nbytes > have:
-                raise _fail(self.path, f"the header declares {what} "
-                                       f"({memory.bytes_text(nbytes)} decompressed), more than "
-                                       f"this machine's {memory.bytes_text(have)} of memory; is "
-                                       f"it the right file?")
         data = self._read(nbytes)
         if len(data) < nbytes:
             raise self._size_error(len(data), nbytes, what)
@@ -217,6 +212,19 @@ class _Binary:
             raise _fail(self.path, f"holds more data than its header declares ({what}: "
                                    f"{nbytes:,} bytes); is it the right file?")
         return data
+
+    def _check_inflated_fits(self, nbytes: int, copy: int, what: str) -> None:
+        """One line, before a gzip stream is inflated, when the ``nbytes`` its header
+        declares and their float32 copy (``copy`` bytes: the loaders convert) do not fit
+        in this machine's memory: a few MB of gzip can inflate to GBs (a gzip bomb), in
+        many small reads that no single allocation would refuse."""
+        have = memory.physical_memory()
+        if have is not None and nbytes + copy > have:
+            raise _fail(self.path, f"the header declares {what} "
+                                   f"({memory.bytes_text(nbytes)} decompressed, "
+                                   f"{memory.bytes_text(copy)} more as float32), more than "
+                                   f"this machine's {memory.bytes_text(have)} of memory; is it "
+                                   f"the right file?")
 
     def _size_error(self, have: int, need: int, what: str) -> DataError:
         if have < need:
@@ -545,33 +553,53 @@ def _check_mat_header(path: Path, dataset: str = "SVHN") -> None:
 
 
 MAT_COMPRESSED = 15  # miCOMPRESSED: a zlib stream holding one variable
+DEFLATE_MAX_RATIO = 1032  # deflate's largest expansion: 258 bytes from 2 bits
 
 
 def _check_mat_unpacks(path: Path) -> None:
-    """One line when a MATLAB 5.0 file's variables unpack to more bytes than this machine
-    has memory. scipy inflates a compressed variable whole, and a few MB of zlib can
-    inflate to tens of GB (a zip bomb); so each compressed element is inflated here first
-    in chunks, counting bytes and keeping none, and the count stops once it is too many.
-    A plain element's bytes are in the file already."""
+    """One line when a MATLAB 5.0 file's variables, unpacked, and a float32 copy of them
+    (the loaders convert uint8 pixels: 5 times their bytes) do not fit in this machine's
+    memory. scipy inflates a compressed variable whole, and a few MB of zlib can inflate
+    to GBs (a zip bomb); so the compressed elements are inflated here first in chunks,
+    counting bytes and keeping none (``_mat_unpacked_bytes``)."""
     have = memory.physical_memory()
     if have is None:
         return
+    budget = have // 5  # the pixels and their float32 copy
+    total, bounded = _mat_unpacked_bytes(path, budget, bound_small=True)
+    if total > budget and bounded:  # a bound, not a count, may have gone over: count all
+        total, _ = _mat_unpacked_bytes(path, budget, bound_small=False)
+    if total > budget:
+        raise _fail(path, f"its variables unpack to more than {memory.bytes_text(budget)}, a "
+                          f"fifth of this machine's {memory.bytes_text(have)} of memory (the "
+                          f"pixels and their float32 copy); is it the right file?")
+
+
+def _mat_unpacked_bytes(path: Path, budget: int, bound_small: bool) -> tuple:
+    """(bytes the top-level elements of a MATLAB 5.0 file unpack to, whether any was
+    bounded instead of counted); the count stops once past ``budget``. A plain element
+    counts the bytes the file holds for it. A compressed one is inflated and counted,
+    unless ``bound_small`` and deflate's largest ratio keeps it within the budget: then
+    that bound counts (inflating SVHN's label vector costs nothing, its images do)."""
     with open(path, "rb") as f:
         order = "<" if f.read(128)[126:128] == b"IM" else ">"
-        total = 0
-        while True:
+        length = os.fstat(f.fileno()).st_size
+        total, bounded = 0, False
+        while total <= budget:
             tag = f.read(8)
             if len(tag) < 8:
-                return  # the end, or a truncation scipy reports
+                break  # the end, or a truncation scipy reports
             kind, count = struct.unpack(order + "II", tag)
+            count = min(count, length - f.tell())
             if kind != MAT_COMPRESSED:
                 total += count
                 f.seek(count, os.SEEK_CUR)
+            elif bound_small and total + DEFLATE_MAX_RATIO * count <= budget:
+                total, bounded = total + DEFLATE_MAX_RATIO * count, True
+                f.seek(count, os.SEEK_CUR)
             else:
-                total += _inflated_size(f, count, have - total)
-            if total > have:
-                raise _fail(path, f"its variables unpack to more than this machine's "
-                                  f"{memory.bytes_text(have)} of memory; is it the right file?")
+                total += _inflated_size(f, count, budget - total)
+    return total, bounded
 
 
 def _inflated_size(f: BinaryIO, count: int, stop_above: int) -> int:

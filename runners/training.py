@@ -742,27 +742,33 @@ class Trainer:
         self.sources = spec_sources(graph)
         self.overrides = _declared_overrides(graph)
         self.scores = class_scores(graph)  # the output whose argmax is the prediction
-        # Each rank runs its share of the batch, in its share of this machine's memory.
-        ranks = world.world_size if world is not None else 1
-        check_step_fits(graph, config.options,
-                        -(-min(config.batch_size, len(data.train_labels)) // ranks),
-                        config.dtype, self.scores, log=self.log,
-                        ranks_here=world.local_world_size if world is not None else 1)
         if data.info is not None:
             check_fits(graph, data.info)
+        side = min(data.train_images.shape[2:], default=0)
+        if config.shift and config.shift >= side:  # a shift past the image blanks it
+            raise CapsflowError(f"--shift {config.shift} is not less than the images' "
+                                f"{side} pixels (height and width); shifts of at most "
+                                f"{max(side - 1, 0)} keep some of each image")
         seed_input = graph.spec.inputs.get(DROPOUT_SEED)
         if seed_input is not None and seed_input.shape not in ((), (1,)):
             raise CapsflowError(f"graph input '{DROPOUT_SEED}' has shape "
                                 f"{list(seed_input.shape)}; the trainer feeds it one seed "
                                 f"per step: declare it {{shape: [1], optional: true}}")
+        if world is not None and config.batch_size % world.world_size:
+            raise CapsflowError(f"--bs {config.batch_size} is the global batch and must be "
+                                f"divisible by the {world.world_size} ranks")
+        # After the quick checks (this one may measure for seconds): each rank runs its
+        # share of the batch, in its share of this machine's memory.
+        ranks = world.world_size if world is not None else 1
+        check_step_fits(graph, config.options,
+                        -(-min(config.batch_size, len(data.train_labels)) // ranks),
+                        config.dtype, self.scores, log=self.log,
+                        ranks_here=world.local_world_size if world is not None else 1)
         host = graph.init_params(config.seed, config.dtype)
         if not graph.trainable(host):
             raise CapsflowError(f"{graph.spec.file} has no trainable parameter to train")
         self.params = {k: self.backend.asarray(v) for k, v in host.items()}
         if world is not None:
-            if config.batch_size % world.world_size:
-                raise CapsflowError(f"--bs {config.batch_size} is the global batch and must be "
-                                    f"divisible by the {world.world_size} ranks")
             from capsflow.runners.distributed import broadcast_params
             broadcast_params(world, self.params, self.backend.xp)  # identical from the start
         self.optimizer = make_optimizer(config.optimizer, config.lr)

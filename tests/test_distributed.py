@@ -358,7 +358,7 @@ def test_a_bench_nproc_stopped_while_the_ranks_time_says_interrupted():
         path = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
         return len(path.read_text().split()) == 2
     with running([sys.executable, "-m", "capsflow", "bench", str(CAPSNET), "--set",
-                  "routing_iters=1", "--bs", "8", "--repeats", "3", "--nproc", "2",
+                  "routing_iters=1", "--bs", "8", "--repeats", "20", "--nproc", "2",
                   "--no-torch"]) as bench:
         ranks = children_when(bench, ranks_started, 240, "the 2-rank timing run never started")
         time.sleep(1.0)  # into their start-up (torch's import, the rendezvous)
@@ -368,6 +368,32 @@ def test_a_bench_nproc_stopped_while_the_ranks_time_says_interrupted():
     assert err.strip().endswith("interrupted") and "failed" not in err, err
     assert "Traceback" not in err, err
     assert not any(process_runs(rank) for rank in ranks)
+
+
+def test_nproc_and_its_abbreviations_are_stripped_for_the_ranks():
+    """argparse accepts --npr for --nproc; the ranks must not see it (each would refuse
+    --nproc under a launcher). --n is ambiguous (--num_epochs), so argparse refuses it."""
+    argv = ["train", "g.yaml", "--npr", "2", "--np=2", "--nproc", "2", "--nproc=2",
+            "--no-progress", "--n", "--num_epochs", "1"]
+    assert strip_nproc(argv) == ["train", "g.yaml", "--no-progress", "--n", "--num_epochs", "1"]
+
+
+@needs_mnist
+def test_a_user_error_met_by_every_rank_is_said_once(tmp_path):
+    """Each rank of `train --nproc 2` meets the same wrong dataset; rank 0 says it, rank 1
+    and the launcher add nothing: one line, status 2."""
+    from test_hostile_runtime import GRAPH
+    graph = tmp_path / "tiny.yaml"
+    graph.write_text(GRAPH.format(name="tiny"))
+    result = subprocess.run([sys.executable, "-m", "capsflow", "train", str(graph),
+                             "--data-dir", str(SHARED_DATA), "--dataset", "affine-mnist",
+                             "--nproc", "2", "--limit-train", "8", "--limit-test", "8",
+                             "--bs", "4", "--no-progress", "--save_dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=clean_env(), cwd=REPO,
+                            timeout=240)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        "capsflow train: error: ") and "--dataset affine-mnist has 1x40x40" in result.stderr
 
 
 def test_bench_nproc_batch_not_divisible(capsys):

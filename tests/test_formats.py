@@ -159,13 +159,15 @@ def _refused_idx_peak(images: Path, labels: Path, match: str) -> int:
 
 def test_a_gzip_bomb_is_refused_before_it_inflates(tmp_path, monkeypatch):
     """32 MiB of zeros is a gzip stream of 32 KiB whose header may declare all of it; on
-    a pretend 16 MiB machine it is one line before a byte is inflated."""
+    a pretend 16 MiB machine (the pixels and their float32 copy would take 160 MiB) it is
+    one line before a byte is inflated."""
     lp = _write(tmp_path / "labels", _idx_bytes(np.zeros(32, np.uint8)))
     ip = _write(tmp_path / "images", _idx_bytes(np.zeros((32, 1024, 1024), np.uint8)), True)
     assert ip.stat().st_size < 2**20
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**24)
     peak = _refused_idx_peak(ip, lp, r"the header declares 32 x 1024 x 1024 bytes \(32\.0 "
-                                     r"MiB decompressed\), more than this machine's 16\.0 MiB")
+                                     r"MiB decompressed, 128\.0 MiB more as float32\), more "
+                                     r"than this machine's 16\.0 MiB")
     assert peak < 8 << 20, f"peak {peak:,} bytes"
 
 
@@ -414,8 +416,9 @@ def test_svhn_bad_files(svhn):
 def test_a_mat_file_that_unpacks_beyond_memory_is_refused_unread(svhn, monkeypatch,
                                                                  compressed):
     """64 MiB of zeros, compressed, is a .mat file of about 64 KiB; on a pretend 32 MiB
-    machine it is one line, counted by inflating in chunks before scipy unpacks anything
-    (an uncompressed one is counted from its tags). The small file still loads."""
+    machine (room for 6.4 MiB of pixels beside their float32 copy) it is one line,
+    counted by inflating in chunks before scipy unpacks anything (an uncompressed one is
+    counted from its tags). The small file still loads."""
     folder, x, y, sio = svhn
     path = folder / "train_32x32.mat"
     big = np.zeros((32, 32, 3, 21846), np.uint8)  # 64 MiB
@@ -425,8 +428,8 @@ def test_a_mat_file_that_unpacks_beyond_memory_is_refused_unread(svhn, monkeypat
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**25)
     loaded = []
     monkeypatch.setattr(sio, "loadmat", lambda *a, **k: loaded.append(a))
-    with pytest.raises(DataError, match=r"its variables unpack to more than this machine's "
-                                        r"32\.0 MiB of memory") as err:
+    with pytest.raises(DataError, match=r"its variables unpack to more than 6\.4 MiB, a "
+                                        r"fifth of this machine's 32\.0 MiB of memory") as err:
         read_svhn(folder, "train", verify=False)
     _error(err, path)
     assert loaded == []
@@ -434,6 +437,28 @@ def test_a_mat_file_that_unpacks_beyond_memory_is_refused_unread(svhn, monkeypat
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**25)
     sio.savemat(path, {"X": x, "y": y}, do_compression=compressed)
     assert read_svhn(folder, "train", verify=False)[0].shape == (5, 3, 32, 32)
+
+
+def test_a_small_compressed_variable_is_bounded_then_counted(svhn, monkeypatch):
+    """A small compressed variable is bounded by deflate's largest ratio instead of
+    inflated; where that bound alone would refuse the file, every variable is counted
+    exactly, and a file whose exact size fits loads."""
+    from capsflow.runners.formats import _mat_unpacked_bytes
+    folder, _, _, sio = svhn
+    path = folder / "train_32x32.mat"
+    n = 2000  # random pixels: the images do not compress, the labels do
+    x = np.random.default_rng(0).integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    sio.savemat(path, {"y": np.ones((n, 1), np.uint8), "X": x}, do_compression=True)
+    exact, bounded = _mat_unpacked_bytes(path, 2**40, bound_small=False)
+    assert not bounded and x.nbytes < exact < x.nbytes + 8192
+    budget = exact + 8192  # the labels' bound (1032 x their deflated bytes) goes over
+    total, bounded = _mat_unpacked_bytes(path, budget, bound_small=True)
+    assert bounded and total > budget
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 5 * budget + 4)
+    assert read_svhn(folder, "train", verify=False)[0].shape == (n, 3, 32, 32)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 5 * (exact - 1))
+    with pytest.raises(DataError, match="its variables unpack to more than"):
+        read_svhn(folder, "train", verify=False)
 
 
 def test_svhn_download_goes_through_torchvision(tmp_path, monkeypatch):

@@ -202,6 +202,29 @@ def test_bad_numbers_stop_at_parsing(world, tmp_path, capsys, monkeypatch, flags
     assert not any(tmp_path.iterdir())
 
 
+def test_inputs_the_cli_fuzzer_found(world, tmp_path, capsys):
+    """tests/test_fuzz_cli.py's first campaign: a checkpoint that is a FIFO hung and
+    /dev/zero was read until memory ran out; a newline typed into a path or a flag split
+    the error line; a shift past the image size crashed in np.pad; a thread count past
+    any machine's crashed in threadpoolctl. Each is one line now."""
+    graph, data, run = world
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/zero")):
+        start = time.perf_counter()
+        err = one_line(capsys, "eval", graph, "--checkpoint", path, "--data-dir", data)
+        assert err.endswith(f"{path} is not a regular file (a checkpoint is an .npz file)")
+        assert time.perf_counter() - start < 10
+    err = one_line(capsys, "eval", graph, "--checkpoint", "new\nline\x07.npz")
+    assert err.endswith("no such file: new\\nline\\x07.npz"), err
+    assert "invalid int value: 'v\\n'" in one_line(capsys, "train", graph, "--bs", "v\n")
+    err = one_line(capsys, *train_args(world, tmp_path / "s", "--shift", "28"))
+    assert err.endswith("--shift 28 is not less than the images' 28 pixels (height and width); "
+                        "shifts of at most 27 keep some of each image"), err
+    assert "--threads-per-job must be between 1 and 4,096" in one_line(
+        capsys, "compare", graph, graph, "--threads-per-job", "901543451266510744692")
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("the flags should have been refused before any data was loaded")
 
@@ -351,6 +374,14 @@ def test_truncated_or_corrupt_npz_is_one_line(world, tmp_path, capsys):
             assert "\n" not in str(exc)
     half = tmp_path / "damaged3.npz"
     assert "truncated" in one_line(capsys, "eval", graph, "--checkpoint", half, "--data-dir", data)
+    # A version byte zipfile does not know: NotImplementedError from zipfile itself.
+    directory = good.index(b"PK\x01\x02")
+    versioned = bytearray(good)
+    versioned[directory + 6] = 0xFF  # "version needed to extract"
+    path = tmp_path / "version.npz"
+    path.write_bytes(bytes(versioned))
+    assert "NotImplementedError" in one_line(capsys, "eval", graph, "--checkpoint", path,
+                                             "--data-dir", data)
 
 
 def test_a_checkpoint_that_unpacks_beyond_memory_is_refused_unread(world, tmp_path, capsys,

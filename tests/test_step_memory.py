@@ -11,7 +11,6 @@ import capsflow
 from capsflow.errors import CapsflowError
 from capsflow.options import Options
 from capsflow.runners import step_memory
-from capsflow.runners.bench_worker import proc_status
 from capsflow.runners.step_memory import (_traced_peak, _zero_inputs, check_forward_fits,
                                           check_step_fits)
 
@@ -34,18 +33,35 @@ def forward_peak(graph, params, batch):
     return _traced_peak(lambda: graph.run(params, inputs, Options(), outputs=["lengths"]))
 
 
+def step_bound(graph, batch):
+    from capsflow.core.memory import saved_for_backward_bytes
+    dag, plan = step_memory._lowered_plan(graph, Options(), set(graph.spec.inputs),
+                                          ["loss", "lengths"], "loss")
+    return saved_for_backward_bytes(dag, plan, batch, 4)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Every check measures (whatever the bound), with small probe batches, single-row
+    convolution chunks (the line's last part: see test_the_peak_grows_along_the_line),
+    and this process's resident memory taken as 0, so that the estimate alone decides."""
+    from capsflow.backends.cpu import conv
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 2**20)
+    monkeypatch.setattr(step_memory, "MEASURE_ABOVE", 0.0)
+    monkeypatch.setattr(step_memory, "PROBE_BYTES", 8 * 2**20)
+    monkeypatch.setattr(step_memory, "proc_status", lambda field: 0)
+
+
 @pytest.mark.parametrize("peak", [step_peak, forward_peak])
-def test_the_peak_grows_along_the_line_through_two_probe_batches(graph, peak, monkeypatch):
+def test_the_peak_grows_along_the_line_through_two_probe_batches(graph, peak, measured):
     """The premise of the estimate: once the convolution's window copies are a single
     kernel row each (here from batch 13 on; CapsNet's PrimaryCaps at full size from 76),
     a step's traced peak is linear in the batch: the line through batches 40 and 80
-    predicts batch 240."""
-    from capsflow.backends.cpu import conv
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 2**20)
+    (``extrapolate``) predicts batch 240."""
     params = graph.init_params(0)
     at_40, at_80, at_240 = (peak(graph, params, b) for b in (40, 80, 240))
-    predicted = at_80 + (at_80 - at_40) / 40 * 160
     assert at_40 < at_80 < at_240
+    predicted = step_memory.extrapolate(40, at_40, 80, at_80, 240)
     assert predicted == pytest.approx(at_240, rel=0.1), (at_40, at_80, at_240)
 
 
@@ -53,60 +69,90 @@ def pretend_memory(monkeypatch, size):
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: size)
 
 
-def test_a_step_the_bound_lets_through_is_measured_and_refused(graph, monkeypatch):
-    """The memory is just above the lower bound (plus what the process holds): the bound
-    passes, the measurement (a peak several times the bound) refuses, in one line."""
-    from capsflow.core.memory import saved_for_backward_bytes
-    monkeypatch.setattr(step_memory, "PROBE_BYTES", 2 * 2**20)
-    monkeypatch.setattr(step_memory, "MEASURE_ABOVE", 0.0)  # whatever this process holds
-    dag, plan = step_memory._lowered_plan(graph, Options(), set(graph.spec.inputs),
-                                          ["loss", "lengths"], "loss")
-    batch = 400
-    bound = saved_for_backward_bytes(dag, plan, batch, 4)
-    pretend_memory(monkeypatch, proc_status("VmRSS") + bound)
+@pytest.mark.parametrize("room, fits", [(0.85, False), (1.3, True)])
+def test_a_measured_step_is_refused_or_let_through_by_its_real_peak(graph, monkeypatch,
+                                                                    measured, room, fits):
+    """Memory for the parameters, Adam's moments and ``room`` x the step's real traced
+    peak (measured here at the batch itself): the estimate (with its margin) refuses
+    0.85 x and lets 1.3 x through, so it lies within about 20% of the real peak. The
+    lower bound alone would pass both."""
+    params = graph.init_params(0)
+    batch = 200
+    real = step_peak(graph, params, batch)
+    assert step_bound(graph, batch) < 0.85 * real
+    pretend_memory(monkeypatch, 3 * sum(p.nbytes for p in params.values()) + int(room * real))
     lines = []
-    with pytest.raises(CapsflowError) as info:
-        check_step_fits(graph, Options(), batch, "float32", "lengths", log=lines.append)
-    message = str(info.value)
-    assert "\n" not in message and message.startswith(
-        f"a training step of capsnet at batch {batch} needs about ")
-    assert "extrapolated), and the run holds " in message
-    assert message.endswith("of memory; use a smaller --bs or smaller --set values")
+    check = lambda: check_step_fits(graph, Options(), batch, "float32", "lengths",  # noqa: E731
+                                    log=lines.append)
+    if fits:
+        check()
+    else:
+        with pytest.raises(CapsflowError) as info:
+            check()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(
+            f"a training step of capsnet at batch {batch} needs about ")
+        assert "extrapolated, with a 10% margin), and the run holds " in message
+        assert message.endswith("of memory; use a smaller --bs or smaller --set values")
     assert len(lines) == 1 and lines[0].startswith("measuring the memory of a training step")
     assert f"to extrapolate to batch {batch}" in lines[0]
 
 
-def test_a_step_that_fits_is_measured_and_let_through(graph, monkeypatch):
-    """With room for the real peak (measured here at the batch itself) the measurement
-    lets the step through; far below a tenth of memory nothing is measured at all."""
-    params = graph.init_params(0)
-    batch = 200
-    real = step_peak(graph, params, batch)
-    held = proc_status("VmRSS") + 3 * sum(p.nbytes for p in params.values())
-    monkeypatch.setattr(step_memory, "MEASURE_ABOVE", 0.0)  # measure whatever the bound
-    pretend_memory(monkeypatch, held + 2 * real)
+def test_nothing_is_measured_far_below_a_tenth_of_memory(graph, monkeypatch):
     lines = []
-    check_step_fits(graph, Options(), batch, "float32", "lengths", log=lines.append)
-    assert len(lines) == 1 and "at batches" in lines[0]
-    monkeypatch.setattr(step_memory, "MEASURE_ABOVE", 0.1)
     pretend_memory(monkeypatch, 2**50)
-    check_step_fits(graph, Options(), batch, "float32", "lengths", log=lines.append)
-    assert len(lines) == 1
+    check_step_fits(graph, Options(), 200, "float32", "lengths", log=lines.append)
+    assert lines == []
 
 
-def test_ranks_on_one_machine_share_its_memory(graph, monkeypatch):
+@pytest.mark.parametrize("room, fits", [(0.85, False), (1.3, True)])
+def test_a_measured_forward_pass_is_refused_or_let_through(graph, monkeypatch, measured,
+                                                           room, fits):
+    params = graph.init_params(0)
+    real = forward_peak(graph, params, 200)
+    pretend_memory(monkeypatch, int(room * real))
+    check = lambda: check_forward_fits(graph, params, Options(), 200, ["lengths"],  # noqa: E731
+                                       ["x"], log=lambda line: None)
+    if fits:
+        check()
+    else:
+        with pytest.raises(CapsflowError, match=r"^a forward pass of capsnet at batch 200 "
+                                                r"needs about "):
+            check()
+
+
+def test_ranks_on_one_machine_share_its_memory(graph, monkeypatch, measured):
     """Data-parallel ranks on one machine each check their step against their share: the
     lower bound that one rank's step passes (to be measured) refuses two ranks' steps."""
-    from capsflow.core.memory import saved_for_backward_bytes
-    dag, plan = step_memory._lowered_plan(graph, Options(), set(graph.spec.inputs),
-                                          ["loss", "lengths"], "loss")
-    bound = saved_for_backward_bytes(dag, plan, 10, 4)
+    bound = step_bound(graph, 10)
     pretend_memory(monkeypatch, int(1.5 * bound))
+    # One rank passes the bound and is measured (and then refused: the parameters alone
+    # do not fit this pretend machine).
     with pytest.raises(CapsflowError, match=r"needs about .* more than this machine's "):
         check_step_fits(graph, Options(), 10, "float32", "lengths", log=lambda line: None)
     with pytest.raises(CapsflowError, match=r"keeps at least .*, more than .*, the share of "
                                             r"each of the 2 ranks on this machine of its "):
         check_step_fits(graph, Options(), 10, "float32", "lengths", ranks_here=2)
+
+
+def test_the_trainer_checks_a_ranks_share_against_the_ranks_here(graph, monkeypatch):
+    """A Trainer joined to a world of 2 ranks on this machine checks half the batch against
+    half the memory, before it makes parameters or talks to the other rank."""
+    from conftest import SHARED_DATA
+    from capsflow.runners.distributed import World
+    from capsflow.runners.training import TrainConfig, Trainer, load_data
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip("real MNIST not found")
+    config = TrainConfig(batch_size=40, num_epochs=1, limit_train=40, limit_test=10,
+                         data_dir=str(SHARED_DATA))
+    data = load_data(config)
+    pretend_memory(monkeypatch, int(1.5 * step_bound(graph, 20)))
+    world = World(rank=0, world_size=2, local_rank=0, backend="gloo", timeout=5,
+                  local_world_size=2)
+    with pytest.raises(CapsflowError, match=r"training step of capsnet at batch 20 keeps at "
+                                            r"least .* the share of each of the 2 ranks"):
+        Trainer(graph, data, config, "/nonexistent/never-written", log=lambda line: None,
+                progress_bar=False, world=world)
 
 
 def test_a_forward_pass_the_bound_refuses_is_never_measured(graph, monkeypatch):
@@ -136,12 +182,14 @@ def test_eval_refuses_a_batch_that_cannot_fit_in_one_line(tmp_path, monkeypatch,
     Trainer(graph, load_data(config), config, tmp_path, log=lambda line: None,
             progress_bar=False).fit()
     argv = ["eval", str(CAPSNET), "--checkpoint", str(tmp_path / "last.npz"),
-            "--data-dir", str(SHARED_DATA), "--limit-test", "200", "--bs", "1000000"]
-    pretend_memory(monkeypatch, 32 * 2**20)  # the checkpoint (22 MiB) loads; u_hat is 37 MB
+            "--data-dir", str(SHARED_DATA), "--limit-test", "300", "--bs", "1000000"]
+    # The checkpoint (22 MiB) and MNIST's test file (37 MiB with its float32 copy) load;
+    # u_hat at batch 300 takes 53 MiB.
+    pretend_memory(monkeypatch, 40 * 2**20)
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(
-        "capsflow eval: error: a forward pass of capsnet at batch 200 keeps at least "), err
+        "capsflow eval: error: a forward pass of capsnet at batch 300 keeps at least "), err
     pretend_memory(monkeypatch, None)
     assert cli_main(argv) == 0
     assert "test accuracy:" in capsys.readouterr().out

@@ -216,16 +216,17 @@ def test_flips_are_a_setting_of_the_run(tmp_path, capsys):
 
 def test_a_step_whose_activations_cannot_fit_is_refused_before_it_runs(tmp_path, capsys,
                                                                        monkeypatch):
-    """Against a pretend 48 MiB machine (MNIST's files, 45 MiB unpacked, fit): the batch
-    of 120 keeps more (52 MiB) for its backward pass; the message gives the bytes and what
-    to shrink. Without a known size, no refusal."""
-    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 48 * 2**20)
-    assert train("--num_epochs", "1", "--bs", "120", "--save_dir", str(tmp_path / "a")) == 2
+    """Against a pretend 240 MiB machine (MNIST's training file, 45 MiB unpacked, fits
+    with its float32 copy): the batch of 600 keeps more (262 MiB) for its backward pass;
+    the message gives the bytes and what to shrink. Without a known size, no refusal."""
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 240 * 2**20)
+    assert train("--num_epochs", "1", "--limit-train", "600", "--bs", "600",
+                 "--save_dir", str(tmp_path / "a")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(
-        "capsflow train: error: a training step of capsnet at batch 120 keeps at least "), err
+        "capsflow train: error: a training step of capsnet at batch 600 keeps at least "), err
     assert err.endswith("MiB of activations for its backward pass, more than this machine's "
-                        "48.0 MiB of memory; use a smaller --bs or smaller --set values")
+                        "240.0 MiB of memory; use a smaller --bs or smaller --set values")
     assert not (tmp_path / "a" / "last.npz").exists()
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: None)
     assert train("--num_epochs", "1", "--limit-train", "20", "--save_dir",

@@ -53,6 +53,11 @@ def prod(dims: Sequence[Dim]) -> Dim:
     return join_dim(symbols, factor)
 
 
+def at_batch(shape: Sequence[Dim], batch: int) -> tuple:
+    """A graph input's declared shape with its batch symbol (``N``) set to ``batch``."""
+    return tuple(batch if isinstance(d, str) else d for d in shape)
+
+
 def fmt(shape: Sequence[Dim]) -> str:
     """(N, 10) style; a 1-tuple keeps its comma like Python's: (N,)."""
     inner = ", ".join(str(d) for d in shape)

@@ -122,6 +122,8 @@ def load_npz(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CapsflowError(f"no such file: {path}")
+    if not path.is_file():  # a FIFO would block the read forever, /dev/zero never end
+        raise CapsflowError(f"{path} is not a regular file (a checkpoint is an .npz file)")
     _check_unpacked_size(path)
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -138,14 +140,15 @@ def load_npz(path: str | Path) -> dict:
 
 def _check_unpacked_size(path: Path) -> None:
     """One line when the arrays of ``path`` unpack to more bytes than this machine has: a
-    few MB of deflated zeros can declare tens of GB (a zip bomb), and loading would
-    exhaust memory. The zip's directory gives each member's size before anything is
-    unpacked, and reading a member never yields more than that size. (A file that is not
-    a zip is left for np.load to report.)"""
+    file of a few MB can unpack to GBs (a zip bomb: deflated zeros, members that share
+    their data), and loading would exhaust memory. The zip's directory gives each
+    member's size before anything is unpacked, and reading a member never yields more
+    than that size. (A file zipfile cannot read is left for np.load, whose failure is
+    one line.)"""
     try:
         with zipfile.ZipFile(path) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError (zip version), ...
         return
     have = memory.physical_memory()
     if have is not None and unpacked > have:
