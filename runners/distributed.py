@@ -385,7 +385,8 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
     if failed is None:
         return 0
     rank, code = failed
-    if procs[0].returncode != EXIT_USER_ERROR:  # else rank 0 said why, in one line
+    if not (code == EXIT_USER_ERROR and procs[0].returncode == EXIT_USER_ERROR):
+        # (a user error that rank 0 met too: rank 0 said it, in one line)
         log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
     return code if code > 0 else 128 - code
 
@@ -399,8 +400,8 @@ def _watch(procs: list, grace: float) -> Optional[tuple]:
         codes = [p.poll() for p in procs]
         if failed is None:
             bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
-            if bad:
-                failed = bad[0]
+            if bad:  # a rank killed or crashed explains more than its peers' errors
+                failed = min(bad, key=lambda rank_code: rank_code[1] == EXIT_USER_ERROR)
                 deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
             return failed

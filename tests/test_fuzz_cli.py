@@ -1119,11 +1119,11 @@ def problem_with(result: dict, argv: list, timeout: float) -> str | None:
         elif not lines[0].startswith(expected_prefixes(argv)):
             problems.append(f"the error line does not start with "
                             f"{' or '.join(map(repr, expected_prefixes(argv)))}")
-        memory = re.search(r"error: not enough memory \((?:Unable to allocate ([\d.]+) (\w+))?",
+        refused = re.search(r"error: not enough memory \((?:Unable to allocate ([\d.]+) (\w+))?",
                            err)
-        if memory:
-            asked = (float(memory.group(1)) * _UNITS.get(memory.group(2), 1)
-                     if memory.group(1) else 0)
+        if refused:
+            asked = (float(refused.group(1)) * _UNITS.get(refused.group(2), 1)
+                     if refused.group(1) else 0)
             if asked <= (memory.physical_memory() or 0):
                 problems.append(f"ran out of its {MEMORY_LIMIT >> 30} GiB of headroom on a size "
                                 f"no check refused (a memory blow-up on a real machine)")
