@@ -155,8 +155,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     if not args.no_torch:
         _check_reference(graph)
     from capsflow.runners.step_memory import check_step_fits
-    check_step_fits(graph, options, args.bs, "float32",  # the worker's step needs 'loss' alone
-                    log=lambda line: print(line, file=sys.stderr))
+    check_step_fits(graph, options, args.bs, "float32")  # the worker's step needs 'loss' alone
     cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
            "warmup": args.warmup, "seed": args.seed, "lr": args.lr, "options": asdict(options)}
     workers = []
@@ -287,8 +286,7 @@ def run_scaling(args: argparse.Namespace) -> dict:
                             f"--nproc {args.nproc}")
     from capsflow.runners.step_memory import check_step_fits
     # The one-process run takes the whole batch (the ranks, a share each, about as much).
-    check_step_fits(graph, options, args.bs, "float32",
-                    log=lambda line: print(line, file=sys.stderr))
+    check_step_fits(graph, options, args.bs, "float32")
     cfg = {"graph": str(args.graph), "overrides": list(args.overrides), "bs": args.bs,
            "warmup": args.warmup, "repeats": args.repeats, "seed": args.seed, "lr": args.lr,
            "options": asdict(options)}

@@ -29,24 +29,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from capsflow.core.memory import proc_status
 from capsflow.options import Options
 
 PREFIX = "@@bench "
 
 
 # -- memory probes (Linux /proc; None elsewhere) ----------------------------------------
-def proc_status(field: str) -> int | None:
-    """A ``/proc/self/status`` figure in bytes (VmRSS, VmHWM), or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
 def reset_rss_peak() -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
     try:

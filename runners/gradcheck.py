@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -45,8 +44,7 @@ def random_batch(graph, batch: int, seed: int) -> dict:
 def main(args: argparse.Namespace) -> int:
     graph = compile_from_args(args)
     options = options_from_args(args)
-    check_step_fits(graph, options, args.bs, "float64",
-                    log=lambda line: print(line, file=sys.stderr))
+    check_step_fits(graph, options, args.bs, "float64")
     params = graph.init_params(args.seed, dtype="float64")
     report = graph_gradcheck(graph, params, random_batch(graph, args.bs, args.seed),
                              backend=options, seed=args.seed)

@@ -36,16 +36,16 @@ On a GPU, CuPy's own out-of-memory error says it (as a MemoryError: one line at 
 from __future__ import annotations
 
 import math
+import sys
 import tracemalloc
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from capsflow.core import memory
-from capsflow.core.memory import bytes_text, saved_for_backward_bytes, value_bytes
+from capsflow.core.memory import bytes_text, proc_status, saved_for_backward_bytes, value_bytes
 from capsflow.core.shapes import at_batch
 from capsflow.errors import CapsflowError
-from capsflow.runners.bench_worker import proc_status
 
 #: Measure when the lower bound passes this share of the machine's memory.
 MEASURE_ABOVE = 0.1
@@ -57,8 +57,13 @@ PROBE_BYTES = 96 * 2**20
 ESTIMATE_MARGIN = 1.1
 
 
+def _to_stderr(line: str) -> None:
+    """Where a check says it is measuring, by default (stdout may be a command's report)."""
+    print(line, file=sys.stderr)
+
+
 def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
-                    scores: Optional[str] = None, log: Callable[[str], None] = print,
+                    scores: Optional[str] = None, log: Callable[[str], None] = _to_stderr,
                     ranks_here: int = 1) -> None:
     """One line, before a NumPy training step of ``batch`` examples (computing ``loss``,
     and ``scores`` where given) is run, when it cannot fit in this machine's memory, or
@@ -89,7 +94,7 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
 
 
 def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outputs: list,
-                       feeds: list, log: Callable[[str], None] = print) -> None:
+                       feeds: list, log: Callable[[str], None] = _to_stderr) -> None:
     """As ``check_step_fits``, for forward passes of ``graph`` on ``params`` (held
     already) over ``batch`` examples, computing ``outputs`` from the inputs ``feeds``
     (evaluation, prediction)."""

@@ -543,8 +543,7 @@ def batched_outputs(graph: Any, params: dict, images: np.ndarray,
     n = images.shape[0]
     if forward is None:
         check_forward_fits(graph, params, as_options(backend), min(batch_size, n),
-                           list(outputs), ["x"] + (["y"] if labels is not None else []),
-                           log=lambda line: print(line, file=sys.stderr))
+                           list(outputs), ["x"] + (["y"] if labels is not None else []))
         forward = RecordedForward(graph, params, backend, list(outputs))
     classes = num_classes(graph) if labels is not None else None
     starts = range(0, n, batch_size)

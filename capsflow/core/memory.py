@@ -18,6 +18,19 @@ def physical_memory() -> Optional[int]:
         return None
 
 
+def proc_status(field: str) -> int | None:
+    """A ``/proc/self/status`` figure of this process in bytes (VmRSS, VmHWM), or None
+    off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def bytes_text(count: int) -> str:
     """1288490188 -> '1.2 GiB'; below a GiB in MiB."""
     return f"{count / 2**30:,.1f} GiB" if count >= 2**30 else f"{count / 2**20:,.1f} MiB"
