@@ -214,10 +214,12 @@ def main(argv: list | None = None) -> int:
 
 
 def _said_by_rank_zero(exc: CapsflowError) -> bool:
-    """Whether this process is rank 1, 2... of a data-parallel job on one machine, where
-    rank 0 meets the same user error (the same flags, files and data) and says it: one
-    line for the job, not one per rank. A rank's own trouble (a DistributedError: its
-    rendezvous, its collectives) is always said, as is anything on a multi-machine job."""
+    """Whether this process is local rank 1, 2... of a data-parallel job, where local rank
+    0 on the same machine meets the same user error (the same flags, files and data) and
+    says it: one line per machine (each machine's log shows why), not one per rank. A
+    rank's own trouble (a DistributedError: its rendezvous, its collectives) is always
+    said, as is everything where the launcher does not say how many ranks share a machine
+    (no LOCAL_WORLD_SIZE: each rank counts as alone)."""
     from capsflow.runners.distributed import DistributedError, env_config
     if isinstance(exc, DistributedError):
         return False
@@ -225,7 +227,7 @@ def _said_by_rank_zero(exc: CapsflowError) -> bool:
         env = env_config()
     except CapsflowError:
         return False
-    return env is not None and env["rank"] > 0 and env["local_world_size"] == env["world_size"]
+    return env is not None and env["local_world_size"] > 1 and env["local_rank"] > 0
 
 
 def bug_report(exc: BaseException, debug: bool = False) -> str:

@@ -20,7 +20,8 @@ that are not CapsNet (graphs/baseline-cnn.yaml) compare too.
 ``--jobs N`` trains up to N graphs at a time, each in its own process (started with
 'spawn': a fresh interpreter, no threads or BLAS state inherited), on the data the parent
 loaded, with BLAS held to ``--threads-per-job`` threads (default: the CPUs divided among
-the jobs) so the jobs do not oversubscribe the cores. A graph that fails (diverges, raises
+the jobs) so the jobs do not oversubscribe the cores, and each job's step checked against
+1/N of the machine's memory (runners/step_memory.py). A graph that fails (diverges, raises
 an error, or its process dies) is a note in its row and the others go on; Ctrl-C stops
 them all, each saving its last.npz as ``capsflow train`` does. The numbers equal those of
 ``--jobs 1`` when each job has as many BLAS threads as the sequential run had (the CPU
@@ -325,7 +326,7 @@ def train_parallel(graphs: list, paths: dict, overrides: list, data: Any, config
                 name = graph.spec.name
                 receive, send = ctx.Pipe(duplex=False)
                 task = Job(paths[name], list(overrides), given, data, config, steps,
-                           out / name, threads, keep_checkpoints)
+                           out / name, threads, keep_checkpoints, jobs)
                 process = ctx.Process(target=_job_main, args=(task, send), daemon=True,
                                       name=f"capsflow-compare-{name}")
                 with interrupts_deferred():  # a started job is always one that is stopped
@@ -361,6 +362,7 @@ class Job:
     save_dir: Path
     threads: int
     keep_checkpoints: bool
+    jobs: int  # at once on this machine: each job's step must fit in 1/jobs of its memory
 
 
 def _job_main(job: Job, send: Any) -> None:
@@ -373,7 +375,8 @@ def _job_main(job: Job, send: Any) -> None:
             graph = fit_graph_to_data(compile_graph(job.path, job.given), job.data.info,
                                       job.given)
             result = train_one(graph, job.data, job.config, job.steps, job.save_dir,
-                               progress=False, keep_checkpoints=job.keep_checkpoints)
+                               progress=False, keep_checkpoints=job.keep_checkpoints,
+                               jobs=job.jobs)
         message: tuple = ("ok", result)
     except KeyboardInterrupt:
         message = ("interrupted",)
@@ -472,12 +475,15 @@ def _stop_all(running: dict, told: bool) -> dict:
 
 
 def train_one(graph: Any, data: Any, config: Any, steps: int, save_dir: Path,
-              progress: bool = False, keep_checkpoints: bool = False) -> Result:
-    """Train ``graph`` for ``steps`` steps and read its numbers back from metrics.jsonl."""
+              progress: bool = False, keep_checkpoints: bool = False,
+              jobs: int = 1) -> Result:
+    """Train ``graph`` for ``steps`` steps and read its numbers back from metrics.jsonl;
+    ``jobs``: how many graphs train at once on this machine (each checks its step against
+    its share of the memory)."""
     name = graph.spec.name
     result = Result(name, str(graph.spec.file), graph.param_count(), routing_iterations(graph))
     trainer = Trainer(graph, data, config, save_dir, log=lambda line: print(f"[{name}] {line}"),
-                      progress_bar=progress)
+                      progress_bar=progress, processes_here=jobs)
     budget = StepBudget(trainer.batches, steps)
     trainer.batches = budget
     started = time.perf_counter()

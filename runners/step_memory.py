@@ -15,9 +15,9 @@ the kernel kills it (no message, nothing saved). So ``train``, ``compare``, ``re
    holds already and the parameters and optimizer state the run will make, must fit in
    the machine's memory.
 
-Data-parallel ranks check their share of the batch against their share of the memory
-(the machine's, divided by the ranks on it: LOCAL_WORLD_SIZE, which torchrun and --nproc
-set).
+Processes that train at once on one machine check against their share of its memory:
+data-parallel ranks (LOCAL_WORLD_SIZE of them, which torchrun and --nproc set; each runs its
+share of the batch) and the jobs of `compare --jobs N` (N of them, each the whole batch).
 
 The estimate is exact where the peak grows linearly between the probes and beyond. The
 probe batches are chosen to hold about ``PROBE_BYTES`` by the bound, large enough that
@@ -64,11 +64,11 @@ def _to_stderr(line: str) -> None:
 
 def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
                     scores: Optional[str] = None, log: Callable[[str], None] = _to_stderr,
-                    ranks_here: int = 1) -> None:
+                    processes_here: int = 1) -> None:
     """One line, before a NumPy training step of ``batch`` examples (computing ``loss``,
     and ``scores`` where given) is run, when it cannot fit in this machine's memory, or
-    in its share of it when ``ranks_here`` data-parallel ranks run such steps on this
-    machine. ``log`` gets a line when the step is measured (a few seconds)."""
+    in its share of it when ``processes_here`` processes train at once on this machine
+    (data-parallel ranks, `compare --jobs`). ``log`` gets a line when the step is measured (a few seconds)."""
     if options.backend != "numpy" or "loss" not in graph.spec.outputs:
         return
     outputs = ["loss"] + ([scores] if scores else [])
@@ -90,7 +90,7 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
         return params, 3 * sum(p.nbytes for p in params.values())
 
     _check(f"training step of {graph.spec.name}", "of activations for its backward pass",
-           batch, bound, measure, probe_params, log, ranks_here)
+           batch, bound, measure, probe_params, log, processes_here)
 
 
 def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outputs: list,
@@ -117,7 +117,7 @@ def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outpu
 
 def _check(what: str, kept: str, batch: int, bound: Callable[[int], int],
            measure: Callable[[int, dict], int], probe_params: Callable[[], tuple],
-           log: Callable[[str], None], ranks_here: int = 1) -> None:
+           log: Callable[[str], None], processes_here: int = 1) -> None:
     """The two stages (module docstring). ``bound(b)``: the lower bound at batch b;
     ``measure(b, params)``: the traced peak of one run at batch b; ``probe_params()``:
     (the parameters to measure with, bytes the run will hold beyond this process's
@@ -125,10 +125,10 @@ def _check(what: str, kept: str, batch: int, bound: Callable[[int], int],
     total = memory.physical_memory()
     if total is None:
         return
-    have = total // ranks_here
-    room = (f"this machine's {bytes_text(total)} of memory" if ranks_here == 1
-            else f"{bytes_text(have)}, the share of each of the {ranks_here} ranks on this "
-                 f"machine of its {bytes_text(total)} of memory")
+    have = total // processes_here
+    room = (f"this machine's {bytes_text(total)} of memory" if processes_here == 1
+            else f"{bytes_text(have)}, the share of each of the {processes_here} processes "
+                 f"training on this machine of its {bytes_text(total)} of memory")
     need = bound(batch)
     if need > have:
         raise CapsflowError(f"a {what} at batch {batch} keeps at least "

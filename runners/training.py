@@ -718,14 +718,16 @@ class Trainer:
     """Trains ``graph`` on ``data`` with ``config``; checkpoints and metrics in ``save_dir``.
 
     ``log`` receives the human-readable lines (epoch summaries, notes); ``progress_bar``
-    switches the tqdm bars. Parameters live on the backend for the whole run. The
+    switches the tqdm bars; ``processes_here``: how many processes (this one included)
+    train at once on this machine, sharing its memory (`compare --jobs`; a data-parallel
+    ``world`` says its own). Parameters live on the backend for the whole run. The
     optimizer holds and updates (in place) the trainable ones only: a ``trainable: false``
     parameter keeps its initial (or restored) value and is saved with the others.
     """
 
     def __init__(self, graph: Any, data: Data, config: TrainConfig, save_dir: str | Path,
                  log: Callable[[str], None] = print, progress_bar: bool = True,
-                 world: Any = None) -> None:
+                 world: Any = None, processes_here: int = 1) -> None:
         config.check()
         self.graph, self.data, self.config = graph, data, config
         self.save_dir = Path(save_dir)
@@ -762,7 +764,8 @@ class Trainer:
         check_step_fits(graph, config.options,
                         -(-min(config.batch_size, len(data.train_labels)) // ranks),
                         config.dtype, self.scores, log=self.log,
-                        ranks_here=world.local_world_size if world is not None else 1)
+                        processes_here=(world.local_world_size if world is not None
+                                        else processes_here))
         host = graph.init_params(config.seed, config.dtype)
         if not graph.trainable(host):
             raise CapsflowError(f"{graph.spec.file} has no trainable parameter to train")

@@ -23,6 +23,7 @@ import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA, process_runs
 
 from capsflow.cli import main as cli_main
+from capsflow.errors import CapsflowError
 from capsflow.runners.dist_check import LAUNCHER_VARS, worst_difference
 from capsflow.runners.dist_check import main as dist_check
 from capsflow.runners.distributed import (DistributedError, World, env_config, share,
@@ -394,6 +395,28 @@ def test_a_user_error_met_by_every_rank_is_said_once(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(
         "capsflow train: error: ") and "--dataset affine-mnist has 1x40x40" in result.stderr
+
+
+@pytest.mark.parametrize("rank, local_rank, local_world_size, silent", [
+    (0, 0, 2, False), (1, 1, 2, True),      # one machine, 2 ranks: rank 0 says it
+    (2, 0, 2, False), (3, 1, 2, True),      # the second of two machines: its local rank 0
+    (3, 0, 1, False), (3, 3, None, False),  # ranks that may be alone on their machine
+])
+def test_a_user_error_is_said_once_per_machine(monkeypatch, rank, local_rank,
+                                               local_world_size, silent):
+    """A user error every rank meets is said by local rank 0 of each machine (each
+    machine's log shows why); a rank's own DistributedError always."""
+    from capsflow.cli import _said_by_rank_zero
+    env = {"RANK": rank, "WORLD_SIZE": 4, "LOCAL_RANK": local_rank,
+           "LOCAL_WORLD_SIZE": local_world_size, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": 29500}
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, str(value))
+    assert _said_by_rank_zero(CapsflowError("--dataset x has 1x40x40 images")) is silent
+    assert _said_by_rank_zero(DistributedError("rank 1: collective timed out")) is False
 
 
 def test_bench_nproc_batch_not_divisible(capsys):

@@ -131,11 +131,11 @@ def test_ranks_on_one_machine_share_its_memory(graph, monkeypatch, measured):
     with pytest.raises(CapsflowError, match=r"needs about .* more than this machine's "):
         check_step_fits(graph, Options(), 10, "float32", "lengths", log=lambda line: None)
     with pytest.raises(CapsflowError, match=r"keeps at least .*, more than .*, the share of "
-                                            r"each of the 2 ranks on this machine of its "):
-        check_step_fits(graph, Options(), 10, "float32", "lengths", ranks_here=2)
+                                            r"each of the 2 processes training on this machine of its "):
+        check_step_fits(graph, Options(), 10, "float32", "lengths", processes_here=2)
 
 
-def test_the_trainer_checks_a_ranks_share_against_the_ranks_here(graph, monkeypatch):
+def test_the_trainer_checks_a_ranks_share_against_the_ranks_on_its_machine(graph, monkeypatch):
     """A Trainer joined to a world of 2 ranks on this machine checks half the batch against
     half the memory, before it makes parameters or talks to the other rank."""
     from conftest import SHARED_DATA
@@ -150,9 +150,26 @@ def test_the_trainer_checks_a_ranks_share_against_the_ranks_here(graph, monkeypa
     world = World(rank=0, world_size=2, local_rank=0, backend="gloo", timeout=5,
                   local_world_size=2)
     with pytest.raises(CapsflowError, match=r"training step of capsnet at batch 20 keeps at "
-                                            r"least .* the share of each of the 2 ranks"):
+                                            r"least .* the share of each of the 2 processes"):
         Trainer(graph, data, config, "/nonexistent/never-written", log=lambda line: None,
                 progress_bar=False, world=world)
+
+
+def test_a_compare_job_checks_its_step_against_its_share(graph, monkeypatch):
+    """`compare --jobs 2` trains two graphs at once, each on the whole batch: each job's
+    step is checked against half of the machine's memory."""
+    from conftest import SHARED_DATA
+    from capsflow.runners.compare import train_one
+    from capsflow.runners.training import TrainConfig, load_data
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip("real MNIST not found")
+    config = TrainConfig(batch_size=20, num_epochs=1, limit_train=40, limit_test=10,
+                         data_dir=str(SHARED_DATA))
+    data = load_data(config)
+    pretend_memory(monkeypatch, int(1.5 * step_bound(graph, 20)))
+    with pytest.raises(CapsflowError, match=r"training step of capsnet at batch 20 keeps at "
+                                            r"least .* the share of each of the 2 processes"):
+        train_one(graph, data, config, 1, "/nonexistent/never-written", jobs=2)
 
 
 def test_a_forward_pass_the_bound_refuses_is_never_measured(graph, monkeypatch):
