@@ -1,6 +1,6 @@
 """Capsule ops: softmax (for routing), squash, and the decoder's capsule mask."""
 from capsflow.core.opdef import defop
-from capsflow.core.shapes import ShapeError, fmt, norm_axis
+from capsflow.core.shapes import ShapeError, fmt, non_negative_eps, norm_axis
 
 softmax = defop("softmax", inputs=("x",), attrs={"axis": -1}, saves=("out",),
                 doc="exp(x) / sum(exp(x), axis), max-subtracted so it never overflows")
@@ -30,8 +30,9 @@ squash = defop("squash", inputs=("s",), attrs={"axis": -1, "eps": 0.0}, saves=("
                    "eps > 0 gives |s|^2 / (1 + |s|^2) * s / sqrt(|s|^2 + eps) instead")
 
 
-def capsule_axis_shape(op_name: str, s: tuple, axis: int) -> tuple:
+def capsule_axis_shape(op_name: str, s: tuple, axis: int, eps: float) -> tuple:
     """Shape rule of the squash family: same shape, over a real capsule axis."""
+    non_negative_eps(op_name, eps)
     norm_axis(axis, len(s))
     if s[axis] == 1:
         raise ShapeError(f"{op_name} over axis {axis} of {fmt(s)} has size 1: "
@@ -39,7 +40,7 @@ def capsule_axis_shape(op_name: str, s: tuple, axis: int) -> tuple:
     return s
 
 
-squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis))
+squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis, eps))
 
 
 # squash(s) = f s with n2 = |s|^2, n = |s|:

@@ -1,6 +1,6 @@
 """Normalisation: layer normalisation (Ba, Kiros & Hinton 2016, "Layer Normalization")."""
 from capsflow.core.opdef import Attr, defop
-from capsflow.core.shapes import ShapeError, axis_list, broadcast, fmt
+from capsflow.core.shapes import ShapeError, axis_list, broadcast, fmt, non_negative_eps
 
 layer_norm = defop(
     "layer_norm", inputs=("x", "gamma?", "beta?"),
@@ -28,6 +28,7 @@ def _on_axes(p: tuple, x: tuple, axes: tuple) -> bool:
 
 @layer_norm.shape
 def _(x, gamma=None, beta=None, *, axis, eps):
+    non_negative_eps("layer_norm", eps)
     axes = _axes(axis, len(x))
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is None or _on_axes(p, x, axes):

@@ -1,6 +1,6 @@
 """Reductions over one or more axes."""
 from capsflow.core.opdef import Attr, defop
-from capsflow.core.shapes import ShapeError, axis_list
+from capsflow.core.shapes import ShapeError, axis_list, non_negative_eps
 
 AXIS = Attr((int, list, type(None)), None)
 
@@ -64,7 +64,10 @@ def _(xp, saved, g, needs, *, axis, keepdims):
 norm = defop("norm", inputs=("x",), attrs={"axis": -1, "eps": 0.0}, saves=("x", "out"),
              doc="vector length |x| = sqrt(sum(x^2, axis)); eps > 0 gives "
                  "sqrt(sum(x^2, axis) + eps) instead")
-norm.shape(lambda x, *, axis, eps: _reduced_shape(x, axis, False))
+@norm.shape
+def _(x, *, axis, eps):
+    non_negative_eps("norm", eps)
+    return _reduced_shape(x, axis, False)
 
 
 @norm.forward

@@ -39,7 +39,7 @@ squash_exp = defop(
         "over the capsule axis")
 
 
-squash_exp.shape(lambda s, *, axis, eps: capsule_axis_shape("squash_exp", s, axis))
+squash_exp.shape(lambda s, *, axis, eps: capsule_axis_shape("squash_exp", s, axis, eps))
 
 
 def _radius(xp, s, axis, eps):

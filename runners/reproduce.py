@@ -256,11 +256,13 @@ def curves_figure(rows: list, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    errors = []  # every point drawn: a log axis needs one above 0
     for r in rows:
         epochs = [e for e in read_metrics(Path(r["path"]) / METRICS)
                   if e.get("kind") == "epoch" and e.get("test_acc") is not None]
         if not epochs:
             continue
+        errors += [100 * (1 - e["test_acc"]) for e in epochs]
         line, = ax.plot([e["epoch"] for e in epochs],
                         [100 * (1 - e["test_acc"]) for e in epochs], marker="o",
                         markersize=3, label=f"{r['recipe']} ({r['card'].get('backend', '?')})"
@@ -268,9 +270,11 @@ def curves_figure(rows: list, path: Path) -> Path:
         if r["paper_test_acc"] is not None:
             ax.axhline(100 - r["paper_test_acc"], color=line.get_color(), linestyle="--",
                        linewidth=1)
-    ax.set_yscale("log")
+    log = any(e > 0 for e in errors)  # not for tiny runs with no test error at all
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test error (%), log scale")
+    ax.set_ylabel("test error (%), log scale" if log else "test error (%)")
     ax.set_title("test error per epoch (dashed: the paper's)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)

@@ -53,6 +53,7 @@ from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
                                    one_hot, shape_text)
+from capsflow.runners.metrics_file import read_metrics
 from capsflow.runners.step_memory import check_forward_fits, check_step_fits
 from capsflow.runners.signals import StopRequests, interrupts_deferred, stops_dropped
 
@@ -1192,20 +1193,6 @@ def format_epoch(record: dict, num_epochs: int) -> str:
     return (f"epoch {record['epoch']}/{num_epochs}  train loss {record['train_loss']:.4f}  "
             f"train acc {100 * record['train_acc']:.2f}%  {test}  lr {record['lr']:.2e}"
             f"{scheduled}  {record['seconds']:.1f} s")
-
-
-def read_metrics(path: str | Path) -> list:
-    """The records of a metrics.jsonl file (one JSON object per line)."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise CapsflowError(f"{path}:{number}: not a JSON record ({exc.msg})") from None
-    return records
 
 
 # ------------------------------------------------------------------------- helpers

@@ -249,7 +249,9 @@ def curves_figure(records: list, path: Path, title: str = "") -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    ax_loss.set_yscale("log")
+    losses = [r["loss"] for r in train] + [r["test_loss"] for r in tested]
+    if min(losses) > 0:  # a log axis cannot show a loss of 0 (a hand-made file's)
+        ax_loss.set_yscale("log")
     if tested:
         best = max(tested, key=lambda r: r["test_acc"])
         ax_acc.set_title(f"best test accuracy {100 * best['test_acc']:.2f}% "

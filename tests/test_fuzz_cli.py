@@ -204,6 +204,8 @@ DATA_DIRS = (["{W}/data"] * 4
                 "{S}", "{S}/mnist", "missing", "afile", "fifo", "/dev/zero", "sub", "",
                 "loop", "/proc", "caf\udce9", "new\nline"])
 METRICS = ["run/metrics.jsonl", "{W}/hostile/metrics-bad.jsonl", "{W}/hostile/metrics-nan.jsonl",
+           "{W}/hostile/metrics-list.jsonl", "{W}/hostile/metrics-fields.jsonl",
+           "{W}/hostile/metrics-zero.jsonl", "{W}/hostile/metrics-nonutf8.jsonl",
            "{W}/hostile/empty", "{W}/hostile/garbage.bin", "fifo", "/dev/zero", "missing", "sub"]
 TABLES = ["{W}/rows", "{W}/rows-bad", "{W}/data", "missing", "afile", "fifo", "sub", "",
           "/proc/self", "loop"]
@@ -612,6 +614,14 @@ def make_world(world: Path) -> None:
     (hostile / "list.yaml").write_text("- 1\n- 2\n")
     (hostile / "nonutf8.yaml").write_bytes(b"name: \xff\xfe\n")
     (hostile / "metrics-bad.jsonl").write_text('{"epoch": 1\n[1, 2]\n"text"\n{}\n')
+    # Lines that parse, but are not whole records, after good ones (found by seed 102).
+    train = '{"kind": "train", "epoch": 1, "iteration": 1, "loss": 0.5, "acc": 0.5, "lr": 0.1}\n'
+    (hostile / "metrics-list.jsonl").write_text(train + "[1, 2]\n")
+    (hostile / "metrics-fields.jsonl").write_text(
+        train + '{"kind": "train"}\n{"kind": "epoch", "epoch": 1, "iteration": 1, '
+                '"test_acc": "x", "test_loss": 1}\n')
+    (hostile / "metrics-zero.jsonl").write_text(train.replace("0.5", "0"))
+    (hostile / "metrics-nonutf8.jsonl").write_bytes(train.encode() + b"{\"kind\": \"\xea\xff\"}\n")
     (hostile / "metrics-nan.jsonl").write_text(
         '{"epoch": 1, "train_loss": NaN, "test_loss": Infinity, "train_acc": 1e999, '
         '"test_acc": -1, "iteration": 1}\n')

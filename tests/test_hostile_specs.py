@@ -349,10 +349,11 @@ WORST = """
 import contextlib, io, re, sys, time
 from capsflow.cli import main
 for path in sys.argv[1:]:
-    start = time.perf_counter()
+    # CPU seconds, not wall time: the work a file costs, whatever else the machine runs.
+    start = time.process_time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         code = main(["check", path])
-    print(code, time.perf_counter() - start)
+    print(code, time.process_time() - start)
 # Peak MB of this process image: VmHWM (getrusage's ru_maxrss keeps the forking pytest's
 # peak across exec, so it would measure the test runner).
 status = open("/proc/self/status").read()
@@ -361,7 +362,7 @@ print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) / 1024)
 
 
 def test_check_on_the_worst_inputs_ends_within_10_s_and_500_mb(tmp_path):
-    """In a fresh process: a file just under the document limit (the slowest to read), a
+    """In a fresh process, each within 10 s of CPU: a file just under the document limit (the slowest to read), a
     repeat unrolled to near the node limit, and a bomb."""
     dense = write(tmp_path, "dense.yaml", graph(
         "".join(f"- {{id: h{j}, op: relu, in: [{'x' if j == 0 else f'h{j - 1}'}]}}\n"

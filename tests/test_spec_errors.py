@@ -111,3 +111,22 @@ def test_numbers_are_read_as_users_mean_them(text, value):
 def test_set_with_an_exponent_reaches_the_attribute(capsys):
     from conftest import CAPSNET
     assert main(["check", str(CAPSNET), "--set", "squash_eps=1e-9"]) == 0
+
+
+@pytest.mark.parametrize("graph, var, op", [("capsnet.yaml", "squash_eps", "squash"),
+                                            ("capsnet-efficient.yaml", "squash_exp_eps",
+                                             "squash_exp")])
+def test_a_negative_eps_under_a_square_root_is_refused_when_compiled(capsys, graph, var, op):
+    """Found by the YAML fuzzer (seed 57): a negative eps made NaN of every small capsule
+    and `bench` reported a NaN loss with status 0. It is one line at compile time now,
+    for norm and layer_norm's eps too."""
+    from conftest import REPO
+    assert main(["check", str(REPO / "graphs" / graph), "--set", f"{var}=-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f"node 'u': {op}: attribute 'eps' must be >= 0 (it is added under a "
+                        f"square root), got -1.0\n"), err
+    from capsflow.core.shapes import AttrValueError
+    from capsflow.core.opdef import OPS
+    for name, args in (("norm", ((2, 3),)), ("layer_norm", ((2, 3),))):
+        with pytest.raises(AttrValueError, match=f"{name}: attribute 'eps' must be >= 0"):
+            OPS[name].shape_fn(*args, axis=-1, eps=-1e-9)

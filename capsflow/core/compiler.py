@@ -14,7 +14,7 @@ import networkx as nx
 
 from capsflow.errors import SpecError
 from capsflow.core.opdef import OPS, REQUIRED, get_op
-from capsflow.core.shapes import ShapeError, check_dims, fmt
+from capsflow.core.shapes import AttrValueError, ShapeError, check_dims, fmt
 from capsflow.lang.limits import show
 from capsflow.lang.spec import NodeSpec, Spec
 
@@ -210,6 +210,8 @@ def _infer_shapes(dag: nx.DiGraph, spec: Spec) -> None:
         try:
             shape = tuple(op.shape_fn(*shapes, **data["attrs"]))
             check_dims(shape)
+        except AttrValueError as exc:
+            raise _error(node, str(exc)) from None
         except ShapeError as exc:
             ins = ", ".join(f"{ref} {fmt(dag.nodes[ref]['shape'])}" for ref in node.inputs)
             raise _error(node, f"shape mismatch in {op.name}({ins}): {exc}") from None

@@ -21,6 +21,11 @@ class ShapeError(ValueError):
     """A shape rule failed; the compiler adds file, line and node to the message."""
 
 
+class AttrValueError(ShapeError):
+    """A shape rule refused an attribute's value, whatever the shapes: the compiler says
+    so without calling it a shape mismatch."""
+
+
 def split_dim(d: Dim) -> tuple[Counter, int]:
     """``"N*36"`` -> (Counter({"N": 1}), 36); ``5`` -> (Counter(), 5)."""
     if isinstance(d, int):
@@ -70,6 +75,13 @@ def norm_axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ShapeError(f"axis {axis} is out of range for a {ndim}-D input")
     return axis % ndim
+
+
+def non_negative_eps(op_name: str, eps: float) -> None:
+    """An ``eps`` added under a square root: a negative one makes NaN of small inputs."""
+    if eps < 0:
+        raise AttrValueError(f"{op_name}: attribute 'eps' must be >= 0 (it is added under a "
+                             f"square root), got {eps}")
 
 
 def axis_list(values: Sequence, ndim: int, what: str) -> list[int]:
