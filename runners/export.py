@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import onnx
 
 from capsflow.cli import add_graph_arguments, compile_from_args
-from capsflow.export.onnx import OPSET, export_model
+from capsflow.export.onnx import OPSET, export_model, inference_plan
 from capsflow.lang.yamlio import parse_override
 from capsflow.runners.onnx_diagram import onnx_sketch
 from capsflow.runners.render import output_format, write_drawing
 from capsflow.runners.training import load_model
-from capsflow.training.checkpoint import load_npz, load_params
+from capsflow.training.checkpoint import atomic_file, load_npz, load_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +31,7 @@ def load_weights(args: argparse.Namespace) -> tuple:
     """(graph, params) as eval reads them, or from a plain parameter file, or fresh."""
     if args.checkpoint is None:
         graph = compile_from_args(args)
+        inference_plan(graph)  # refusals that need no weights, before making them
         return graph, graph.init_params(seed=0)
     if "meta" in load_npz(args.checkpoint):  # a training checkpoint, with its spec and --set
         overrides = dict(parse_override(o) for o in args.overrides)
@@ -54,11 +54,11 @@ def main(args: argparse.Namespace) -> int:
     picture_format = output_format(Path(args.draw)) if args.draw else None  # before any work
     graph, params = load_weights(args)
     model = export_model(graph, params)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, out)
-    if args.draw:
+    if args.draw:  # first: a picture that cannot be written leaves no model behind
         write_drawing(onnx_sketch(graph, model).to_graphviz(), Path(args.draw), picture_format)
+    out = Path(args.output)
+    with atomic_file(out) as f:  # never a half-written model under the name
+        f.write(model.SerializeToString())
     print(f"wrote {out}: {graph.spec.name}, {len(model.graph.node)} ONNX nodes (opset {OPSET}), "
           f"{graph.param_count():,} parameters from {args.checkpoint or 'init_params(seed=0)'}")
     print(f"  inputs:  {_signature(model.graph.input)}")

@@ -53,6 +53,34 @@ outputs: {leaky: leaky, total: total, avg: avg, same: same, same_mean: same_mean
           caps: caps, tiny_caps: tiny_caps}
 """
 
+# The rest of the exported ops, and attributes the graphs leave at their defaults: eps > 0,
+# a shift large enough to see, pooling with stride and padding, ties in argmax (ONNX's
+# ArgMax must take the first maximum, as NumPy does).
+MORE_OPS = """\
+name: more-ops
+inputs:
+  x: {shape: [N, 2, 6, 6]}
+  y: {shape: [N, 3]}
+params:
+  m: {shape: [18, 3], init: {normal: 0.5}}
+nodes:
+  - {id: pooled, op: max_pool2d, in: [x], attrs: {kernel: 3, stride: 2, padding: 1}}
+  - {id: flat, op: reshape, in: [pooled], attrs: {shape: [-1, 18]}}
+  - {id: lin, op: linear, in: [flat, m]}
+  - {id: lsm, op: log_softmax, in: [lin], attrs: {axis: 0}}
+  - {id: xent, op: softmax_cross_entropy, in: [lin, y]}
+  - {id: e, op: exp, in: [lin]}
+  - {id: root, op: sqrt, in: [e]}
+  - {id: inv_root, op: rsqrt, in: [e]}
+  - {id: caps, op: squash, in: [lin], attrs: {axis: -1, eps: 0.5}}
+  - {id: length, op: norm, in: [lin], attrs: {axis: -1, eps: 0.5}}
+  - {id: shifted, op: offset, in: [lin], attrs: {by: 0.5}}
+  - {id: flat_scores, op: scale, in: [lin], attrs: {by: 0.0}}
+  - {id: tied, op: label_or_argmax, in: [flat_scores]}
+outputs: {lsm: lsm, xent: xent, root: root, inv_root: inv_root, caps: caps, length: length,
+          shifted: shifted, tied: tied}
+"""
+
 
 def session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -89,8 +117,14 @@ def test_every_graph_matches_onnxruntime_at_two_batch_sizes(path):
 
 
 def test_every_op_of_the_library_is_exported_or_named():
+    """...and in docs/export.md's op table, whose first column names each op in `code`."""
+    import re
     assert set(EXPORTERS).isdisjoint(NOT_EXPORTED)
     assert set(EXPORTERS) | set(NOT_EXPORTED) == set(OPS)
+    text = (REPO / "docs" / "export.md").read_text()
+    table = text.split("## Op mapping", 1)[1].split("\n\n`tests/", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert {op for row in rows for op in re.findall(r"`(\w+)`", row)} == set(OPS)
 
 
 def test_ops_outside_graphs_match_too(tmp_path):
@@ -105,6 +139,63 @@ def test_ops_outside_graphs_match_too(tmp_path):
         y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
         # 1 - exp(-r) computed directly would be 1e-4 off here, just inside the default
         assert_matches(graph, params, model, {"x": x, "y": y}, rtol={"tiny_caps": 1e-5})
+
+
+def test_the_other_ops_and_attributes_match_too(tmp_path):
+    path = tmp_path / "more-ops.yaml"
+    path.write_text(MORE_OPS)
+    graph = capsflow.compile(path)
+    params = graph.init_params(seed=1)
+    model = export_model(graph, params)
+    rng = np.random.default_rng(3)
+    for n in (2, 5):
+        x = rng.normal(size=(n, 2, 6, 6)).astype(np.float32)
+        y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
+        assert_matches(graph, params, model, {"x": x, "y": y})
+    assert graph.run(params, {"x": x, "y": y})["tied"][:, 0].all()  # ties: the first class
+
+
+def test_the_decoder_is_masked_by_the_predicted_class():
+    """At init every capsule is about as short as the others and the reconstruction
+    hardly depends on the mask; with longer class capsules it does, and the exported
+    model masks by the same class."""
+    graph = capsflow.compile(CAPSNET, {"routing_iters": 1})
+    params = graph.init_params(seed=0)
+    for name in ("digit.W", "fc1.w", "fc2.w", "fc3.w"):  # long capsules, a decoder that shows
+        params[name] *= 10
+    model = export_model(graph, params)
+    x = images(6, seed=4)
+    assert_matches(graph, params, model, {"x": x})
+    lengths = graph.run(params, {"x": x}, outputs=["lengths"])["lengths"]
+    other = np.eye(10, dtype=np.float32)[(lengths.argmax(axis=1) + 1) % 10]
+    wrong = graph.run(params, {"x": x, "y": other}, outputs=["recon"])["recon"]
+    right = graph.run(params, {"x": x}, outputs=["recon"])["recon"]
+    assert np.abs(wrong - right).max() > 0.1 * np.abs(right).max()  # the mask shows
+
+
+@pytest.mark.parametrize("spec, inputs", [
+    # a parameter named as an output: the model holds it and returns it
+    ("inputs: {x: {shape: [N, 4]}}\n"
+     "params: {w: {shape: [4, 3], init: {normal: 1.0}}, v: {shape: [3], init: {normal: 1.0}}}\n"
+     "nodes:\n  - {id: h, op: matmul, in: [x, w]}\noutputs: {h: h, vv: v, v: v}\n",
+     {"x": (5, 4)}),
+    # a class axis that is symbolic: the one-hot argmax counts the classes at run time
+    ("inputs: {x: {shape: [3, N]}}\n"
+     "nodes:\n  - {id: m, op: label_or_argmax, in: [x]}\noutputs: {m: m}\n", {"x": (3, 6)}),
+    # layer_norm's gain on two symbolic axes
+    ("inputs: {x: {shape: [N, T, 4]}, g: {shape: [N, T]}}\n"
+     "nodes:\n  - {id: l, op: layer_norm, in: [x, g], attrs: {axis: [0, 1]}}\noutputs: {l: l}\n",
+     {"x": (2, 5, 4), "g": (2, 5)}),
+], ids=["param-output", "symbolic-classes", "layer-norm-symbolic-axes"])
+def test_graphs_the_review_found_export_and_match(tmp_path, spec, inputs):
+    path = tmp_path / "g.yaml"
+    path.write_text("name: g\n" + spec)
+    graph = capsflow.compile(path)
+    params = graph.init_params(seed=0)
+    model = export_model(graph, params)
+    rng = np.random.default_rng(0)
+    assert_matches(graph, params, model,
+                   {k: rng.normal(size=s).astype(np.float32) for k, s in inputs.items()})
 
 
 def test_names_opset_and_shapes_come_from_the_dag(capsnet):
@@ -147,12 +238,31 @@ nodes:
 outputs: {out: s/n2}
 """
 
+NO_OUTPUT = """\
+name: no-output
+inputs: {x: {shape: [N, 4]}, y: {shape: [N, 4], optional: true}}
+nodes:
+  - {id: err, op: sub, in: [x, y]}
+outputs: {err: err}
+"""
+SWAP = """\
+name: swap
+inputs: {x: {shape: [N, 4]}}
+nodes:
+  - {id: a, op: relu, in: [x]}
+  - {id: b, op: sigmoid, in: [x]}
+outputs: {a: b, b: a}
+"""
+
 
 @pytest.mark.parametrize("spec, message", [
     (LOSS_ONLY, "{path}:5: node 'err': op 'sum_squared_error' cannot be exported to ONNX "
                 "(a training loss); exportable ops: add, conv2d, "),
-    (CLASH, "two values of the ONNX model would be named 's/n2': "),
-], ids=["unexported-op", "name-clash"])
+    (CLASH, "{path}:5: node 's/n2': two values of the ONNX model would be named 's/n2': "),
+    (NO_OUTPUT, "{path}: no output of no-output can be computed without its optional inputs "
+                "(y)"),
+    (SWAP, "{path}: output 'a' (value 'b'): two values of the ONNX model would be named 'a'"),
+], ids=["unexported-op", "name-clash", "no-output", "swapped-outputs"])
 def test_what_cannot_be_exported_is_one_line(tmp_path, capsys, spec, message):
     path, out = tmp_path / "g.yaml", tmp_path / "g.onnx"
     path.write_text(spec)
@@ -160,6 +270,54 @@ def test_what_cannot_be_exported_is_one_line(tmp_path, capsys, spec, message):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and not out.exists()
     assert err.startswith("capsflow export: error: " + message.format(path=path)), err
+
+
+def test_weights_one_file_cannot_hold_are_refused_before_they_are_made(tmp_path, capsys,
+                                                                      monkeypatch):
+    """An ONNX file holds under 2 GiB: baseline-cnn at 120x120 (2.3 GiB of weights) was an
+    internal error after 7 GB of memory; it is refused before init_params runs."""
+    from capsflow.core.graph import Graph
+    monkeypatch.setattr(Graph, "init_params", lambda *a, **k: pytest.fail("weights made"))
+    out = tmp_path / "m.onnx"
+    assert cli_main(["export", str(REPO / "graphs" / "baseline-cnn.yaml"), "--set", "height=120",
+                     "--set", "width=120", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("baseline-cnn's weights are 2.26 GiB in float32; an ONNX file holds at "
+                        "most 2 GiB (protobuf's limit), so this graph cannot be exported as "
+                        "one file\n") and not out.exists()
+
+
+def test_weights_that_float32_cannot_hold_are_one_line(tmp_path, capsys):
+    graph = capsflow.compile(CAPSNET, {"routing_iters": 1})
+    params = {k: v.astype(np.float64) for k, v in graph.init_params(seed=0).items()}
+    params["digit.W"][0, 0, 0, 0] = 1e39
+    capsflow.save_params(tmp_path / "p.npz", params)
+    assert cli_main(["export", str(CAPSNET), "--set", "routing_iters=1", "--checkpoint",
+                     str(tmp_path / "p.npz"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err.endswith(
+        "parameter 'digit.W' has values that are not finite in float32 (NaN, infinite, or "
+        "beyond 3.4e38): it cannot be a weight of the model\n")
+
+
+def test_the_model_file_is_whole_or_absent(tmp_path, capsys):
+    """Written through a temporary file with the permissions of any new file; a folder as
+    -o, or a picture that cannot be drawn, leaves no model."""
+    import os
+    graph = tmp_path / "g.yaml"
+    graph.write_text(CLASH.replace("  - {id: s/n2, op: relu, in: [s]}\n", "")
+                     .replace("{out: s/n2}", "{out: s}"))
+    assert cli_main(["export", str(graph), "-o", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.endswith(f"Is a directory: {tmp_path}\n")
+    out = tmp_path / "m.onnx"
+    assert cli_main(["export", str(graph), "-o", str(out), "--draw",
+                     str(graph / "under-a-file.svg")]) == 2
+    assert not out.exists()
+    capsys.readouterr()
+    assert cli_main(["export", str(graph), "-o", str(out)]) == 0
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml", "m.onnx"]
 
 
 def test_a_parameter_file_exports_its_weights_and_draws(tmp_path, capsys):
@@ -189,7 +347,8 @@ def test_a_training_checkpoint_exports_with_its_settings(tmp_path):
     ckpt, out = tmp_path / "run" / "last.npz", tmp_path / "capsnet.onnx"
     assert cli_main(["export", str(CAPSNET), "--checkpoint", str(ckpt), "-o", str(out)]) == 0
     model = onnx.load(out)
-    assert "routing/0/v" in {n.name for n in model.graph.node}  # routing_iters=1, as trained
+    nodes = {n.name for n in model.graph.node}
+    assert "routing/0/v" in nodes and "routing/1/v" not in nodes  # routing_iters=1, as trained
     graph, params, _ = load_model(CAPSNET, ckpt)
     x, _ = load_split("mnist", "test", SHARED_DATA, limit=20)
     assert_matches(graph, params, model, {"x": x})

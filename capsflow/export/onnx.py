@@ -16,6 +16,7 @@ rounds them there.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,10 @@ from capsflow.errors import CapsflowError, SpecError
 # still take `axes` as an attribute (ReduceSum as an input, from 13).
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17, so that older runtimes and viewers read the file
+
+#: What one ONNX file can hold is under 2 GiB (protobuf's message limit); the nodes of a
+#: model take some of it, so weights are refused a little below.
+MAX_WEIGHT_BYTES = 2**31 - 64 * 2**20
 
 #: Ops that have no place in an inference model, and why.
 NOT_EXPORTED = {"margin_loss": "a training loss", "sum_squared_error": "a training loss"}
@@ -235,7 +240,14 @@ def _label_or_argmax(b: Builder, c: Call) -> None:
         return
     # one-hot argmax (first maximum, as NumPy): argmax == [0, 1, ..., K-1]
     best = b.op("ArgMax", [scores], c.name("argmax"), axis=-1, keepdims=1)
-    classes = b.const(c.name("classes"), np.arange(c.shapes[0][-1]), np.int64)
+    count = c.shapes[0][-1]
+    if isinstance(count, int):
+        classes = b.const(c.name("classes"), np.arange(count), np.int64)
+    else:  # a symbolic class axis: K read from the scores at run time
+        size = b.op("Gather", [b.op("Shape", [scores], c.name("scores_shape")),
+                               b.const(c.name("last"), -1, np.int64)], c.name("count"))
+        classes = b.op("Range", [b.const(c.name("start"), 0, np.int64), size,
+                                 b.const(c.name("step"), 1, np.int64)], c.name("classes"))
     hit = b.op("Equal", [best, classes], c.name("one_hot"))
     b.op("Cast", [hit], c.id, to=TensorProto.FLOAT)
 
@@ -266,24 +278,51 @@ def _zeros(b: Builder, c: Call) -> None:
 
 
 # -- the model ---------------------------------------------------------------------------
+def inference_plan(graph) -> tuple:
+    """(the required inputs, the plan of graph.run without the optional ones, the
+    parameters the model holds), after the checks that need no weights: some output
+    computable, and weights that fit in one ONNX file (callers check before making or
+    loading 2 GiB of weights only to be refused)."""
+    dag = graph.dag
+    required = {n for n, d in dag.nodes(data=True) if d["kind"] == "input" and not d["optional"]}
+    plan = graph.plan(required)
+    if not plan.outputs:
+        optional = sorted(set(graph.spec.inputs) - required)
+        raise CapsflowError(f"{graph.spec.file}: no output of {graph.spec.name} can be computed "
+                            f"without its optional inputs ({', '.join(optional) or 'none'}), "
+                            f"and the exported model is the inference pass, which has none")
+    # Parameters read by the steps, or named as outputs themselves.
+    used = {ref for node in plan.steps for ref in dag.nodes[node]["inputs"]}
+    used |= set(plan.outputs.values())
+    held = [n for n in graph.order if dag.nodes[n]["kind"] == "param" and n in used]
+    size = 4 * sum(math.prod(dag.nodes[n]["shape"]) for n in held)  # float32
+    if size > MAX_WEIGHT_BYTES:  # serialising would fail only at the end
+        raise CapsflowError(f"{graph.spec.name}'s weights are {size / 2**30:.2f} GiB in float32; "
+                            f"an ONNX file holds at most 2 GiB (protobuf's limit), so this "
+                            f"graph cannot be exported as one file")
+    return required, plan, held
+
+
 def export_model(graph, params: dict) -> onnx.ModelProto:
     """The inference forward pass of ``graph`` with ``params`` (float32) as a checked
     ONNX model. An op without an ONNX mapping raises one line naming it and its node."""
     dag = graph.dag
-    required = {n for n, d in dag.nodes(data=True) if d["kind"] == "input" and not d["optional"]}
-    plan = graph.plan(required)  # as graph.run without the optional inputs
+    required, plan, held = inference_plan(graph)
     input_names = [n for n in graph.spec.inputs if n in required]
+    weights = {name: _float32_weight(name, params[name]) for name in held}
     b = Builder(input_names)
     for node in plan.steps:
         _export_node(b, dag, node, plan.absent)
-    used = {ref for node in plan.steps for ref in dag.nodes[node]["inputs"]}
-    for name in graph.order:
-        if dag.nodes[name]["kind"] == "param" and name in used:
-            b.const(name, to_numpy(params[name]))
+    for name, weight in weights.items():
+        b.const(name, weight)
     outputs = []
     for out_name, node in plan.outputs.items():
         if out_name != node:  # e.g. digitcaps -> routing/2/v: the output keeps its own name
-            b.op("Identity", [node], out_name)
+            try:
+                b.op("Identity", [node], out_name)
+            except CapsflowError as exc:
+                raise CapsflowError(f"{graph.spec.file}: output '{out_name}' (value "
+                                    f"'{node}'): {exc}") from None
         outputs.append(_value_info(out_name, dag.nodes[node]["shape"]))
     inputs = [_value_info(n, dag.nodes[n]["shape"]) for n in input_names]
     shapes = [_value_info(n, dag.nodes[n]["shape"]) for n in plan.steps
@@ -300,6 +339,18 @@ def export_model(graph, params: dict) -> onnx.ModelProto:
     return model
 
 
+def _float32_weight(name: str, value) -> np.ndarray:
+    """A parameter as the model's float32 initializer; one line if it does not fit."""
+    array = to_numpy(value)
+    with np.errstate(over="ignore", invalid="ignore"):
+        weight = array.astype(np.float32, copy=False)
+    if not np.isfinite(weight).all():
+        raise CapsflowError(f"parameter '{name}' has values that are not finite in float32 "
+                            f"(NaN, infinite, or beyond 3.4e38): it cannot be a weight of "
+                            f"the model")
+    return weight
+
+
 def _export_node(b: Builder, dag, node: str, absent: set) -> None:
     d = dag.nodes[node]
     if d["op"] not in EXPORTERS:
@@ -314,7 +365,12 @@ def _export_node(b: Builder, dag, node: str, absent: set) -> None:
     call = Call(d["op"], node, refs, [dag.nodes[r]["shape"] if r else None for r in refs],
                 d["attrs"])
     first = len(b.nodes)
-    EXPORTERS[d["op"]](b, call)
+    try:
+        EXPORTERS[d["op"]](b, call)
+    except SpecError:
+        raise
+    except CapsflowError as exc:  # a name clash: say which node met it
+        raise SpecError(str(exc), file=d["file"], line=d["line"], node=node) from None
     for onnx_node in b.nodes[first:]:  # Netron shows where each node came from
         onnx_node.doc_string = f"{d['op']} '{node}' ({d['file']}:{d['line']})"
 
@@ -364,10 +420,10 @@ def _layer_norm(b: Builder, c: Call) -> None:
     trailing = axes == list(range(len(shape) - len(axes), len(shape)))
     for k, (kind, p, p_shape, what) in enumerate(steps):
         if tuple(p_shape) == tuple(shape[a] for a in axes) and not trailing:
-            # shaped like the normalised axes: placed on them, as _placed in ops/
-            target = [(-1 if isinstance(n, str) else n) if i in axes else 1
-                      for i, n in enumerate(shape)]
-            p = b.op("Reshape", [p, b.const(c.name(f"{what}_shape"), target, np.int64)],
+            # shaped like the normalised axes: placed on them, as _placed in ops/ (size-1
+            # axes inserted at the others, so symbolic sizes need no -1 in a Reshape)
+            others = [i for i in range(len(shape)) if i not in axes]
+            p = b.op("Unsqueeze", [p, b.const(c.name(f"{what}_axes"), others, np.int64)],
                      c.name(f"{what}_placed"))
         last = k == len(steps) - 1
         out = b.op(kind, [out, p], c.id if last else c.name(f"times_{what}"))

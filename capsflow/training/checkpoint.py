@@ -8,6 +8,7 @@ the folder (``remove_stale_temporaries``).
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -37,9 +38,14 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     renamed over ``path``. An exception removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # the rename would fail at the end, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                suffix=TEMP_SUFFIX)
     try:
+        # mkstemp's file is private (0600); the file it becomes gets the permissions of
+        # any new file (open() would give 0644 under the usual umask 022).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -49,6 +55,21 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)  # and so is the rename
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (setting it
+    to read it back would, for a moment, apply to files other threads create)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def same_file_atomic(src: str | Path, dst: str | Path) -> None:
