@@ -127,32 +127,37 @@ def test_every_op_of_the_library_is_exported_or_named():
     assert {op for row in rows for op in re.findall(r"`(\w+)`", row)} == set(OPS)
 
 
-def test_ops_outside_graphs_match_too(tmp_path):
-    path = tmp_path / "every-op.yaml"
-    path.write_text(EVERY_OP)
+def exported(tmp_path, spec: str, seed: int) -> tuple:
+    """(graph, params, model) of a graph written from ``spec``."""
+    path = tmp_path / "g.yaml"
+    path.write_text(spec)
     graph = capsflow.compile(path)
-    params = graph.init_params(seed=1)
-    model = export_model(graph, params)
+    params = graph.init_params(seed=seed)
+    return graph, params, export_model(graph, params)
+
+
+def images_and_labels(rng, n: int) -> dict:
+    """EVERY_OP's and MORE_OPS's inputs: x (n, 2, 6, 6) and one-hot y of 3 classes."""
+    return {"x": rng.normal(size=(n, 2, 6, 6)).astype(np.float32),
+            "y": np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]}
+
+
+def test_ops_outside_graphs_match_too(tmp_path):
+    graph, params, model = exported(tmp_path, EVERY_OP, seed=1)
     rng = np.random.default_rng(2)
     for n in (2, 5):
-        x = rng.normal(size=(n, 2, 6, 6)).astype(np.float32)
-        y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
         # 1 - exp(-r) computed directly would be 1e-4 off here, just inside the default
-        assert_matches(graph, params, model, {"x": x, "y": y}, rtol={"tiny_caps": 1e-5})
+        assert_matches(graph, params, model, images_and_labels(rng, n),
+                       rtol={"tiny_caps": 1e-5})
 
 
 def test_the_other_ops_and_attributes_match_too(tmp_path):
-    path = tmp_path / "more-ops.yaml"
-    path.write_text(MORE_OPS)
-    graph = capsflow.compile(path)
-    params = graph.init_params(seed=1)
-    model = export_model(graph, params)
+    graph, params, model = exported(tmp_path, MORE_OPS, seed=1)
     rng = np.random.default_rng(3)
     for n in (2, 5):
-        x = rng.normal(size=(n, 2, 6, 6)).astype(np.float32)
-        y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
-        assert_matches(graph, params, model, {"x": x, "y": y})
-    assert graph.run(params, {"x": x, "y": y})["tied"][:, 0].all()  # ties: the first class
+        inputs = images_and_labels(rng, n)
+        assert_matches(graph, params, model, inputs)
+    assert graph.run(params, inputs)["tied"][:, 0].all()  # ties: the first class
 
 
 def test_the_decoder_is_masked_by_the_predicted_class():
@@ -188,11 +193,7 @@ def test_the_decoder_is_masked_by_the_predicted_class():
      {"x": (2, 5, 4), "g": (2, 5)}),
 ], ids=["param-output", "symbolic-classes", "layer-norm-symbolic-axes"])
 def test_graphs_the_review_found_export_and_match(tmp_path, spec, inputs):
-    path = tmp_path / "g.yaml"
-    path.write_text("name: g\n" + spec)
-    graph = capsflow.compile(path)
-    params = graph.init_params(seed=0)
-    model = export_model(graph, params)
+    graph, params, model = exported(tmp_path, "name: g\n" + spec, seed=0)
     rng = np.random.default_rng(0)
     assert_matches(graph, params, model,
                    {k: rng.normal(size=s).astype(np.float32) for k, s in inputs.items()})

@@ -135,17 +135,23 @@ def test_ranks_on_one_machine_share_its_memory(graph, monkeypatch, measured):
         check_step_fits(graph, Options(), 10, "float32", "lengths", processes_here=2)
 
 
+def mnist_run(batch_size: int) -> tuple:
+    """(config, data) of a run on 40 real MNIST images (skips without them)."""
+    from conftest import SHARED_DATA
+    from capsflow.runners.training import TrainConfig, load_data
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip("real MNIST not found")
+    config = TrainConfig(batch_size=batch_size, num_epochs=1, limit_train=40, limit_test=10,
+                         data_dir=str(SHARED_DATA))
+    return config, load_data(config)
+
+
 def test_the_trainer_checks_a_ranks_share_against_the_ranks_on_its_machine(graph, monkeypatch):
     """A Trainer joined to a world of 2 ranks on this machine checks half the batch against
     half the memory, before it makes parameters or talks to the other rank."""
-    from conftest import SHARED_DATA
     from capsflow.runners.distributed import World
-    from capsflow.runners.training import TrainConfig, Trainer, load_data
-    if not (SHARED_DATA / "mnist").is_dir():
-        pytest.skip("real MNIST not found")
-    config = TrainConfig(batch_size=40, num_epochs=1, limit_train=40, limit_test=10,
-                         data_dir=str(SHARED_DATA))
-    data = load_data(config)
+    from capsflow.runners.training import Trainer
+    config, data = mnist_run(40)
     pretend_memory(monkeypatch, int(1.5 * step_bound(graph, 20)))
     world = World(rank=0, world_size=2, local_rank=0, backend="gloo", timeout=5,
                   local_world_size=2)
@@ -158,14 +164,8 @@ def test_the_trainer_checks_a_ranks_share_against_the_ranks_on_its_machine(graph
 def test_a_compare_job_checks_its_step_against_its_share(graph, monkeypatch):
     """`compare --jobs 2` trains two graphs at once, each on the whole batch: each job's
     step is checked against half of the machine's memory."""
-    from conftest import SHARED_DATA
     from capsflow.runners.compare import train_one
-    from capsflow.runners.training import TrainConfig, load_data
-    if not (SHARED_DATA / "mnist").is_dir():
-        pytest.skip("real MNIST not found")
-    config = TrainConfig(batch_size=20, num_epochs=1, limit_train=40, limit_test=10,
-                         data_dir=str(SHARED_DATA))
-    data = load_data(config)
+    config, data = mnist_run(20)
     pretend_memory(monkeypatch, int(1.5 * step_bound(graph, 20)))
     with pytest.raises(CapsflowError, match=r"training step of capsnet at batch 20 keeps at "
                                             r"least .* the share of each of the 2 processes"):
