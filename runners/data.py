@@ -436,7 +436,8 @@ def _check_data_dir(data_dir: Optional[Union[str, Path]], info: DatasetInfo) -> 
         else:
             files_info = DATASETS[info.source] if info.source else info
             what = (f"a folder holding {files_info.folders[0]}/ with {files_info.offline}")
-        raise DataNotFoundError(f"data directory {path} does not exist; pass --data-dir ROOT, "
+        state = "is not a folder" if path.exists() else "does not exist"
+        raise DataNotFoundError(f"data directory {path} {state}; pass --data-dir ROOT, "
                                 f"{what}")
     return path
 
@@ -493,6 +494,8 @@ def _size_pair(value: Any, flag: str) -> Optional[List[int]]:
         return None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = [int(value), int(value)]
+    elif isinstance(value, (str, bytes)):  # "32" is not the pair [3, 2]
+        pair = []
     else:
         try:
             pair = [int(v) for v in value]
@@ -699,11 +702,19 @@ def _generate(info: DatasetInfo, split: str, x: np.ndarray, y: np.ndarray,
                              f"use a smaller {OPTIONS['count']} or --limit-{split}",
                              copies=3 if keep_parts else 1)  # parts: each digit alone too
         images, labels, parts = [], [], []
+        epoch_words = (f"epoch {epoch}",) if epoch else ()
+        # The base digits of all chunks: one stream of permutations of the split, so each
+        # digit is a base equally often (within one) across chunks. Each chunk takes a
+        # whole chunk's worth, used or not, so that the first N examples stay the same
+        # whatever the count.
+        bases = _Permutations(x.shape[0], _derived_seed(seed, info.name, split, "bases",
+                                                        *epoch_words))
         for chunk in range(-(-wanted // MULTIMNIST_CHUNK)):
             take = min(MULTIMNIST_CHUNK, wanted - chunk * MULTIMNIST_CHUNK)
-            words = (info.name, split, chunk) + ((f"epoch {epoch}",) if epoch else ())
+            words = (info.name, split, chunk) + epoch_words
             m, pair, part = synthetic.multimnist(
-                x, y, MULTIMNIST_CHUNK, _derived_seed(seed, *words))
+                x, y, MULTIMNIST_CHUNK, _derived_seed(seed, *words),
+                order=bases.take(MULTIMNIST_CHUNK))
             images.append(m[:take])
             labels.append(pair[:take])
             if keep_parts:
@@ -715,6 +726,20 @@ def _generate(info: DatasetInfo, split: str, x: np.ndarray, y: np.ndarray,
         return synthetic.pad_and_translate(x, _derived_seed(seed, info.name, split)), y, None
     images, labels = synthetic.affine_test_set(x, y, _derived_seed(seed, info.name, split))
     return images, labels, None
+
+
+class _Permutations:
+    """Successive random permutations of range(n), from one seed, read in pieces."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.rng = n, np.random.default_rng(seed)
+        self.pending = np.empty(0, dtype=np.int64)
+
+    def take(self, count: int) -> np.ndarray:
+        while self.pending.size < count:
+            self.pending = np.concatenate([self.pending, self.rng.permutation(self.n)])
+        taken, self.pending = self.pending[:count], self.pending[count:]
+        return taken
 
 
 def _check_limit(limit: Optional[int]) -> None:

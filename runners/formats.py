@@ -81,6 +81,9 @@ def _pair(value: Optional[Size], what: str) -> Optional[Tuple[int, int]]:
         return None
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = (int(value), int(value))
+    elif isinstance(value, (str, bytes)):  # "32" is not the pair (3, 2)
+        raise DataArgumentError(f"{what} must be an int or an (height, width) pair, "
+                                f"got {value!r}")
     else:
         try:
             pair = tuple(int(v) for v in value)  # type: ignore[union-attr]
@@ -419,15 +422,12 @@ def _cifar_batch(path: Path, verify: bool, num_classes: int) -> Tuple[np.ndarray
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise _fail(path, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
     try:
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError):
+        labels = np.asarray(labels).reshape(-1)
+    except (TypeError, ValueError):  # ragged
         raise _fail(path, "'labels' is not a list of integers") from None
     if labels.shape[0] != data.shape[0]:
         raise _fail(path, f"holds {data.shape[0]:,} images but {labels.shape[0]:,} labels")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise _fail(path, f"labels must lie in 0..{num_classes - 1}, found "
-                          f"{labels.min()}..{labels.max()}")
-    return data, labels
+    return data, _whole_labels(path, labels, 0, num_classes - 1, "'labels'")
 
 
 def _cifar_folder(folder: PathLike) -> Path:
@@ -535,10 +535,20 @@ def read_svhn(folder: PathLike, split: str, verify: bool = True,
     y = np.asarray(y).reshape(-1)
     if y.shape[0] != x.shape[3]:
         raise _fail(path, f"holds {x.shape[3]:,} images but {y.shape[0]:,} labels")
-    if not np.issubdtype(y.dtype, np.number) or y.size == 0 or y.min() < 1 or y.max() > 10:
-        raise _fail(path, "labels 'y' must lie in 1..10 (10 is the digit 0)")
-    labels = y.astype(np.int64) % 10
+    if y.size == 0:
+        raise _fail(path, "holds no images")
+    labels = _whole_labels(path, y, 1, 10, "labels 'y'", " (10 is the digit 0)") % 10
     return _to_float(x.transpose(3, 2, 0, 1)), labels, list(SVHN_CLASSES)
+
+
+def _whole_labels(path: Path, labels: np.ndarray, low: int, high: int, what: str,
+                  note: str = "") -> np.ndarray:
+    """``labels`` as int64, when every one is a whole number in low..high, of any real
+    type (MATLAB stores them as doubles): not NaN, not 3.5, not text."""
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)) \
+            or not np.isin(labels, np.arange(low, high + 1)).all():
+        raise _fail(path, f"{what} must be the whole numbers {low}..{high}{note}")
+    return labels.astype(np.int64)
 
 
 def _check_mat_header(path: Path, dataset: str = "SVHN") -> None:
@@ -674,10 +684,7 @@ def read_affnist(folder: PathLike, limit: Optional[int] = None) -> Arrays:
         raise _fail(path, f"holds {images.shape[1]:,} images but {labels.shape[0]:,} labels")
     if labels.size == 0:
         raise _fail(path, "holds no images")
-    # Whole numbers of any real type (MATLAB may store them as doubles): not NaN, not 3.5.
-    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)) \
-            or not np.isin(labels, np.arange(10)).all():
-        raise _fail(path, "labels 'label_int' must be the whole numbers 0..9")
+    labels = _whole_labels(path, labels, 0, 9, "labels 'label_int'")
     keep = images.shape[1] if limit is None else min(limit, images.shape[1])
     x = images[:, :keep].T.reshape(keep, 1, AFFNIST_SIDE, AFFNIST_SIDE)
     return _to_float(x), labels[:keep].astype(np.int64), [str(d) for d in range(10)]
@@ -853,9 +860,18 @@ def _is_image(path: Path) -> bool:
 
 
 def _image_files(folder: Path) -> List[Path]:
-    """Image files under ``folder`` (recursively, hidden ones skipped), sorted."""
+    """Image files under ``folder`` (recursively, hidden ones skipped), sorted. Linked
+    folders are followed, each real folder once, and never a folder that holds
+    ``folder``: a link back up the tree would be walked again and again (a loop), and
+    count the other classes' images under this one."""
     found = []
+    seen = {(s.st_dev, s.st_ino) for s in map(os.stat, Path(folder).resolve().parents)}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        where = os.stat(dirpath)
+        if (where.st_dev, where.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((where.st_dev, where.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if _is_image(Path(f)))
     return sorted(found)

@@ -68,7 +68,7 @@ def _place(digits: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
 
 
 def multimnist(images: np.ndarray, labels: np.ndarray, count: int, seed: int,
-               shift: int = 4, size: int = 36
+               shift: int = 4, size: int = 36, order: Optional[np.ndarray] = None
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MultiMNIST as in Sabour et al. (2017), Section 6.
 
@@ -79,6 +79,9 @@ def multimnist(images: np.ndarray, labels: np.ndarray, count: int, seed: int,
     (offset (size - 28) / 2 = 4 for 36) and shifted by its own uniform integer (dy, dx)
     in [-shift, shift]. The two canvases are **added and clipped to 1**, as in the
     authors' code (``np.minimum(base + top, 255)``); the paper says only "overlaid".
+    ``order``: the base digits' indices, where the caller draws them (a split made in
+    chunks draws one stream of permutations for all its chunks, so that every digit is
+    a base equally often across them, not within each chunk).
 
     Returns:
         images float32 (count, 1, size, size) in [0, 1]: the overlays;
@@ -105,7 +108,10 @@ def multimnist(images: np.ndarray, labels: np.ndarray, count: int, seed: int,
         raise DataArgumentError("MultiMNIST needs digits of at least two classes")
 
     rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(n) for _ in range(-(-count // n))])[:count]
+    if order is None:
+        order = np.concatenate([rng.permutation(n) for _ in range(-(-count // n))])[:count]
+    elif order.shape != (count,) or order.min() < 0 or order.max() >= n:
+        raise DataArgumentError(f"order must hold {count} indices of the {n} digits")
     base_label = labels[order]
     # Top digit: uniform over the other classes' digits. In the class-sorted index the
     # base class is one block [start, start + n_c); draw r in [0, n - n_c) and skip it.

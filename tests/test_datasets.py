@@ -249,6 +249,12 @@ def test_folder_errors(folder_root, tmp_path):
         load("folder", "train")
     with pytest.raises(DataArgumentError, match="--download does not apply"):
         load("folder", "train", folder_root, download=True)
+    # found by a review: a file given as the root was said not to exist; "32" was 3x2
+    with pytest.raises(DataError, match=r"data directory .*notes\.txt is not a folder"):
+        (tmp_path / "notes.txt").write_text("x")
+        load("folder", "train", tmp_path / "notes.txt")
+    with pytest.raises(DataArgumentError, match=r"must be a positive size .*got '32'"):
+        load("folder", "train", folder_root, size="32")
     _png(folder_root / "test" / "red" / "big.png", np.zeros((40, 40, 3), dtype=np.uint8))
     with pytest.raises(DataError, match="big.png.*pass a size"):
         load_train_test("folder", folder_root)
@@ -315,6 +321,34 @@ def test_fresh_multimnist_draws_new_training_overlays_for_each_epoch(mnist_root,
     whole = load("multimnist", "train", mnist_root, seed=3, fresh=True)
     for epoch in (0, 1, 5):
         assert np.bincount(whole.for_epoch(epoch)[1][:, 0]).tolist() == [6] * 10
+
+
+@pytest.mark.parametrize("fresh_epoch", [None, 3])
+def test_every_digit_is_a_base_equally_often_across_chunks(mnist_root, monkeypatch,
+                                                           fresh_epoch):
+    """Chunks of 16 of a 60-digit split: every digit is a base once in 60 examples, and
+    twice or three times in 150 (a review found each chunk drawing its own permutation:
+    in the default 60,000-example training set a third of the digits were never a base)."""
+    from capsflow.runners import synthetic
+    monkeypatch.setattr(data, "MULTIMNIST_CHUNK", 16)
+    drawn = []
+
+    def recording(*args, order=None, **kwargs):
+        drawn.append(order)
+        return synthetic_multimnist(*args, order=order, **kwargs)
+    synthetic_multimnist = synthetic.multimnist
+    monkeypatch.setattr(synthetic, "multimnist", recording)
+    for count in (60, 150):
+        drawn.clear()
+        made = load("multimnist", "train", mnist_root, count=count, seed=5,
+                    fresh=fresh_epoch is not None)
+        labels = made.labels if fresh_epoch is None else made.for_epoch(fresh_epoch)[1]
+        chunks = -(-count // 16)  # the last ones drawn (with fresh, after epoch 0's)
+        bases = np.concatenate(drawn[-chunks:])[:count]
+        uses = np.bincount(bases, minlength=60)
+        assert uses.min() >= count // 60 and uses.max() <= -(-count // 60), uses
+        assert np.array_equal(labels[:, 0], load("mnist", "train", mnist_root).labels[bases])
+    assert np.bincount(labels[:60, 0]).tolist() == [6] * 10  # 6 digits of each class
 
 
 def test_multimnist_chunks_keep_prefixes(mnist_root, monkeypatch):

@@ -310,17 +310,20 @@ def test_cifar10_bad_batches(tmp_path):
     written = _cifar_fixture(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
     data, labels = written["test_batch"]
-    cases = {
-        "not a readable CIFAR-10 pickle": b"\x80\x02garbage",
-        "holds a list": pickle.dumps([1, 2]),
-        "lacks the 'data' array": pickle.dumps({"labels": labels}),
-        r"'data' is uint8 \(3, 100\)": pickle.dumps({"data": data[:, :100], "labels": labels}),
-        "holds 3 images but 2 labels": pickle.dumps({"data": data, "labels": labels[:2]}),
-        "labels must lie in 0..9": pickle.dumps({"data": data, "labels": [0, 1, 12]}),
-        "not a readable CIFAR-10 pickle: .*truncated|not a readable": pickle.dumps(
-            {"data": data, "labels": labels})[:-40],
-    }
-    for expected, payload in cases.items():
+    whole = "'labels' must be the whole numbers 0..9"
+    cases = [
+        ("not a readable CIFAR-10 pickle", b"\x80\x02garbage"),
+        ("holds a list", pickle.dumps([1, 2])),
+        ("lacks the 'data' array", pickle.dumps({"labels": labels})),
+        (r"'data' is uint8 \(3, 100\)", pickle.dumps({"data": data[:, :100], "labels": labels})),
+        ("holds 3 images but 2 labels", pickle.dumps({"data": data, "labels": labels[:2]})),
+        (whole, pickle.dumps({"data": data, "labels": [0, 1, 12]})),
+        (whole, pickle.dumps({"data": data, "labels": [0, 3.5, 1]})),  # was read as 3
+        (whole, pickle.dumps({"data": data, "labels": [0, "1", 1]})),
+        ("not a readable CIFAR-10 pickle: .*truncated|not a readable", pickle.dumps(
+            {"data": data, "labels": labels})[:-40]),
+    ]
+    for expected, payload in cases:
         path.write_bytes(payload)
         with pytest.raises(DataError, match=expected) as err:
             read_cifar10(tmp_path, "test", verify=False)
@@ -403,7 +406,10 @@ def test_svhn_bad_files(svhn):
         ("lacks the variable 'X' or 'y'", lambda: sio.savemat(path, {"X": x})),
         (r"'X' is uint8 \(32, 32, 1, 5\)", lambda: sio.savemat(path, {"X": x[:, :, :1], "y": y})),
         ("holds 5 images but 4 labels", lambda: sio.savemat(path, {"X": x, "y": y[:4]})),
-        ("must lie in 1..10", lambda: sio.savemat(path, {"X": x, "y": y * 0})),
+        ("must be the whole numbers 1..10", lambda: sio.savemat(path, {"X": x, "y": y * 0})),
+        # found by a review: NaN and 3.5 were read as the digits 2 and 3, with a warning
+        ("must be the whole numbers 1..10", lambda: sio.savemat(
+            path, {"X": x, "y": np.where(np.arange(5) < 2, np.nan, 3.5)[:, None]})),
     ]
     for expected, write in cases:
         write()
@@ -691,6 +697,22 @@ def test_image_folder_round_trip(folder_tree):
     np.testing.assert_array_equal(xt[:, 0], xt[:, 2])
     resized, _, _ = read_image_folder(root, "test", size=(12, 10), crop=8)
     assert resized.shape == (4, 1, 8, 8)
+
+
+def test_image_folder_walks_each_real_folder_once(folder_tree):
+    """Links back up the tree (a review found two of them made the walk grow without end,
+    and one counted the other class's images under this one ~40 times) are followed once;
+    a linked folder elsewhere is read as the class's own."""
+    root, arrays = folder_tree
+    cat = root / "train" / "cat"
+    (cat / "up").symlink_to("..")
+    (cat / "up2").symlink_to("..")
+    (cat / "self").symlink_to(".")
+    _png(root / "elsewhere" / "extra.png", arrays[("train", "cat", 0)])
+    (root / "train" / "dog" / "more").symlink_to(root / "elsewhere")
+    x, y, names = read_image_folder(root, "train")
+    assert names == ["cat", "dog"] and y.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    # cat: its own 3 images (up/, up2/ and self/ hold it); dog: its 3 and extra.png
 
 
 def test_image_folder_colour_and_sizes(folder_tree):
