@@ -33,6 +33,24 @@ def test_gradcheck_catches_a_wrong_vjp(monkeypatch):
     assert report["digit.W"] > 1e-3
 
 
+@pytest.mark.parametrize("wrong_by", [1e-3, 2e-3])
+def test_gradcheck_catches_a_gradient_a_tenth_of_a_percent_wrong(monkeypatch, wrong_by):
+    """A review found gradients 0.1% wrong reported as 0.0: the round-off allowance of
+    the smallest step (0.3% of a small gradient) was subtracted from every step's error
+    and the most lenient step counted. The error must be seen, well above 1e-4."""
+    graph = capsflow.compile(CAPSNET, overrides={"routing_iters": 1, "conv1_maps": 16,
+                                                 "primary_types": 4})
+    honest = graph.value_and_grad
+
+    def wrong(*args, **kwargs):
+        outputs, grads = honest(*args, **kwargs)
+        return outputs, {**grads, "digit.W": grads["digit.W"] * (1 + wrong_by)}
+    monkeypatch.setattr(graph, "value_and_grad", wrong)
+    params = graph.init_params(seed=1, dtype="float64")
+    report = graph_gradcheck(graph, params, random_batch(graph, 2, seed=1), directions=1)
+    assert report["digit.W"] > wrong_by / 2 > DEFAULT_TOLERANCE, report["digit.W"]
+    assert report["conv1.w"] <= DEFAULT_TOLERANCE
+
 
 TINY = """\
 name: tiny
