@@ -64,6 +64,8 @@ def _(xp, saved, g, needs, *, axis, keepdims):
 norm = defop("norm", inputs=("x",), attrs={"axis": -1, "eps": 0.0}, saves=("x", "out"),
              doc="vector length |x| = sqrt(sum(x^2, axis)); eps > 0 gives "
                  "sqrt(sum(x^2, axis) + eps) instead")
+
+
 @norm.shape
 def _(x, *, axis, eps):
     non_negative_eps("norm", eps)
