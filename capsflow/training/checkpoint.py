@@ -8,6 +8,7 @@ the folder (``remove_stale_temporaries``).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -44,8 +45,10 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
                                suffix=TEMP_SUFFIX)
     try:
         # mkstemp's file is private (0600); the file it becomes gets the permissions of
-        # any new file (open() would give 0644 under the usual umask 022).
-        os.fchmod(fd, 0o666 & ~_umask())
+        # any new file (open() would give 0644 under the usual umask 022), where the file
+        # system has permissions to set (some network and FAT mounts refuse chmod).
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
