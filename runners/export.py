@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-
 from capsflow.cli import add_graph_arguments, compile_from_args
 from capsflow.export.onnx import OPSET, export_model, inference_plan
 from capsflow.lang.yamlio import parse_override

@@ -687,7 +687,7 @@ def read_affnist(folder: PathLike, limit: Optional[int] = None) -> Arrays:
     labels = _whole_labels(path, labels, 0, 9, "labels 'label_int'")
     keep = images.shape[1] if limit is None else min(limit, images.shape[1])
     x = images[:, :keep].T.reshape(keep, 1, AFFNIST_SIDE, AFFNIST_SIDE)
-    return _to_float(x), labels[:keep].astype(np.int64), [str(d) for d in range(10)]
+    return _to_float(x), labels[:keep], [str(d) for d in range(10)]
 
 
 # ------------------------------------------------------------------------ smallNORB

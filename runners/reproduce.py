@@ -262,9 +262,9 @@ def curves_figure(rows: list, path: Path) -> Path:
                   if e.get("kind") == "epoch" and e.get("test_acc") is not None]
         if not epochs:
             continue
-        errors += [100 * (1 - e["test_acc"]) for e in epochs]
-        line, = ax.plot([e["epoch"] for e in epochs],
-                        [100 * (1 - e["test_acc"]) for e in epochs], marker="o",
+        error = [100 * (1 - e["test_acc"]) for e in epochs]
+        errors += error
+        line, = ax.plot([e["epoch"] for e in epochs], error, marker="o",
                         markersize=3, label=f"{r['recipe']} ({r['card'].get('backend', '?')})"
                         if isinstance(r.get("card"), dict) else r["recipe"])
         if r["paper_test_acc"] is not None:

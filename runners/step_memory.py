@@ -68,7 +68,8 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
     """One line, before a NumPy training step of ``batch`` examples (computing ``loss``,
     and ``scores`` where given) is run, when it cannot fit in this machine's memory, or
     in its share of it when ``processes_here`` processes train at once on this machine
-    (data-parallel ranks, `compare --jobs`). ``log`` gets a line when the step is measured (a few seconds)."""
+    (data-parallel ranks, `compare --jobs`). ``log`` gets a line when the step is
+    measured (a few seconds)."""
     if options.backend != "numpy" or "loss" not in graph.spec.outputs:
         return
     outputs = ["loss"] + ([scores] if scores else [])
