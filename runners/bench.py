@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -243,6 +244,10 @@ def report(fig: dict, top: int) -> str:
              f"machine: {fig['machine']}"]
     for name, row in fig["frameworks"].items():
         lines.append(f"{name}: {row['info']}; loss at step 1 {row['first_loss']:.6f}")
+        if not math.isfinite(row["first_loss"]):
+            lines.append(f"note: {name}'s loss is {row['first_loss']}: the times stand, "
+                         "but this graph's numbers are not finite (capsflow gradcheck and "
+                         "render --grad-norms show where)")
     blas_env = [k for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ]
     if blas_env:
         lines.append(f"note: {' and '.join(blas_env)} set: OpenBLAS may not pick its "

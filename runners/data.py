@@ -915,6 +915,25 @@ def shift_images(images: np.ndarray, shifts: np.ndarray, max_shift: int) -> np.n
     return np.ascontiguousarray(gathered.transpose(0, 3, 1, 2))
 
 
+def _class_indices(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``labels`` as int64, refused unless every one is a whole number in [0, num_classes):
+    one_hot would turn -1 into the last class without a word, and a label past the end
+    into an IndexError in the middle of an epoch."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return labels.astype(np.int64)
+    if labels.dtype.kind not in "iub":
+        if labels.dtype.kind != "f" or not np.all(np.isfinite(labels)) \
+                or not np.all(labels == np.round(labels)):
+            raise DataArgumentError(f"labels must be whole class numbers, got dtype "
+                                    f"{labels.dtype} with values that are not")
+    low, high = labels.min(), labels.max()
+    if low < 0 or high >= num_classes:
+        raise DataArgumentError(f"labels must lie in [0, {num_classes}) for {num_classes} "
+                                f"classes, got values from {low} to {high}")
+    return labels.astype(np.int64)
+
+
 class BatchIterator:
     """Mini-batches over (images, labels), re-iterable: each ``iter()`` is a new epoch.
 
@@ -955,8 +974,10 @@ class BatchIterator:
             raise DataArgumentError(f"batch size must be >= 1, got {batch_size}")
         if augment_shift < 0:
             raise DataArgumentError(f"augment_shift must be >= 0 pixels, got {augment_shift}")
+        if num_classes < 1:
+            raise DataArgumentError(f"num_classes must be >= 1, got {num_classes}")
         self.images = np.ascontiguousarray(images, dtype=np.float32)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = _class_indices(labels, num_classes)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.augment_shift = int(augment_shift)
@@ -974,7 +995,7 @@ class BatchIterator:
             raise DataArgumentError(f"replacement examples {images.shape}, {labels.shape} "
                                     f"differ from {self.images.shape}, {self.labels.shape}")
         self.images = np.ascontiguousarray(images, dtype=np.float32)
-        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labels = _class_indices(labels, self.num_classes)
 
     def __len__(self) -> int:
         """Number of batches per epoch."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str):
     low, high = norms.range()
     print(f"one batch of {norms.batch} ({source}, {weights}): loss {norms.loss:.4f}, "
           f"gradient norms {low:.2e} .. {high:.2e}")
+    if not math.isfinite(norms.loss):
+        print(f"note: the loss is {norms.loss}: the norms drawn are those of a graph whose "
+              "numbers are not finite")
     if args.stats:
         about = {"graph": graph.spec.name, "file": graph.spec.file, "vars": graph.spec.vars,
                  "loss_output": args.loss, "input": source, "weights": weights}

@@ -79,6 +79,10 @@ def test_report_gives_gpu_steps_in_milliseconds():
     assert "median ms/step" in text and re.search(r"^capsflow\s+4\.27\s+4\.10\s+4\.31\s", text, re.M)
     assert "backend cupy fp32, --no-replay, 3 timed steps" in text
     assert "median s/step" in report(dict(fig, options=asdict(Options())), 5)
+    assert "not finite" not in text
+    nan_row = dict(row, first_loss=float("nan"))
+    said = report(dict(fig, frameworks={"capsflow": nan_row}), 5)
+    assert "note: capsflow's loss is nan: the times stand" in said
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs real MNIST")

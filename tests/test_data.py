@@ -184,6 +184,26 @@ def _epoch(it: BatchIterator) -> list:
     return [(x.copy(), y.copy()) for x, y in it]
 
 
+@pytest.mark.parametrize("bad, said", [
+    (np.array([0, 1, -1, 2]), r"\[0, 10\).*from -1 to 2"),
+    (np.array([0, 10, 3, 2]), r"\[0, 10\).*from 0 to 10"),
+    (np.array([0.0, 1.5, 2.0, 3.0]), "whole class numbers"),
+    (np.array([0.0, np.nan, 2.0, 3.0]), "whole class numbers"),
+    (np.array(["0", "1", "2", "3"]), "whole class numbers"),
+])
+def test_labels_outside_the_classes_are_refused(bad, said):
+    # -1 was the last class's one-hot, 10 an IndexError in the middle of an epoch.
+    images, labels = _toy(4)
+    with pytest.raises(data.DataArgumentError, match=said):
+        BatchIterator(images, bad, batch_size=2)
+    it = BatchIterator(images, labels, batch_size=2)
+    with pytest.raises(data.DataArgumentError, match=said):
+        it.replace_examples(images, bad)
+    whole = BatchIterator(images, labels.astype(np.float64), batch_size=4, shuffle=False,
+                          augment_shift=0)
+    np.testing.assert_array_equal(next(iter(whole))[1].argmax(1), labels)
+
+
 def test_batches_shapes_and_one_hot():
     images, labels = _toy(10)
     it = BatchIterator(images, labels, batch_size=4, shuffle=False, augment_shift=0)

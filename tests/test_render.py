@@ -215,6 +215,20 @@ outputs: {loss: loss}
 
 
 @needs_dot
+@pytest.mark.filterwarnings("ignore:invalid value encountered in log")
+def test_a_loss_that_is_not_finite_is_said(tmp_path, capsys):
+    # log of a matmul with values below zero: the loss is NaN; the picture is drawn, and
+    # the line says so (it printed "loss nan" as though all were well).
+    spec = tmp_path / "nan.yaml"
+    spec.write_text(TINY.replace("op: mean, in: [gated]", "op: mean, in: [logged]").replace(
+        "  - {id: loss,", "  - {id: logged, op: log, in: [h]}\n  - {id: loss,"))
+    rc = main(["render", str(spec), "--grad-norms", "--random-input", "--bs", "3",
+               "-o", str(tmp_path / "nan.svg")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "note: the loss is nan" in out and (tmp_path / "nan.svg").is_file()
+
+
+@needs_dot
 def test_stop_gradient_is_cut_and_a_value_used_twice_is_summed(tmp_path, capsys):
     spec = tmp_path / "tiny.yaml"
     spec.write_text(TINY)
