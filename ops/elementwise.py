@@ -32,6 +32,29 @@ def _(xp, x):
 sigmoid.vjp(lambda xp, saved, g, needs: (g * saved["out"] * (1 - saved["out"]),))
 
 
+log_sigmoid = defop("log_sigmoid", inputs=("x",), saves=("x",),
+                    doc="ln(1 / (1 + exp(-x))), without the log(sigmoid) underflow")
+
+
+@log_sigmoid.shape
+def _(x):
+    return x
+
+
+@log_sigmoid.forward
+def _(xp, x):
+    # min(x, 0) - ln(1 + exp(-|x|)): log(sigmoid(x)) is -inf in float32 below x = -104,
+    # where this is x
+    return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
+@log_sigmoid.vjp
+def _(xp, saved, g, needs):
+    x = saved["x"]   # d ln sigmoid(x) / dx = 1 - sigmoid(x) = sigmoid(-x), split by sign
+    e = xp.exp(-xp.abs(x))
+    return (g * xp.where(x >= 0, e / (1 + e), 1 / (1 + e)),)
+
+
 def _binary(name: str, doc: str, saves: tuple = ()):
     op = defop(name, inputs=("a", "b"), saves=saves, doc=doc)
     op.shape(lambda a, b: broadcast(a, b))

@@ -75,10 +75,11 @@ nodes:
   - {id: caps, op: squash, in: [lin], attrs: {axis: -1, eps: 0.5}}
   - {id: length, op: norm, in: [lin], attrs: {axis: -1, eps: 0.5}}
   - {id: shifted, op: offset, in: [lin], attrs: {by: 0.5}}
+  - {id: log_act, op: log_sigmoid, in: [lin]}
   - {id: flat_scores, op: scale, in: [lin], attrs: {by: 0.0}}
   - {id: tied, op: label_or_argmax, in: [flat_scores]}
 outputs: {lsm: lsm, xent: xent, root: root, inv_root: inv_root, caps: caps, length: length,
-          shifted: shifted, tied: tied}
+          shifted: shifted, log_act: log_act, tied: tied}
 """
 
 

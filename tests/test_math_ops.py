@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import capsflow
+from capsflow.backends import get_backend
 from capsflow.core.gradcheck import apply_op, graph_gradcheck
 from capsflow.core.opdef import get_op
 from capsflow.core.shapes import ShapeError
@@ -28,6 +29,25 @@ def T(a):
 
 
 # -- forward values ----------------------------------------------------------------------
+def test_log_sigmoid_stays_finite_where_log_of_sigmoid_does_not():
+    """EM routing's ln a_j: log(sigmoid(x)) is -inf in float32 below about -104 (and its
+    gradient NaN); log_sigmoid is x there, with gradient 1, and matches PyTorch elsewhere."""
+    x = np.array([-1000.0, -200.0, -104.0, -20.0, -1.0, 0.0, 1.0, 20.0, 200.0], np.float32)
+    with np.errstate(divide="ignore"):
+        assert np.isneginf(np.log(fwd("sigmoid", x)[:2])).all()
+    out, saved, attrs, variant = apply_op("log_sigmoid", "numpy", [x])
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_allclose(out, F.logsigmoid(torch.from_numpy(x)).numpy(), rtol=1e-6,
+                               atol=1e-30)
+    (grad,) = get_op("log_sigmoid").run_vjp(get_backend("numpy"), variant, saved,
+                                            np.ones_like(x), (True,), attrs)
+    np.testing.assert_allclose(grad, 1 / (1 + np.exp(x.astype(np.float64))), rtol=1e-6,
+                               atol=1e-40)  # float32 has nothing near 1e-87
+    wide = rng.standard_normal(50) * 30
+    np.testing.assert_allclose(fwd("log_sigmoid", wide), F.logsigmoid(T(wide)).numpy(),
+                               rtol=1e-14, atol=0)
+
+
 def test_elementwise_ops_compute_their_formulas():
     a, b = rng.standard_normal((3, 4)), rng.uniform(0.5, 2, 4)
     np.testing.assert_array_equal(fwd("div", a, b), a / b)

@@ -19,6 +19,9 @@ def one_hot(rows, k):
 CASES = [
     ("relu", [R(3, 4)], {}),
     ("sigmoid", [R(3, 4) * 4], {}),
+    # from np.linspace, not rng, so that the cases after it keep their values; down to
+    # -120, where log(sigmoid) would be -inf in float32
+    ("log_sigmoid", [np.linspace(-120.0, 30.0, 12).reshape(3, 4)], {}),
     ("add", [R(3, 4), R(4)], {}),
     ("sub", [R(3, 1), R(3, 4)], {}),
     ("mul", [R(2, 3, 1), R(3, 4)], {}),

@@ -107,6 +107,18 @@ def _same(b: Builder, c: Call) -> None:
     b.op(SAME[c.op], c.inputs, c.id)
 
 
+@exports("log_sigmoid")
+def _log_sigmoid(b: Builder, c: Call) -> None:
+    # min(x, 0) - ln(1 + exp(-|x|)), as in ops/elementwise.py (ONNX has no LogSigmoid)
+    x = c.inputs[0]
+    zero = b.const(c.name("zero"), 0.0)
+    tail = b.op("Exp", [b.op("Neg", [b.op("Abs", [x], c.name("abs"))], c.name("neg_abs"))],
+                c.name("exp"))
+    softplus = b.op("Log", [b.op("Add", [b.const(c.name("one"), 1.0), tail], c.name("one_plus"))],
+                    c.name("log1p"))
+    b.op("Sub", [b.op("Min", [x, zero], c.name("min0")), softplus], c.id)
+
+
 @exports("scale")
 def _scale(b: Builder, c: Call) -> None:
     b.op("Mul", [c.inputs[0], b.const(c.name("by"), c.attrs["by"])], c.id)
