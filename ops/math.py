@@ -50,5 +50,10 @@ log.vjp(lambda xp, saved, g, needs: (g / saved["x"],))
 pow_ = _unary("pow", "x ** exponent, element-wise (x > 0 unless the exponent is a whole "
                      "number)", saves=("x",), attrs={"exponent": Attr(float, 2.0)})
 pow_.forward(lambda xp, x, *, exponent: x ** exponent)
-pow_.vjp(lambda xp, saved, g, needs, *, exponent:
-         (exponent * saved["x"] ** (exponent - 1) * g,))
+
+
+@pow_.vjp
+def _(xp, saved, g, needs, *, exponent):
+    if exponent == 0:  # x ** 0 is constant: 0 * 0 ** -1 would be NaN at x = 0
+        return (xp.zeros_like(g),)
+    return (exponent * saved["x"] ** (exponent - 1) * g,)

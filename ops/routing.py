@@ -46,20 +46,27 @@ def _radius(xp, s, axis, eps):
     return xp.sqrt((s * s).sum(axis=axis, keepdims=True) + eps)
 
 
+def _factor(xp, r):
+    """f(r) = (1 - e^-r) / r, and its limit 1 at r = 0 (eps = 0 and a zero capsule):
+    expm1 keeps 1 - e^-r accurate for the small r of unused capsules."""
+    positive = r > 0
+    return xp.where(positive, -xp.expm1(-r) / xp.where(positive, r, 1), 1)
+
+
 @squash_exp.forward
 def _(xp, s, *, axis, eps):
-    r = _radius(xp, s, axis, eps)
-    return s * (-xp.expm1(-r) / r)
+    return s * _factor(xp, _radius(xp, s, axis, eps))
 
 
 @squash_exp.vjp
 def _(xp, saved, g, needs, *, axis, eps):
     # v = f(r) s with f(r) = (1 - e^-r) / r and dr/ds = s / r, so
-    # J^T g = f g + (f'(r) / r) <g, s> s, f'(r) / r = (r e^-r - (1 - e^-r)) / r^3;
-    # expm1 keeps 1 - e^-r accurate for the small r (>= sqrt(eps)) of unused capsules.
+    # J^T g = f g + (f'(r) / r) <g, s> s, and f'(r) r = e^-r - f, so the second term is
+    # (e^-r - f) <g, s / r> s / r: bounded factors (f'(r) / r = ... / r^3 overflows
+    # float32 for long capsules), and 0 at s = 0, where 1/r is taken as 1.
     s = saved["s"]
     r = _radius(xp, s, axis, eps)
-    one_minus = -xp.expm1(-r)
-    f = one_minus / r
-    df_over_r = (r * xp.exp(-r) - one_minus) / (r * r * r)
-    return (f * g + (df_over_r * (g * s).sum(axis=axis, keepdims=True)) * s,)
+    f = _factor(xp, r)
+    inv_r = 1 / xp.where(r > 0, r, 1)
+    k = (xp.exp(-r) - f) * ((g * s).sum(axis=axis, keepdims=True) * inv_r) * inv_r
+    return (f * g + k * s,)

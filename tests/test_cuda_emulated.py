@@ -57,6 +57,23 @@ def test_rowwise_kernels(emu, dtype, op, kind, eps):
         assert not fused[1, 2].any()
 
 
+@pytest.mark.parametrize("eps", [0.0, 1e-7])
+def test_squash_kernels_on_long_capsules_in_float32(emu, eps):
+    """|s| up to 5e9: the kernels divide a factor at a time, as ops/caps.py, so float32
+    neither overflows nor drops the gradient's radial term (the float64 reference)."""
+    rng = _rng()
+    x = rng.standard_normal((3, 4, 16)) * np.array([1e4, 3e5, 1e8, 5e9])[:, None]
+    g = rng.standard_normal((3, 4, 16))
+    opdef, attrs = get_op("squash"), {"axis": -1, "eps": eps}
+    x32, g32 = x.astype(np.float32), g.astype(np.float32)
+    out = kernels.rowwise(emu, "squash_fwd", -1, x32, eps=eps)
+    grad = kernels.rowwise(emu, "squash_vjp", -1, x32, g32, eps=eps)
+    np.testing.assert_allclose(out, opdef.forward_fn(np, x, **attrs), rtol=1e-5)
+    want = opdef.vjp_fn(np, {"s": x}, g, (True,), **attrs)[0]
+    assert np.isfinite(grad).all()
+    np.testing.assert_allclose(grad, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("subs,out", [(["nijd", "njd"], "nij"), (["njd", "nijd"], "nij"),
                                       (["nij", "nijd"], "njd"), (["nijd", "nij"], "njd")])
 def test_routing_contractions(emu, subs, out):

@@ -148,6 +148,26 @@ def test_a_scalar_input_is_fed_as_a_scalar(tmp_path):
     np.testing.assert_array_equal(out, np.full((2, 3), 2.0))
 
 
+def test_an_empty_batch_is_one_clear_error(tmp_path):
+    """N = 0 ran into a NumPy ValueError in softmax's max (and a NaN mean elsewhere)."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("inputs: {x: {shape: [N, 3]}}\n"
+                    "nodes: [{id: p, op: softmax, in: [x], attrs: {axis: 0}},\n"
+                    "        {id: loss, op: mean, in: [p]}]\noutputs: {loss: loss}\n")
+    graph = capsflow.compile(path)
+    assert graph.run({}, {"x": np.ones((2, 3))})["loss"] == pytest.approx(1 / 2)
+    with pytest.raises(CapsflowError, match=r"input 'x' has shape \(0, 3\): N is 0"):
+        graph.run({}, {"x": np.ones((0, 3))})
+
+
+def test_label_or_argmax_needs_a_class_axis(tmp_path):
+    path = tmp_path / "scalar.yaml"
+    path.write_text("inputs: {s: {shape: []}}\n"
+                    "nodes: [{id: m, op: label_or_argmax, in: [s]}]\noutputs: {m: m}\n")
+    with pytest.raises(CapsflowError, match="label_or_argmax needs scores with a class axis"):
+        capsflow.compile(path)
+
+
 @pytest.mark.parametrize("stem, overrides", [("capsnet", {"routing_iters": 5}),
                                               ("capsnet", {"routing_iters": 60}),
                                               ("capsnet-em", {}), ("capsnet-attention", {})])

@@ -157,6 +157,44 @@ def test_saved_activations_are_freed_right_after_their_last_use(tmp_path, monkey
     assert alive_at == [[], [False], [False, False]]
 
 
+TWO_SPLITS = """
+    inputs: {x: {shape: [N, 1]}}
+    params:
+      p: {shape: [2, 3, 4, 5], init: {normal: 1.0}}
+      q: {shape: [2, 4, 5], init: {normal: 1.0}}
+      r: {shape: [3, 4, 5], init: {normal: 1.0}}
+    nodes:
+      - {id: e1, op: einsum, in: [p, q], attrs: {eq: "abcd,acd->abc"}}
+      - {id: e2, op: einsum, in: [p, r], attrs: {eq: "abcd,bcd->ab"}}
+      - {id: e3, op: einsum, in: [p, q], attrs: {eq: "abcd,acd->abc"}}
+      - {id: s1, op: sum, in: [e1]}
+      - {id: s2, op: sum, in: [e2]}
+      - {id: s3, op: sum, in: [e3]}
+      - {id: xs, op: sum, in: [x]}
+      - {id: a, op: add, in: [s1, s2]}
+      - {id: b, op: add, in: [a, s3]}
+      - {id: loss, op: add, in: [b, xs]}
+    outputs: {loss: loss}
+"""
+
+
+@pytest.mark.parametrize("fast_paths", [False, True])
+def test_outer_terms_that_split_a_value_differently_are_summed(tmp_path, fast_paths):
+    """p's gradient arrives as outer products of factors (2, 3, 4) x (2, 4, 5) from e1 and
+    e3 but (1, 2, 3) x (1, 3, 20) from e2: the terms were summed as one group, a
+    ValueError."""
+    path = tmp_path / "splits.yaml"
+    path.write_text(textwrap.dedent(TWO_SPLITS))
+    graph = capsflow.compile(path)
+    params, x = graph.init_params(dtype="float64"), {"x": np.ones((2, 1))}
+    _, grads = graph.value_and_grad(params, x, backend=Options(fast_paths=fast_paths))
+    p, q, r = params["p"], params["q"], params["r"]
+    want = 2 * np.broadcast_to(q[:, None], p.shape) + np.broadcast_to(r[None], p.shape)
+    np.testing.assert_allclose(grads["p"], want, rtol=1e-12)
+    _, plain = graph.value_and_grad(params, x, backend=Options(factored_grads=False))
+    np.testing.assert_allclose(grads["p"], plain["p"], rtol=1e-12)
+
+
 def test_factored_gradients_only_where_asked():
     g, v = np.ones((2, 3, 4)), np.ones((2, 4, 5))
     assert isinstance(as_outer(np, ["nij", "njd"], "nijd", (g, v)), Outer)

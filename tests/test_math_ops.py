@@ -58,6 +58,14 @@ def test_elementwise_ops_compute_their_formulas():
     np.testing.assert_array_equal(fwd("pow", a), a ** 2.0)          # default exponent 2
     np.testing.assert_array_equal(fwd("pow", b, exponent=-1.5), b ** -1.5)
     assert get_op("pow").attrs["exponent"].default == 2.0
+
+    # exponent 0: x ** 0 is 1 everywhere, so its gradient is 0, at x = 0 too (was 0 * inf)
+    zero_one = np.array([0.0, 1.0, -2.0])
+    out, saved, attrs, variant = apply_op("pow", "numpy", [zero_one], {"exponent": 0.0})
+    (grad,) = get_op("pow").run_vjp(get_backend("numpy"), variant, saved,
+                                    np.ones_like(zero_one), (True,), attrs)
+    np.testing.assert_array_equal(out, 1.0)
+    np.testing.assert_array_equal(grad, 0.0)
     assert get_op("layer_norm").attrs["eps"].default == 1e-5
 
 

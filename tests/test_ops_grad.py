@@ -63,6 +63,31 @@ def test_squash_is_zero_with_a_zero_gradient_at_zero(fast_paths, eps):
     np.testing.assert_allclose(out[0], n * n / (1 + n * n) * s[0] / r, rtol=1e-12)
 
 
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["reference", "cpu"])
+@pytest.mark.parametrize("eps", [0.0, 1e-7])
+@pytest.mark.parametrize("size", [1e4, 3e5, 1e8, 5e9])
+def test_squash_gradient_of_long_capsules_in_float32(fast_paths, eps, size):
+    """Written as one fraction, the VJP's denominators overflowed float32 from |s| of about
+    5e7 (eps = 0) or 3e5 (eps > 0): the radial term fell to 0 (a gradient 13-63% off) or
+    NaN. Divided a factor at a time they do not; against float64 (where nothing
+    overflows at these sizes) to float32 round-off."""
+    from capsflow.backends import get_backend
+    from capsflow.core.gradcheck import apply_op
+    be = get_backend(Options(fast_paths=fast_paths))
+    rng = np.random.default_rng(3)
+    s = (rng.standard_normal((4, 8)) * size).astype(np.float32)
+    g = rng.standard_normal((4, 8)).astype(np.float32)
+    op = get_op("squash")
+    outs = []
+    for x, dy in ((s, g), (s.astype(np.float64), g.astype(np.float64))):
+        out, saved, attrs, variant = apply_op("squash", be, [x], {"axis": -1, "eps": eps})
+        outs.append((out, op.run_vjp(be, variant, saved, dy, (True,), attrs)[0]))
+    (out32, grad32), (out64, grad64) = outs
+    assert np.isfinite(grad32).all()
+    np.testing.assert_allclose(out32, out64, rtol=1e-5)
+    np.testing.assert_allclose(grad32, grad64, rtol=1e-4, atol=1e-5 * np.abs(grad64).max())
+
+
 @pytest.mark.parametrize("eps", [0.0, 1e-7])
 def test_norm_is_the_exact_length_with_a_zero_gradient_at_zero(eps):
     """norm is |x| (sqrt(|x|^2 + eps) with the eps option); its gradient x / |x| is 0 at
@@ -112,3 +137,30 @@ def test_squash_exp_matches_its_formula_and_is_finite_at_zero():
     out, saved, attrs, _ = apply_op("squash_exp", "numpy", [zero], {"axis": -1})
     (g,) = op.vjp_fn(np, saved, np.ones_like(zero), (True,), **attrs)
     assert np.all(out == 0) and np.isfinite(g).all()
+
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_squash_exp_without_eps_is_its_limit_at_zero_and_finite_for_long_capsules(dtype):
+    """eps = 0 (accepted by the shape rule): at s = 0 the value is 0 and the Jacobian the
+    identity (it was 0/0, NaN, for both). For |s| up to 1e13 the gradient's second term
+    stays finite in float32 (r^3 overflowed it) and matches float64."""
+    from capsflow.core.gradcheck import apply_op
+    op = get_op("squash_exp")
+    s = np.zeros((3, 4), dtype)
+    s[1] = [0.3, -0.2, 0.1, 0.4]
+    s[2] = np.array([3e12, -4e12, 1e12, 2e12])
+    g = np.array([[1.0, -2.0, 3.0, 0.5]] * 3, dtype)
+    with np.errstate(divide="raise", invalid="raise", over="raise"):  # e^-r may underflow
+        out, saved, attrs, _ = apply_op("squash_exp", "numpy", [s], {"axis": -1, "eps": 0.0})
+        (grad,) = op.vjp_fn(np, saved, g, (True,), **attrs)
+    assert out.dtype == grad.dtype == dtype and np.isfinite(grad).all()
+    assert np.all(out[0] == 0) and np.all(grad[0] == g[0])
+    s64, g64 = s.astype(np.float64), g.astype(np.float64)
+    r = np.linalg.norm(s64, axis=-1, keepdims=True)[1:]
+    np.testing.assert_allclose(out[1:], -np.expm1(-r) / r * s64[1:], rtol=1e-6)
+    if dtype == np.float32:
+        _, saved64, _, _ = apply_op("squash_exp", "numpy", [s64], {"axis": -1, "eps": 0.0})
+        (want,) = op.vjp_fn(np, saved64, g64, (True,), **attrs)
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6 * np.abs(want[2]).max())
+    assert op_gradcheck("squash_exp", [s64[1:2]], {"axis": -1, "eps": 0.0})[0] <= 1e-6

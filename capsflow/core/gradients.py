@@ -10,7 +10,8 @@ the reverse pass writes five of them and adds them up in four more passes. With
 registered here, for every backend), which returns such a product unevaluated, as an
 ``Outer`` of its factors; the accumulator keeps a value's terms and writes their sum
 once, when the value's own VJP needs the gradient (``sum_outer_terms``: a backend may
-register a one-pass variant; the reference adds term by term, in arrival order).
+register a one-pass variant; the reference adds term by term, in arrival order), one
+sum per way of factoring the value.
 
 **In-place policy.** A contribution may be a view of another array, another value's
 gradient, or an array an op saved: the accumulator never writes into one. The first
@@ -198,7 +199,16 @@ class GradientAccumulator:
             return None
         if not entry.terms:
             return entry.dense
-        total = sum_outer_terms(self.be, entry.terms)
+        # Terms sum in one pass when their factors have the same shapes; two einsums may
+        # factor one value differently ('abcd,acd->abc' and 'abcd,bcd->ab' split p at
+        # different axes), and each such group is summed on its own.
+        groups: dict = {}
+        for t in entry.terms:
+            groups.setdefault((t.left.shape, t.right.shape), []).append(t)
+        parts = iter(groups.values())
+        total = sum_outer_terms(self.be, next(parts))
+        for group in parts:
+            total += sum_outer_terms(self.be, group)
         if entry.dense is not None:
             total += entry.dense
         return total

@@ -166,6 +166,9 @@ class Graph:
         _check_shape(f"input '{name}'", declared, shape)
         for d, s in zip(declared, shape):
             if isinstance(d, str):
+                if s == 0:  # max, argmax and softmax have no value over nothing; a mean is NaN
+                    raise CapsflowError(f"input '{name}' has shape {tuple(shape)}: {d} is 0, "
+                                        "and the graph needs at least one")
                 size, first = sizes.setdefault(d, (s, name))
                 if size != s:
                     raise CapsflowError(f"input '{name}' has shape {tuple(shape)}: {d} is {s} "

@@ -73,7 +73,8 @@ extern "C" __global__ void squash_fwd(const T* __restrict__ s, T* __restrict__ o
     for (int d = 0; d < D; ++d) n2 += x[d] * x[d];
     // ops/caps.py: f = |s| / (1 + |s|^2) (the paper's, 0 at s = 0), or with an eps
     // n2 / ((1 + n2) sqrt(n2 + eps))
-    T f = eps != 0 ? n2 / ((1 + n2) * sqrt(n2 + eps)) : sqrt(n2) / (1 + n2);
+    // n2 / ((1 + n2) sqrt(n2 + eps)), divided one factor at a time (no float32 overflow)
+    T f = eps != 0 ? n2 / (1 + n2) / sqrt(n2 + eps) : sqrt(n2) / (1 + n2);
     for (int d = 0; d < D; ++d) out[r * D + d] = x[d] * f;
 }
 
@@ -85,18 +86,18 @@ extern "C" __global__ void squash_vjp(const T* __restrict__ s, const T* __restri
     const T* gr = g + r * D;
     T n2 = 0, gs = 0;
     for (int d = 0; d < D; ++d) { n2 += x[d] * x[d]; gs += gr[d] * x[d]; }
+    // ops/caps.py's squash_grad, divided one factor at a time as there
     T f, k;
-    if (eps != 0) {
-        T r2 = n2 + eps;
-        T rt = sqrt(r2);
-        f = n2 / ((1 + n2) * rt);
-        T df = (n2 + 2 * eps - n2 * n2) / (2 * r2 * rt * (1 + n2) * (1 + n2));
-        k = 2 * df * gs;
-    } else {  // ops/caps.py: f = n / q, k = (1 - n2) / (q^2 n) <g, s>, 1/n as 1 at n = 0
+    T q = 1 + n2;
+    if (eps != 0) {  // k = 2 f'(n2) <g, s> = t <g, s> / r^3, t = (n2 + 2 eps - n2^2) / q^2
+        T rt = sqrt(n2 + eps);
+        f = n2 / q / rt;
+        T t = (n2 + 2 * eps) / q / q - (n2 / q) * (n2 / q);
+        k = (t / rt) * (gs / rt) / rt;
+    } else {  // f = n / q, k = (1 - n2) / (q^2 n) <g, s>, 1/n as 1 at n = 0
         T n = sqrt(n2);
-        T q = 1 + n2;
         f = n / q;
-        k = (1 - n2) / (q * q * (n > 0 ? n : (T)1)) * gs;
+        k = (1 - n2) / q / q * (gs / (n > 0 ? n : (T)1));
     }
     for (int d = 0; d < D; ++d) out[r * D + d] = f * gr[d] + k * x[d];
 }
