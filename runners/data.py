@@ -873,11 +873,11 @@ def check_fits_in_memory(count: int, shape: Tuple[int, ...], what: str, smaller:
     ``shape`` would not fit in this machine's memory; ``smaller`` says which flags shrink
     them (a hostile --multimnist-count or --image-size must not exhaust memory)."""
     need = copies * count * int(np.prod(shape, dtype=object)) * 4
-    have = memory.physical_memory()
-    if have is not None and need > have:
+    room = memory.memory_room()
+    if room is not None and need > room[0]:
         raise DataArgumentError(f"{what}: {count:,} images of {shape_text(shape)} need "
-                                f"{memory.bytes_text(need)} as float32, more than this "
-                                f"machine's {memory.bytes_text(have)} of memory; {smaller}")
+                                f"{memory.bytes_text(need)} as float32, more than {room[1]}; "
+                                f"{smaller}")
 
 
 # ------------------------------------------------------------------------ batching
@@ -1092,6 +1092,10 @@ def _set_rng_state(rng: np.random.Generator, state: Dict[str, Any]) -> None:
             f"this iterator uses {expected}")
     state = copy.deepcopy(state)
     inner = state.get("state")
-    if expected == "MT19937" and isinstance(inner, dict) and "key" in inner:
-        inner["key"] = np.asarray(inner["key"], dtype=np.uint32)
-    rng.bit_generator.state = state
+    try:
+        if expected == "MT19937" and isinstance(inner, dict) and "key" in inner:
+            inner["key"] = np.asarray(inner["key"], dtype=np.uint32)
+        rng.bit_generator.state = state
+    except (OverflowError, TypeError, ValueError) as exc:  # numbers outside 0 .. 2**128
+        raise DataArgumentError(f"batch iterator state holds no valid {expected} state "
+                                f"({str(exc)[:80]})") from None

@@ -221,13 +221,12 @@ class _Binary:
         declares and their float32 copy (``copy`` bytes: the loaders convert) do not fit
         in this machine's memory: a few MB of gzip can inflate to GBs (a gzip bomb), in
         many small reads that no single allocation would refuse."""
-        have = memory.physical_memory()
-        if have is not None and nbytes + copy > have:
+        room = memory.memory_room()
+        if room is not None and nbytes + copy > room[0]:
             raise _fail(self.path, f"the header declares {what} "
                                    f"({memory.bytes_text(nbytes)} decompressed, "
                                    f"{memory.bytes_text(copy)} more as float32), more than "
-                                   f"this machine's {memory.bytes_text(have)} of memory; is it "
-                                   f"the right file?")
+                                   f"{room[1]}; is it the right file?")
 
     def _size_error(self, have: int, need: int, what: str) -> DataError:
         if have < need:
@@ -572,17 +571,18 @@ def _check_mat_unpacks(path: Path) -> None:
     memory. scipy inflates a compressed variable whole, and a few MB of zlib can inflate
     to GBs (a zip bomb); so the compressed elements are inflated here first in chunks,
     counting bytes and keeping none (``_mat_unpacked_bytes``)."""
-    have = memory.physical_memory()
-    if have is None:
+    room = memory.memory_room()
+    if room is None:
         return
+    have, words = room
     budget = have // 5  # the pixels and their float32 copy
     total, bounded = _mat_unpacked_bytes(path, budget, bound_small=True)
     if total > budget and bounded:  # a bound, not a count, may have gone over: count all
         total, _ = _mat_unpacked_bytes(path, budget, bound_small=False)
     if total > budget:
         raise _fail(path, f"its variables unpack to more than {memory.bytes_text(budget)}, a "
-                          f"fifth of this machine's {memory.bytes_text(have)} of memory (the "
-                          f"pixels and their float32 copy); is it the right file?")
+                          f"fifth of {words} (the pixels and their float32 copy); is it the "
+                          f"right file?")
 
 
 def _mat_unpacked_bytes(path: Path, budget: int, bound_small: bool) -> tuple:
@@ -950,6 +950,9 @@ def _load_images(files: List[Path], size: Optional[Size], crop: Optional[Size],
     final = crop_size or out_size
     check_fits_in_memory(len(files), (channels, *final), f"{files[0].parent.parent}",
                          "use a smaller --image-size or --crop")
+    if crop_size is not None:  # each image is resized whole before its crop: its pixels
+        check_fits_in_memory(1, (channels, *out_size), f"{files[0]}",  # and float32 copy
+                             "use a smaller --image-size", copies=2)
     images = np.empty((len(files), channels, final[0], final[1]), dtype=np.float32)
     resize = out_size if size is not None else None
     for i, path in enumerate(files):

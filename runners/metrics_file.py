@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from capsflow.errors import CapsflowError
-from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint, shown
 
 MAX_LINE_BYTES = 1 << 20  # a record is a few hundred bytes: a longer line is not one
 
@@ -60,6 +60,8 @@ def _record(line: str, where: str) -> dict:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise CapsflowError(f"{where}: not a JSON record ({exc.msg})") from None
+    except ValueError:  # an integer of more than 4,300 digits (Python's conversion limit)
+        raise CapsflowError(f"{where}: not a metrics record (a number too long)") from None
     except RecursionError:  # [[[[... nested past Python's stack
         raise CapsflowError(f"{where}: not a metrics record (nested too deeply)") from None
     if not isinstance(record, dict):
@@ -73,7 +75,7 @@ def _record(line: str, where: str) -> dict:
                                 f"'{name}'")
         if not matches_hint(record[name], hint):
             raise CapsflowError(f"{where}: '{name}' is {json_type_name(record[name])} "
-                                f"{json.dumps(record[name])[:40]}, expected "
+                                f"{shown(record[name])}, expected "
                                 f"{hint_name(hint)}")
         if name in ACCURACIES and record[name] is not None and not 0 <= record[name] <= 1:
             raise CapsflowError(f"{where}: '{name}' is {record[name]}, not a fraction in "

@@ -220,7 +220,7 @@ def collect_rows(folder: Path) -> list:
     for path in paths:
         try:
             row = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 4,300-digit number
             raise CapsflowError(f"{path}: not a row written by capsflow reproduce ({exc})") from None
         needed = ("recipe", "row", "final_test_acc", "best_test_acc", "paper_test_acc",
                   "epochs", "train_seconds", "complete")

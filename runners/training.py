@@ -48,7 +48,7 @@ from capsflow.training.checkpoint import (atomic_file, check_numeric, load_npz,
                                          save_npz_atomic)
 from capsflow.errors import CapsflowError
 from capsflow.options import Options, as_options
-from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint, shown
 from capsflow.training.optim import ExponentialDecay, make_optimizer, state_from_flat, state_to_flat
 from capsflow.training.train_step import RecordedForward, TrainStep, device_to_host
 from capsflow.runners.data import (BatchIterator, DataDescription, load_train_test,
@@ -303,10 +303,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(not_ours.format("no 'meta' entry"))
     try:
         meta = json.loads(_text(arrays["meta"], "meta", path))
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: JSON, or a 4,300-digit integer
+        why = getattr(exc, "msg", "nested too deeply" if isinstance(exc, RecursionError)
+                      else "a number too long")
         raise CheckpointError(f"{path}: the checkpoint's meta record is not valid JSON "
-                              f"({getattr(exc, 'msg', 'nested too deeply')}); the file is "
-                              f"damaged") from None
+                              f"({why}); the file is damaged") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(not_ours.format("its meta record is not capsflow's"))
     if meta.get("version") != CHECKPOINT_VERSION:
@@ -706,7 +707,7 @@ def from_record(cls: type, record: Any, where: str, complete: bool) -> Any:
         if is_dataclass(hint):
             value = from_record(hint, value, name, complete)
         elif not matches_hint(value, hint):
-            raise CheckpointError(f"'{name}' is {json_type_name(value)} {json.dumps(value)[:40]}, "
+            raise CheckpointError(f"'{name}' is {json_type_name(value)} {shown(value)}, "
                                   f"expected {hint_name(hint)}")
         values[f.name] = value
     try:
@@ -863,7 +864,7 @@ class Trainer:
             self.state = copy.deepcopy(ckpt.progress)
             if self.state.iterator is not None:
                 self.batches.set_state(self.state.iterator)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise CapsflowError(f"{ckpt.path}: damaged training state ({exc}); "
                                 f"start a fresh run or use another checkpoint") from None
         if ckpt.sources != self.sources:
@@ -873,11 +874,14 @@ class Trainer:
 
     def _trim_metrics(self, source: Path) -> None:
         """Keep the metrics records up to the resumed iteration (drops any written after
-        the checkpoint, so a resumed run's file equals an uninterrupted run's)."""
+        the checkpoint, so a resumed run's file equals an uninterrupted run's). An epoch's
+        record has its last step's iteration, which a checkpoint made in its evaluation
+        shares: epoch records count by epoch (one the checkpoint has not finished goes)."""
         if not self.is_main:
             return
         records = read_metrics(source) if source.is_file() else []
-        kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration]
+        kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration
+                and not (r.get("kind") == "epoch" and r["epoch"] > self.state.epoch)]
         with atomic_file(self.metrics_path) as f:
             f.write("".join(json.dumps(r) + "\n" for r in kept).encode())
 
@@ -934,7 +938,9 @@ class Trainer:
     def _epoch(self) -> dict:
         cfg, st = self.config, self.state
         e = st.epoch
-        lr = self.schedule.lr_at(e, st.iteration)
+        # The rate of the epoch's last update, should no batch remain (resumed at its end,
+        # e.g. after Ctrl-C in its evaluation); each step sets it below.
+        lr = self.schedule.lr_at(e, max(st.iteration - 1, 0))
         started = time.perf_counter() - st.epoch_seconds
         for name, value in self.graph.scheduled_values(e).items():
             self.params[name].fill(value)  # in place: a recorded step holds this array
@@ -1229,14 +1235,21 @@ def _declared_overrides(graph: Any) -> dict:
 
 
 def _check_opt_state(state: dict, fresh: dict) -> None:
-    """The restored optimizer state must have the slots and shapes of a fresh one."""
+    """The restored optimizer state must have the slots, shapes and dtypes of a fresh one,
+    a step count >= 0, and second moments >= 0 (a negative v would be reported as the
+    run diverging)."""
+    if "t" in fresh and state["t"] < 0:
+        raise ValueError(f"optimizer step count t is {state['t']}, expected >= 0")
     for slot, arrays in fresh.items():
         if slot == "t":
             continue
         for name, arr in arrays.items():
-            if tuple(state[slot][name].shape) != tuple(arr.shape):
-                raise ValueError(f"optimizer slot {slot}/{name} has shape "
-                                 f"{tuple(state[slot][name].shape)}, expected {tuple(arr.shape)}")
+            have = state[slot][name]
+            if tuple(have.shape) != tuple(arr.shape) or have.dtype != arr.dtype:
+                raise ValueError(f"optimizer slot {slot}/{name} is {have.dtype} "
+                                 f"{tuple(have.shape)}, expected {arr.dtype} {tuple(arr.shape)}")
+            if slot == "v" and bool((have < 0).any()):
+                raise ValueError(f"optimizer slot v/{name} holds negative values")
 
 
 @contextmanager

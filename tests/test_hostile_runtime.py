@@ -240,8 +240,12 @@ GOOD_TRAIN = '{"kind": "train", "epoch": 1, "iteration": 5, "loss": 0.5, "acc": 
     ([GOOD_TRAIN.replace('"lr": 0.1', '"lr": NaN').encode()], ":2: 'lr' is a number NaN"),
     ([b"[" * 100_000], ":2: not a metrics record (nested too deeply)"),
     ([b"{" + b" " * (1 << 20) + b"}"], ":2: a line of more than 1048576 bytes"),
+    ([GOOD_TRAIN.replace('"lr": 0.1', '"lr": 1' + "0" * 400).encode()],
+     ":2: 'lr' is an integer 1000000000000000000000000000000000000000..."),
+    ([GOOD_TRAIN.replace('"lr": 0.1', '"lr": 1' + "0" * 5000).encode()],
+     ":2: not a metrics record (a number too long)"),
 ], ids=["non-utf8", "list", "missing-field", "string-field", "accuracy-5", "nan", "deep",
-        "long-line"])
+        "long-line", "integer-past-float", "number-too-long"])
 def test_a_damaged_metrics_file_is_one_line(world, tmp_path, capsys, lines, message):
     """A metrics.jsonl is read by `visualize --metrics`, a resumed run and `reproduce
     --table`: a line that is not a whole record is one line naming the file and line
@@ -353,6 +357,7 @@ BAD_META = {
     "batch size is text": _set("config.batch_size", "x"),
     "batch size is zero": _set("config.batch_size", 0),
     "lr is a boolean": _set("config.lr", True),
+    "lr is an integer past float's range": _set("config.lr", 10 ** 400),
     "unknown dtype": _set("config.dtype", "int8"),
     "dtype is a list": _set("config.dtype", ["float32"]),
     "data_dir is a number": _set("config.data_dir", 5),
@@ -386,9 +391,21 @@ def test_checkpoint_metadata_of_the_wrong_type_is_one_line(world, tmp_path, caps
     (_set("progress.iterator.position", 10 ** 6), {}),
     (None, {"optim__m__w": None}),
     (None, {"optim__v__w": np.zeros(3, np.float32)}),
-], ids=["rng-list", "position", "no-moment", "moment-shape"])
+    (_set("progress.iterator.rng.state.state", -1), {}),
+    (_set("progress.iterator.rng.state.inc", 2 ** 200), {}),
+    (None, {"optim__t": np.asarray(-1)}),
+    (None, {"optim__m__w": lambda w: w.astype(np.int32)}),
+    (None, {"optim__m__w": lambda w: w.astype(bool)}),
+    (None, {"optim__m__w": lambda w: w.astype(np.float64)}),
+    (None, {"optim__v__w": lambda w: w - 1}),
+], ids=["rng-list", "position", "no-moment", "moment-shape", "rng-negative", "rng-huge",
+        "step-negative", "moment-int", "moment-bool", "moment-float64", "variance-negative"])
 def test_damaged_training_state_is_one_line_on_resume(world, tmp_path, capsys, edit, entries):
-    """What only a resumed run reads: the batch order's state, the optimizer's."""
+    """What only a resumed run reads: the batch order's state, the optimizer's. (The
+    last seven were internal errors, or a negative v reported as the run diverging.)"""
+    with np.load(world[2] / "last.npz") as stored:
+        entries = {k: v(stored[k.replace("__", "/")]) if callable(v) else v
+                   for k, v in entries.items()}
     ckpt = craft(world[2] / "last.npz", tmp_path / "crafted.npz", edit, **entries)
     err = one_line(capsys, *train_args(world, tmp_path / "resumed", "--resume", ckpt,
                                        "--num_epochs", "2"))
@@ -404,8 +421,9 @@ def test_damaged_training_state_is_one_line_on_resume(world, tmp_path, capsys, e
     {"param__w": np.full((784, 10), "a")},                    # parameters that are text
     {"param__b": np.full(10, np.nan, np.float32)},            # NaN parameters
     {"optim__t": np.asarray(1 + 2j)},                         # complex optimizer state
+    {"meta": np.asarray('{"format": ' + "1" * 5000 + "}")},  # past Python's 4,300 digits
 ], ids=["deep-json", "json-list", "meta-numbers", "spec-numbers", "spec-missing",
-        "param-text", "param-nan", "optim-complex"])
+        "param-text", "param-nan", "optim-complex", "number-too-long"])
 def test_damaged_checkpoint_entries_are_one_line(world, tmp_path, capsys, entries):
     graph, data, run = world
     ckpt = craft(run / "last.npz", tmp_path / "crafted.npz", **entries)
@@ -464,6 +482,13 @@ def test_a_checkpoint_that_unpacks_beyond_memory_is_refused_unread(world, tmp_pa
     monkeypatch.undo()
     monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**27)
     assert read_checkpoint(run / "last.npz").params
+    # Less free than the machine has: the free memory is the bound (a 22 GiB bomb
+    # passed on a 24 GiB machine with little free).
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**30)
+    monkeypatch.setattr("capsflow.core.memory.available_memory", lambda: 2**27)
+    err = one_line(capsys, "eval", graph, "--checkpoint", bomb, "--data-dir", data)
+    assert err.endswith("more than the 128.0 MiB of memory free now (of this machine's "
+                        "1.0 GiB); the file is damaged or not capsflow's"), err
 
 
 UNIQUE = f"capsflow-escape-{uuid.uuid4().hex}"

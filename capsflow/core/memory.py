@@ -3,7 +3,7 @@ bound on a training step's activations known before it runs."""
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Tuple
 
 from capsflow.core.shapes import prod, split_dim
 
@@ -16,6 +16,31 @@ def physical_memory() -> Optional[int]:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
         return None
+
+
+def available_memory() -> Optional[int]:
+    """The memory free for new allocations now (Linux's MemAvailable), or None off Linux."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def memory_room() -> Optional[Tuple[int, str]]:
+    """What one load may take, and the words for it: this machine's memory, or what is
+    free now when that is less (a file that would unpack to 22 GiB on a 24 GiB machine
+    with 4 GiB free must be refused). None where the system does not say."""
+    total = physical_memory()
+    if total is None:
+        return None
+    free = available_memory()
+    if free is None or free >= total:
+        return total, f"this machine's {bytes_text(total)} of memory"
+    return free, f"the {bytes_text(free)} of memory free now (of this machine's {bytes_text(total)})"
 
 
 def proc_status(field: str) -> int | None:

@@ -174,11 +174,10 @@ def _check_unpacked_size(path: Path) -> None:
             unpacked = sum(info.file_size for info in archive.infolist())
     except Exception:  # noqa: BLE001 - BadZipFile, NotImplementedError (zip version), ...
         return
-    have = memory.physical_memory()
-    if have is not None and unpacked > have:
+    room = memory.memory_room()
+    if room is not None and unpacked > room[0]:
         raise CapsflowError(f"{path}: its arrays unpack to {memory.bytes_text(unpacked)}, more "
-                            f"than this machine's {memory.bytes_text(have)} of memory; the file "
-                            f"is damaged or not capsflow's")
+                            f"than {room[1]}; the file is damaged or not capsflow's")
 
 
 def save_params(path: str | Path, params: dict) -> None:

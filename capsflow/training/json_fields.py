@@ -5,9 +5,12 @@ the field it fills before it reaches the code, and a mismatch is named in words.
 """
 from __future__ import annotations
 
+import json
 import math
 import typing
 from typing import Any
+
+_LARGEST_FLOAT = 1.7976931348623157e308
 
 
 def matches_hint(value: Any, hint: Any) -> bool:
@@ -21,8 +24,9 @@ def matches_hint(value: Any, hint: Any) -> bool:
         return isinstance(value, bool) and hint is bool
     if hint is int:
         return isinstance(value, int) and value >= 0
-    if hint is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
+    if hint is float:  # an integer past float's range (1e309 written out) is no float either
+        return isinstance(value, (int, float)) and abs(value) <= _LARGEST_FLOAT \
+            and math.isfinite(value)
     return isinstance(value, typing.get_origin(hint) or hint)
 
 
@@ -33,6 +37,13 @@ def hint_name(hint: Any) -> str:
     if typing.get_origin(hint) is typing.Union:
         return " or ".join(hint_name(h) for h in typing.get_args(hint))
     return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def shown(value: Any, width: int = 40) -> str:
+    """``value`` as JSON, cut to ``width`` characters with '...' where it is longer (a
+    401-digit integer must not read as a 40-digit one)."""
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def json_type_name(value: Any) -> str:
