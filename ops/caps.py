@@ -56,9 +56,15 @@ squash.shape(lambda s, *, axis, eps: capsule_axis_shape("squash", s, axis, eps))
 # The same formulas, divided one factor at a time: written as one fraction, (1 + n2)^2 n
 # and r^3 (1 + n2)^2 overflow float32 from |s| of about 5e7 (eps = 0) or 3e5 (eps > 0),
 # which silently dropped the second term (a gradient 10-60% wrong) or made it NaN.
+def _has_eps(n2, eps: float) -> bool:
+    """Whether the eps formula applies: eps as the arrays hold it (1e-50 is 0 in float32,
+    and the CUDA kernels, which take it as a float, use the paper's formula then too)."""
+    return bool(eps) and bool(n2.dtype.type(eps))
+
+
 def squash_factor(xp, n2, eps: float):
     """f(|s|^2) with squash(s) = f s: |s| / (1 + |s|^2), or the eps formula."""
-    if eps:
+    if _has_eps(n2, eps):
         return n2 / (1 + n2) / xp.sqrt(n2 + eps)
     return xp.sqrt(n2) / (1 + n2)
 
@@ -67,7 +73,7 @@ def squash_grad(xp, s, g, n2, gs, eps: float):
     """dsquash(s)/ds . g from n2 = |s|^2 and gs = <g, s> (summed over the capsule axis
     by the caller: the reference sums with xp, the CPU variant over short axes)."""
     q = 1 + n2
-    if eps:
+    if _has_eps(n2, eps):
         r = xp.sqrt(n2 + eps)
         f = n2 / q / r
         t = (n2 + 2 * eps) / q / q - (n2 / q) * (n2 / q)   # (n2 + 2 eps - n2^2) / q^2

@@ -105,6 +105,32 @@ def test_einsum_variant_forward_and_vjp_match_the_reference(emu, eq):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_empty_operands_and_a_float32_eps_of_zero_match_the_reference(emu):
+    """From the CUDA review: linear's bias gradient over no rows crashed (sum_leading
+    declined, sum_rows used its None); a broadcast product with a size-0 axis against a
+    size-1 one was sized 1; squash with an eps that float32 holds as 0 gave the kernel's
+    paper formula but the reference's eps formula (NaN at a zero capsule)."""
+    be = get_backend(FAST)
+    linear = get_op("linear")
+    x, w, b, g = np.ones((0, 5)), np.ones((5, 3)), np.ones(3), np.ones((0, 3))
+    _, variant = linear.run_forward(be, [x, w, b], {})
+    grads = linear.run_vjp(be, variant, {"x": x, "w": w}, g, (True, True, True), {})
+    np.testing.assert_array_equal(grads[2], np.zeros(3))
+    einsum = get_op("einsum")
+    a, c = np.ones((2, 3, 4)), np.ones((2, 4, 0))
+    out, _ = next(v for v in einsum.variants if v.backend == "cupy").forward_fn(
+        be, a, c, eq="nij,njd->nijd")
+    assert out.shape == (2, 3, 4, 0)
+    s = np.zeros((2, 4), np.float32)
+    s[1] = [0.5, -1.0, 2.0, 0.25]
+    g = np.ones((2, 4), np.float32)
+    squash, attrs = get_op("squash"), {"axis": -1, "eps": 1e-50}
+    np.testing.assert_array_equal(kernels.rowwise(emu, "squash_fwd", -1, s, eps=1e-50),
+                                  squash.forward_fn(np, s, **attrs))
+    np.testing.assert_array_equal(kernels.rowwise(emu, "squash_vjp", -1, s, g, eps=1e-50),
+                                  squash.vjp_fn(np, {"s": s}, g, (True,), **attrs)[0])
+
+
 def test_einsums_of_other_than_two_operands_are_cupys(emu, monkeypatch):
     variant = next(v for v in get_op("einsum").variants if v.backend == "cupy")
     calls = []

@@ -72,7 +72,6 @@ extern "C" __global__ void squash_fwd(const T* __restrict__ s, T* __restrict__ o
     T n2 = 0;
     for (int d = 0; d < D; ++d) n2 += x[d] * x[d];
     // ops/caps.py: f = |s| / (1 + |s|^2) (the paper's, 0 at s = 0), or with an eps
-    // n2 / ((1 + n2) sqrt(n2 + eps))
     // n2 / ((1 + n2) sqrt(n2 + eps)), divided one factor at a time (no float32 overflow)
     T f = eps != 0 ? n2 / (1 + n2) / sqrt(n2 + eps) : sqrt(n2) / (1 + n2);
     for (int d = 0; d < D; ++d) out[r * D + d] = x[d] * f;
@@ -454,6 +453,8 @@ def sum_rows(xp: Any, a: Any):
     m = a.shape[0]
     r = next((d for d in range(64, 1, -1) if m % d == 0), 1)
     partial = sum_leading(xp, xp.ascontiguousarray(a).reshape(m // r, r * a.shape[1]))
+    if partial is None:  # declined (no rows, say): so is the whole sum
+        return None
     return sum_leading(xp, partial.reshape(r, a.shape[1]))
 
 

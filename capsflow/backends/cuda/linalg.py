@@ -17,6 +17,8 @@ from __future__ import annotations
 from math import prod
 from typing import Any
 
+import numpy as np
+
 from capsflow.backends.cuda import kernels
 from capsflow.backends.cuda.gemm import matmul_on, merged_stride
 from capsflow.core.opdef import OpDef, Variant
@@ -76,7 +78,7 @@ def contract(be: Any, subs: list, out: str, a: Any, b: Any) -> Any:
         return fused
     if set(subs[0]) | set(subs[1]) == set(out):
         a, b = _aligned(a, subs[0], out), _aligned(b, subs[1], out)
-        shape = tuple(max(da, db) for da, db in zip(a.shape, b.shape))
+        shape = np.broadcast_shapes(a.shape, b.shape)  # a size 0 against 1 is 0
         return xp.multiply(a, b, out=xp.empty(shape, dtype=xp.result_type(a, b)))
     return einsum_via_matmul(be, subs, out, a, b)
 
