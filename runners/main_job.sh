@@ -16,7 +16,7 @@ $CAPSFLOW check graphs/capsnet.yaml --quiet
 
 echo "== train: one epoch on 4,000 MNIST images ($CAPSFLOW_DATA)"
 $CAPSFLOW train graphs/capsnet.yaml --limit-train 4000 --limit-test 2000 --bs 50 --num_epochs 1 \
-    --save_dir "$OUT/train"
+    --save_dir "$OUT/train" --overwrite   # a second main job replaces the first one's run
 
 echo "== eval: the decoder uses the predicted class"
 $CAPSFLOW eval graphs/capsnet.yaml --checkpoint "$OUT/train/best.npz" --limit-test 2000

@@ -31,8 +31,10 @@ RECORD_FIELDS = {
 ACCURACIES = ("acc", "train_acc", "test_acc")  # fractions of the examples
 
 
-def read_metrics(path: str | Path) -> list:
-    """The records of a metrics.jsonl file, each checked (module docstring)."""
+def read_metrics(path: str | Path, drop_unfinished: bool = False) -> list:
+    """The records of a metrics.jsonl file, each checked (module docstring).
+    ``drop_unfinished``: a last line without its newline (a run killed while appending
+    it) is dropped instead of checked, as a resumed run does."""
     path = Path(path)
     mode = os.stat(path).st_mode  # a missing file is the caller's OSError
     if not stat.S_ISREG(mode):  # a FIFO would block, /dev/zero never end
@@ -44,6 +46,8 @@ def read_metrics(path: str | Path) -> list:
             if len(raw) > MAX_LINE_BYTES:
                 raise CapsflowError(f"{where}: a line of more than {MAX_LINE_BYTES} bytes, "
                                     f"not a metrics record")
+            if drop_unfinished and not raw.endswith(b"\n"):
+                break  # only the last line can lack its newline
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:

@@ -38,8 +38,8 @@ from capsflow.errors import CapsflowError
 from capsflow.lang.yamlio import parse_override
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.runners.data import DATASETS, DataDescription, class_names
-from capsflow.runners.training import (batched_outputs, class_scores, input_shape,
-                                       load_model, num_classes, read_checkpoint)
+from capsflow.runners.training import (batched_outputs, check_same_graph, class_scores,
+                                       input_shape, load_model, num_classes, read_checkpoint)
 
 RECON = "recon"      # the decoder's output (N, channels * height * width)
 LABELS = "y"         # the graph input that masks the decoder (one-hot labels)
@@ -241,11 +241,7 @@ def main(args: argparse.Namespace) -> int:
     backend: Backend = get_backend(options_from_args(args))
     recon_dir = check_output_dir(args.recon, "--recon") if args.recon else None
     ckpt = read_checkpoint(args.checkpoint)
-    from capsflow.lang.spec import load_spec
-    name = load_spec(args.graph).name
-    if ckpt.graph_name != name:
-        raise PredictError(f"{ckpt.path} is a checkpoint of graph '{ckpt.graph_name}', not of "
-                           f"'{name}' ({args.graph}); pass the graph it was trained with")
+    check_same_graph(ckpt, args.graph)  # before the overrides are checked against it
     overrides = dict(parse_override(o) for o in args.overrides)
     check_input_overrides(ckpt, overrides)
     graph, params, ckpt = load_model(args.graph, ckpt.path, overrides, backend)

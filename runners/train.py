@@ -27,8 +27,9 @@ from capsflow.lang.yamlio import parse_override
 from capsflow.runners.data import DATASETS, EMNIST_SPLITS
 from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, launch, strip_nproc
 from capsflow.runners.signals import terminate_as_interrupt
-from capsflow.runners.training import (INPUT_VARS, LAST, TrainConfig, Trainer, class_scores,
-                                       fit_graph_to_data, load_data, read_checkpoint)
+from capsflow.runners.training import (BEST, INPUT_VARS, LAST, METRICS, TrainConfig, Trainer,
+                                       class_scores, fit_graph_to_data, load_data,
+                                       read_checkpoint)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -139,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--auto-resume", dest="auto_resume", action="store_true",
       help="continue from --save_dir's last.npz when there is one, else start afresh: the "
            "same command restarts a run (torchrun --max-restarts, a requeued job)")
+    a("--overwrite", action="store_true",
+      help="start afresh in a --save_dir that holds another run (its checkpoints and "
+           "metrics.jsonl are replaced); without it that is refused")
     a("--no-progress", dest="progress", action="store_false",
       help="no progress bars (epoch lines are still printed)")
     a("--nproc", type=positive_int, metavar="N",
@@ -159,6 +163,13 @@ def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> Tra
         if value is not None:
             setattr(config, name, value)
     config.options = options_from_args(args, config.options)
+    if config.lr_schedule == "per-epoch":
+        given = [flag for flag, dest in (("--decay-steps", "decay_steps"), ("--min-lr", "min_lr"))
+                 if getattr(args, dest, None) is not None]
+        if given:  # silently unused, they would read as though they had been applied
+            raise CapsflowError(f"{' and '.join(given)} belong to --lr-schedule per-step; "
+                                f"the per-epoch schedule multiplies the rate by --lr-decay "
+                                f"once an epoch")
     config.check()
     return config
 
@@ -194,6 +205,10 @@ def main(args: argparse.Namespace) -> int:
     else:
         save_dir = ckpt.path.parent if ckpt else Path("runs") / graph.spec.name
     check_output_dir(save_dir, "--save_dir")
+    # --auto-resume names the folder as this run's own: a restart before its first
+    # last.npz (torchrun --max-restarts, a requeued job) starts it afresh there.
+    if not (getattr(args, "overwrite", False) or getattr(args, "auto_resume", False)):
+        check_no_other_run(save_dir, ckpt)
     if nproc > 1:  # this process starts the ranks and waits for them
         argv = getattr(args, "command_argv", None)
         if argv is None:
@@ -206,6 +221,22 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if world is not None:
             world.close()
+
+
+def check_no_other_run(save_dir: Path, ckpt) -> None:
+    """One line when ``save_dir`` holds a run that this one would overwrite: a fresh run
+    empties metrics.jsonl and replaces last.npz and best.npz, and a run resumed into
+    another run's folder trims that folder's metrics to its own."""
+    if ckpt is not None and save_dir.resolve() == ckpt.path.parent.resolve():
+        return  # continuing the run in its own folder
+    found = [name for name in (LAST, BEST, METRICS)
+             if (save_dir / name).is_file() and (save_dir / name).stat().st_size > 0]
+    if found:
+        how = (f"continue it with --resume {save_dir / LAST} (or --auto-resume), "
+               if LAST in found and ckpt is None else "")
+        raise CapsflowError(f"{save_dir} already holds a training run ({', '.join(found)}); "
+                            f"{how}train into another --save_dir, or pass --overwrite to "
+                            f"replace it")
 
 
 def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
@@ -238,8 +269,11 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
         world.barrier()
     st = trainer.state
     if st.best_acc is not None and main_rank:
+        # Resumed into another folder, the best epoch may be one its first folder saved.
+        best = (trainer.best_path if trainer.best_path.is_file() or ckpt is None
+                else ckpt.path.parent / BEST)
         print(f"best test accuracy {100 * st.best_acc:.2f}% (epoch {st.best_epoch}); "
-              f"checkpoints: {save_dir / LAST}, {trainer.best_path}")
+              f"checkpoints: {save_dir / LAST}, {best}")
     return 0
 
 

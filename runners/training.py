@@ -148,6 +148,9 @@ class TrainConfig:
                                 f"got {self.lr_schedule!r}")
         decay, floor = self.DECAY_DEFAULTS[self.lr_schedule]
         self.lr_decay = decay if self.lr_decay is None else self.lr_decay
+        if self.min_lr is None and math.isfinite(self.lr) and 0 < self.lr < floor:
+            raise CapsflowError(f"--lr {self.lr:g} is below the {self.lr_schedule} schedule's "
+                                f"floor {floor:g}; pass --min-lr (0, or at most the --lr)")
         self.min_lr = floor if self.min_lr is None else self.min_lr
         for name in ("batch_size", "num_epochs", "val_epoch", "disp"):
             if getattr(self, name) < 1:
@@ -680,8 +683,13 @@ class Progress:
 
     @classmethod
     def from_json(cls, record: dict) -> "Progress":
-        """Every field must be there, of its type (else CheckpointError)."""
-        return from_record(cls, record, "progress", complete=True)
+        """Every field must be there, of its type (else CheckpointError), and the best
+        accuracy a fraction."""
+        progress = from_record(cls, record, "progress", complete=True)
+        if progress.best_acc is not None and not 0 <= progress.best_acc <= 1:
+            raise CheckpointError(f"'progress.best_acc' is {progress.best_acc}, not a fraction "
+                                  f"in [0, 1]")
+        return progress
 
 
 def from_record(cls: type, record: Any, where: str, complete: bool) -> Any:
@@ -784,6 +792,7 @@ class Trainer:
                                      rng=np.random.default_rng(config.seed),
                                      num_classes=num_classes(graph))
         self.examples_epoch = 0  # the epoch whose training examples self.batches holds
+        self.train_fingerprint = data_fingerprint(data.train_images, data.train_labels)
         self.state = Progress()
         self.clock = PhaseClock()   # where the host's time goes (capsflow bench --epoch)
         self._numbers = None        # device_to_host reader of each step's (loss, correct)
@@ -813,7 +822,7 @@ class Trainer:
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "graph_file": str(self.graph.spec.file), "graph_name": self.graph.spec.name,
                 "overrides": self.overrides, "config": self.config.to_json(),
-                "progress": self.state.to_json()}
+                "progress": self.state.to_json(), "train_data": self.train_fingerprint}
         if self.data.info is not None:
             meta["data"] = self.data.info.to_json()
         return meta
@@ -850,13 +859,30 @@ class Trainer:
                                 f"({_some(trained.classes)}), the data are now "
                                 f"{now.describe()} ({_some(now.classes)}); resume it on the "
                                 f"data it was trained on")
+        trained_on = ckpt.meta.get("train_data")  # absent in checkpoints before it was kept
+        if trained_on is not None and trained_on != self.train_fingerprint:
+            then = (f"{shown(trained_on.get('examples'))} examples, digest "
+                    f"{shown(trained_on.get('digest'))}" if isinstance(trained_on, dict)
+                    else shown(trained_on))
+            now = self.train_fingerprint
+            raise CapsflowError(
+                f"{ckpt.path} was trained on other training data ({then}) than these "
+                f"({now['examples']} examples, digest \"{now['digest']}\"); resume it on "
+                f"the data it was trained on (the same --data-dir)")
         if ckpt.overrides != self.overrides:
             raise CapsflowError(f"graph variables {self.overrides} differ from {ckpt.overrides} "
                                 f"that {ckpt.path} was trained with; pass the same --set flags")
-        self.graph.check_params(ckpt.params)
+        check_checkpoint_params(self.graph, ckpt)
         dtype = np.dtype(self.config.dtype)
         self.params = {k: self.backend.asarray(ckpt.params[k], dtype=dtype)
                        for k in self.graph.spec.params}
+        unfrozen = sorted(set(self.graph.trainable(self.params))
+                          - {k.partition("/")[2] for k in ckpt.optim if k != "t"})
+        if unfrozen and any(k != "t" for k in ckpt.optim):  # (a stateless optimizer has none)
+            raise CapsflowError(f"parameter '{unfrozen[0]}' is trainable in "
+                                f"{self.graph.spec.file} but has no optimizer state in "
+                                f"{ckpt.path} (was it trainable: false then?); a resumed "
+                                f"run keeps what it trains: freeze it again, or start afresh")
         try:
             self.opt_state = state_from_flat(ckpt.optim, self.backend.xp)
             fresh = self.optimizer.init_state(self.graph.trainable(self.params))
@@ -879,7 +905,7 @@ class Trainer:
         shares: epoch records count by epoch (one the checkpoint has not finished goes)."""
         if not self.is_main:
             return
-        records = read_metrics(source) if source.is_file() else []
+        records = read_metrics(source, drop_unfinished=True) if source.is_file() else []
         kept = [r for r in records if r.get("iteration", 0) <= self.state.iteration
                 and not (r.get("kind") == "epoch" and r["epoch"] > self.state.epoch)]
         with atomic_file(self.metrics_path) as f:
@@ -1176,8 +1202,12 @@ class Trainer:
     def _append(self, record: dict) -> None:
         if not self.is_main:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:  # a full disk says so at write or close, without the name
+            raise CapsflowError(f"{self.metrics_path}: cannot append a record "
+                                f"({exc.strerror or exc})") from None
 
     def _bar(self, iterable: Any, total: int, initial: int, desc: str) -> Any:
         if not self.progress_bar:
@@ -1266,6 +1296,36 @@ def _overflow_quiet() -> Iterator[None]:
 # ---------------------------------------------------------------------- inference
 
 
+def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
+    """The training set in a few bytes, kept in checkpoints: a run resumed on other data
+    (another --data-dir holding the same dataset's name) would go on without a word.
+    BLAKE2b of the labels and pixels: a fraction of a second for MNIST."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (labels, images):
+        digest.update(np.ascontiguousarray(array).data)
+    return {"examples": int(images.shape[0]), "digest": digest.hexdigest()}
+
+
+def check_checkpoint_params(graph: Any, ckpt: Checkpoint) -> None:
+    """``graph.check_params`` of the checkpoint's parameters, its error naming the file."""
+    try:
+        graph.check_params(ckpt.params)
+    except CapsflowError as exc:
+        raise CapsflowError(f"{ckpt.path}: {exc}") from None
+
+
+def check_same_graph(ckpt: Checkpoint, graph_path: str | Path) -> None:
+    """One line unless ``ckpt`` was trained with the graph of ``graph_path``, by name:
+    another graph's parameters may have the same names and shapes (routing variants do),
+    and would be evaluated as if they were this graph's."""
+    from capsflow.lang.spec import load_spec
+    name = load_spec(graph_path).name
+    if ckpt.graph_name != name:
+        raise CapsflowError(f"{ckpt.path} is a checkpoint of graph '{ckpt.graph_name}', not "
+                            f"of '{name}' ({graph_path}); pass the graph it was trained with")
+
+
 def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Optional[dict] = None,
                backend: Options | Backend = Options(),
                log: Callable[[str], None] = print) -> tuple:
@@ -1278,12 +1338,13 @@ def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Option
     """
     from capsflow.core.graph import compile as compile_graph
     ckpt = read_checkpoint(checkpoint)
+    check_same_graph(ckpt, graph_path)
     graph = compile_graph(graph_path, dict(ckpt.overrides, **(overrides or {})))
     if spec_sources(graph) != ckpt.sources:
         log(f"note: {graph_path} (or a file it includes) differs from the spec stored in "
             f"{ckpt.path}; using the stored spec")
         graph = graph_from_checkpoint(ckpt, overrides)
-    graph.check_params(ckpt.params)
+    check_checkpoint_params(graph, ckpt)
     dtype = np.dtype(ckpt.config.dtype)
     be = get_backend(backend)
     params = {k: be.asarray(ckpt.params[k], dtype=dtype) for k in graph.spec.params}

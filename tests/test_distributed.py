@@ -430,6 +430,8 @@ def test_auto_resume_continues_from_save_dir(single, tmp_path, capsys, monkeypat
     for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     out = tmp_path / "run"
+    out.mkdir()  # a restart before the first last.npz finds only metrics (it starts afresh)
+    (out / "metrics.jsonl").write_text('{"kind": "train"}\n')
     assert in_process("--num_epochs", "1", "--save_dir", str(out), "--auto-resume") == 0
     assert "resuming" not in capsys.readouterr().out             # nothing to resume: fresh
     assert in_process("--num_epochs", "2", "--save_dir", str(out), "--auto-resume") == 0

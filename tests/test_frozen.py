@@ -89,6 +89,19 @@ def test_resume_and_eval_keep_the_frozen_parameter(setup, tmp_path, capsys):
     assert "test accuracy:" in capsys.readouterr().out
 
 
+def test_unfreezing_a_parameter_and_resuming_says_so(setup, tmp_path, capsys):
+    """It was "damaged training state ('gain')": the file is fine, the graph changed."""
+    graph_file, train = setup
+    last = tmp_path / "run" / "last.npz"
+    assert cli_main([*train, "--num_epochs", "1"]) == 0
+    graph_file.write_text(GRAPH.replace(", trainable: false", ""))
+    capsys.readouterr()
+    assert cli_main([*train, "--num_epochs", "2", "--resume", str(last)]) == 2
+    err = capsys.readouterr().err
+    assert f"parameter 'gain' is trainable in {graph_file} but has no optimizer state in " \
+           f"{last}" in err and "damaged" not in err
+
+
 def test_a_graph_with_nothing_to_train_is_one_line(setup, capsys):
     graph_file, train = setup
     graph_file.write_text(re.sub(r"^(  [\w.]+: .*init: (?!.*trainable).*)\}$",

@@ -353,6 +353,7 @@ BAD_META = {
     "sums lack a count": lambda r: r["progress"]["window"].pop("count"),
     "iterator is a list": _set("progress.iterator", [1, 2]),
     "best accuracy is NaN": _set("progress.best_acc", float("nan")),
+    "best accuracy is 500%": _set("progress.best_acc", 5.0),
     "no progress": _delete("progress"),
     "batch size is text": _set("config.batch_size", "x"),
     "batch size is zero": _set("config.batch_size", 0),
@@ -422,8 +423,11 @@ def test_damaged_training_state_is_one_line_on_resume(world, tmp_path, capsys, e
     {"param__b": np.full(10, np.nan, np.float32)},            # NaN parameters
     {"optim__t": np.asarray(1 + 2j)},                         # complex optimizer state
     {"meta": np.asarray('{"format": ' + "1" * 5000 + "}")},  # past Python's 4,300 digits
+    {"param__w": np.zeros((10, 784), np.float32)},            # the graph's shape, transposed
+    {"param__b": None},                                       # a parameter missing
 ], ids=["deep-json", "json-list", "meta-numbers", "spec-numbers", "spec-missing",
-        "param-text", "param-nan", "optim-complex", "number-too-long"])
+        "param-text", "param-nan", "optim-complex", "number-too-long", "param-shape",
+        "param-missing"])
 def test_damaged_checkpoint_entries_are_one_line(world, tmp_path, capsys, entries):
     graph, data, run = world
     ckpt = craft(run / "last.npz", tmp_path / "crafted.npz", **entries)
@@ -565,6 +569,13 @@ def test_resuming_another_graphs_checkpoint_is_refused(world, tmp_path, capsys):
                    "--resume", run / "last.npz", "--num_epochs", "2")
     assert "checkpoint of graph 'tiny', not of 'other'" in err and str(other) in err
     assert (run / "last.npz").read_bytes() == before
+    # eval and export evaluated it as the other graph's, with a note (exit 0)
+    for command in (["eval", other, "--checkpoint", run / "last.npz", "--data-dir", data],
+                    ["export", other, "--checkpoint", run / "last.npz", "-o",
+                     tmp_path / "other.onnx"]):
+        err = one_line(capsys, *command)
+        assert "checkpoint of graph 'tiny', not of 'other'" in err
+    assert not (tmp_path / "other.onnx").exists()
 
 
 def test_explicit_data_dir_is_never_replaced(tmp_path, capsys, monkeypatch, world):

@@ -92,3 +92,97 @@ def test_a_failed_epoch_end_save_after_resuming_writes_no_second_epoch_record(
     capsys.readouterr()
     assert cli_main([*flags, "--resume", str(out / "last.npz")]) == 0
     assert_same_run(out, straight)
+
+
+# -- a run's folder is never overwritten without asking, and what resuming reads --------
+def plain_flags(setting) -> list:
+    """The setting's training flags with the default per-epoch schedule."""
+    flags, _ = setting
+    assert flags[-len(PER_STEP):] == PER_STEP
+    return flags[:-len(PER_STEP)]
+
+
+def test_a_fresh_run_into_a_run_folder_is_refused_unless_overwrite(setting, tmp_path, capsys):
+    """A fresh run emptied metrics.jsonl at once and replaced last.npz and best.npz; one
+    resumed into another run's folder trimmed that folder's metrics to its own."""
+    flags, straight = setting
+    folder = tmp_path / "kept"
+    assert cli_main([*flags, "--num_epochs", "1", "--save_dir", str(folder)]) == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    for extra in ([], ["--resume", str(straight / "last.npz")]):
+        assert cli_main([*flags, "--save_dir", str(folder), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"capsflow train: error: {folder} already holds a training run "
+                              f"(last.npz, best.npz, metrics.jsonl); ") and "\n" not in err
+        assert ("--resume" in err) == (not extra) and "--overwrite" in err
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert cli_main([*flags, "--save_dir", str(folder), "--overwrite"]) == 0
+    assert_same_run(folder, straight)
+
+
+def test_resuming_into_a_new_folder_names_the_best_checkpoint_where_it_is(setting, tmp_path,
+                                                                         capsys):
+    flags, straight = setting
+    first = tmp_path / "first"
+    assert cli_main([*flags, "--num_epochs", "1", "--save_dir", str(first)]) == 0
+    capsys.readouterr()
+    elsewhere = tmp_path / "elsewhere"
+    assert cli_main([*flags, "--resume", str(first / "last.npz"),
+                     "--save_dir", str(elsewhere)]) == 0
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    best = elsewhere / "best.npz" if (elsewhere / "best.npz").is_file() else first / "best.npz"
+    assert said.endswith(f"checkpoints: {elsewhere / 'last.npz'}, {best}") and best.is_file()
+
+
+def test_a_last_line_cut_by_a_kill_does_not_block_resuming(setting, tmp_path):
+    """A run killed while appending a record leaves half a line; resuming drops it (it
+    was an error naming the line) and the run ends as an uninterrupted one."""
+    flags, straight = setting
+    out = tmp_path / "run"
+    assert cli_main([*flags, "--num_epochs", "1", "--save_dir", str(out)]) == 0
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "epoch": 2, "iter')
+    assert cli_main([*flags, "--resume", str(out / "last.npz")]) == 0
+    assert_same_run(out, straight)
+
+
+def test_schedule_flags_that_would_go_unused_are_refused(setting, tmp_path, capsys):
+    flags = plain_flags(setting)
+    for extra, said in ((["--min-lr", "1e-5"], "--min-lr belong to --lr-schedule per-step"),
+                        (["--decay-steps", "5", "--min-lr", "0"],
+                         "--decay-steps and --min-lr belong to --lr-schedule per-step"),
+                        (["--lr-schedule", "per-step", "--lr", "5e-7"],
+                         "--lr 5e-07 is below the per-step schedule's floor 1e-06; pass "
+                         "--min-lr")):
+        assert cli_main([*flags, "--save_dir", str(tmp_path / "x"), *extra]) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_metrics_file_on_a_full_disk_is_named(setting, tmp_path, capsys):
+    flags = plain_flags(setting)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")
+    assert cli_main([*flags, "--save_dir", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'metrics.jsonl'}: cannot append a record (No space left on device)" in err
+
+
+def test_resuming_on_other_training_data_is_refused(setting, tmp_path, capsys):
+    """Another --data-dir holding a dataset of the same name (here the same count of
+    other images) went on without a word."""
+    flags, straight = setting
+    other = tmp_path / "other"
+    _make_dataset(other / "mnist", compress=False, n_train=40, n_test=20, seed=1)
+    out = tmp_path / "run"
+    assert cli_main([*flags, "--num_epochs", "1", "--save_dir", str(out)]) == 0
+    data_at = flags.index("--data-dir") + 1
+    moved = [*flags[:data_at], str(other), *flags[data_at + 1:]]
+    capsys.readouterr()
+    assert cli_main([*moved, "--resume", str(out / "last.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'last.npz'} was trained on other training data (40 examples, digest " in err
+    assert cli_main([*flags, "--resume", str(out / "last.npz")]) == 0
+    assert_same_run(out, straight)
