@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -157,7 +158,9 @@ class World:
         self._collective(lambda: dist.broadcast(tensor, src), "broadcast", flat)
         return flat
 
-    def same_everywhere(self, text: str, what: str) -> None:
+    def same_everywhere(self, text: str, what: str,
+                        advice: str = "every rank must be started with the same command "
+                                      "line") -> None:
         """Raise one line on every rank when ``text`` differs between ranks."""
         import torch.distributed as dist
         gathered: list = [None] * self.world_size
@@ -165,8 +168,7 @@ class World:
         if any(g != gathered[0] for g in gathered):
             other = next(r for r, g in enumerate(gathered) if g != gathered[0])
             raise DistributedError(f"rank {other} runs with other {what} than rank 0 "
-                                   f"({gathered[other]} vs {gathered[0]}); every rank must be "
-                                   f"started with the same command line")
+                                   f"({gathered[other]} vs {gathered[0]}); {advice}")
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -352,6 +354,10 @@ def strip_nproc(argv: list) -> list:
     return out
 
 
+MAX_RANKS_PER_CORE = 4  # beyond this --nproc only adds processes that contend for cores
+PR_SET_PDEATHSIG = 1    # linux/prctl.h
+
+
 def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
            module: str = "capsflow", stop_grace: float = STOP_GRACE) -> int:
     """Run ``python -m MODULE *argv`` (``capsflow``) as ``nproc`` ranks on this machine (the
@@ -362,11 +368,16 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
     Returns 0, 130 after a stop, or the exit status of the first rank that failed (128 +
     signal number for one killed by a signal)."""
     log = log or (lambda line: print(line, file=sys.stderr))
-    port = free_port()
-    procs = []
     # The machine's cores shared out (as torchrun holds each rank to OMP_NUM_THREADS=1):
     # BLAS, and with it capsflow's CPU thread pool, take this many threads per rank.
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    most = MAX_RANKS_PER_CORE * (cpus or 1)
+    if nproc > most:  # each rank is a process holding the data and the model
+        raise DistributedError(f"--nproc {nproc} is more than {MAX_RANKS_PER_CORE} ranks for "
+                               f"each of this machine's {cpus or 1} cores ({most}); use "
+                               f"torchrun over several machines for more")
+    port = free_port()
+    procs = []
     threads = str(max(1, (cpus or 1) // nproc))
     with terminate_as_interrupt():
         try:
@@ -377,8 +388,15 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
                 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                     env.setdefault(var, threads)
                 with interrupts_deferred():  # a started rank is always one that is stopped
-                    procs.append(subprocess.Popen([sys.executable, "-m", module, *argv],
-                                                  env=env))
+                    try:
+                        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv],
+                                                      env=env, preexec_fn=partial(
+                                                          _die_with_parent, os.getpid())))
+                    except OSError as exc:  # e.g. EAGAIN: no more processes
+                        _terminate(procs, stop_grace)
+                        raise DistributedError(f"could not start rank {rank} of {nproc} "
+                                               f"({exc.strerror or exc}); the ranks started "
+                                               f"were stopped") from None
             failed = _watch(procs, grace)
         except KeyboardInterrupt:
             return _pass_stop_on(procs, stop_grace, log)
@@ -389,6 +407,19 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
         # (a user error that rank 0 met too: rank 0 said it, in one line)
         log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
     return code if code > 0 else 128 - code
+
+
+def _die_with_parent(launcher: int) -> None:
+    """In a rank, before it runs: SIGTERM (a request to stop, as from Ctrl-C) when the
+    launcher dies, even by SIGKILL, so that no rank trains on as an orphan (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing). A launcher gone before this ran: exit."""
+    import ctypes
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (AttributeError, OSError):
+        return
+    if os.getppid() != launcher:
+        os._exit(1)
 
 
 def _watch(procs: list, grace: float) -> Optional[tuple]:

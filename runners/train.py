@@ -29,7 +29,7 @@ from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, lau
 from capsflow.runners.signals import terminate_as_interrupt
 from capsflow.runners.training import (BEST, INPUT_VARS, LAST, METRICS, TrainConfig, Trainer,
                                        class_scores, fit_graph_to_data, load_data,
-                                       read_checkpoint)
+                                       read_checkpoint, state_digest)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -253,6 +253,10 @@ def _train(args, ckpt, from_checkpoint, graph, config, save_dir, world) -> int:
     trainer = Trainer(graph, data, config, save_dir, progress_bar=args.progress, world=world)
     if ckpt is not None:
         trainer.restore(ckpt)
+    if world is not None:
+        world.same_everywhere(state_digest(trainer), "training state",
+                              "every rank must resume from the same checkpoint (one "
+                              "--save_dir that all machines share), or all start afresh")
     if ckpt is not None and main_rank:
         print(f"resuming {ckpt.path}: {trainer.state.epoch} epoch(s) and "
               f"{trainer.state.iteration} iteration(s) done")

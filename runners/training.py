@@ -991,7 +991,8 @@ class Trainer:
                 if DROPOUT_SEED in self.graph.spec.inputs:
                     # From the run's seed and the step count, which a checkpoint restores:
                     # a resumed run draws the masks of an uninterrupted one.
-                    inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, queued).reshape(
+                    rank = self.world.rank if self.world is not None else 0
+                    inputs[DROPOUT_SEED] = dropout_seed(cfg.seed, queued, rank).reshape(
                         self.graph.spec.inputs[DROPOUT_SEED].shape)
                 if self.world is not None:
                     with self.clock.phase("steps"), _overflow_quiet():
@@ -1234,11 +1235,14 @@ def format_epoch(record: dict, num_epochs: int) -> str:
 # ------------------------------------------------------------------------- helpers
 
 
-def dropout_seed(run_seed: int, step: int) -> np.ndarray:
+def dropout_seed(run_seed: int, step: int, rank: int = 0) -> np.ndarray:
     """The dropout seed of the training step that follows ``step`` completed steps of a
-    run seeded ``run_seed`` (a 0-d int64 array): a function of these two numbers alone.
-    It lies below 2**24, so the float32 input it becomes holds it exactly."""
-    word = np.random.SeedSequence([run_seed, step]).generate_state(1)[0]
+    run seeded ``run_seed`` (a 0-d int64 array): a function of these numbers alone. Rank
+    r > 0 of a data-parallel run draws its own (with one seed, every rank's share would
+    get the masks of rank 0's rows); rank 0 draws one process's. It lies below 2**24, so
+    the float32 input it becomes holds it exactly."""
+    entropy = [run_seed, step] if rank == 0 else [run_seed, step, rank]
+    word = np.random.SeedSequence(entropy).generate_state(1)[0]
     return np.asarray(int(word) >> 8, dtype=np.int64)
 
 
@@ -1305,6 +1309,18 @@ def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
     for array in (labels, images):
         digest.update(np.ascontiguousarray(array).data)
     return {"examples": int(images.shape[0]), "digest": digest.hexdigest()}
+
+
+def state_digest(trainer: "Trainer") -> str:
+    """Where ``trainer`` stands, in a line the ranks of a data-parallel run compare: its
+    progress and a digest of its parameters (ranks that resumed from different
+    checkpoints, or some afresh, would otherwise train on apart)."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(trainer.params):
+        digest.update(np.ascontiguousarray(to_numpy(trainer.params[name])).data)
+    st = trainer.state
+    return f"epoch {st.epoch}, iteration {st.iteration}, parameters {digest.hexdigest()}"
 
 
 def check_checkpoint_params(graph: Any, ckpt: Checkpoint) -> None:

@@ -486,3 +486,94 @@ def test_dist_check_stops_a_run_past_its_timeout(capsys):
     out = capsys.readouterr().out
     assert rc == 2, out
     assert "the one process run failed (exit 124)" in out and "killed after 1 s" in out
+
+
+# -- from the distributed review -----------------------------------------------------------
+@needs_mnist
+def test_ranks_that_start_from_different_states_are_one_line(single, tmp_path):
+    """Rank 0 resumed (its machine's --save_dir held last.npz), rank 1 started afresh: they
+    trained together on different parameters and rank 0 saved the mixture. Now both stop
+    at start-up, saying so."""
+    from capsflow.runners.distributed import free_port
+    resumed = tmp_path / "resumed"
+    shutil.copytree(single / "e1", resumed)
+    env = dict(clean_env(), WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL, "--num_epochs", "2"]
+    ranks = [subprocess.Popen([*cmd, "--resume", str(resumed / "last.npz")],
+                              env=dict(env, RANK="0", LOCAL_RANK="0"), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+             subprocess.Popen([*cmd, "--save_dir", str(tmp_path / "fresh")],
+                              env=dict(env, RANK="1", LOCAL_RANK="0"), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)]
+    try:
+        errors = [p.communicate(timeout=120)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in ranks] == [2, 2], errors
+    assert "rank 1 runs with other training state than rank 0 (epoch 0, iteration 0" in errors[0]
+    assert "every rank must resume from the same checkpoint" in errors[0]
+    assert read_checkpoint(resumed / "last.npz").progress.epoch == 1  # nothing saved over it
+
+
+def test_each_rank_draws_its_own_dropout_masks():
+    """One seed for all ranks gave rank r's share the masks of rank 0's rows."""
+    from capsflow.runners.training import dropout_seed
+    seeds = [int(dropout_seed(0, 7, rank)) for rank in range(4)]
+    assert len(set(seeds)) == 4 and seeds[0] == int(dropout_seed(0, 7))  # rank 0: one process's
+
+
+def test_launch_refuses_too_many_ranks_and_stops_those_started_when_one_cannot_start(
+        monkeypatch):
+    import errno
+
+    from capsflow.runners import distributed
+    started = []
+
+    class Rank:
+        def __init__(self, *args, **kwargs):
+            if len(started) == 2:
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            self.returncode = None
+            started.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def terminate(self):
+            self.returncode = -15
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+        kill = terminate
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", Rank)
+    with pytest.raises(DistributedError, match=r"--nproc 100000 is more than 4 ranks for each"):
+        distributed.launch(["train"], 100_000)
+    assert started == []
+    with pytest.raises(DistributedError, match=r"could not start rank 2 of 3 \(Resource "
+                                               r"temporarily unavailable\); the ranks started "
+                                               r"were stopped"):
+        distributed.launch(["train"], 3)
+    assert [r.returncode for r in started] == [-15, -15]
+
+
+@needs_mnist
+def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
+    """SIGKILL to `capsflow train --nproc 2` left both ranks training as orphans."""
+    out = tmp_path / "run"
+    with running([sys.executable, "-m", "capsflow", "train", str(CAPSNET), *SMALL,
+                  "--limit-train", "2000", "--num_epochs", "1", "--nproc", "2",
+                  "--save_dir", str(out)]) as launcher:
+        children = children_when(launcher, lambda: has_records(out / "metrics.jsonl"), 60,
+                                 "training never started")
+        launcher.kill()
+        launcher.communicate()
+    deadline = time.monotonic() + 60
+    while any(process_runs(pid) for pid in children):
+        assert time.monotonic() < deadline, "a rank outlived its launcher"
+        time.sleep(0.2)
+    assert read_checkpoint(out / "last.npz").progress.iteration > 0  # they stopped, saving
