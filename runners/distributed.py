@@ -71,7 +71,7 @@ def env_config(environ: Optional[dict] = None) -> Optional[dict]:
     if missing:
         raise DistributedError(
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"not: launch with torchrun (or capsflow train --nproc N), which sets RANK, "
+            f"empty or not set: launch with torchrun (or capsflow train --nproc N), which sets RANK, "
             f"WORLD_SIZE, MASTER_ADDR and MASTER_PORT; or unset WORLD_SIZE")
     values = {}
     # LOCAL_WORLD_SIZE (the ranks on this machine, which share its memory): torchrun and
@@ -168,7 +168,7 @@ class World:
         if any(g != gathered[0] for g in gathered):
             other = next(r for r, g in enumerate(gathered) if g != gathered[0])
             raise DistributedError(f"rank {other} runs with other {what} than rank 0 "
-                                   f"({gathered[other]} vs {gathered[0]}); {advice}")
+                                   f"({_difference(gathered[other], gathered[0])}); {advice}")
 
     def barrier(self) -> None:
         import torch.distributed as dist
@@ -407,6 +407,28 @@ def launch(argv: list, nproc: int, grace: float = 10.0, log: Any = None,
         # (a user error that rank 0 met too: rank 0 said it, in one line)
         log(f"capsflow: rank {rank} of {nproc} {_ended(code)}; the job stopped")
     return code if code > 0 else 128 - code
+
+
+def _difference(text: str, reference: str) -> str:
+    """'A vs B' for two ranks' settings: where both are JSON, the first field that differs
+    ('[0].lr: 0.01 vs 0.001') instead of two dumps of the whole config."""
+    import json
+
+    def leaves(value: Any, path: str = "") -> dict:
+        if isinstance(value, dict):
+            return {k: v for key in value for k, v in leaves(value[key], f"{path}.{key}").items()}
+        if isinstance(value, list):
+            return {k: v for i, item in enumerate(value)
+                    for k, v in leaves(item, f"{path}[{i}]").items()}
+        return {path: value}
+    try:
+        mine, theirs = leaves(json.loads(text)), leaves(json.loads(reference))
+    except ValueError:
+        return f"{text[:200]} vs {reference[:200]}"
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            return f"{key.lstrip('.')}: {json.dumps(mine.get(key))} vs {json.dumps(theirs.get(key))}"
+    return f"{text[:200]} vs {reference[:200]}"
 
 
 def _die_with_parent(launcher: int) -> None:

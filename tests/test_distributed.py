@@ -241,7 +241,7 @@ def test_world_size_without_rendezvous_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert in_process("--num_epochs", "1") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "MASTER_ADDR, MASTER_PORT are not" in err
+    assert err.count("\n") == 1 and "MASTER_ADDR, MASTER_PORT are empty or not set" in err
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert in_process("--nproc", "2") == 2
@@ -577,3 +577,16 @@ def test_ranks_stop_when_their_launcher_is_killed(tmp_path):
         assert time.monotonic() < deadline, "a rank outlived its launcher"
         time.sleep(0.2)
     assert read_checkpoint(out / "last.npz").progress.iteration > 0  # they stopped, saving
+
+
+def test_ranks_with_other_settings_are_told_which_one():
+    """The line named the two whole configs (460 characters); now the field."""
+    import json
+
+    from capsflow.runners.distributed import _difference
+    rank0 = json.dumps([{"lr": 0.001, "options": {"backend": "numpy"}}, ["routing_iters=1"]])
+    rank1 = json.dumps([{"lr": 0.01, "options": {"backend": "numpy"}}, ["routing_iters=1"]])
+    assert _difference(rank1, rank0) == "[0].lr: 0.01 vs 0.001"
+    other = json.dumps([{"lr": 0.001, "options": {"backend": "cupy"}}, []])
+    assert _difference(other, rank0) == '[0].options.backend: "cupy" vs "numpy"'
+    assert _difference("epoch 0", "epoch 1") == "epoch 0 vs epoch 1"
