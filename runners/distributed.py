@@ -71,8 +71,8 @@ def env_config(environ: Optional[dict] = None) -> Optional[dict]:
     if missing:
         raise DistributedError(
             f"WORLD_SIZE is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"empty or not set: launch with torchrun (or capsflow train --nproc N), which sets RANK, "
-            f"WORLD_SIZE, MASTER_ADDR and MASTER_PORT; or unset WORLD_SIZE")
+            f"empty or not set: launch with torchrun (or capsflow train --nproc N), which "
+            f"sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; or unset WORLD_SIZE")
     values = {}
     # LOCAL_WORLD_SIZE (the ranks on this machine, which share its memory): torchrun and
     # --nproc set it; another launcher may not (then each rank counts as alone).
@@ -427,7 +427,8 @@ def _difference(text: str, reference: str) -> str:
         return f"{text[:200]} vs {reference[:200]}"
     for key in sorted(set(mine) | set(theirs)):
         if mine.get(key) != theirs.get(key):
-            return f"{key.lstrip('.')}: {json.dumps(mine.get(key))} vs {json.dumps(theirs.get(key))}"
+            ours, rank0 = json.dumps(mine.get(key)), json.dumps(theirs.get(key))
+            return f"{key.lstrip('.')}: {ours} vs {rank0}"
     return f"{text[:200]} vs {reference[:200]}"
 
 

@@ -1300,27 +1300,29 @@ def _overflow_quiet() -> Iterator[None]:
 # ---------------------------------------------------------------------- inference
 
 
+def _blake2b(arrays: Iterator[np.ndarray], size: int) -> str:
+    """The BLAKE2b digest (``size`` bytes, in hex) of the arrays' bytes, in order."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=size)
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
 def data_fingerprint(images: np.ndarray, labels: np.ndarray) -> dict:
     """The training set in a few bytes, kept in checkpoints: a run resumed on other data
     (another --data-dir holding the same dataset's name) would go on without a word.
-    BLAKE2b of the labels and pixels: a fraction of a second for MNIST."""
-    import hashlib
-    digest = hashlib.blake2b(digest_size=16)
-    for array in (labels, images):
-        digest.update(np.ascontiguousarray(array).data)
-    return {"examples": int(images.shape[0]), "digest": digest.hexdigest()}
+    The labels' and pixels' digest: a fraction of a second for MNIST."""
+    return {"examples": int(images.shape[0]), "digest": _blake2b(iter((labels, images)), 16)}
 
 
 def state_digest(trainer: "Trainer") -> str:
     """Where ``trainer`` stands, in a line the ranks of a data-parallel run compare: its
     progress and a digest of its parameters (ranks that resumed from different
     checkpoints, or some afresh, would otherwise train on apart)."""
-    import hashlib
-    digest = hashlib.blake2b(digest_size=8)
-    for name in sorted(trainer.params):
-        digest.update(np.ascontiguousarray(to_numpy(trainer.params[name])).data)
+    params = _blake2b((to_numpy(trainer.params[k]) for k in sorted(trainer.params)), 8)
     st = trainer.state
-    return f"epoch {st.epoch}, iteration {st.iteration}, parameters {digest.hexdigest()}"
+    return f"epoch {st.epoch}, iteration {st.iteration}, parameters {params}"
 
 
 def check_checkpoint_params(graph: Any, ckpt: Checkpoint) -> None:

@@ -40,7 +40,8 @@ def memory_room() -> Optional[Tuple[int, str]]:
     free = available_memory()
     if free is None or free >= total:
         return total, f"this machine's {bytes_text(total)} of memory"
-    return free, f"the {bytes_text(free)} of memory free now (of this machine's {bytes_text(total)})"
+    return free, (f"the {bytes_text(free)} of memory free now (of this machine's "
+                  f"{bytes_text(total)})")
 
 
 def proc_status(field: str) -> int | None:
