@@ -9,6 +9,7 @@ from capsflow.cli import (add_graph_arguments, compile_from_args, non_negative_i
                           positive_float, positive_int)
 from capsflow.core.gradcheck import graph_gradcheck
 from capsflow.core.shapes import at_batch
+from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.runners.step_memory import check_step_fits
 
@@ -48,6 +49,9 @@ def main(args: argparse.Namespace) -> int:
     params = graph.init_params(args.seed, dtype="float64")
     report = graph_gradcheck(graph, params, random_batch(graph, args.bs, args.seed),
                              backend=options, seed=args.seed)
+    if not report:
+        raise CapsflowError(f"{graph.spec.file} has no trainable parameter whose gradient "
+                            f"reaches the loss: nothing to check")
     width = max(len(n) for n in report)
     print(f"{'parameter'.ljust(width)}  worst relative error")
     for name, err in report.items():
@@ -55,4 +59,7 @@ def main(args: argparse.Namespace) -> int:
     worst = max(report.values())
     ok = worst <= args.tol
     print(f"worst {worst:.2e} (tolerance {args.tol:g}): {'ok' if ok else 'FAILED'}")
+    if worst == float("inf"):
+        print("(inf: the loss, a gradient or a finite difference is NaN or infinite at this "
+              "batch and initialisation; nothing was checked there)")
     return 0 if ok else 1

@@ -99,3 +99,36 @@ def test_gradcheck_flags_are_checked(flag, value, message, capsys):
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("capsflow gradcheck: error: ") and message in err
+
+
+SQRT_AT_ZERO = """
+name: sqrt0
+inputs: {x: {shape: [N, 4]}}
+params: {w: {shape: [4], init: zeros%s}}
+nodes:
+  - {id: s, op: %s, in: [w]}
+  - {id: p, op: mul, in: [x, s]}
+  - {id: loss, op: mean, in: [p]}
+outputs: {loss: loss}
+"""
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("op", ["sqrt", "log"], ids=["inf-gradient", "nan-loss"])
+def test_a_gradient_that_is_not_finite_fails(tmp_path, capsys, op):
+    """sqrt at 0 has an infinite gradient, log at 0 a loss of -inf: both were reported
+    as an error of 0.00e+00, ok (max(0, nan) is 0)."""
+    from capsflow.cli import main
+    path = tmp_path / "g.yaml"
+    path.write_text(SQRT_AT_ZERO % ("", op))
+    assert main(["gradcheck", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "w  inf  FAIL" in out and "worst inf (tolerance 0.0001): FAILED" in out
+
+
+def test_a_graph_with_nothing_to_check_is_one_line(tmp_path, capsys):
+    from capsflow.cli import main
+    path = tmp_path / "g.yaml"
+    path.write_text(SQRT_AT_ZERO % (", trainable: false", "sqrt"))
+    assert main(["gradcheck", str(path)]) == 2
+    assert "has no trainable parameter whose gradient reaches the loss" in capsys.readouterr().err

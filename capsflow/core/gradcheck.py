@@ -83,7 +83,9 @@ def graph_gradcheck(graph: Any, params: dict, inputs: dict, backend: Any = "nump
     difference of the loss. The step is sized per direction so the loss changes by
     a set fraction of its value (1e-7, 1e-9 and 1e-11; the best agreement counts):
     some CapsNet gradients are ~1e-9 (the decoder behind the capsule mask), where a
-    fixed step measures round-off, and a large step crosses ReLU kinks.
+    fixed step measures round-off, and a large step crosses ReLU kinks. A gradient (or a
+    loss) that is not finite, or a difference that is not, is an error of inf: nothing
+    was checked there.
     """
     be = get_backend(backend)
     params = {k: np.asarray(to_numpy(v), dtype=np.float64) for k, v in params.items()}
@@ -99,10 +101,14 @@ def graph_gradcheck(graph: Any, params: dict, inputs: dict, backend: Any = "nump
         return float(to_numpy(graph.run(changed, inputs, backend=backend, outputs=[loss])[loss]))
 
     report = {}
+    finite_loss = np.isfinite(float(to_numpy(outputs[loss])))
     for name, p in params.items():
         if name not in grads:
             continue
         g = to_numpy(grads[name])
+        if not (finite_loss and np.isfinite(g).all()):
+            report[name] = float("inf")
+            continue
         worst = 0.0
         for k in range(directions):
             d = g.copy() if k == 0 and np.any(g) else rng.standard_normal(p.shape)
@@ -113,7 +119,8 @@ def graph_gradcheck(graph: Any, params: dict, inputs: dict, backend: Any = "nump
             # The best step that measures more than round-off decides; only where every
             # step is round-off (a gradient of about 0) does the round-off allowance.
             clear = [error for error, blurred in measured if not blurred]
-            worst = max(worst, min(clear or [error for error, _ in measured]))
+            error = min(clear or [error for error, _ in measured])
+            worst = max(worst, error if np.isfinite(error) else float("inf"))
         report[name] = worst
     be.synchronize()
     return report
