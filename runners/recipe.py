@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from capsflow.errors import CapsflowError
+from capsflow.lang.spec import NAME_PATTERN
 from capsflow.lang.yamlio import LocDict, load_yaml
 from capsflow.runners.training import TrainConfig
-from capsflow.training.json_fields import hint_name, json_type_name, matches_hint
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint, shown
 
 #: Where recipes live; ``capsflow reproduce NAME`` looks here for NAME.yaml.
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "graphs" / "recipes"
@@ -99,6 +100,10 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise RecipeError(f"{path}:{doc.line}: the recipe has no '{key}' (it needs "
                               f"{', '.join(REQUIRED)})")
     name, row = where.text(doc, "name"), where.text(doc, "row")
+    if not NAME_PATTERN.fullmatch(name):
+        raise RecipeError(f"{where.at(doc, 'name')}: 'name' must be a plain file name "
+                          f"(letters, digits, '_', '.', '-'; not starting with '.' or '-'), "
+                          f"got {json_type_name(name)} {shown(name)}: it names the run's folder")
     graph = (path.parent / where.text(doc, "graph")).resolve()
     if not graph.is_file():
         raise RecipeError(f"{where.at(doc, 'graph')}: graph {doc['graph']!r} is not a file "

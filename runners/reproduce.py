@@ -28,13 +28,22 @@ from capsflow.options import add_option_arguments, option_arguments, options_fro
 from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
 from capsflow.runners.train import describe
 from capsflow.runners.signals import terminate_as_interrupt
-from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
-                                       read_checkpoint, read_metrics)
+from capsflow.training.json_fields import hint_name, json_type_name, matches_hint, shown
+from capsflow.runners.training import (BEST, LAST, METRICS, Trainer, fit_graph_to_data,
+                                       load_data, read_checkpoint, read_metrics)
 
 ROW = "row.json"
 RECIPE_COPY = "recipe.yaml"
+DEVIATIONS = "deviations.json"  # every sitting's flags that change the recipe's numbers
 #: The most row files ``--table`` reads (a table, not a crawl of the disk).
 MAX_ROWS = 200
+MAX_ROW_BYTES = 1 << 20
+#: What the table reads from a row, with the JSON types it must have.
+ROW_FIELDS = {"recipe": str, "row": str, "final_test_acc": Optional[float],
+              "best_test_acc": Optional[float], "best_epoch": Optional[int],
+              "paper_test_acc": Optional[float], "epochs": int, "train_seconds": float,
+              "complete": bool}
+PERCENTAGES = ("final_test_acc", "best_test_acc", "paper_test_acc")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,14 +91,19 @@ def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     changes = {k: getattr(args, k) for k in ("limit_train", "limit_test", "data_dir")
                if getattr(args, k) is not None}
+    deviations = [f"--{k.replace('_', '-')} {changes[k]}" for k in ("limit_train", "limit_test")
+                  if k in changes]
     if args.epochs is not None:
         changes["num_epochs"] = args.epochs
+        if args.epochs != recipe.own_epochs:
+            deviations.append(f"--epochs {args.epochs} (the recipe says {recipe.own_epochs})")
     changes["options"] = options_from_args(args)
     recipe = recipe.with_changes(**changes)
     out = Path(args.out) if args.out else Path("runs") / "reproduce" / recipe.name
     check_output_dir(out, "--out")
     get_backend(recipe.config.options)  # an unusable backend fails before the data loads
     trainer = prepare(recipe, out, args.download, args.progress)
+    note_deviations(out, deviations)
     command = command_line(args)
     if trainer.state.epoch >= recipe.config.num_epochs:
         print(f"{out} already holds all {recipe.config.num_epochs} epochs of {recipe.name}")
@@ -114,11 +128,17 @@ def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Traine
     if copy.is_file() and copy.read_text() != recipe.text:
         raise CapsflowError(f"--out {out} holds a run of another recipe, or of another "
                             f"version of {recipe.file.name} (see {copy}); give another --out")
+    others = [name for name in (LAST, BEST, METRICS)
+              if not copy.is_file() and (out / name).is_file() and (out / name).stat().st_size]
+    if others:  # a capsflow train run, say: a sitting would replace its files
+        raise CapsflowError(f"--out {out} holds a training run that is no recipe's (its "
+                            f"{', '.join(others)}, no {RECIPE_COPY}); give another --out")
     ckpt = read_checkpoint(last) if last.is_file() else None
     graph = compile_graph(recipe.graph, recipe.overrides)
     data = load_data(recipe.config, download=download)
     graph = fit_graph_to_data(graph, data.info, recipe.overrides)
     trainer = Trainer(graph, data, recipe.config, out, progress_bar=progress)
+    trainer.how_to_continue = "the same command (reproduce continues from last.npz)"
     if ckpt is not None:
         trainer.restore(ckpt)  # one line when its settings are not the recipe's
         print(f"continuing {last}: {trainer.state.epoch} of {recipe.config.num_epochs} "
@@ -131,6 +151,27 @@ def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Traine
 
 
 # ------------------------------------------------------------------------------ the row
+def note_deviations(out: Path, deviations: list) -> list:
+    """Add this sitting's flags that depart from the recipe to ``out``'s record of them, and
+    return them all: a row is the recipe's full run only if no sitting departed (epoch 1
+    tested on 3 images, or run to 3 epochs, stays in the numbers a later plain sitting
+    reports)."""
+    path = out / DEVIATIONS
+    noted = []
+    if path.is_file():
+        try:
+            noted = json.loads(path.read_text())
+        except (ValueError, RecursionError):
+            noted = None
+        if not (isinstance(noted, list) and all(isinstance(d, str) for d in noted)):
+            raise CapsflowError(f"{path}: not the list of deviations reproduce keeps; the "
+                                f"folder is damaged (give another --out)")
+    merged = noted + [d for d in deviations if d not in noted]
+    if merged != noted:
+        path.write_text(json.dumps(merged) + "\n")
+    return merged
+
+
 def write_row(recipe: Recipe, out: Path, command: str, trainer: Trainer) -> dict:
     """``out/row.json`` from the run's metrics.jsonl: what the results table shows."""
     epochs = [r for r in read_metrics(out / METRICS) if r.get("kind") == "epoch"]
@@ -139,11 +180,9 @@ def write_row(recipe: Recipe, out: Path, command: str, trainer: Trainer) -> dict
     caveats = []
     if len(epochs) < planned:
         caveats.append(f"{len(epochs)} of {planned} epochs")
-    if planned != recipe.own_epochs:
-        caveats.append(f"--epochs {planned} (the recipe says {recipe.own_epochs})")
-    for name in ("limit_train", "limit_test"):
-        if getattr(recipe.config, name) is not None:
-            caveats.append(f"--{name.replace('_', '-')} {getattr(recipe.config, name)}")
+    if len(epochs) > recipe.own_epochs:
+        caveats.append(f"{len(epochs)} epochs, more than the recipe's {recipe.own_epochs}")
+    caveats += [d for d in note_deviations(out, []) if d not in caveats]
     best = max(tested, key=lambda r: r["test_acc"], default=None)
     row = {
         "recipe": recipe.name, "row": recipe.row, "recipe_file": str(recipe.file),
@@ -218,15 +257,27 @@ def collect_rows(folder: Path) -> list:
                             f"point at the folder of one table")
     rows = []
     for path in paths:
+        if path.stat().st_size > MAX_ROW_BYTES:  # a row is a kilobyte: never read GBs
+            raise CapsflowError(f"{path}: {path.stat().st_size:,} bytes, not a row written by "
+                                f"capsflow reproduce")
         try:
             row = json.loads(path.read_text())
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 4,300-digit number
             raise CapsflowError(f"{path}: not a row written by capsflow reproduce ({exc})") from None
-        needed = ("recipe", "row", "final_test_acc", "best_test_acc", "paper_test_acc",
-                  "epochs", "train_seconds", "complete")
-        if not isinstance(row, dict) or any(k not in row for k in needed):
+        if not isinstance(row, dict) or any(k not in row for k in ROW_FIELDS):
             raise CapsflowError(f"{path}: not a row written by capsflow reproduce (it needs "
-                                f"{', '.join(needed)})")
+                                f"{', '.join(ROW_FIELDS)})")
+        for name, hint in ROW_FIELDS.items():
+            value = row[name]
+            if not matches_hint(value, hint) or (name in PERCENTAGES and value is not None
+                                                 and not 0 <= value <= 100):
+                raise CapsflowError(f"{path}: '{name}' is {json_type_name(value)} "
+                                    f"{shown(value)}, expected {hint_name(hint)}"
+                                    f"{' in [0, 100]' if name in PERCENTAGES else ''}")
+        caveats = row.get("caveats", [])
+        if not (isinstance(caveats, list) and all(isinstance(c, str) for c in caveats)):
+            raise CapsflowError(f"{path}: 'caveats' is {json_type_name(caveats)}, expected a "
+                                f"list of strings")
         row["path"] = str(path.parent)
         rows.append(row)
     return rows

@@ -798,6 +798,7 @@ class Trainer:
         self._numbers = None        # device_to_host reader of each step's (loss, correct)
         self._forward = None        # the RecordedForward of evaluation
         self.stopped_early = False  # set when Ctrl-C ended fit()
+        self.how_to_continue = f"--resume {self.last_path}"  # said when Ctrl-C ends fit()
         # Data-parallel: SIGINT/SIGTERM ask every rank to stop after the same step.
         self.stop_requests = StopRequests()
         self.out_of_time = False    # set when fit()'s time budget ended it before the last epoch
@@ -958,7 +959,7 @@ class Trainer:
                 self.stopped_early = True
                 self.log(f"interrupted in epoch {self.state.epoch + 1} after iteration "
                          f"{self.state.iteration}; saved {self.last_path}; continue with "
-                         f"--resume {self.last_path}")
+                         f"{self.how_to_continue}")
         return records
 
     def _epoch(self) -> dict:

@@ -93,6 +93,13 @@ TRACEBACKS = {
     "stage_list": (graph("- {stage: [a], nodes: [{id: h, op: relu, in: [x]}]}"),
                    "a stage must be named by a string"),
     "name_list": ("name: [1, 2]\n" + graph("- {id: h, op: relu, in: [x]}"), "'name' must be a string"),
+    # the name names the run's folder (runs/<name>, compare's --out/<name>): no path
+    "name_path": ("name: ../../escaped\n" + graph("- {id: h, op: relu, in: [x]}"),
+                  "'name' must be a plain file name"),
+    "name_absolute": ("name: /tmp/escaped\n" + graph("- {id: h, op: relu, in: [x]}"),
+                      "'name' must be a plain file name"),
+    "name_dot_slash": ("name: twin/.\n" + graph("- {id: h, op: relu, in: [x]}"),
+                       "'name' must be a plain file name"),
     "axis_string": (graph("- {id: h, op: sum, in: [x], attrs: {axis: [a]}}"),
                     "node 'h': shape mismatch in sum(x (N, 4)): an axis must be a whole number"),
     "transpose_mixed": (graph("- {id: h, op: transpose, in: [x], attrs: {axes: [1, null]}}"),

@@ -142,7 +142,11 @@ def test_a_recipe_runs_resumes_and_writes_its_row(tmp_path, capsys):
     assert rc == 0, err
     assert "continuing" in out and "1 of 2 epoch(s) done" in out
     assert epoch_records(parts) == epoch_records(whole)   # number for number
-    assert json.loads((parts / "row.json").read_text())["final_test_acc"] == row["final_test_acc"]
+    parts_row = json.loads((parts / "row.json").read_text())
+    assert parts_row["final_test_acc"] == row["final_test_acc"]
+    # the first sitting's --epochs 1 stays a caveat of the row (only its flags were read)
+    assert parts_row["caveats"] == ["--limit-train 120", "--limit-test 60",
+                                    "--epochs 1 (the recipe says 2)"]
 
     # Run again when it is all done: nothing is trained, the row is written again.
     rc, out, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", parts)
@@ -170,6 +174,21 @@ def test_a_time_budget_stops_at_an_epoch_end_and_the_same_command_goes_on(tmp_pa
 
 
 @needs_mnist
+def test_a_folder_holding_a_train_run_is_refused_untouched(tmp_path, capsys):
+    """No recipe.yaml but a run's files (capsflow train's): a sitting replaced best.npz
+    and cut metrics.jsonl to its own."""
+    recipe, out_dir = write_recipe(tmp_path), tmp_path / "run"
+    out_dir.mkdir()
+    (out_dir / "best.npz").write_bytes(b"another run's")
+    (out_dir / "metrics.jsonl").write_text('{"kind": "train"}\n')
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    rc, _, err = run_cli(capsys, "reproduce", recipe, *SMALL, "--out", out_dir)
+    assert rc == 2 and "holds a training run that is no recipe's (its best.npz, " \
+                       "metrics.jsonl, no recipe.yaml)" in err, err
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before
+
+
+@needs_mnist
 def test_a_folder_holding_another_recipes_run_is_refused_untouched(tmp_path, capsys):
     first = write_recipe(tmp_path)
     other = write_recipe(tmp_path, TINY_RECIPE.replace("seed: 0", "seed: 1"), "other.yaml")
@@ -193,6 +212,8 @@ def test_a_folder_holding_another_recipes_run_is_refused_untouched(tmp_path, cap
     (("row: \"MNIST: tiny CapsNet\"\n", ""), "the recipe has no 'row'"),
     (("test_acc: 99.0", "test_acc: 120"), "paper.test_acc is a test accuracy in %, got 120"),
     (("name: tiny", "name: [tiny]"), "tiny.yaml:1: 'name' must be a non-empty string, got a list"),
+    (("name: tiny", "name: ../../escaped"), "tiny.yaml:1: 'name' must be a plain file name"),
+    (("name: tiny", "name: /tmp/escaped"), "tiny.yaml:1: 'name' must be a plain file name"),
 ])
 def test_a_bad_recipe_is_one_line_naming_the_file(change, message, tmp_path, capsys):
     recipe = write_recipe(tmp_path, TINY_RECIPE.replace(*change))
@@ -210,6 +231,38 @@ def test_a_bad_recipe_is_one_line_naming_the_file(change, message, tmp_path, cap
 def test_misuse_is_one_line(argv, message, capsys):
     rc, _, err = run_cli(capsys, "reproduce", *argv)
     assert rc == 2 and message in err and "\n" not in err, err
+
+
+GOOD_ROW = {"recipe": "r", "row": "R", "complete": True, "final_test_acc": 93.1,
+            "best_test_acc": 93.2, "best_epoch": 7, "paper_test_acc": 93.7, "epochs": 50,
+            "train_seconds": 300.0, "caveats": []}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"final_test_acc": "abc"}, "'final_test_acc' is a string \"abc\", expected a finite number"),
+    ({"train_seconds": "x"}, "'train_seconds' is a string \"x\", expected a finite number"),
+    ({"best_epoch": None, "paper_test_acc": [1]}, "'paper_test_acc' is a list [1]"),
+    ({"final_test_acc": 250.0}, "'final_test_acc' is a number 250.0, expected a finite number "
+                                "or null in [0, 100]"),
+    ({"caveats": "abc"}, "'caveats' is a string, expected a list of strings"),
+], ids=["text-accuracy", "text-seconds", "list-paper", "accuracy-250", "caveats-text"])
+def test_a_damaged_row_is_one_line(tmp_path, capsys, change, message):
+    """Each was an internal error or a table cell of 'nan%' or '(partial: a, b, c)'."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "row.json").write_text(json.dumps(dict(GOOD_ROW, **change)))
+    rc, _, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    assert rc == 2 and message in err and "\n" not in err.strip(), err
+    (tmp_path / "a" / "row.json").write_text(json.dumps(GOOD_ROW))
+    rc, out, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    assert rc == 0 and "| R | `r` | 93.10% | 93.20% (7) |" in out, err
+
+
+def test_a_huge_row_file_is_refused_unread(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    with (tmp_path / "a" / "row.json").open("wb") as f:
+        f.truncate(2 << 30)  # sparse: 2 GB that take no disk, and would take 4 GB to read
+    rc, _, err = run_cli(capsys, "reproduce", "--table", tmp_path)
+    assert rc == 2 and "2,147,483,648 bytes, not a row written by capsflow reproduce" in err
 
 
 def test_a_table_of_foreign_files_is_one_line(tmp_path, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ STAGE_KEYS = {"stage", "nodes", "doc"}
 WHEN = ("always", "first", "not_first", "last", "not_last")
 INIT_KINDS = ("zeros", "ones", "normal", "uniform", "uniform_fan_in", "constant")
 LOOP_NAMES = ("iteration", "iterations")   # inside a repeat body: this iteration, how many
+#: A graph's name names folders (runs/<name>, compare's --out/<name>): one plain file name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
 @dataclass
@@ -129,6 +132,10 @@ def load_spec(path: str | Path, overrides: dict | None = None,
     for key in ("name", "description"):
         if not isinstance(body[key], (str, type(None))):
             raise SpecError(f"'{key}' must be a string, got {show(body[key])}", file=path)
+    if body["name"] is not None and not NAME_PATTERN.fullmatch(body["name"]):
+        raise SpecError(f"'name' must be a plain file name (letters, digits, '_', '.', '-'; "
+                        f"at most 100; not starting with '.' or '-'), got {show(body['name'])}: "
+                        f"it names the run's folder", file=path)
     builder = _Expander(path, budget)
     builder.expand(body["nodes"], prefix="", scope={}, stage=None, block=None)
     return Spec(
