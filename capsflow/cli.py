@@ -121,6 +121,16 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
     return path
 
 
+def check_output_file(path: str | Path, flag: str) -> Path:
+    """``path`` as a file that can be written (not a folder, in a folder that can be made
+    or written), else one line naming ``flag``; called before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise CapsflowError(f"{flag} {path} is a folder; name a file")
+    check_output_dir(path.parent, flag)
+    return path
+
+
 def add_graph_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every graph-reading command shares."""
     parser.add_argument("graph", help="YAML graph spec, e.g. graphs/capsnet.yaml")

@@ -35,10 +35,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 from capsflow.backends import get_backend
-from capsflow.cli import (add_graph_arguments, compile_from_args, non_negative_int,
-                          positive_float, positive_int)
+from capsflow.cli import (add_graph_arguments, check_output_file, compile_from_args,
+                          non_negative_int, positive_float, positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import SWITCHES, Options, add_option_arguments, options_from_args
 from capsflow.runners.bench_worker import PREFIX, blas_info
@@ -404,7 +405,9 @@ def run_epoch(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="capsflow-bench-epoch-") as tmp:
         trainer = Trainer(graph, data, config, tmp, log=lambda line: None, progress_bar=False)
         trainer.clock = _epoch_clock(be)  # its wall clock starts now, with the training
-        records = trainer.fit()
+        from capsflow.runners.signals import terminate_as_interrupt
+        with terminate_as_interrupt():  # SIGTERM stops it as Ctrl-C does
+            records = trainer.fit()
     info = (f"CuPy {be.xp.__version__}" if be.name == "cupy" else
             f"NumPy {be.xp.__version__}, BLAS {blas_info()}")
     return {"graph": str(graph.spec.file), "bs": args.bs, "options": asdict(options),
@@ -412,6 +415,7 @@ def run_epoch(args: argparse.Namespace) -> dict:
             "train_images": int(data.train_images.shape[0]),
             "test_images": int(data.test_images.shape[0]),
             "steps_per_epoch": len(trainer.batches), "step_mode": trainer.train_step.mode,
+            "epochs_asked": config.num_epochs, "interrupted": trainer.stopped_early,
             "evaluation_mode": trainer._forward.mode if trainer._forward else "eager",
             "epochs": [dict(split, train_loss=r["train_loss"], test_acc=r["test_acc"])
                        for split, r in zip(trainer.clock.epochs, records)]}
@@ -451,23 +455,36 @@ def report_epoch(fig: dict) -> str:
     for k, epoch in enumerate(fig["epochs"], 1):
         acc = "-" if epoch["test_acc"] is None else f"{100 * epoch['test_acc']:.2f}%"
         lines.append(f"epoch {k}: train loss {epoch['train_loss']:.4f}, test accuracy {acc}")
+    if fig.get("interrupted"):
+        lines.append(f"interrupted: {len(fig['epochs'])} of the {fig['epochs_asked']} epochs "
+                     f"asked for ended, and only they are shown")
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")  # before the minutes of timing, not after
     if args.epoch:
         fig = run_epoch(args)
         print(report_epoch(fig))
+        if fig["interrupted"]:  # Ctrl-C or SIGTERM: the figures so far, and the status
+            _write_json(args.json, fig)
+            return 130
     elif args.nproc and args.nproc > 1:
         fig = run_scaling(args)
         print(report_scaling(fig))
     else:
         fig = run_bench(args)
         print(report(fig, args.top))
-    if args.json:
-        try:
-            with open(args.json, "w") as f:
-                json.dump(fig, f, indent=1)
-        except OSError as exc:
-            raise CapsflowError(f"cannot write {args.json}: {exc.strerror}") from None
+    _write_json(args.json, fig)
     return 0
+
+
+def _write_json(path: Optional[str], fig: dict) -> None:
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            json.dump(fig, f, indent=1)
+    except OSError as exc:
+        raise CapsflowError(f"cannot write {path}: {exc.strerror}") from None

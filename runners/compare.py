@@ -53,6 +53,7 @@ from capsflow.backends.cpu.parallel import blas_threads
 from capsflow.cli import (check_output_dir, int_up_to, non_negative_int, positive_float,
                           positive_int)
 from capsflow.errors import CapsflowError
+from capsflow.lang.spec import NAME_PATTERN
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
 from capsflow.runners.signals import Terminated, interrupts_deferred, terminate_as_interrupt
@@ -530,26 +531,40 @@ def merge(folders: list, out: Path) -> int:
         if not table.is_file():
             raise CapsflowError(f"{folder} has no compare.csv; --merge takes folders written "
                                 f"by capsflow compare")
-        with table.open(newline="") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with table.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (csv.Error, ValueError) as exc:  # ValueError: not UTF-8
+            raise CapsflowError(f"{table}: not a table written by capsflow compare "
+                                f"({exc})") from None
         md = folder / "compare.md"
         command = next((line for line in (md.read_text().splitlines() if md.is_file() else [])
                         if line.startswith("Command: ")), f"Command: (no compare.md in {folder})")
         commands.append(f"- {folder}: {command.removeprefix('Command: ')}")
-        for row in rows:
-            name = row["variant"]
-            if name in seen:
-                raise CapsflowError(f"graph '{name}' is in both {seen[name]} and {folder}; "
-                                    f"merge runs of different graphs")
-            seen[name] = folder
-            metrics = folder / name / METRICS_FILE
-            results.append(Result(
-                name, row["graph"], int(row["parameters"]), row["routing_iterations"] or None,
-                steps=int(row["steps"]), ms_per_step=_float(row["ms_per_step"]),
-                final_train_loss=_float(row["final_train_loss"]),
-                test_acc=_float(row["test_acc"]), test_loss=_float(row["test_loss"]),
-                seconds=float(row["seconds"] or 0), note=row["note"],
-                records=tuple(read_metrics(metrics)) if metrics.is_file() else ()))
+        for line, row in enumerate(rows, 2):  # line 1 is the header
+            try:
+                name = row["variant"]
+                if not NAME_PATTERN.fullmatch(name or ""):  # it names a folder below
+                    raise ValueError(f"variant {name!r:.60} is not a graph name")
+                if name in seen:
+                    raise CapsflowError(f"graph '{name}' is in both {seen[name]} and "
+                                        f"{folder}; merge runs of different graphs")
+                seen[name] = folder
+                metrics = folder / name / METRICS_FILE
+                results.append(Result(
+                    name, row["graph"], int(row["parameters"]),
+                    row["routing_iterations"] or None,
+                    steps=int(row["steps"]), ms_per_step=_float(row["ms_per_step"]),
+                    final_train_loss=_float(row["final_train_loss"]),
+                    test_acc=_float(row["test_acc"]), test_loss=_float(row["test_loss"]),
+                    seconds=float(row["seconds"] or 0), note=row["note"],
+                    records=tuple(read_metrics(metrics)) if metrics.is_file() else ()))
+            except KeyError as exc:
+                raise CapsflowError(f"{table}: no column {exc}; not a table written by "
+                                    f"capsflow compare") from None
+            except (TypeError, ValueError) as exc:
+                raise CapsflowError(f"{table}:{line}: not a row written by capsflow compare "
+                                    f"({str(exc)[:120]})") from None
     out.mkdir(parents=True, exist_ok=True)
     description = ("Merged from these runs of capsflow compare (compare the settings: the "
                    "merge does not check them; ms/step compares only between runs on the "

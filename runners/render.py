@@ -15,9 +15,10 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from capsflow.training.checkpoint import load_params
-from capsflow.cli import (add_graph_arguments, check_output_dir, compile_from_args,
+from capsflow.cli import (add_graph_arguments, check_output_file, compile_from_args,
                           non_negative_int, positive_int)
 from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, options_from_args
@@ -73,10 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    out = Path(args.output)
+    out = check_output_file(args.output, "-o")
     fmt = output_format(out)
-    check_output_dir(out.parent, "-o")
+    if args.stats is not None:
+        check_output_file(args.stats, "--stats")
     measuring = check_flags(args)
+    if args.checkpoint:
+        args.overrides = with_checkpoint_overrides(args.checkpoint, args)
     graph = compile_from_args(args)
     if args.focus:
         focus_members(graph, args.focus)  # a bad --focus fails before any computing
@@ -100,9 +104,9 @@ def check_flags(args: argparse.Namespace) -> bool:
                         ("--norm-range", args.norm_range)):
         if given and not measuring:
             raise CapsflowError(f"{flag} only matters with --grad-norms (or --stats)")
-    if args.norm_range and not 0 < args.norm_range[0] < args.norm_range[1]:
-        raise CapsflowError(f"--norm-range needs 0 < LOW < HIGH, got {args.norm_range[0]:g} "
-                            f"{args.norm_range[1]:g}")
+    if args.norm_range and not 0 < args.norm_range[0] < args.norm_range[1] < float("inf"):
+        raise CapsflowError(f"--norm-range needs 0 < LOW < HIGH < inf, got "
+                            f"{args.norm_range[0]:g} {args.norm_range[1]:g}")
     return measuring
 
 
@@ -162,7 +166,9 @@ def _fixed_pdf_date(pdf: bytes) -> bytes:
 
 def write_json(path: Path, report: dict) -> None:
     """JSON with one line per top-level field and per entry of a list or of a
-    mapping of mappings (an edge, a value), so that diffs stay readable."""
+    mapping of mappings (an edge, a value), so that diffs stay readable. A norm or loss
+    that is NaN or infinite is written null (JSON has no NaN: strict parsers refuse it)."""
+    report = _finite_or_null(report)
     lines = []
     for key, value in report.items():
         if isinstance(value, list) and value:
@@ -175,6 +181,17 @@ def write_json(path: Path, report: dict) -> None:
             lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("{\n" + ",\n".join(lines) + "\n}\n", encoding="utf-8")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None, at any depth."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def batch_inputs(graph, args: argparse.Namespace) -> tuple:
@@ -190,6 +207,20 @@ def batch_inputs(graph, args: argparse.Namespace) -> tuple:
     if "y" in wanted:
         inputs["y"] = one_hot(labels)
     return inputs, f"{args.dataset} {args.split}[0:{len(images)}]"
+
+
+def with_checkpoint_overrides(path: str, args: argparse.Namespace) -> list:
+    """The --set values to draw a training checkpoint's graph with: its own (a run trained
+    with routing_iters=1 has the parameters of the 3-iteration graph, and was drawn as
+    that), then those given. A parameters file (save_params) has none."""
+    from capsflow.runners.training import check_same_graph, read_checkpoint
+    from capsflow.training.checkpoint import load_npz
+    if "meta" not in load_npz(path):
+        return args.overrides
+    ckpt = read_checkpoint(path)
+    check_same_graph(ckpt, args.graph)
+    own = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
+    return own + list(args.overrides)
 
 
 def parameters(graph, args: argparse.Namespace) -> tuple:

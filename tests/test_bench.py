@@ -60,6 +60,13 @@ def test_bench_reports_user_errors_in_one_line(capsys):
         assert code == 2 and "cupy" in err.lower() and len(err.strip().splitlines()) == 1
 
 
+def test_a_json_path_that_is_a_folder_is_refused_before_timing(capsys, tmp_path, monkeypatch):
+    from capsflow.runners import bench
+    monkeypatch.setattr(bench, "run_bench", lambda args: pytest.fail("it timed first"))
+    code, _, err = run(capsys, "--json", str(tmp_path))
+    assert code == 2 and f"--json {tmp_path} is a folder; name a file" in err
+
+
 def test_bench_rejects_bad_numbers(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", str(CAPSNET), "--repeats", "0"])
@@ -105,6 +112,22 @@ def test_bench_epoch_splits_each_epoch_between_host_phases(capsys, tmp_path):
     assert len(fig["epochs"]) == 2 and fig["epochs"][0]["device"] is None
     assert set(fig["epochs"][1]["host"]) == {"batches", "steps", "reads", "evaluation",
                                              "epoch_end"}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").is_dir(), reason="needs real MNIST")
+def test_an_interrupted_bench_epoch_says_so(capsys, tmp_path):
+    """Ctrl-C in epoch 2 of 3 printed epoch 1's table as though it were the run, status 0."""
+    from conftest import ctrl_c_in_call
+    with ctrl_c_in_call(3):  # epoch 2's first step (2 steps an epoch)
+        code = main(["bench", str(CAPSNET), "--epoch", "--epochs", "3", "--bs", "4",
+                     "--set", "routing_iters=1", "--data-dir", str(SHARED_DATA),
+                     "--limit-train", "6", "--limit-test", "4", "--json",
+                     str(tmp_path / "e.json")])
+    out, _ = capsys.readouterr()
+    assert code == 130, out
+    assert "interrupted: 1 of the 3 epochs asked for ended, and only they are shown" in out
+    fig = json.loads((tmp_path / "e.json").read_text())
+    assert fig["interrupted"] and len(fig["epochs"]) == 1
 
 
 def test_bench_epoch_clock_times_the_device_by_events_on_cupy():

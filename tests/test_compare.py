@@ -168,6 +168,22 @@ def test_merge_makes_one_table_of_separate_runs(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["compare", "--merge", str(tmp_path), "--out", str(merged)]) == 2
     assert "has no compare.csv" in capsys.readouterr().err
+    # A damaged table is one line (they were a KeyError or ValueError traceback).
+    table = tmp_path / "capsnet" / "compare.csv"
+    good = table.read_text()
+    header, row = good.splitlines()[:2]
+    for text, said in (
+            (good.replace("parameters", "params", 1), "no column 'parameters'"),
+            (header + "\n" + row.replace("capsnet,", "../../etc,", 1) + "\n",
+             ":2: not a row written by capsflow compare (variant '../../etc' is not a "
+             "graph name)"),
+            (good.replace(row.split(",")[2], "many", 1), ":2: not a row written by capsflow "
+             "compare (invalid literal for int()")):
+        table.write_text(text)
+        assert cli_main(["compare", "--merge", str(tmp_path / "capsnet"), "--out",
+                         str(tmp_path / "again")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
 
 
 def test_sigterm_stops_the_jobs_and_keeps_their_work(tmp_path):

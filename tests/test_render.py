@@ -117,6 +117,17 @@ def test_bad_focus_and_bad_suffix_are_one_line_errors(tmp_path, capsys):
     assert rc == 2 and "a.jpeg" in err and ".svg" in err and err.count("\n") == 1
     rc = main(["render", str(CAPSNET), "--checkpoint", "w.npz", "-o", str(tmp_path / "a.dot")])
     assert rc == 2 and "--grad-norms" in capsys.readouterr().err
+    # Output paths that are folders, and an infinite colour scale, before any work
+    folder = tmp_path / "a.svg"
+    folder.mkdir()
+    for argv, said in ((["-o", str(folder)], f"-o {folder} is a folder; name a file"),
+                       (["--stats", str(folder), "-o", str(tmp_path / "b.svg")],
+                        f"--stats {folder} is a folder"),
+                       (["--grad-norms", "--norm-range", "1e-10", "inf", "-o",
+                         str(tmp_path / "b.svg")], "needs 0 < LOW < HIGH < inf")):
+        assert main(["render", str(CAPSNET), *argv]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("iters, u_hat_terms", [(1, 1), (3, 5)])
@@ -179,6 +190,21 @@ def test_grad_norms_on_an_mnist_batch(tmp_path, capsys):
     assert "grad:routing/0/weighted->u_hat" in svg_groups(out)["edge"]
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "mnist").exists(), reason="MNIST not in shared/data")
+def test_a_checkpoint_is_drawn_with_its_own_set_values(tmp_path, capsys):
+    """A run trained with routing_iters=1 has the parameters of the 3-iteration graph: its
+    gradient norms were drawn on 3 iterations without a word."""
+    run = tmp_path / "run"
+    assert main(["train", str(CAPSNET), "--data-dir", str(SHARED_DATA), "--limit-train", "10",
+                 "--limit-test", "5", "--bs", "5", "--num_epochs", "1", "--no-progress",
+                 "--set", "routing_iters=1", "--set", "conv1_maps=8", "--set",
+                 "primary_types=2", "--save_dir", str(run)]) == 0
+    out, _ = render(tmp_path, capsys, "--grad-norms", "--random-input", "--bs", "2",
+                    "--checkpoint", str(run / "last.npz"), name="g.dot")
+    text = out.read_text()
+    assert "routing/0/" in text and "routing/1/" not in text
+
+
 def test_missing_dot_is_one_line_and_dot_source_still_works(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     rc = main(["render", str(CAPSNET), "-o", str(tmp_path / "g.svg")])
@@ -226,6 +252,12 @@ def test_a_loss_that_is_not_finite_is_said(tmp_path, capsys):
                "-o", str(tmp_path / "nan.svg")])
     out = capsys.readouterr().out
     assert rc == 0 and "note: the loss is nan" in out and (tmp_path / "nan.svg").is_file()
+    # ...and the numbers that are not finite are null in --stats (strict JSON)
+    rc = main(["render", str(spec), "--grad-norms", "--random-input", "--bs", "3",
+               "--stats", str(tmp_path / "nan.json"), "-o", str(tmp_path / "nan.svg")])
+    stats = json.loads((tmp_path / "nan.json").read_text(),
+                       parse_constant=lambda c: pytest.fail(f"{c} in --stats"))
+    assert rc == 0 and stats["loss"] is None
 
 
 @needs_dot
