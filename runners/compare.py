@@ -104,7 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option_arguments(parser)
     a("--keep-checkpoints", action="store_true",
       help="keep each graph's last.npz/best.npz (about 100 MB each for CapsNet); by default "
-           "only metrics.jsonl stays (and last.npz of an interrupted graph, to resume)")
+           "only metrics.jsonl stays (and last.npz of an interrupted graph)")
+    a("--overwrite", action="store_true",
+      help="train into an --out that holds an earlier compare of these graphs, replacing "
+           "it; without it that is refused")
     a("--no-progress", dest="progress", action="store_false", help="no progress bars")
     a("--merge", action="store_true",
       help="instead of training: the arguments are folders written by capsflow compare "
@@ -183,6 +186,8 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     get_backend(config.options)  # an unusable backend fails before the data is loaded
     out = check_output_dir(args.out, "--out")
+    if not args.overwrite:
+        check_no_earlier_compare(out, graphs)
     data = load_data(config, download=args.download)
     # Each graph adapts to the data as in capsflow train (its input vars from the dataset).
     from capsflow.lang.yamlio import parse_override
@@ -228,6 +233,19 @@ def main(args: argparse.Namespace) -> int:
         print(f"capsflow compare: error: {len(failed)} of {len(results)} graph(s) failed: "
               f"{', '.join(failed)} (the notes under the table say why)", file=sys.stderr)
     return max((r.status for r in results), default=0)
+
+
+def check_no_earlier_compare(out: Path, graphs: list) -> None:
+    """One line when ``out`` holds an earlier compare's work that this one would replace:
+    a graph's metrics or checkpoints (an interrupted graph's last.npz among them)."""
+    for graph in graphs:
+        folder = out / graph.spec.name
+        found = [name for name in ("last.npz", "best.npz", METRICS_FILE)
+                 if (folder / name).is_file() and (folder / name).stat().st_size]
+        if found:
+            raise CapsflowError(f"--out {out} already holds a compare of {graph.spec.name} "
+                                f"({folder}: {', '.join(found)}); pass --overwrite to train "
+                                f"it again, or choose another --out")
 
 
 def train_all(graphs: list, args: argparse.Namespace, data: Any, config: Any, steps: int,

@@ -148,6 +148,20 @@ def test_jobs_must_be_positive(tmp_path, capsys, jobs):
     assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
+def test_an_earlier_compare_is_not_replaced_without_overwrite(tmp_path, capsys):
+    """A second compare into the same --out replaced the first's metrics and deleted an
+    interrupted graph's last.npz, without a word."""
+    argv = ["compare", str(CAPSNET), "--steps", "2", "--out", str(tmp_path), *TINY]
+    assert cli_main(argv) == 0
+    before = (tmp_path / "capsnet" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} already holds a compare of capsnet" in err and "--overwrite" in err
+    assert (tmp_path / "capsnet" / "metrics.jsonl").read_bytes() == before
+    assert cli_main([*argv, "--overwrite"]) == 0
+
+
 def test_merge_makes_one_table_of_separate_runs(tmp_path, capsys):
     """One run per graph (as one job-array task each), then --merge: one table, CSV and
     figure of both, each row as its own run wrote it."""
