@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from capsflow.training.checkpoint import load_params
 from capsflow.cli import (add_graph_arguments, check_output_file, compile_from_args,
                           non_negative_int, positive_int)
@@ -28,6 +30,7 @@ from .diagrams import backward_sketch, focus_members, forward_sketch
 from .drawing import import_graphviz
 from .gradcheck import random_batch
 from .gradflow import measure_grad_norms, reverse_flow
+from .step_memory import check_step_fits
 
 PDF_DATE = re.compile(rb"/CreationDate \(D:\d{14}Z\)")
 FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf", ".dot": "dot", ".gv": "dot"}
@@ -114,8 +117,12 @@ def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str):
     """Run one batch, report its gradient norms (and write --stats), and draw them."""
     params, weights = parameters(graph, args)
     inputs, source = batch_inputs(graph, args)
-    norms = measure_grad_norms(graph, params, inputs, backend=options_from_args(args),
-                               loss=args.loss)
+    options = options_from_args(args)
+    if args.loss == "loss":  # as the measurement runs it: unfused, gradients made whole
+        wide = any(getattr(v, "dtype", None) == np.float64 for v in inputs.values())
+        check_step_fits(graph, options.replace(fusion=False, factored_grads=False), args.bs,
+                        "float64" if wide else "float32")
+    norms = measure_grad_norms(graph, params, inputs, backend=options, loss=args.loss)
     low, high = norms.range()
     print(f"one batch of {norms.batch} ({source}, {weights}): loss {norms.loss:.4f}, "
           f"gradient norms {low:.2e} .. {high:.2e}")

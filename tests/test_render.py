@@ -124,7 +124,9 @@ def test_bad_focus_and_bad_suffix_are_one_line_errors(tmp_path, capsys):
                        (["--stats", str(folder), "-o", str(tmp_path / "b.svg")],
                         f"--stats {folder} is a folder"),
                        (["--grad-norms", "--norm-range", "1e-10", "inf", "-o",
-                         str(tmp_path / "b.svg")], "needs 0 < LOW < HIGH < inf")):
+                         str(tmp_path / "b.svg")], "needs 0 < LOW < HIGH < inf"),
+                       (["--grad-norms", "--random-input", "--bs", "100000", "-o",
+                         str(tmp_path / "b.svg")], "at batch 100000 keeps at least")):
         assert main(["render", str(CAPSNET), *argv]) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err
