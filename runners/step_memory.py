@@ -36,7 +36,6 @@ On a GPU, CuPy's own out-of-memory error says it (as a MemoryError: one line at 
 from __future__ import annotations
 
 import math
-import sys
 import tracemalloc
 from typing import Any, Callable, Optional
 
@@ -57,13 +56,14 @@ PROBE_BYTES = 96 * 2**20
 ESTIMATE_MARGIN = 1.1
 
 
-def _to_stderr(line: str) -> None:
-    """Where a check says it is measuring, by default (stdout may be a command's report)."""
-    print(line, file=sys.stderr)
+def _to_stdout(line: str) -> None:
+    """Where a check says it is measuring, by default: stdout, with the command's other
+    progress (stderr holds the one line of an error alone)."""
+    print(line, flush=True)
 
 
 def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
-                    scores: Optional[str] = None, log: Callable[[str], None] = _to_stderr,
+                    scores: Optional[str] = None, log: Callable[[str], None] = _to_stdout,
                     processes_here: int = 1) -> None:
     """One line, before a NumPy training step of ``batch`` examples (computing ``loss``,
     and ``scores`` where given) is run, when it cannot fit in this machine's memory, or
@@ -95,7 +95,7 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
 
 
 def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outputs: list,
-                       feeds: list, log: Callable[[str], None] = _to_stderr) -> None:
+                       feeds: list, log: Callable[[str], None] = _to_stdout) -> None:
     """As ``check_step_fits``, for forward passes of ``graph`` on ``params`` (held
     already) over ``batch`` examples, computing ``outputs`` from the inputs ``feeds``
     (evaluation, prediction)."""
