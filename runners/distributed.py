@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -131,14 +132,26 @@ class World:
         backend = comm_backend(array_backend)
         if backend == "nccl":
             _use_gpu(env["local_rank"])
+        where = f"rank {env['rank']}: could not join the process group at {env['addr']}:" \
+                f"{env['port']} within {timeout:g} s"
+        try:  # an address that does not resolve: one line now, not torch's retries and traces
+            socket.getaddrinfo(env["addr"], env["port"])
+        except (socket.gaierror, UnicodeError) as exc:
+            raise DistributedError(f"{where} (MASTER_ADDR {env['addr']!r:.80} does not "
+                                   f"resolve: {exc})") from None
+        # torch's store client can wait forever on a port whose listener never answers:
+        # past the timeout (and a margin for torch's own), this process ends itself.
+        watchdog = threading.Timer(timeout + JOIN_MARGIN, _give_up, (f"{where} (no answer)",))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             dist.init_process_group(backend, store=_store(env, timeout), rank=env["rank"],
                                     world_size=env["world_size"],
                                     timeout=datetime.timedelta(seconds=timeout))
         except (RuntimeError, ValueError, OSError) as exc:
-            raise DistributedError(f"rank {env['rank']}: could not join the process group at "
-                                   f"{env['addr']}:{env['port']} within {timeout:g} s "
-                                   f"({_first_line(exc)})") from None
+            raise DistributedError(f"{where} ({_first_line(exc)})") from None
+        finally:
+            watchdog.cancel()
         world = cls(env["rank"], env["world_size"], env["local_rank"], backend, timeout,
                     env["local_world_size"])
         return world
@@ -228,6 +241,15 @@ def _store(env: dict, timeout: float) -> Any:
                           timeout=datetime.timedelta(seconds=timeout), multi_tenant=not agent)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"capsflow/attempt_{attempt}", store)
+
+
+JOIN_MARGIN = 10.0  # seconds past --dist-timeout before a rank stuck joining gives up
+
+
+def _give_up(message: str) -> None:
+    """The watchdog's end for a rank stuck in torch's rendezvous: one line, status 2."""
+    print(f"capsflow: error: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_USER_ERROR)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -590,3 +590,43 @@ def test_ranks_with_other_settings_are_told_which_one():
     other = json.dumps([{"lr": 0.001, "options": {"backend": "cupy"}}, []])
     assert _difference(other, rank0) == '[0].options.backend: "cupy" vs "numpy"'
     assert _difference("epoch 0", "epoch 1") == "epoch 0 vs epoch 1"
+
+
+def test_a_rank_never_waits_forever_to_join(monkeypatch):
+    """An address that does not resolve is one line at once (it was 22 s of torch's retries
+    and 51 lines of traces); a join that torch never ends (its store client on a port whose
+    listener never answers) is ended by a watchdog past the timeout."""
+    import threading
+
+    import torch.distributed as dist
+
+    from capsflow.runners import distributed
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "no.such.host.invalid",
+           "MASTER_PORT": "29511"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    started = time.monotonic()
+    with pytest.raises(DistributedError, match=r"rank 1: could not join the process group at "
+                                               r"no.such.host.invalid:29511 within 3 s "
+                                               r"\(MASTER_ADDR 'no.such.host.invalid' does "
+                                               r"not resolve"):
+        World.from_env("numpy", timeout=3)
+    assert time.monotonic() - started < 10
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    gave_up = threading.Event()
+    said = []
+    monkeypatch.setattr(distributed, "JOIN_MARGIN", 0.2)
+    monkeypatch.setattr(distributed, "_give_up", lambda line: (said.append(line), gave_up.set()))
+    monkeypatch.setattr(distributed, "_store", lambda env, timeout: None)
+
+    def stuck(*args, **kwargs):  # torch's join, waiting on a store that never answers
+        assert gave_up.wait(10), "the watchdog never fired"
+        raise RuntimeError("stopped by the test")
+    monkeypatch.setattr(dist, "init_process_group", stuck)
+    with pytest.raises(DistributedError):
+        World.from_env("numpy", timeout=0.1)
+    assert said == ["rank 1: could not join the process group at 127.0.0.1:29511 within "
+                    "0.1 s (no answer)"]
