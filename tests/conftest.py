@@ -74,6 +74,24 @@ def run_cli(capsys, *argv) -> tuple:
     return rc, captured.out, captured.err.strip()
 
 
+def without_time(records: list) -> list:
+    """metrics.jsonl records less their wall-clock seconds (all a resumed run may change)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_same_run(resumed: Path, straight: Path) -> None:
+    """Two run folders hold the same run: metrics (but for the seconds), and last.npz's
+    parameters and optimizer state bit for bit."""
+    from capsflow.runners.training import read_checkpoint, read_metrics
+    assert without_time(read_metrics(resumed / "metrics.jsonl")) == \
+        without_time(read_metrics(straight / "metrics.jsonl"))
+    a, b = read_checkpoint(resumed / "last.npz"), read_checkpoint(straight / "last.npz")
+    for name, value in b.params.items():
+        assert np.array_equal(a.params[name], value), name
+    for key, value in b.optim.items():
+        assert np.array_equal(a.optim[key], value), key
+
+
 def process_runs(pid: str | int) -> bool:
     """Whether process ``pid`` still runs (a zombie, killed but not reaped, does not)."""
     try:

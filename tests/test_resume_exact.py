@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
 import pytest
+from conftest import assert_same_run
 from test_data import _make_dataset
 from test_hostile_runtime import write_graph
 
 from capsflow.cli import main as cli_main
 from capsflow.core.graph import Graph
 from capsflow.runners import training
-from capsflow.runners.training import read_checkpoint, read_metrics
+from capsflow.runners.training import read_metrics
 
 pytestmark = pytest.mark.usefixtures("no_user_data")
 
@@ -34,10 +34,6 @@ def setting(tmp_path_factory):
     return flags, root / "straight"
 
 
-def without_time(records: list) -> list:
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-
 def raising_on_call(monkeypatch, owner, name: str, number: int, error: BaseException):
     real, calls = getattr(owner, name), []
 
@@ -47,16 +43,6 @@ def raising_on_call(monkeypatch, owner, name: str, number: int, error: BaseExcep
             raise error
         return real(*args, **kwargs)
     monkeypatch.setattr(owner, name, hooked)
-
-
-def assert_same_run(resumed, straight):
-    assert without_time(read_metrics(resumed / "metrics.jsonl")) == \
-        without_time(read_metrics(straight / "metrics.jsonl"))
-    a, b = read_checkpoint(resumed / "last.npz"), read_checkpoint(straight / "last.npz")
-    for name, value in b.params.items():
-        assert np.array_equal(a.params[name], value), name
-    for key, value in b.optim.items():
-        assert np.array_equal(a.optim[key], value), key
 
 
 def test_ctrl_c_in_the_evaluation_resumes_exactly(setting, tmp_path, monkeypatch):
