@@ -257,11 +257,101 @@ def test_a_fragment_included_twice_without_as_points_at_the_second_include(tmp_p
 
 
 # -- --set values ---------------------------------------------------------------------------
+def _compiled(tmp_path, text: str):
+    path = tmp_path / "g.yaml"
+    path.write_text(textwrap.dedent(text))
+    return capsflow.compile(path)
+
+
+def test_a_body_id_used_before_its_line_is_the_bodys_own(tmp_path):
+    """A body (or a fragment) may use an id it defines further down; it bound to the
+    outer graph's node of that name instead."""
+    graph = _compiled(tmp_path, """
+        inputs: {x: {shape: [N, 3]}}
+        nodes:
+          - {id: b, op: scale, in: [x], attrs: {by: 100.0}}
+          - id: r
+            repeat: 2
+            carry: {h: {init: x, next: a}}
+            body:
+              - {id: a, op: scale, in: [b], attrs: {by: 2.0}}
+              - {id: b, op: scale, in: [h], attrs: {by: 3.0}}
+        outputs: {y: r/a}
+    """)
+    inputs = {n.id: n.inputs for n in graph.spec.nodes}
+    assert inputs["r/0/a"] == ["r/0/b"] and inputs["r/1/a"] == ["r/1/b"]
+    assert inputs["r/1/b"] == ["r/0/a"]
+    out = graph.run({}, {"x": np.ones((1, 3))})["y"]
+    np.testing.assert_allclose(out, np.full((1, 3), 36.0))  # 2 * 3 * 2 * 3, no 100
+
+
+def test_a_body_id_an_iteration_lacks_is_an_error_there(tmp_path):
+    with pytest.raises(SpecError, match=r"'y' is a node of repeat block 'r' only in some "
+                                        r"iterations \(its 'when'\), not in iteration 1"):
+        _compiled(tmp_path, """
+            inputs: {x: {shape: [N, 3]}}
+            nodes:
+              - {id: y, op: scale, in: [x], attrs: {by: 100.0}}
+              - id: r
+                repeat: 3
+                body:
+                  - {id: y, op: scale, in: [x], attrs: {by: 2.0}, when: first}
+                  - {id: z, op: add, in: [x, y]}
+            outputs: {z: r/z}
+        """)
+
+
+def test_a_carried_name_whose_next_skips_the_last_iteration_has_its_final_value(tmp_path):
+    """routing's logits (next: when not_last): BLOCK/NAME did not exist."""
+    graph = _compiled(tmp_path, """
+        inputs: {x: {shape: [N, 3]}}
+        nodes:
+          - id: r
+            repeat: 3
+            carry: {b: {init: x, next: b_next}}
+            body:
+              - {id: v, op: scale, in: [b], attrs: {by: 2.0}}
+              - {id: b_next, op: add, in: [b, v], when: not_last}
+        outputs: {b: r/b}
+    """)
+    assert graph.spec.outputs["b"] == "r/1/b_next"
+    assert "routing/b" in capsflow.compile(CAPSNET).spec.aliases
+
+
+@pytest.mark.parametrize("clash", ["instance", "node"])
+def test_a_repeat_block_may_not_share_a_name(tmp_path, clash):
+    (tmp_path / "f.yaml").write_text("nodes:\n  - {id: y, op: scale, in: [u], attrs: {by: 3.0}}\n")
+    first = ("- {include: f.yaml, as: A, bind: {u: x}}" if clash == "instance" else
+             "- {id: A/y, op: scale, in: [x], attrs: {by: 3.0}}")
+    with pytest.raises(SpecError, match="repeat block 'A'|has the name that repeat block"):
+        _compiled(tmp_path, f"""
+            inputs: {{x: {{shape: [N, 3]}}}}
+            nodes:
+              {first}
+              - id: A
+                repeat: 1
+                body:
+                  - {{id: y, op: scale, in: [x], attrs: {{by: 5.0}}}}
+            outputs: {{y: A/y}}
+        """)
+
+
 def test_set_values_are_read_as_users_mean_them():
     assert parse_override("squash_eps=1e-9") == ("squash_eps", 1e-9)
     graph = capsflow.compile(CAPSNET, overrides={"squash_eps": 0, "recon_weight": 1})
     assert graph.spec.vars["squash_eps"] == 0.0 and type(graph.spec.vars["squash_eps"]) is float
     assert type(graph.spec.vars["recon_weight"]) is float
+
+
+@pytest.mark.parametrize("text, value", [
+    ("010", 10), ("-007", -7), ("0x10", 16), ("0o17", 15), ("0b101", 5), ("1_000", 1000),
+    ("1:30", "1:30"), ("1.0e7", 1.0e7), ("2.5E3", 2500.0), ("1e-9", 1e-9), (".5e2", 50.0),
+    ("1.5", 1.5)])
+def test_numbers_read_the_way_people_write_them(text, value):
+    """YAML 1.1 read 010 as 8 and 1:30 as 90 (base 60), and 1.0e7 as text; in a graph
+    file as in --set."""
+    assert parse_override(f"a={text}") == ("a", value)
+    assert type(parse_override(f"a={text}")[1]) is type(value)
 
 
 @pytest.mark.parametrize("setting,message", [

@@ -138,6 +138,7 @@ def load_spec(path: str | Path, overrides: dict | None = None,
                         f"it names the run's folder", file=path)
     builder = _Expander(path, budget)
     builder.expand(body["nodes"], prefix="", scope={}, stage=None, block=None)
+    builder.resolve_inputs()
     return Spec(
         name=body["name"] or Path(path).stem, file=path, vars=dict(variables),
         inputs=_parse_inputs(body.get("inputs") or {}, path),
@@ -517,6 +518,15 @@ def _parse_outputs(section: Any, path: str) -> dict:
 
 
 # -- node expansion ----------------------------------------------------------------------
+class _NotInThisIteration(str):
+    """In an iteration's scope: a body name that this iteration does not define."""
+
+    def __new__(cls, block: str) -> "_NotInThisIteration":
+        made = super().__new__(cls, f"<not in this iteration of {block}>")
+        made.block = block
+        return made
+
+
 class _Expander:
     """Flattens stage groups and unrolls repeat blocks into NodeSpecs with stable ids.
 
@@ -536,6 +546,10 @@ class _Expander:
         self.context: list[str] = []   # the instances being expanded, innermost last
         self.params = LocDict()   # params of fragment instances, by their full names
         self.params.key_lines = {}
+        # Each node's inputs are looked up once everything is expanded, in the scope it was
+        # written in: a body (or fragment) may use an id it defines further down, and that
+        # id, not an outer node of the same name, is the one meant.
+        self.unresolved: list[tuple[NodeSpec, Any]] = []
 
     def error(self, message: str, entry: Any, node: str | None = None) -> SpecError:
         return SpecError(message, file=getattr(entry, "file", None) or self.path,
@@ -591,16 +605,34 @@ class _Expander:
             raise self.error(f"'attrs' must be a mapping, got {show(attrs)}{empty}", entry, full_id)
         if full_id in self.seen:
             raise self.duplicate(full_id, entry)
+        if full_id in self.aliases:
+            raise self.error(f"node '{full_id}' has the name of a repeat block's or fragment "
+                             f"instance's value ({self.aliases[full_id]})", entry, full_id)
         if len(self.nodes) >= self.limits.max_nodes:
             raise self.error(f"the graph has more than {self.limits.max_nodes:,} nodes after "
                              "unrolling repeat blocks (Limits.max_nodes)", entry, full_id)
         self.seen.add(full_id)
         scope[node_id] = full_id
-        self.nodes.append(NodeSpec(
-            full_id, entry["op"], [scope.get(i, i) for i in inputs], dict(attrs),
+        node = NodeSpec(
+            full_id, entry["op"], list(inputs), dict(attrs),
             getattr(entry, "file", None) or self.path, getattr(entry, "line", None), stage,
             block[0] if block else None, block[1] if block else None,
-            self.context[-1] if self.context else None))
+            self.context[-1] if self.context else None)
+        self.nodes.append(node)
+        self.unresolved.append((node, scope))
+
+    def resolve_inputs(self) -> None:
+        """Every node's input names as the ids they mean (see ``unresolved``)."""
+        for node, scope in self.unresolved:
+            resolved = [scope.get(i, i) for i in node.inputs]
+            for name, target in zip(node.inputs, resolved):
+                if isinstance(target, _NotInThisIteration):
+                    raise SpecError(f"'{name}' is a node of repeat block '{target.block}' "
+                                    f"only in some iterations (its 'when'), not in iteration "
+                                    f"{node.iteration}, where '{node.id}' reads it",
+                                    file=node.file, line=node.line, node=node.id)
+            node.inputs = resolved
+        self.unresolved = []
 
     def expand_repeat(self, entry: dict, prefix: str, scope: dict, stage: str | None,
                       block: tuple | None) -> None:
@@ -610,6 +642,10 @@ class _Expander:
         _check_keys(entry, REPEAT_KEYS, f"repeat block '{block_id}'", self.path)
         if prefix + block_id in self.blocks:
             raise self.duplicate(prefix + block_id, entry)
+        if prefix + block_id in self.instances or prefix + block_id in self.seen:
+            raise self.error(f"repeat block '{prefix + block_id}' has the name of a fragment "
+                             f"instance or a node: '{block_id}/...' would mean both",
+                             entry, prefix + block_id)
         count = self.resolve(entry["repeat"], entry, block, prefix + block_id)
         if not _whole(count) or count < 1:
             raise self.error(f"repeat must be a whole number >= 1, got {show(count)}", entry, prefix + block_id)
@@ -635,8 +671,10 @@ class _Expander:
         self.blocks[full_block] = count
         made: dict = {}      # body name -> its node in the last iteration that has it
         previous: dict = {}
+        iterations = []
         for k in range(count):
             local = ChainMap({}, scope)
+            iterations.append(local)
             for name, c in carry.items():
                 local[name] = scope.get(c["init"], c["init"]) if k == 0 else previous[c["next"]]
             self.expand(body, f"{full_block}/{k}/", local, stage, (full_block, k, count))
@@ -648,13 +686,23 @@ class _Expander:
                     raise self.error(f"carry '{name}': next '{c['next']}' is not a node of "
                                      "the body", entry, block_id)
             made.update(previous)
-        for name, c in carry.items():  # the carried value after the last iteration
-            if c["next"] in previous:
-                made.setdefault(name, previous[c["next"]])
+        for name, c in carry.items():  # the carried value after the last iteration:
+            if c["next"] in previous:      # its 'next' there, or, where the last iteration
+                made.setdefault(name, previous[c["next"]])  # makes none ('when: not_last',
+            else:                                           # as routing's logits), the
+                made.setdefault(name, iterations[-1].maps[0][name])  # value it read
+        # A body name an iteration lacks ('when: first'): reading it there is a mistake,
+        # not the outer node of that name.
+        for local in iterations:
+            for name in made.keys() - local.maps[0].keys() - carry.keys():
+                local.maps[0][name] = _NotInThisIteration(full_block)
         # Outer names see the last iteration: BLOCK/NAME, relative to the enclosing body,
         # so a block nested in a body adds one name per name of its own, never a copy of
         # every alias inside it (which doubled with each level of nesting).
         for name, target in made.items():
+            if f"{full_block}/{name}" in self.seen:
+                raise self.error(f"node '{full_block}/{name}' has the name that repeat block "
+                                 f"'{full_block}' gives its '{name}'", entry, full_block)
             self.aliases[f"{full_block}/{name}"] = target
             scope[f"{block_id}/{name}"] = target
 

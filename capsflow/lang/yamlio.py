@@ -20,7 +20,14 @@ from capsflow.lang.limits import Budget, Limits, measure, show
 _TAG = "tag:yaml.org,2002:"
 # Plain data only: no timestamps, sets, binary or ordered maps (the graph language has none).
 _PLAIN_TAGS = {_TAG + t for t in ("null", "bool", "int", "float", "str", "seq", "map")}
-_EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$")
+# Numbers as people (and YAML 1.2, and Python) write them, where YAML 1.1 differs: an
+# exponent with or without a dot or a sign is a float (1.0e7 was a string); an integer is
+# decimal even with leading zeros (010 was 8) unless it says 0x, 0o or 0b, and 1:30 is text
+# (it was 90, base 60).
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)"
+                             r"[eE][-+]?[0-9]+$")
+_INT = re.compile(r"^[-+]?(?:0b[01_]+|0o[0-7_]+|0x[0-9a-fA-F_]+|[0-9][0-9_]*)$")
+_NUMBER_START = "-+0123456789."
 
 
 class LocDict(dict):
@@ -40,12 +47,21 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that counts and bounds what it composes and names the line of every
     value it cannot construct."""
 
-    # A date-like scalar stays a string (no timestamp tag), and a number with an exponent
-    # but no dot (1e-9, 2E+3) is a float as in YAML 1.2 and Python, not a string as in 1.1.
+    # A date-like scalar stays a string (no timestamp tag); numbers as above.
     yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag != _TAG + "timestamp"]
-        + ([(_TAG + "float", _EXPONENT_FLOAT)] if first and first in "-+0123456789" else [])
+        first: [(_TAG + "int", _INT)] * bool(first and first in _NUMBER_START[:-1])
+        + [(_TAG + "float", _EXPONENT_FLOAT)] * bool(first and first in _NUMBER_START)
+        + [(tag, rx) for tag, rx in resolvers if tag not in (_TAG + "timestamp", _TAG + "int")]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node):
+        """An integer as ``_INT`` reads it: decimal unless 0x, 0o or 0b (YAML 1.1's
+        constructor reads a leading 0 as octal and a ':' as base 60)."""
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2].lower(), 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
 
     def __init__(self, text: str, name: str, budget: Budget):
         super().__init__(text)
@@ -111,6 +127,7 @@ def _key_problem(key_node, key) -> str:
 _Loader.yaml_constructors = {tag: c for tag, c in yaml.SafeLoader.yaml_constructors.items()
                              if tag in _PLAIN_TAGS}
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_constructor(_TAG + "int", _Loader.construct_yaml_int)
 
 
 def _yaml_children(node) -> list:
