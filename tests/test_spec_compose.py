@@ -263,3 +263,28 @@ def test_cli_prints_one_line_for_a_broken_variant(base, capsys):
     assert main(["check", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"capsflow check: error: {path}:3: replace:")
+
+
+def test_replace_changes_one_copy_of_a_yaml_alias(tmp_path):
+    """Two blocks sharing a body by a YAML anchor (&body / *body): replacing r1/c also
+    replaced r2/c (the entries were one object, found by identity)."""
+    (tmp_path / "base.yaml").write_text(textwrap.dedent("""
+        inputs: {x: {shape: [N, 3]}}
+        nodes:
+          - id: r1
+            repeat: 2
+            carry: {h: {init: x, next: c}}
+            body: &body
+              - {id: c, op: scale, in: [h], attrs: {by: 2.0}}
+          - id: r2
+            repeat: 2
+            carry: {h: {init: r1/c, next: c}}
+            body: *body
+        outputs: {y: r2/c}
+    """))
+    (tmp_path / "variant.yaml").write_text(
+        "extends: base.yaml\nreplace:\n  r1/c: {id: c, op: sigmoid, in: [h]}\n")
+    ops = {n.id: n.op for n in capsflow.compile(tmp_path / "variant.yaml").spec.nodes}
+    assert ops == {"r1/0/c": "sigmoid", "r1/1/c": "sigmoid", "r2/0/c": "scale", "r2/1/c": "scale"}
+    base = {n.id: n.op for n in capsflow.compile(tmp_path / "base.yaml").spec.nodes}
+    assert set(base.values()) == {"scale"}

@@ -24,6 +24,7 @@ whose fragments' node lists, hold it). Both read regular files only.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -474,6 +475,7 @@ class _Composer:
         if not isinstance(nodes, list):
             raise SpecError("replace: the base graph has no node list to replace in",
                             file=doc.file, line=doc.key_line("replace"))
+        nodes = _unshared(nodes)  # entries are found by identity: a YAML alias is a copy
         ids = _Ids(nodes)
         swaps: dict[int, tuple] = {}
         for target, new in section.items():
@@ -563,6 +565,28 @@ def _walk(entries: Any, prefix: str, depth: int) -> Iterator[tuple]:
             yield e, full, (prefix, depth)
             if "repeat" in e or isinstance(e, Instance):
                 yield from _walk(e.get(_inner_list(e) or "body"), full + "/", depth + 2)
+
+
+def _unshared(value: Any) -> Any:
+    """``value`` with every mapping and list a separate object: YAML's aliases (``*body``)
+    share one, and a replace of one copy, found by identity, changed every copy. (The
+    limits counted aliases as copies already, so this allocates nothing they did not
+    allow.) A group keeps track of which of its entries are its own."""
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    if isinstance(value, _Group):
+        entries = [_unshared(e) for e in value.entries]
+        mine = {id(old): new for old, new in zip(value.entries, entries)
+                if any(old is o for o in value.original)}
+        group = _Group(entries, value.fragment)
+        group.original = [mine.get(id(o), o) for o in value.original]
+        return group
+    if isinstance(value, dict):
+        out = copy.copy(value)  # its class and attributes: file, line, key lines
+        for key, inner in value.items():
+            out[key] = _unshared(inner)
+        return out
+    return value
 
 
 def _swap(entries: Any, swaps: dict) -> Any:
