@@ -130,3 +130,14 @@ def test_a_negative_eps_under_a_square_root_is_refused_when_compiled(capsys, gra
     for name, args in (("norm", ((2, 3),)), ("layer_norm", ((2, 3),))):
         with pytest.raises(AttrValueError, match=f"{name}: attribute 'eps' must be >= 0"):
             OPS[name].shape_fn(*args, axis=-1, eps=-1e-9)
+
+
+def test_an_output_error_names_the_file_and_line_that_declare_it(tmp_path, capsys):
+    """It named the top file with no line, also where a base declares the output."""
+    base = tmp_path / "base.yaml"
+    base.write_text(GOOD_HEAD + "nodes:\n  - {id: h, op: relu, in: [x]}\n"
+                    "  - {id: m, op: relu, in: [h]}\noutputs:\n  h: h\n  out: m\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("extends: base.yaml\nreplace:\n  m: []\n")
+    assert main(["check", str(variant)]) == 2
+    assert f"{base}:9: output 'out' refers to unknown node 'm'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from capsflow.errors import SpecError
 from capsflow.core.opdef import OPS, REQUIRED, get_op
 from capsflow.core.shapes import AttrValueError, ShapeError, check_dims, fmt
 from capsflow.lang.limits import show
-from capsflow.lang.spec import NodeSpec, Spec
+from capsflow.lang.spec import NodeSpec, Spec, output_location
 
 
 def build_dag(spec: Spec) -> nx.DiGraph:
@@ -177,13 +177,14 @@ def _check_outputs(dag: nx.DiGraph, spec: Spec) -> None:
     fed = _descendants(dag, sources)   # one walk for all outputs
     for name, ref in spec.outputs.items():
         target = spec.aliases.get(ref, ref)
+        file, line = output_location(spec, name)
         if target not in dag:
             raise SpecError(f"output '{name}' refers to unknown node '{ref}'" + _suggest(ref, dag),
-                            file=spec.file)
+                            file=file, line=line)
         spec.outputs[name] = target
         if target not in fed:
             raise SpecError(f"output '{name}' ('{ref}') depends on no input or parameter",
-                            file=spec.file, node=target)
+                            file=file, line=line, node=target)
 
 
 def _descendants(dag: nx.DiGraph, sources: set) -> set:

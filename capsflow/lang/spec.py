@@ -514,7 +514,12 @@ def _parse_outputs(section: Any, path: str) -> dict:
             file, line = _where(section, name, ref, path)
             raise SpecError(f"output '{name}' must name a node id, got {show(ref)}", file=file,
                             line=line)
-    return dict(section)
+    return section if isinstance(section, LocDict) else dict(section)  # lines for errors
+
+
+def output_location(spec: "Spec", name: str) -> tuple:
+    """(file, line) where output ``name`` is declared (a base's or variant's file)."""
+    return _where(spec.outputs, name, None, spec.file)
 
 
 # -- node expansion ----------------------------------------------------------------------
