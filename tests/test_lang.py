@@ -336,6 +336,23 @@ def test_a_repeat_block_may_not_share_a_name(tmp_path, clash):
         """)
 
 
+@pytest.mark.parametrize("where", ["id", "in"])
+def test_iteration_in_an_id_or_a_name_is_an_error(tmp_path, where):
+    """It stayed the text: a node literally named 'z${iteration}'."""
+    node = ('{id: "z${iteration}", op: scale, in: [x]}' if where == "id" else
+            '{id: z, op: scale, in: ["x${iteration}"]}')
+    with pytest.raises(SpecError, match=r"ids and the names in 'in' are written out"):
+        _compiled(tmp_path, f"""
+            inputs: {{x: {{shape: [N, 3]}}}}
+            nodes:
+              - id: r
+                repeat: 2
+                body:
+                  - {node}
+            outputs: {{y: r/z}}
+        """)
+
+
 def test_set_values_are_read_as_users_mean_them():
     assert parse_override("squash_eps=1e-9") == ("squash_eps", 1e-9)
     graph = capsflow.compile(CAPSNET, overrides={"squash_eps": 0, "recon_weight": 1})

@@ -510,10 +510,12 @@ def _parse_outputs(section: Any, path: str) -> dict:
         raise SpecError("'outputs' must map output names to node ids, e.g. {loss: loss}",
                         file=getattr(section, "file", None) or path)
     for name, ref in section.items():
-        if not isinstance(ref, str):
+        if not isinstance(ref, str) or isinstance(ref, Deferred):
             file, line = _where(section, name, ref, path)
-            raise SpecError(f"output '{name}' must name a node id, got {show(ref)}", file=file,
-                            line=line)
+            why = (" (${iteration} exists only inside a repeat body)"
+                   if isinstance(ref, Deferred) else "")
+            raise SpecError(f"output '{name}' must name a node id, got {show(ref)}{why}",
+                            file=file, line=line)
     return section if isinstance(section, LocDict) else dict(section)  # lines for errors
 
 
@@ -604,6 +606,11 @@ class _Expander:
             inputs = [inputs]
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise self.error(f"'in' must be a list of names, got {show(inputs)}", entry, full_id)
+        for name in (node_id, *inputs):
+            if isinstance(name, Deferred):  # it would stay the text '${iteration}'
+                raise self.error(f"{show(str(name))}: ids and the names in 'in' are written "
+                                 "out; ${iteration} goes in attributes (a body's ids are "
+                                 "numbered by the block: BLOCK/K/ID)", entry, full_id)
         attrs = self.resolve(entry.get("attrs", {}), entry, block, full_id)
         if not isinstance(attrs, dict):
             empty = " (it is empty: give attributes or leave 'attrs' out)" if attrs is None else ""
