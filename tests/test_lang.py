@@ -371,6 +371,17 @@ def test_numbers_read_the_way_people_write_them(text, value):
     assert type(parse_override(f"a={text}")[1]) is type(value)
 
 
+def test_a_word_yaml_reads_as_a_boolean_is_refused_for_a_text_variable(tmp_path, capsys):
+    """--set eq=off gave the variable the value False."""
+    path = tmp_path / "g.yaml"
+    path.write_text('vars: {eq: "ni->n"}\ninputs: {x: {shape: [N, 3]}}\n'
+                    'nodes:\n  - {id: s, op: einsum, in: [x], attrs: {eq: "${eq}"}}\n'
+                    'outputs: {s: s}\n')
+    assert main(["check", str(path), "--set", "eq=off"]) == 2
+    assert "'eq' is text (it is 'ni->n' in the graph); YAML reads yes, no" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("setting,message", [
     ("routing_iters=abc", "paper.yaml:7: --set routing_iters='abc': 'routing_iters' is a whole number"),
     ("routing_iters=2.5", "a value with a dot or an exponent is a float"),

@@ -214,6 +214,10 @@ def _as_declared(name: str, value: Any, default: Any, where: tuple) -> Any:
         if not is_number(value):
             raise wrong("a number", "give a number such as 1e-9 or 0.5")
         return float(value)
+    elif isinstance(default, str) and (value is None or isinstance(value, bool)):
+        # --set routing=no read as false (and then the file routing/False.yaml)
+        raise wrong("text", "YAML reads yes, no, on, off, true and false as true or false, "
+                    "and null or ~ as null: quote the word, e.g. --set \"NAME='no'\"")
     return value
 
 
