@@ -353,6 +353,25 @@ def test_iteration_in_an_id_or_a_name_is_an_error(tmp_path, where):
         """)
 
 
+def test_a_variable_may_use_one_that_uses_the_iteration(tmp_path):
+    """u: ${t * 2} with t: ${iteration + 1} was "'*' needs numbers, got '${iteration + 1}'"."""
+    graph = _compiled(tmp_path, """
+        vars: {t: "${iteration + 1}", u: "${t * 2}"}
+        inputs: {x: {shape: [N, 3]}}
+        nodes:
+          - id: r
+            repeat: 3
+            carry: {h: {init: x, next: y}}
+            body:
+              - {id: y, op: scale, in: [h], attrs: {by: "${u}"}}
+              - {id: z, op: scale, in: [h], attrs: {by: "${t * 10}"}}
+        outputs: {y: r/y, z: r/z}
+    """)
+    by = {n.id: n.attrs["by"] for n in graph.spec.nodes}
+    assert [by[f"r/{k}/y"] for k in range(3)] == [2, 4, 6]
+    assert [by[f"r/{k}/z"] for k in range(3)] == [10, 20, 30]
+
+
 def test_set_values_are_read_as_users_mean_them():
     assert parse_override("squash_eps=1e-9") == ("squash_eps", 1e-9)
     graph = capsflow.compile(CAPSNET, overrides={"squash_eps": 0, "recon_weight": 1})

@@ -315,7 +315,13 @@ def _fill(text: str, variables: Mapping, loc: tuple, budget: Budget) -> Any:
                 raise _Defer
             known = ", ".join(sorted(variables)) or "none"
             raise error(f"unknown variable '{name}'; defined: {known}")
-        return variables[name]
+        value = variables[name]
+        if isinstance(value, Deferred):  # a variable that uses ${iteration} itself
+            if LOOP_NAMES[0] not in variables:
+                raise _Defer         # outside an iteration: this text waits for one too
+            loop = {k: variables[k] for k in LOOP_NAMES if k in variables}
+            return _fill(str(value), ChainMap(loop, value.variables), value.loc, budget)
+        return value
 
     def value_of(expression: str) -> Any:
         return expression_value(expression, lookup, error)
