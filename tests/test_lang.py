@@ -108,7 +108,8 @@ def test_bad_arithmetic_in_a_graph_names_file_and_line(tmp_path, capsys, vars_te
 
 def test_iteration_is_the_loop_index_inside_a_repeat_body(tmp_path, capsys):
     path = _write(tmp_path, {"g.yaml": """
-        vars: {final: 0.01, schedule: "${final * (1 - 0.95 ** (iteration + 1))}"}
+        vars: {final: 0.01, schedule: "${final * (1 - 0.95 ** (iteration + 1))}",
+               step: "${iteration + 1}", twice: "${step * 2}"}
         inputs: {x: {shape: [N, 3]}}
         nodes:
           - id: loop
@@ -117,12 +118,16 @@ def test_iteration_is_the_loop_index_inside_a_repeat_body(tmp_path, capsys):
             body:
               - {id: h2, op: scale, in: [h], attrs: {by: "${schedule}"}}
               - {id: t, op: scale, in: [h], attrs: {by: "${iteration / iterations}"}}
+              - {id: u, op: scale, in: [h], attrs: {by: "${twice}"}}
+              - {id: v, op: scale, in: [h], attrs: {by: "${step * 10}"}}
           - {id: out, op: sum, in: [loop/h]}
         outputs: {out: out}
         """})
     attrs = {n.id: n.attrs["by"] for n in capsflow.compile(str(path)).spec.nodes if n.op == "scale"}
     for k in range(3):
         assert attrs[f"loop/{k}/h2"] == pytest.approx(0.01 * (1 - 0.95 ** (k + 1)), rel=1e-15)
+        # a variable using one that uses the iteration ("'*' needs numbers, got '${...}'")
+        assert (attrs[f"loop/{k}/u"], attrs[f"loop/{k}/v"]) == (2 * (k + 1), 10 * (k + 1))
         assert attrs[f"loop/{k}/t"] == k / 3
     (tmp_path / "g.yaml").write_text(textwrap.dedent("""
         inputs: {x: {shape: [N, 3]}}
@@ -301,21 +306,12 @@ def test_a_body_id_an_iteration_lacks_is_an_error_there(tmp_path):
         """)
 
 
-def test_a_carried_name_whose_next_skips_the_last_iteration_has_its_final_value(tmp_path):
-    """routing's logits (next: when not_last): BLOCK/NAME did not exist."""
-    graph = _compiled(tmp_path, """
-        inputs: {x: {shape: [N, 3]}}
-        nodes:
-          - id: r
-            repeat: 3
-            carry: {b: {init: x, next: b_next}}
-            body:
-              - {id: v, op: scale, in: [b], attrs: {by: 2.0}}
-              - {id: b_next, op: add, in: [b, v], when: not_last}
-        outputs: {b: r/b}
-    """)
-    assert graph.spec.outputs["b"] == "r/1/b_next"
-    assert "routing/b" in capsflow.compile(CAPSNET).spec.aliases
+@pytest.mark.parametrize("iters, final", [(3, "routing/1/b_next"), (1, "b0")])
+def test_a_carried_name_whose_next_skips_the_last_iteration_has_its_final_value(iters, final):
+    """routing's logits (next: when not_last): BLOCK/NAME did not exist. Its final value
+    is the one the last iteration read: the last b_next, or b0 with one iteration."""
+    graph = capsflow.compile(CAPSNET, {"routing_iters": iters})
+    assert graph.spec.aliases["routing/b"] == final
 
 
 @pytest.mark.parametrize("clash", ["instance", "node"])
@@ -351,25 +347,6 @@ def test_iteration_in_an_id_or_a_name_is_an_error(tmp_path, where):
                   - {node}
             outputs: {{y: r/z}}
         """)
-
-
-def test_a_variable_may_use_one_that_uses_the_iteration(tmp_path):
-    """u: ${t * 2} with t: ${iteration + 1} was "'*' needs numbers, got '${iteration + 1}'"."""
-    graph = _compiled(tmp_path, """
-        vars: {t: "${iteration + 1}", u: "${t * 2}"}
-        inputs: {x: {shape: [N, 3]}}
-        nodes:
-          - id: r
-            repeat: 3
-            carry: {h: {init: x, next: y}}
-            body:
-              - {id: y, op: scale, in: [h], attrs: {by: "${u}"}}
-              - {id: z, op: scale, in: [h], attrs: {by: "${t * 10}"}}
-        outputs: {y: r/y, z: r/z}
-    """)
-    by = {n.id: n.attrs["by"] for n in graph.spec.nodes}
-    assert [by[f"r/{k}/y"] for k in range(3)] == [2, 4, 6]
-    assert [by[f"r/{k}/z"] for k in range(3)] == [10, 20, 30]
 
 
 def test_set_values_are_read_as_users_mean_them():
