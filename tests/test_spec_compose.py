@@ -288,3 +288,22 @@ def test_replace_changes_one_copy_of_a_yaml_alias(tmp_path):
     assert ops == {"r1/0/c": "sigmoid", "r1/1/c": "sigmoid", "r2/0/c": "scale", "r2/1/c": "scale"}
     base = {n.id: n.op for n in capsflow.compile(tmp_path / "base.yaml").spec.nodes}
     assert set(base.values()) == {"scale"}
+
+
+def test_an_include_path_may_compute_with_a_variable_that_names_another(tmp_path):
+    """"parts/n${k + 1}.yaml" with k: ${j} was "'+' needs numbers, got '${j}'"."""
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "n2.yaml").write_text(
+        "nodes:\n  - {id: pn, op: scale, in: [x], attrs: {by: 2.0}}\n")
+    (tmp_path / "g.yaml").write_text(textwrap.dedent("""
+        vars: {j: 1, k: "${j}"}
+        inputs: {x: {shape: [N, 3]}}
+        nodes:
+          - {include: "parts/n${k + 1}.yaml"}
+        outputs: {y: pn}
+    """))
+    assert [n.id for n in capsflow.compile(tmp_path / "g.yaml").spec.nodes] == ["pn"]
+    (tmp_path / "g.yaml").write_text((tmp_path / "g.yaml").read_text().replace(
+        'k: "${j}"', 'k: "${k}"'))
+    with pytest.raises(SpecError, match="'k'"):
+        capsflow.compile(tmp_path / "g.yaml")

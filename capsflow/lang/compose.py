@@ -430,12 +430,25 @@ class _Composer:
         return found
 
     def _interpolate(self, text: str, scope: dict, entry: LocDict) -> str:
+        reading: list = []  # the variables being read, to name a circle
+
         def lookup(name: str) -> Any:
             found = self._lookup(name, scope)
             if found is None:
                 known = ", ".join(sorted(set(self.variables) | set(scope))) or "none"
                 raise error(f"unknown variable '{name}'; defined: {known}")
-            return found[0]
+            value = found[0]
+            whole = VAR.fullmatch(value) if isinstance(value, str) else None
+            if whole:  # k: ${j}, read by arithmetic ("parts/n${k + 1}"): the value, typed
+                if name in reading or len(reading) > 20:
+                    raise error(f"variable '{name}' refers to itself through "
+                                f"{' -> '.join(reading + [name])}")
+                reading.append(name)
+                try:
+                    return expression_value(whole.group(1), lookup, error)
+                finally:
+                    reading.pop()
+            return value
 
         def error(message: str) -> SpecError:
             return SpecError(f"include: {message}", file=entry.file, line=entry.line)
