@@ -61,7 +61,7 @@ from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
                                    add_augmentation_arguments, config_from_args)
 from capsflow.runners.training import METRICS as METRICS_FILE
 from capsflow.runners.training import (TrainConfig, Trainer, TrainingDiverged, class_scores,
-                                       fit_graph_to_data, load_data, read_metrics)
+                                       fit_graph_to_data, load_data, read_metrics, run_files)
 
 COLUMNS = ("variant", "parameters", "ms/step", "final train loss", "test accuracy",
            "routing iterations")
@@ -240,8 +240,7 @@ def check_no_earlier_compare(out: Path, graphs: list) -> None:
     a graph's metrics or checkpoints (an interrupted graph's last.npz among them)."""
     for graph in graphs:
         folder = out / graph.spec.name
-        found = [name for name in ("last.npz", "best.npz", METRICS_FILE)
-                 if (folder / name).is_file() and (folder / name).stat().st_size]
+        found = run_files(folder)
         if found:
             raise CapsflowError(f"--out {out} already holds a compare of {graph.spec.name} "
                                 f"({folder}: {', '.join(found)}); pass --overwrite to train "

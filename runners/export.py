@@ -10,8 +10,8 @@ from capsflow.export.onnx import OPSET, export_model, inference_plan
 from capsflow.lang.yamlio import parse_override
 from capsflow.runners.onnx_diagram import onnx_sketch
 from capsflow.runners.render import output_format, write_drawing
-from capsflow.runners.training import load_model
-from capsflow.training.checkpoint import atomic_file, load_npz, load_params
+from capsflow.runners.training import checkpoint_of, load_model
+from capsflow.training.checkpoint import atomic_file, load_npz, params_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,12 +32,14 @@ def load_weights(args: argparse.Namespace) -> tuple:
         graph = compile_from_args(args)
         inference_plan(graph)  # refusals that need no weights, before making them
         return graph, graph.init_params(seed=0)
-    if "meta" in load_npz(args.checkpoint):  # a training checkpoint, with its spec and --set
+    arrays = load_npz(args.checkpoint)  # read once, whichever kind of file it is
+    if "meta" in arrays:  # a training checkpoint, with its spec and --set
         overrides = dict(parse_override(o) for o in args.overrides)
-        graph, params, _ = load_model(args.graph, args.checkpoint, overrides)
+        ckpt = checkpoint_of(Path(args.checkpoint), arrays)
+        graph, params, _ = load_model(args.graph, ckpt, overrides)
         return graph, params
     graph = compile_from_args(args)
-    params = load_params(args.checkpoint)
+    params = params_of(arrays, args.checkpoint)
     graph.check_params(params)
     return graph, params
 

@@ -244,7 +244,7 @@ def main(args: argparse.Namespace) -> int:
     check_same_graph(ckpt, args.graph)  # before the overrides are checked against it
     overrides = dict(parse_override(o) for o in args.overrides)
     check_input_overrides(ckpt, overrides)
-    graph, params, ckpt = load_model(args.graph, ckpt.path, overrides, backend)
+    graph, params, ckpt = load_model(args.graph, ckpt, overrides, backend)
     described = data_description(ckpt, graph)
     if recon_dir is not None and (RECON not in graph.spec.outputs
                                   or LABELS not in graph.spec.inputs):

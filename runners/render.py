@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from capsflow.training.checkpoint import load_params
+from capsflow.training.checkpoint import load_npz, params_of
 from capsflow.cli import (add_graph_arguments, check_output_file, compile_from_args,
                           non_negative_int, positive_int)
 from capsflow.errors import CapsflowError
@@ -82,14 +82,16 @@ def main(args: argparse.Namespace) -> int:
     if args.stats is not None:
         check_output_file(args.stats, "--stats")
     measuring = check_flags(args)
+    weights = None
     if args.checkpoint:
-        args.overrides = with_checkpoint_overrides(args.checkpoint, args)
+        weights, own_overrides = read_weights(args.checkpoint, args.graph)
+        args.overrides = own_overrides + list(args.overrides)
     graph = compile_from_args(args)
     if args.focus:
         focus_members(graph, args.focus)  # a bad --focus fails before any computing
     backward_dir = {"LR": "RL", "TB": "BT"}[args.rankdir]
     if measuring:
-        sketch = grad_norm_sketch(graph, args, backward_dir)
+        sketch = grad_norm_sketch(graph, args, backward_dir, weights)
     elif args.backward:
         flow = reverse_flow(graph, loss=args.loss)
         sketch = backward_sketch(graph, flow, None, args.focus, backward_dir)
@@ -113,9 +115,10 @@ def check_flags(args: argparse.Namespace) -> bool:
     return measuring
 
 
-def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str):
-    """Run one batch, report its gradient norms (and write --stats), and draw them."""
-    params, weights = parameters(graph, args)
+def grad_norm_sketch(graph, args: argparse.Namespace, rankdir: str, loaded: dict | None):
+    """Run one batch, report its gradient norms (and write --stats), and draw them;
+    ``loaded``: the --checkpoint's parameters (``read_weights``), else None."""
+    params, weights = parameters(graph, args, loaded)
     inputs, source = batch_inputs(graph, args)
     options = options_from_args(args)
     if args.loss == "loss":  # as the measurement runs it: unfused, gradients made whole
@@ -216,25 +219,24 @@ def batch_inputs(graph, args: argparse.Namespace) -> tuple:
     return inputs, f"{args.dataset} {args.split}[0:{len(images)}]"
 
 
-def with_checkpoint_overrides(path: str, args: argparse.Namespace) -> list:
-    """The --set values to draw a training checkpoint's graph with: its own (a run trained
-    with routing_iters=1 has the parameters of the 3-iteration graph, and was drawn as
-    that), then those given. A parameters file (save_params) has none."""
-    from capsflow.runners.training import check_same_graph, read_checkpoint
-    from capsflow.training.checkpoint import load_npz
-    if "meta" not in load_npz(path):
-        return args.overrides
-    ckpt = read_checkpoint(path)
-    check_same_graph(ckpt, args.graph)
-    own = [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
-    return own + list(args.overrides)
+def read_weights(path: str, graph_path: str) -> tuple:
+    """(parameters, --set values) of --checkpoint, read once. A training checkpoint's own
+    --set values come first (a run trained with routing_iters=1 has the parameters of the
+    3-iteration graph, and was drawn as that), and it must be of this graph; a parameters
+    file (save_params) has none."""
+    from capsflow.runners.training import check_same_graph, checkpoint_of
+    arrays = load_npz(path)
+    if "meta" not in arrays:
+        return params_of(arrays, path), []
+    ckpt = checkpoint_of(Path(path), arrays)
+    check_same_graph(ckpt, graph_path)
+    return ckpt.params, [f"{k}={json.dumps(v)}" for k, v in ckpt.overrides.items()]
 
 
-def parameters(graph, args: argparse.Namespace) -> tuple:
-    """(params, description): a checkpoint's parameters, or fresh ones."""
-    if args.checkpoint:
-        params = load_params(args.checkpoint)
-        graph.check_params(params)
-        return params, f"weights {Path(args.checkpoint).name}"
+def parameters(graph, args: argparse.Namespace, loaded: dict | None) -> tuple:
+    """(params, description): the --checkpoint's parameters (``loaded``), or fresh ones."""
+    if loaded is not None:
+        graph.check_params(loaded)
+        return loaded, f"weights {Path(args.checkpoint).name}"
     return graph.init_params(args.seed), f"initial weights (seed {args.seed})"
 

@@ -29,8 +29,8 @@ from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_D
 from capsflow.runners.train import describe
 from capsflow.runners.signals import terminate_as_interrupt
 from capsflow.training.json_fields import hint_name, json_type_name, matches_hint, shown
-from capsflow.runners.training import (BEST, LAST, METRICS, Trainer, fit_graph_to_data,
-                                       load_data, read_checkpoint, read_metrics)
+from capsflow.runners.training import (LAST, METRICS, Trainer, fit_graph_to_data, load_data,
+                                       read_checkpoint, read_metrics, run_files)
 
 ROW = "row.json"
 RECIPE_COPY = "recipe.yaml"
@@ -128,8 +128,7 @@ def prepare(recipe: Recipe, out: Path, download: bool, progress: bool) -> Traine
     if copy.is_file() and copy.read_text() != recipe.text:
         raise CapsflowError(f"--out {out} holds a run of another recipe, or of another "
                             f"version of {recipe.file.name} (see {copy}); give another --out")
-    others = [name for name in (LAST, BEST, METRICS)
-              if not copy.is_file() and (out / name).is_file() and (out / name).stat().st_size]
+    others = [] if copy.is_file() else run_files(out)
     if others:  # a capsflow train run, say: a sitting would replace its files
         raise CapsflowError(f"--out {out} holds a training run that is no recipe's (its "
                             f"{', '.join(others)}, no {RECIPE_COPY}); give another --out")
@@ -257,9 +256,10 @@ def collect_rows(folder: Path) -> list:
                             f"point at the folder of one table")
     rows = []
     for path in paths:
-        if path.stat().st_size > MAX_ROW_BYTES:  # a row is a kilobyte: never read GBs
-            raise CapsflowError(f"{path}: {path.stat().st_size:,} bytes, not a row written by "
-                                f"capsflow reproduce")
+        size = path.stat().st_size
+        if size > MAX_ROW_BYTES:  # a row is a kilobyte: never read GBs
+            raise CapsflowError(f"{path}: {size:,} bytes, not a row written by capsflow "
+                                f"reproduce")
         try:
             row = json.loads(path.read_text())
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a 4,300-digit number

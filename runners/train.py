@@ -27,9 +27,9 @@ from capsflow.lang.yamlio import parse_override
 from capsflow.runners.data import DATASETS, EMNIST_SPLITS
 from capsflow.runners.distributed import DEFAULT_TIMEOUT, World, env_config, launch, strip_nproc
 from capsflow.runners.signals import terminate_as_interrupt
-from capsflow.runners.training import (BEST, INPUT_VARS, LAST, METRICS, TrainConfig, Trainer,
+from capsflow.runners.training import (BEST, INPUT_VARS, LAST, TrainConfig, Trainer,
                                        class_scores, fit_graph_to_data, load_data,
-                                       read_checkpoint, state_digest)
+                                       read_checkpoint, run_files, state_digest)
 
 # Flags whose default is None so that a resumed run can tell "not given" (take the
 # checkpoint's value) from "given" (must match it); TrainConfig holds the real defaults.
@@ -229,8 +229,7 @@ def check_no_other_run(save_dir: Path, ckpt) -> None:
     another run's folder trims that folder's metrics to its own."""
     if ckpt is not None and save_dir.resolve() == ckpt.path.parent.resolve():
         return  # continuing the run in its own folder
-    found = [name for name in (LAST, BEST, METRICS)
-             if (save_dir / name).is_file() and (save_dir / name).stat().st_size > 0]
+    found = run_files(save_dir)
     if found:
         how = (f"continue it with --resume {save_dir / LAST} (or --auto-resume), "
                if LAST in found and ckpt is None else "")

@@ -299,7 +299,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     spec file names must be relative paths inside the stored tree (see ``_stored_name``).
     """
     path = Path(path)
-    arrays = load_npz(path)  # missing or truncated files raise one line there
+    return checkpoint_of(path, load_npz(path))  # missing or truncated files: one line there
+
+
+def checkpoint_of(path: Path, arrays: dict) -> Checkpoint:
+    """``read_checkpoint`` of the arrays already read from ``path``."""
     not_ours = (f"{path} is not a capsflow training checkpoint ({{}}); pass a last.npz or "
                 f"best.npz written by capsflow train")
     if "meta" not in arrays:
@@ -1326,6 +1330,13 @@ def state_digest(trainer: "Trainer") -> str:
     return f"epoch {st.epoch}, iteration {st.iteration}, parameters {params}"
 
 
+def run_files(folder: Path) -> list:
+    """The files of a run that ``folder`` holds (last.npz, best.npz, a non-empty
+    metrics.jsonl): what a new run there would replace."""
+    return [name for name in (LAST, BEST, METRICS)
+            if (folder / name).is_file() and (folder / name).stat().st_size]
+
+
 def check_checkpoint_params(graph: Any, ckpt: Checkpoint) -> None:
     """``graph.check_params`` of the checkpoint's parameters, its error naming the file."""
     try:
@@ -1345,10 +1356,11 @@ def check_same_graph(ckpt: Checkpoint, graph_path: str | Path) -> None:
                             f"of '{name}' ({graph_path}); pass the graph it was trained with")
 
 
-def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Optional[dict] = None,
-               backend: Options | Backend = Options(),
+def load_model(graph_path: str | Path, checkpoint: str | Path | Checkpoint,
+               overrides: Optional[dict] = None, backend: Options | Backend = Options(),
                log: Callable[[str], None] = print) -> tuple:
     """A trained model for inference: (graph, params on ``backend``, Checkpoint).
+    ``checkpoint``: its path, or the Checkpoint when the caller has read it already.
 
     The graph is ``graph_path`` compiled with the checkpoint's variable overrides,
     updated by ``overrides`` (e.g. ``{"routing_iters": 5}`` at test time). When the spec
@@ -1356,7 +1368,7 @@ def load_model(graph_path: str | Path, checkpoint: str | Path, overrides: Option
     (with a note through ``log``): they are what the parameters were trained with.
     """
     from capsflow.core.graph import compile as compile_graph
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
     check_same_graph(ckpt, graph_path)
     graph = compile_graph(graph_path, dict(ckpt.overrides, **(overrides or {})))
     if spec_sources(graph) != ckpt.sources:

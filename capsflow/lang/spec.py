@@ -708,11 +708,10 @@ class _Expander:
                     raise self.error(f"carry '{name}': next '{c['next']}' is not a node of "
                                      "the body", entry, block_id)
             made.update(previous)
-        for name, c in carry.items():  # the carried value after the last iteration:
-            if c["next"] in previous:      # its 'next' there, or, where the last iteration
-                made.setdefault(name, previous[c["next"]])  # makes none ('when: not_last',
-            else:                                           # as routing's logits), the
-                made.setdefault(name, iterations[-1].maps[0][name])  # value it read
+        # A carried name's value after the last iteration: its 'next' there, or, where the
+        # last iteration makes none ('when: not_last', as routing's logits), the value it read.
+        for name, c in carry.items():
+            made.setdefault(name, previous.get(c["next"], iterations[-1].maps[0][name]))
         # A body name an iteration lacks ('when: first'): reading it there is a mistake,
         # not the outer node of that name.
         for local in iterations:

@@ -187,7 +187,11 @@ def save_params(path: str | Path, params: dict) -> None:
 
 def load_params(path: str | Path) -> dict:
     """Load parameters saved by ``save_params`` (or a checkpoint's parameters)."""
-    data = load_npz(path)
+    return params_of(load_npz(path), path)
+
+
+def params_of(data: dict, path: str | Path) -> dict:
+    """The parameters among the arrays ``data`` read from ``path`` (``load_params``)."""
     prefix = "param/"
     if any(k.startswith(prefix) for k in data):  # a training checkpoint
         data = {k[len(prefix):]: v for k, v in data.items() if k.startswith(prefix)}
