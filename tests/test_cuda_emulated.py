@@ -200,9 +200,10 @@ def test_adam_kernel(emu):
     np.testing.assert_allclose(p, ref[0] - mm / (np.sqrt(vv) / 0.3 + 1e-8) * 1e-3, rtol=1e-13)
 
 
-def test_adam_variant_leaves_what_the_kernel_declines_to_the_reference(emu):
+@pytest.mark.parametrize("eps_form", ["torch", "tf1"])
+def test_adam_variant_leaves_what_the_kernel_declines_to_the_reference(emu, eps_form):
     """A parameter the kernel cannot take (here a transposed view) is updated by the
-    reference, the others by the kernel, to the same values."""
+    reference, the others by the kernel, to the same values (both forms of epsilon)."""
     from capsflow.training.optim import Adam
     rng = _rng()
     params = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal((4, 3)).T}
@@ -210,7 +211,7 @@ def test_adam_variant_leaves_what_the_kernel_declines_to_the_reference(emu):
     runs = {}
     for options in (FAST, PLAIN):
         p = {k: v.copy() if v.flags.c_contiguous else v.T.copy().T for k, v in params.items()}
-        opt = Adam(1e-2)
+        opt = Adam(1e-2, eps_form=eps_form)
         state = opt.init_state(p)
         for _ in range(2):
             opt.step(p, grads, state, backend=get_backend(options))

@@ -77,6 +77,55 @@ def test_adam_matches_torch_with_changing_lr_and_betas():
     _assert_close(ours, ref, 1e-10)
 
 
+def _run_tf1_formula(params: dict, grads_seq: list, lr: float, b1=0.9, b2=0.999,
+                     eps=1e-8) -> dict:
+    """TF1's AdamOptimizer (tf.compat.v1.train.AdamOptimizer's documented update):
+    lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t); p -= lr_t * m_t / (sqrt(v_t) + eps)."""
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(p) for k, p in params.items()}
+    out = {k: p.copy() for k, p in params.items()}
+    for t, grads in enumerate(grads_seq, start=1):
+        lr_t = lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        for k, g in grads.items():
+            m[k] = b1 * m[k] + (1 - b1) * g
+            v[k] = b2 * v[k] + (1 - b2) * g * g
+            out[k] = out[k] - lr_t * m[k] / (np.sqrt(v[k]) + eps)
+    return out
+
+
+def test_adam_tf1_matches_tensorflow_ones_update_and_parts_from_torchs_for_small_gradients():
+    """Gradients of about 1e-8, where the two forms of epsilon part (docs/training.md)."""
+    rng = np.random.default_rng(6)
+    start = _params(rng)
+    grads_seq = [{k: g * 1e-8 for k, g in grads.items()} for grads in _grad_sequence(rng, 5)]
+    ours, state = _run_ours(make_optimizer("adam-tf1", 0.01),
+                            {k: v.copy() for k, v in start.items()}, grads_seq)
+    _assert_close(ours, _run_tf1_formula(start, grads_seq, 0.01), 1e-12)
+    assert state["t"] == 5
+    torch_form, _ = _run_ours(Adam(lr=0.01), {k: v.copy() for k, v in start.items()}, grads_seq)
+    step_tf = ours["conv1.w"] - start["conv1.w"]
+    step_torch = torch_form["conv1.w"] - start["conv1.w"]
+    assert np.median(np.abs(step_torch) / np.abs(step_tf)) > 5
+
+
+def test_adam_forms_agree_for_large_gradients():
+    """Gradients of 0.1 and more: epsilon (1e-8, or 3e-7 at TF's first step) is noise."""
+    rng = np.random.default_rng(7)
+    start = _params(rng)
+    grads_seq = [{k: np.sign(g) * (0.1 + np.abs(g)) for k, g in grads.items()}
+                 for grads in _grad_sequence(rng, 5)]
+    tf1, _ = _run_ours(make_optimizer("adam-tf1", 0.01),
+                       {k: v.copy() for k, v in start.items()}, grads_seq)
+    torch_form, _ = _run_ours(Adam(lr=0.01), {k: v.copy() for k, v in start.items()}, grads_seq)
+    for k in start:  # Adam's steps are about lr each: compare them in units of lr
+        assert np.max(np.abs(tf1[k] - torch_form[k])) / 0.01 < 1e-4, k
+
+
+def test_adam_eps_form_is_checked():
+    with pytest.raises(OptimizerError, match="eps_form must be one of torch, tf1"):
+        Adam(eps_form="tf2")
+
+
 def test_sgd_momentum_matches_torch():
     rng = np.random.default_rng(2)
     start = _params(rng)
@@ -97,7 +146,7 @@ def test_sgd_without_momentum_matches_torch():
     _assert_close(ours, ref, 1e-10)
 
 
-@pytest.mark.parametrize("name", ["adam", "sgd"])
+@pytest.mark.parametrize("name", ["adam", "adam-tf1", "sgd"])
 def test_step_updates_in_place_and_keeps_float32(name):
     rng = np.random.default_rng(4)
     params = _params(rng, np.float32)
@@ -116,7 +165,7 @@ def test_step_updates_in_place_and_keeps_float32(name):
             assert all(a.dtype == np.float32 for a in arrays.values())
 
 
-@pytest.mark.parametrize("name", ["adam", "sgd"])
+@pytest.mark.parametrize("name", ["adam", "adam-tf1", "sgd"])
 def test_flat_state_round_trip_resumes_exactly(name, tmp_path):
     rng = np.random.default_rng(5)
     params = _params(rng)
@@ -131,7 +180,7 @@ def test_flat_state_round_trip_resumes_exactly(name, tmp_path):
     flat = state_to_flat(state)
     assert flat["t"].shape == () and int(flat["t"]) == 2
     assert all(isinstance(v, np.ndarray) for v in flat.values())
-    if name == "adam":
+    if name.startswith("adam"):
         assert {"m/conv1.w", "v/conv1.w", "m/caps.W"} <= set(flat)
     np.savez(tmp_path / "opt.npz", **flat)
     with np.load(tmp_path / "opt.npz") as f:
@@ -144,7 +193,7 @@ def test_flat_state_round_trip_resumes_exactly(name, tmp_path):
 
 
 def test_unknown_optimizer_lists_choices():
-    with pytest.raises(ValueError, match="adam, sgd") as info:
+    with pytest.raises(ValueError, match="adam, adam-tf1, sgd") as info:
         make_optimizer("rmsprop", 0.1)
     assert "rmsprop" in str(info.value)
     assert "\n" not in str(info.value)
@@ -154,6 +203,8 @@ def test_make_optimizer_types():
     assert isinstance(make_optimizer("adam", 0.002), Adam)
     assert make_optimizer("Adam", 0.002).lr == 0.002
     assert isinstance(make_optimizer("sgd", 0.1), SGD)
+    assert make_optimizer("adam-tf1", 0.002).eps_form == "tf1"
+    assert make_optimizer("adam", 0.002).eps_form == "torch"
 
 
 def test_exponential_decay():

@@ -204,6 +204,29 @@ def test_flips_are_a_setting_of_the_run(tmp_path, capsys):
     assert "--flip True differs from the value False" in capsys.readouterr().err
 
 
+def test_adam_tf1_reaches_the_step_and_is_kept_on_resume(tmp_path, capsys):
+    """--opt adam-tf1 (TF1's epsilon, docs/training.md) is said, changes the numbers,
+    is stored in the checkpoint and cannot change on resume."""
+    runs = {}
+    for opt in ("adam", "adam-tf1"):
+        runs[opt] = tmp_path / opt
+        assert train("--num_epochs", "1", "--limit-train", "40", "--opt", opt,
+                     "--save_dir", str(runs[opt])) == 0
+    assert "adam-tf1" in capsys.readouterr().out
+    tf1 = read_checkpoint(runs["adam-tf1"] / "last.npz")
+    assert tf1.meta["config"]["optimizer"] == "adam-tf1"
+    torch_form = capsflow.load_params(runs["adam"] / "last.npz")
+    changed = capsflow.load_params(runs["adam-tf1"] / "last.npz")
+    assert not np.array_equal(torch_form["conv1.w"], changed["conv1.w"])
+    assert train("--num_epochs", "2", "--limit-train", "40",
+                 "--resume", str(runs["adam-tf1"] / "last.npz")) == 0
+    assert read_checkpoint(runs["adam-tf1"] / "last.npz").epoch == 2
+    capsys.readouterr()
+    assert train("--num_epochs", "3", "--limit-train", "40", "--opt", "adam",
+                 "--resume", str(runs["adam-tf1"] / "last.npz")) == 2
+    assert "--opt adam differs from the value adam-tf1" in capsys.readouterr().err
+
+
 def test_a_step_whose_activations_cannot_fit_is_refused_before_it_runs(tmp_path, capsys,
                                                                        monkeypatch):
     """Against a pretend 240 MiB machine (MNIST's training file, 45 MiB unpacked, fits

@@ -6,7 +6,8 @@ Optimizer state is a plain dict that converts to and from a flat dict of
 host NumPy arrays for ``.npz`` checkpoints.
 
 The update rules match ``torch.optim.Adam`` and ``torch.optim.SGD`` (default
-options: no weight decay, no amsgrad, no nesterov, no dampening).
+options: no weight decay, no amsgrad, no nesterov, no dampening); ``adam-tf1`` is
+Adam as TF1's ``AdamOptimizer`` computes it (the paper's official code).
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ Array = Any  # numpy.ndarray or cupy.ndarray
 Params = Dict[str, Array]
 State = Dict[str, Any]
 
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adam-tf1", "sgd")
+
+#: Where Adam adds its epsilon: "torch", to the bias-corrected sqrt(v_hat) (Kingma & Ba's
+#: Algorithm 1, torch.optim.Adam); "tf1", to sqrt(v) before the bias correction (the
+#: paper's "efficient" form, TF1's AdamOptimizer, which the CapsNet paper's code used).
+ADAM_EPS_FORMS = ("torch", "tf1")
 
 
 def get_xp(arr: Array) -> Any:
@@ -50,19 +56,19 @@ def _check_same_keys(params: Params, grads: Params) -> None:
 
 
 class Adam:
-    """Adam (Kingma & Ba), same arithmetic as ``torch.optim.Adam``.
+    """Adam (Kingma & Ba), same arithmetic as ``torch.optim.Adam``; with
+    ``eps_form="tf1"``, as TF1's ``AdamOptimizer`` (ADAM_EPS_FORMS).
 
     State: ``{"t": int, "m": {name: array}, "v": {name: array}}`` where each
     moment array has the shape and dtype of its parameter.
     """
-
-    name = "adam"
 
     def __init__(
         self,
         lr: float = 1e-3,
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        eps_form: str = "torch",
     ) -> None:
         if lr < 0:
             raise OptimizerError(f"learning rate must be >= 0, got {lr}")
@@ -71,7 +77,12 @@ class Adam:
             raise OptimizerError(f"betas must lie in [0, 1), got {betas}")
         self.lr = float(lr)
         self.betas = (float(b1), float(b2))
+        if eps_form not in ADAM_EPS_FORMS:
+            raise OptimizerError(f"Adam's eps_form must be one of {', '.join(ADAM_EPS_FORMS)}, "
+                                 f"got {eps_form!r}")
         self.eps = float(eps)
+        self.eps_form = eps_form
+        self.name = "adam" if eps_form == "torch" else "adam-" + eps_form
 
     def init_state(self, params: Params) -> State:
         """Zero moments shaped like each parameter, step counter 0."""
@@ -92,18 +103,22 @@ class Adam:
         self.apply(params, grads, state, self.advance(state, lr), backend)
 
     def advance(self, state: State, lr: Optional[float] = None) -> Tuple[float, float]:
-        """Count one step in ``state`` and return its (step_size, sqrt(1 - b2^t)).
+        """Count one step in ``state`` and return its (step_size, divisor of sqrt(v)).
 
-        The host half of a step: ``apply`` does the array work. A recorded step
-        (training/train_step.py) replays only ``apply`` and reads these two numbers
-        from a device buffer.
+        ``apply`` computes p -= step_size * m / (sqrt(v) / divisor + eps). The host half
+        of a step: ``apply`` does the array work. A recorded step (training/train_step.py)
+        replays only ``apply`` and reads these two numbers from a device buffer.
         """
         lr = self.lr if lr is None else float(lr)
         b1, b2 = self.betas
         state["t"] = int(state["t"]) + 1
         t = state["t"]
+        bias1, bias2_sqrt = 1.0 - b1 ** t, (1.0 - b2 ** t) ** 0.5
+        if self.eps_form == "tf1":
+            # TF1: lr_t = lr * sqrt(bc2) / bc1; p -= lr_t * m / (sqrt(v) + eps)
+            return lr * bias2_sqrt / bias1, 1.0
         # torch: step_size = lr / bc1; denom = sqrt(v) / sqrt(bc2) + eps
-        return lr / (1.0 - b1 ** t), (1.0 - b2 ** t) ** 0.5
+        return lr / bias1, bias2_sqrt
 
     def apply(self, params: Params, grads: Params, state: State, hyper: Any,
               backend: Any = None) -> None:
@@ -202,10 +217,12 @@ Optimizer = Union[Adam, SGD]
 
 
 def make_optimizer(name: str, lr: float) -> Optimizer:
-    """Build an optimizer by name (``"adam"`` or ``"sgd"``) with default options."""
+    """Build an optimizer by name (one of OPTIMIZERS) with default options."""
     key = name.strip().lower()
     if key == "adam":
         return Adam(lr=lr)
+    if key == "adam-tf1":
+        return Adam(lr=lr, eps_form="tf1")
     if key == "sgd":
         return SGD(lr=lr)
     raise OptimizerError(
