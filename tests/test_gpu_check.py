@@ -97,6 +97,45 @@ def test_speed_table_rows_and_their_options(monkeypatch, capsys):
     assert table[2].split()[-5:] == ["7.00", "10.00", "0.70", "1", "-"]
 
 
+def test_a_check_or_row_that_raises_is_a_failed_line_and_the_rest_still_run(monkeypatch,
+                                                                           capsys):
+    """An error in one check (say a CuPy API the emulator did not know) or one bench row
+    loses neither the checks nor the rows after it, and the run reports a failure."""
+    from capsflow.runners import bench
+    ran = []
+
+    def make(name, outcome):
+        def check_fn():
+            ran.append(name)
+            if outcome == "raise":
+                raise AttributeError("module 'cupy' has no attribute 'frobnicate'")
+            return outcome
+        check_fn.__name__ = name
+        return check_fn
+    names = ("check_ops", "check_parity", "check_kernels", "check_conv_chunks", "check_graphs")
+    for name in names:
+        monkeypatch.setattr(check, name, make(name, "raise" if name == "check_parity" else True))
+    monkeypatch.setattr(check, "cupy_or_say_why", lambda program: True)
+    rows = []
+
+    def fake_run_bench(args):
+        rows.append(args)
+        if len(rows) == 1:
+            raise RuntimeError("cuBLAS said no")
+        return {"machine": "a test", "ratio_median": 0.4,
+                "frameworks": {"capsflow": {"median": 0.004, "info": "capsflow"},
+                               "pytorch": {"median": 0.01, "info": "pytorch"}}}
+    monkeypatch.setattr(bench, "run_bench", fake_run_bench)
+    assert check.run(repeats=1) == 1
+    out = capsys.readouterr().out
+    assert ran == list(names) and len(rows) == len(check.BENCH_ROWS)
+    assert "[check_parity] FAILED: AttributeError: module 'cupy' has no attribute" in out
+    assert "Traceback" in out
+    assert "fp32                 FAILED: RuntimeError: cuBLAS said no" in out
+    assert "tf32" in out.split("[4] training step")[1]
+    assert "SOME CHECKS FAILED" in out
+
+
 def test_kernel_table_from_profiler_averages():
     """The profile's table: per-step figures, slowest kernel first, a total."""
     events = [SimpleNamespace(key="squash_fwd", count=8, device_time_total=400.0),

@@ -23,6 +23,7 @@ import argparse
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -224,12 +225,18 @@ def bench_args(options: Options, repeats: int) -> argparse.Namespace:
 
 def bench_table(repeats: int) -> None:
     """The table, each row printed as soon as it is measured (a run stopped part way
-    keeps the rows measured before)."""
+    keeps the rows measured before; a row that raises is one FAILED line)."""
     from capsflow.runners.bench import run_bench
-    for k, (label, options) in enumerate(BENCH_ROWS):
-        fig = run_bench(bench_args(options, repeats))
+    header = False
+    for label, options in BENCH_ROWS:
+        try:
+            fig = run_bench(bench_args(options, repeats))
+        except Exception as exc:  # the rows after it still run
+            print(f"{label:<20} FAILED: {_error_line(exc)}", flush=True)
+            continue
         cf, pt = fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"]
-        if k == 0:
+        if not header:
+            header = True
             print(f"\n[4] training step, batch 100, float32 inputs ({fig['machine']}; "
                   f"{cf['info']}; {pt['info']})")
             print(f"{'precision':<20} {'capsflow ms':>12} {'pytorch ms':>11} {'ratio':>6} "
@@ -241,6 +248,22 @@ def bench_table(repeats: int) -> None:
           "CUDA graphs except in 'eager' rows (--no-replay); 'unfactored': outer-product "
           "gradients made one by one (--no-factored-grads); 'xp only': that and every op's "
           "reference code (--no-fast-paths)")
+
+
+def _error_line(exc: BaseException) -> str:
+    """An exception as one line, its traceback printed before it (the log keeps both)."""
+    traceback.print_exception(exc, file=sys.stdout)
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def guarded(check) -> bool:
+    """``check()``, or False with a FAILED line when it raises: one check's error (an API
+    the emulator did not know) must not lose the checks and the table after it."""
+    try:
+        return check()
+    except Exception as exc:
+        print(f"[{check.__name__}] FAILED: {_error_line(exc)}", flush=True)
+        return False
 
 
 def _mb(value) -> str:
@@ -263,11 +286,9 @@ def run(data_dir: str | None = None, repeats: int = 20) -> int:
     """Every check, then the table; the exit status (1 if a check failed, 2 without a GPU)."""
     if not cupy_or_say_why("gpu_check"):
         return 2
-    ok = check_ops()
-    ok &= check_parity()
-    ok &= check_kernels()
-    ok &= check_conv_chunks()
-    ok &= check_graphs()
+    ok = True
+    for check in (check_ops, check_parity, check_kernels, check_conv_chunks, check_graphs):
+        ok &= guarded(check)
     if data_dir:
         train_run(data_dir)
     bench_table(repeats)
