@@ -124,9 +124,14 @@ def check_output_dir(path: str | Path, flag: str) -> Path:
 def check_output_file(path: str | Path, flag: str) -> Path:
     """``path`` as a file that can be written (not a folder, in a folder that can be made
     or written), else one line naming ``flag``; called before any work."""
+    from capsflow.training.checkpoint import check_replaceable
     path = Path(path)
     if path.is_dir():
         raise CapsflowError(f"{flag} {path} is a folder; name a file")
+    try:
+        check_replaceable(path)
+    except OSError as exc:
+        raise CapsflowError(f"{flag} {path}: {exc.strerror}; name a file") from None
     check_output_dir(path.parent, flag)
     return path
 

@@ -610,6 +610,32 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert live.exists() and foreign.exists()
 
 
+def test_output_never_replaces_a_pipe_or_device_and_never_goes_through_a_link(tmp_path,
+                                                                            capsys):
+    """A FIFO (or a device: run as root, `-o /dev/null` once replaced /dev/null) where a
+    file is to be written is refused, by the writer and by the flag check; a symbolic
+    link is replaced and its target left as it was."""
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    for write in (lambda: save_npz_atomic(fifo, {"w": np.zeros(2)}),
+                  lambda: same_file_atomic(tmp_path / "x.npz", fifo)):
+        with pytest.raises(OSError, match="not a regular file"):
+            write()
+        assert fifo.is_fifo()
+    from capsflow.cli import check_output_file
+    with pytest.raises(CapsflowError, match=f"^-o {fifo}: not a regular file .*; name a file$"):
+        check_output_file(fifo, "-o")
+    with pytest.raises(CapsflowError, match="not a regular file"):
+        check_output_file("/dev/null", "-o")
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    link = tmp_path / "link.npz"
+    link.symlink_to(target)
+    save_npz_atomic(link, {"w": np.zeros(2)})
+    assert target.read_text() == "precious" and not link.is_symlink()
+    assert list(load_npz(link)["w"]) == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("links", [True, False])
 def test_last_checkpoint_as_the_best_one(tmp_path, monkeypatch, links):
     """best.npz becomes last.npz without a second write (a hard link renamed over it),

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():  # the rename would fail at the end, naming the temporary file
         raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    check_replaceable(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.",
                                suffix=TEMP_SUFFIX)
     try:
@@ -58,6 +60,19 @@ def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)  # and so is the rename
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Refuse a ``path`` that names a device, pipe or socket: the rename would replace
+    it (run as root, ``-o /dev/null`` replaced the machine's /dev/null). A symbolic link
+    is replaced, its target left as it was: output never goes through a link."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return  # nothing there (or not reachable: the write itself will say so)
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        raise OSError(errno.EEXIST, "not a regular file (a device, pipe or socket) where "
+                      "a file is to be written", str(path))
 
 
 def _umask() -> int:
@@ -82,6 +97,7 @@ def same_file_atomic(src: str | Path, dst: str | Path) -> None:
     capsflow never writes a checkpoint in place: each save renames a new file over its
     name, so a later save of either name leaves the other untouched."""
     src, dst = Path(src), Path(dst)
+    check_replaceable(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         os.link(src, tmp)
