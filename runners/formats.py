@@ -844,7 +844,13 @@ def random_crop(images: np.ndarray, size: Size,
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif",
                     ".tiff", ".webp")
 _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}  # 16-bit grey: scale by 65535
+# Grey modes read as numbers, not through convert("L") (which truncates them to 8 bits):
+# (divisor, largest pixel read): 16-bit grey (Pillow opens some 16-bit PNGs as "I") by
+# 65535, refusing 32-bit integers beyond 16 bits (their scale is unknown); float ("F")
+# pixels as they are, within [0, 1] (convert("L") would make 0.7 black).
+_WIDE_MODES = {"I": (65535.0, 65535.0), "I;16": (65535.0, 65535.0),
+               "I;16B": (65535.0, 65535.0), "I;16L": (65535.0, 65535.0),
+               "I;16N": (65535.0, 65535.0), "F": (1.0, 1.0)}
 
 
 def _pil() -> Any:
@@ -912,8 +918,7 @@ def _load_image(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> n
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 if im.mode in _WIDE_MODES:
-                    grey = np.asarray(im, dtype=np.float32) / np.float32(65535.0)
-                    img = Image.fromarray(np.clip(grey, 0, 1), mode="F")
+                    img = Image.fromarray(_wide_grey(im, path), mode="F")
                     if size is not None:
                         img = img.resize((size[1], size[0]), Image.BILINEAR)
                     arr = np.clip(np.asarray(img, dtype=np.float32), 0, 1)[None]
@@ -922,9 +927,26 @@ def _load_image(path: Path, channels: int, size: Optional[Tuple[int, int]]) -> n
                 if size is not None:
                     img = img.resize((size[1], size[0]), Image.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    except DataError:
+        raise
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt, too large...
         raise _fail(path, f"unreadable image: {type(exc).__name__}: {exc}") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _wide_grey(im: Any, path: Path) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image -> float32 (H, W) in [0, 1], or one
+    line for pixels outside the range its mode can be read with (_WIDE_MODES)."""
+    divisor, largest = _WIDE_MODES[im.mode]
+    pixels = np.asarray(im, dtype=np.float64)
+    if not np.isfinite(pixels).all():
+        raise _fail(path, "image has NaN or infinite pixels")
+    low, high = float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))
+    if low < 0 or high > largest:
+        hint = " (convert it to 8 or 16 bits)" if im.mode == "I" else ""
+        raise _fail(path, f"{im.mode} image has pixels from {low:g} to {high:g}; capsflow "
+                          f"reads this mode within 0..{largest:g}{hint}")
+    return (pixels / divisor).astype(np.float32)
 
 
 def _load_images(files: List[Path], size: Optional[Size], crop: Optional[Size],

@@ -762,6 +762,32 @@ def test_image_folder_16_bit(tmp_path):
     np.testing.assert_allclose(x[0, 0], wide / 65535.0, atol=1e-6)
 
 
+def test_image_folder_float_and_32_bit_grey(tmp_path):
+    """A float TIFF in [0, 1] is read as it is (convert("L") made it black); a 32-bit
+    integer image within 16 bits as 16-bit grey; beyond, or a float outside [0, 1], is
+    one line."""
+    Image = pytest.importorskip("PIL.Image")
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    floats = np.array([[0.0, 0.25], [0.7, 1.0]], dtype=np.float32)
+    Image.fromarray(floats, mode="F").save(folder / "f.tif")
+    Image.fromarray(np.array([[0, 65535], [1000, 7]], dtype=np.int32), mode="I").save(
+        folder / "i.tif")
+    x, _, _ = read_image_folder(tmp_path, "train")
+    np.testing.assert_allclose(x[0, 0], floats, atol=1e-7)
+    np.testing.assert_allclose(x[1, 0], [[0, 1], [1000 / 65535, 7 / 65535]], atol=1e-7)
+    Image.fromarray(np.array([[0, 2 ** 20], [0, 0]], dtype=np.int32), mode="I").save(
+        folder / "i.tif")
+    with pytest.raises(DataError, match=r"i.tif: I image has pixels from 0 to 1.04858e\+06; "
+                                        r"capsflow reads this mode within 0..65535 \(convert"):
+        read_image_folder(tmp_path, "train")
+    (folder / "i.tif").unlink()
+    Image.fromarray(floats * 255, mode="F").save(folder / "f.tif")
+    with pytest.raises(DataError, match="f.tif: F image has pixels from 0 to 255; capsflow "
+                                        r"reads this mode within 0..1$"):
+        read_image_folder(tmp_path, "train")
+
+
 def test_image_folder_layout_errors(folder_tree):
     root, arrays = folder_tree
     with pytest.raises(DataNotFoundError) as err:
