@@ -84,6 +84,10 @@ def _record(line: str, where: str) -> dict:
         if name in ACCURACIES and record[name] is not None and not 0 <= record[name] <= 1:
             raise CapsflowError(f"{where}: '{name}' is {record[name]}, not a fraction in "
                                 f"[0, 1]")
+    if kind == "epoch" and (record["test_loss"] is None) != (record["test_acc"] is None):
+        # an epoch is validated or not: the trainer writes both or neither
+        raise CapsflowError(f"{where}: 'test_loss' and 'test_acc' must be both null (an "
+                            f"epoch not validated) or both numbers")
     scheduled = record.get("scheduled", {}) if fields else {}
     if not (isinstance(scheduled, dict)
             and all(matches_hint(v, float) for v in scheduled.values())):

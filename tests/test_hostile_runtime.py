@@ -237,6 +237,9 @@ GOOD_TRAIN = '{"kind": "train", "epoch": 1, "iteration": 5, "loss": 0.5, "acc": 
       b' "test_acc": "x", "test_loss": 1, "lr": 1, "seconds": 1}'],
      ":2: 'test_acc' is a string \"x\", expected a finite number or null"),
     ([GOOD_TRAIN.replace('"acc": 0.5', '"acc": 5').encode()], ":2: 'acc' is 5, not a fraction"),
+    ([b'{"kind": "epoch", "epoch": 1, "iteration": 1, "train_loss": 1, "train_acc": 1,'
+      b' "test_acc": 0.5, "test_loss": null, "lr": 1, "seconds": 1}'],
+     ":2: 'test_loss' and 'test_acc' must be both null (an epoch not validated) or both"),
     ([GOOD_TRAIN.replace('"lr": 0.1', '"lr": NaN').encode()], ":2: 'lr' is a number NaN"),
     ([b"[" * 100_000], ":2: not a metrics record (nested too deeply)"),
     ([b"{" + b" " * (1 << 20) + b"}"], ":2: a line of more than 1048576 bytes"),
@@ -244,7 +247,8 @@ GOOD_TRAIN = '{"kind": "train", "epoch": 1, "iteration": 5, "loss": 0.5, "acc": 
      ":2: 'lr' is an integer 1000000000000000000000000000000000000000..."),
     ([GOOD_TRAIN.replace('"lr": 0.1', '"lr": 1' + "0" * 5000).encode()],
      ":2: not a metrics record (a number too long)"),
-], ids=["non-utf8", "list", "missing-field", "string-field", "accuracy-5", "nan", "deep",
+], ids=["non-utf8", "list", "missing-field", "string-field", "accuracy-5", "half-validated",
+        "nan", "deep",
         "long-line", "integer-past-float", "number-too-long"])
 def test_a_damaged_metrics_file_is_one_line(world, tmp_path, capsys, lines, message):
     """A metrics.jsonl is read by `visualize --metrics`, a resumed run and `reproduce
