@@ -56,6 +56,7 @@ from capsflow.errors import CapsflowError
 from capsflow.lang.spec import NAME_PATTERN
 from capsflow.options import Options, add_option_arguments, option_arguments
 from capsflow.training.optim import OPTIMIZERS
+from capsflow.runners.pictures import save_figure
 from capsflow.runners.signals import Terminated, interrupts_deferred, terminate_as_interrupt
 from capsflow.runners.train import (add_data_arguments, add_schedule_arguments,
                                    add_augmentation_arguments, config_from_args)
@@ -698,7 +699,7 @@ def curves_figure(results: list, path: Path) -> Path:
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 

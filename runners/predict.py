@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from capsflow.backends import Backend, get_backend
-from capsflow.cli import add_graph_arguments, check_output_dir, positive_int
+from capsflow.cli import add_graph_arguments, check_output_dir, positive_int, printable
 from capsflow.errors import CapsflowError
 from capsflow.lang.yamlio import parse_override
 from capsflow.options import add_option_arguments, options_from_args
 from capsflow.runners.data import DATASETS, DataDescription, class_names
+from capsflow.runners.pictures import save_image
 from capsflow.runners.training import (batched_outputs, check_same_graph, class_scores,
                                        input_shape, load_model, num_classes, read_checkpoint)
 
@@ -182,9 +184,9 @@ def _png(image: np.ndarray, path: Path) -> None:
     from PIL import Image
     pixels = np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
     if pixels.shape[0] == 3:
-        Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB").save(path)
+        save_image(Image.fromarray(pixels.transpose(1, 2, 0), mode="RGB"), path)
     else:
-        Image.fromarray(np.concatenate(list(pixels), axis=1), mode="L").save(path)
+        save_image(Image.fromarray(np.concatenate(list(pixels), axis=1), mode="L"), path)
 
 
 def _safe(name: str) -> str:
@@ -193,9 +195,21 @@ def _safe(name: str) -> str:
 
 def _stems(files: List[Path]) -> List[str]:
     """A distinct output name per input file: the stem, or the stem and its position
-    when two inputs share a stem."""
+    when two inputs share a stem (lengthened while another file's name is that: d1/a.png,
+    d2/a.png and a-1.png)."""
     stems = [_safe(f.stem) for f in files]
-    return [s if stems.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(stems)]
+    counts = Counter(stems)
+    taken = {s for s in stems if counts[s] == 1}
+    names = []
+    for i, stem in enumerate(stems):
+        name = stem
+        if counts[stem] > 1:
+            name = f"{stem}-{i}"
+            while name in taken:
+                name = f"{name}-{i}"
+            taken.add(name)
+        names.append(name)
+    return names
 
 
 def write_reconstructions(graph: Any, params: dict, images: np.ndarray, files: List[Path],
@@ -234,7 +248,8 @@ def format_line(file: Path, scores: np.ndarray, predicted: Sequence[int], names:
     else:
         shown = np.argsort(-scores, kind="stable")[:top or 5]
     listed = ", ".join(f"{names[c]} {scores[c]:.3f}" for c in shown)
-    return f"{file}: {label} ({chosen})  |  {what}: {listed}"
+    # one line per file, whatever its name or the class names hold (newlines, escapes)
+    return printable(f"{file}: {label} ({chosen})  |  {what}: {listed}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -254,12 +269,12 @@ def main(args: argparse.Namespace) -> int:
     what = class_scores(graph)
     scores = predict_scores(graph, params, images, args.bs, backend)
     predicted = top_classes(scores, described.labels_per_example)
-    print(f"{ckpt.path}: {graph.spec.name} trained on {described.describe()}; "
-          f"{images.shape[0]} image(s)")
+    print(printable(f"{ckpt.path}: {graph.spec.name} trained on {described.describe()}; "
+                    f"{images.shape[0]} image(s)"))
     for i, file in enumerate(files):
         print(format_line(file, scores[i], predicted[i], described.classes, what, args.top))
     if recon_dir is not None:
         written = write_reconstructions(graph, params, images, files, predicted, described,
                                         recon_dir, args.bs, backend)
-        print(f"wrote {len(written)} reconstruction(s) to {recon_dir}")
+        print(printable(f"wrote {len(written)} reconstruction(s) to {recon_dir}"))
     return 0

@@ -25,6 +25,7 @@ from capsflow.backends import get_backend
 from capsflow.cli import check_output_dir, positive_float, positive_int
 from capsflow.errors import CapsflowError
 from capsflow.options import add_option_arguments, option_arguments, options_from_args
+from capsflow.runners.pictures import save_figure
 from capsflow.runners.recipe import Recipe, load_recipe, recipe_names, RECIPES_DIR
 from capsflow.runners.train import describe
 from capsflow.runners.signals import terminate_as_interrupt
@@ -330,7 +331,7 @@ def curves_figure(rows: list, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 

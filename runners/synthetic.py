@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from capsflow.runners.data import DataArgumentError
+from capsflow.runners.pictures import save_figure
 
 AFFINE_NAME = "affine (generated, affNIST-like)"
 # affNIST's ranges (Tieleman): rotation within +-20 degrees, shear within +-0.2, each
@@ -330,6 +331,6 @@ def save_batch_grid(images: np.ndarray, path: Union[str, Path], labels: Any = No
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
     path = Path(path)
-    fig.savefig(path, dpi=dpi)
+    save_figure(fig, path, dpi=dpi)
     plt.close(fig)
     return path

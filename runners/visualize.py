@@ -32,6 +32,7 @@ from capsflow.errors import CapsflowError
 from capsflow.options import Options, options_from_args
 from capsflow.runners.data import one_hot
 from capsflow.runners.evaluate import RECON, add_model_arguments, open_model
+from capsflow.runners.pictures import save_figure
 from capsflow.runners.training import (METRICS, batched_outputs, class_scores, num_classes,
                                        read_metrics)
 
@@ -178,7 +179,7 @@ def reconstruction_figure(graph: Any, params: dict, images: np.ndarray, labels: 
         summary += "; " + ", ".join(wrong[:4]) + (" ..." if len(wrong) > 4 else "")
     fig.suptitle(summary, fontsize=9, y=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -223,7 +224,7 @@ def perturbation_figure(graph: Any, params: dict, image: np.ndarray, names: list
     ax.set_title(f"test image {index}: capsule '{names[cls]}' (length {length:.2f}), "
                  f"one dimension shifted per row", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -258,6 +259,6 @@ def curves_figure(records: list, path: Path, title: str = "") -> Path:
                          f"(epoch {best['epoch']})", fontsize=10)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -160,3 +160,25 @@ def test_visualize_writes_the_three_pictures(run_dir, tmp_path, capsys):
         assert picture.ndim == 3 and min(picture.shape[:2]) > 200, name
         assert picture[..., :3].std() > 0.05, f"{name} is blank"
     assert "wrote" in capsys.readouterr().out
+
+
+def test_figures_are_written_whole_in_their_suffixs_format_and_replace_links(tmp_path):
+    """runners/pictures.save_figure: through a temporary file renamed over the name (a
+    link there is replaced, never written through), in the format of the suffix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from capsflow.runners.pictures import save_figure
+    fig = plt.figure(figsize=(1, 1))
+    target = tmp_path / "notes.txt"
+    target.write_text("keep")
+    (tmp_path / "curves.png").symlink_to(target)
+    save_figure(fig, tmp_path / "curves.png", dpi=20)
+    save_figure(fig, tmp_path / "curves.svg", dpi=20)
+    plt.close(fig)
+    assert target.read_text() == "keep"
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert b"<svg" in (tmp_path / "curves.svg").read_bytes()[:400]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "curves.svg",
+                                                          "notes.txt"]

@@ -83,6 +83,36 @@ def test_reconstructions_are_written(run, images, tmp_path, capsys):
     assert f"wrote 2 reconstruction(s) to {out_dir}" in out
 
 
+def test_reconstruction_names_never_collide_nor_go_through_links(run, images, tmp_path,
+                                                                  capsys):
+    """d1/a.png, d2/a.png and d1/a-1.png get three files (a-1 was written twice); a link
+    where a picture goes is replaced, its target untouched; a file name with a newline
+    stays one output line."""
+    for folder, name in (("d1", "a.png"), ("d2", "a.png"), ("d1", "a-1.png")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        shutil.copy(images / "a.png", tmp_path / folder / name)
+    out_dir = tmp_path / "recon"
+    out_dir.mkdir()
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep")
+    (out_dir / "a-1.recon.png").symlink_to(precious)
+    rc, out, err = cli(capsys, "predict", CAPSNET, "--checkpoint", run / "last.npz",
+                       tmp_path / "d1" / "a-1.png", tmp_path / "d1" / "a.png",
+                       tmp_path / "d2" / "a.png", "--recon", out_dir)
+    assert rc == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "a-1-1.recon.png", "a-1.recon.png", "a-2.recon.png"]
+    assert precious.read_text() == "keep" and not (out_dir / "a-1.recon.png").is_symlink()
+    assert predict._stems([Path("x/a.png"), Path("y/a.png"), Path("a-1.png"),
+                           Path("a-1-1.png")]) == ["a-0", "a-1-1-1", "a-1", "a-1-1"]
+    odd = tmp_path / "new\nline\x1b[31m.png"
+    shutil.copy(images / "a.png", odd)
+    rc, out, err = cli(capsys, "predict", CAPSNET, "--checkpoint", run / "last.npz", odd)
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2 and "new\\nline\\x1b[31m.png: " in lines[1]
+
+
 def test_images_are_made_like_the_training_data(images):
     grey = DataDescription("mnist", "MNIST", list("0123456789"), (1, 28, 28))
     x, files = predict.prepare_images([images], grey)
