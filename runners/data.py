@@ -276,6 +276,13 @@ class DataDescription:
             else:
                 continue  # written by a newer capsflow
             clean[key] = value
+        made = clean.get("crop") or clean.get("size")  # the images' size as prepared
+        if made is not None and list(made) != shape[1:]:
+            raise bad(f"makes {made[0]}x{made[1]} images (its size and crop) but says the "
+                      f"input is {shape[1]}x{shape[2]}")
+        if clean.get("channels") not in (None, shape[0]):
+            raise bad(f"makes {clean['channels']}-channel images but says the input has "
+                      f"{shape[0]}")
         return cls(dataset, title or dataset, list(classes), tuple(shape), per, clean)
 
     def describe(self) -> str:

@@ -95,7 +95,9 @@ def test_description_round_trips_and_refuses_damage():
     for bad in ({}, {"dataset": "x", "classes": [], "shape": [1, 2, 3]},
                 dict(d.to_json(), shape=[3, 32]), dict(d.to_json(), shape=[3, 32, -1]),
                 dict(d.to_json(), labels_per_example=3), dict(d.to_json(), classes=[1, 2]),
-                dict(d.to_json(), options={"size": [0, 3]}), dict(d.to_json(), options=[])):
+                dict(d.to_json(), options={"size": [0, 3]}), dict(d.to_json(), options=[]),
+                dict(d.to_json(), options={"size": [50, 50], "crop": [30, 30]}),
+                dict(d.to_json(), options={"size": [32, 32], "channels": 1})):
         with pytest.raises(DataError, match="the data record"):
             DataDescription.from_json(bad)
 
