@@ -207,6 +207,19 @@ def class_names(dataset: str, emnist_split: Optional[str] = None) -> Optional[Li
 # ---------------------------------------------------------------- descriptions
 
 
+MAX_CLASS_NAME = 200
+
+
+def class_name_problem(name: str) -> str:
+    """Why ``name`` cannot be a class name (stored in checkpoints, printed on one line),
+    or '' when it can."""
+    if len(name) > MAX_CLASS_NAME:
+        return f"is {len(name)} characters long, more than {MAX_CLASS_NAME}"
+    if not name.isprintable():
+        return "holds a character that does not print (a tab, a newline, ...)"
+    return ""
+
+
 @dataclass
 class DataDescription:
     """What a model trained on a dataset must know to take new images: the classes, the
@@ -246,8 +259,7 @@ class DataDescription:
             raise bad("names no dataset")
         classes = record.get("classes")
         if (not isinstance(classes, list) or not classes
-                or not all(isinstance(c, str) and c.isprintable() and len(c) <= 200
-                           for c in classes)):
+                or not all(isinstance(c, str) and not class_name_problem(c) for c in classes)):
             raise bad("has no list of class names")
         shape = record.get("shape")
         if (not isinstance(shape, list) or len(shape) != 3

@@ -35,7 +35,10 @@ import hashlib
 import io
 import os
 import pickle
+import signal
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -45,6 +48,7 @@ import numpy as np
 
 from capsflow.core import memory
 from capsflow.runners.data import (AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError,
+                                   class_name_problem,
                                    check_fits_in_memory)
 
 PathLike = Union[str, Path]
@@ -120,8 +124,8 @@ def _verify_md5(path: Path, expected: str, actual: Optional[str] = None) -> None
     actual = actual or _md5(path)
     if actual != expected:
         raise _fail(path, f"md5 {actual} does not match the published {expected}: the file "
-                          f"is corrupt or not the official one (replace it, or pass "
-                          f"verify=False for a file you made yourself)")
+                          f"is corrupt or not the official one; replace it with the official "
+                          f"file (from Python, verify=False reads a file you made yourself)")
 
 
 class _Binary:
@@ -187,10 +191,12 @@ class _Binary:
         """The rest of the file as an array of ``dims``: a read-only memory map of a raw
         file (its length checked first), or the decompressed bytes of a gzip stream."""
         nbytes = int(np.prod(dims, dtype=object)) * dtype.itemsize
+        copy = nbytes // dtype.itemsize * 4  # the loaders' float32 copy
         if self.length is None:
-            self._check_inflated_fits(nbytes, nbytes // dtype.itemsize * 4, what)
+            self._check_fits(nbytes, copy, what)
             return np.frombuffer(self.payload(nbytes, what), dtype=dtype).reshape(dims)
         self._check_rest(nbytes, what)
+        self._check_fits(0, copy, what)  # the map itself is the page cache's
         if nbytes == 0:
             return np.zeros(dims, dtype=dtype)
         try:
@@ -216,16 +222,18 @@ class _Binary:
                                    f"{nbytes:,} bytes); is it the right file?")
         return data
 
-    def _check_inflated_fits(self, nbytes: int, copy: int, what: str) -> None:
-        """One line, before a gzip stream is inflated, when the ``nbytes`` its header
-        declares and their float32 copy (``copy`` bytes: the loaders convert) do not fit
-        in this machine's memory: a few MB of gzip can inflate to GBs (a gzip bomb), in
-        many small reads that no single allocation would refuse."""
+    def _check_fits(self, held: int, copy: int, what: str) -> None:
+        """One line, before the data are read, when the ``held`` bytes a gzip stream
+        inflates to (0 for a raw file's memory map) and their float32 copy (``copy``
+        bytes: the loaders convert) do not fit in this machine's memory: a few MB of gzip
+        can inflate to GBs (a gzip bomb), in many small reads that no single allocation
+        would refuse, and a sparse raw file can declare any size."""
         room = memory.memory_room()
-        if room is not None and nbytes + copy > room[0]:
-            raise _fail(self.path, f"the header declares {what} "
-                                   f"({memory.bytes_text(nbytes)} decompressed, "
-                                   f"{memory.bytes_text(copy)} more as float32), more than "
+        if room is not None and held + copy > room[0]:
+            inflated = f"{memory.bytes_text(held)} decompressed, " if held else ""
+            more = "more " if held else ""
+            raise _fail(self.path, f"the header declares {what} ({inflated}"
+                                   f"{memory.bytes_text(copy)} {more}as float32), more than "
                                    f"{room[1]}; is it the right file?")
 
     def _size_error(self, have: int, need: int, what: str) -> DataError:
@@ -420,6 +428,8 @@ def _cifar_batch(path: Path, verify: bool, num_classes: int) -> Tuple[np.ndarray
                           f"(keys: {', '.join(map(str, entry)) or 'none'})")
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise _fail(path, f"'data' is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+    if data.nbytes > path.stat().st_size:  # a zero-stride array: a few bytes, any size
+        raise _fail(path, f"'data' claims {data.nbytes:,} bytes, more than the file holds")
     try:
         labels = np.asarray(labels).reshape(-1)
     except (TypeError, ValueError):  # ragged
@@ -496,6 +506,7 @@ SVHN_FILES = {
     "extra": ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7"),
 }
 SVHN_CLASSES = [str(d) for d in range(10)]
+SVHN_MAX_BYTES = 2 << 30  # the largest official file, extra_32x32.mat, is about 1.3 GB
 
 
 def read_svhn(folder: PathLike, split: str, verify: bool = True,
@@ -524,8 +535,12 @@ def read_svhn(folder: PathLike, split: str, verify: bool = True,
         raise DataNotFoundError(f"{path}: no such file (SVHN {split} split, format 2 "
                                 f"cropped digits; pass download to fetch it)")
     if verify:
+        size = path.stat().st_size
+        if size > SVHN_MAX_BYTES:  # before hashing it all: a sparse file can be any size
+            raise _fail(path, f"is {memory.bytes_text(size)}; SVHN's official files are "
+                              f"under {memory.bytes_text(SVHN_MAX_BYTES)}")
         _verify_md5(path, md5)
-    mat = _loadmat(path, ("X", "y"), "SVHN")
+    mat = _loadmat(path, ("X", "y"), "SVHN", verified=verify)
     x, y = mat.get("X"), mat.get("y")
     if x is None or y is None:
         raise _fail(path, "lacks the variable 'X' or 'y' (SVHN format 2 holds both)")
@@ -633,18 +648,36 @@ def _inflated_size(f: BinaryIO, count: int, stop_above: int) -> int:
     return size
 
 
-def _loadmat(path: Path, names: Tuple[str, ...], dataset: str) -> dict:
-    """``names`` from a MATLAB 5.0 file, through scipy; one line for any failure."""
+def _loadmat(path: Path, names: Tuple[str, ...], dataset: str, verified: bool) -> dict:
+    """``names`` from a MATLAB 5.0 file, through scipy; one line for any failure. A file
+    whose md5 was not ``verified`` is read once in a child process first: scipy's C
+    reader dies of a segmentation fault on some damaged files (one byte of a data type
+    changed), which no exception here could turn into a line."""
     _check_mat_header(path, dataset)
     _check_mat_unpacks(path)
     try:
         from scipy.io import loadmat  # lazy: only the .mat datasets need scipy
     except ImportError:
         raise DataError(f"reading {dataset}'s .mat files needs scipy (pip install scipy)") from None
+    if not verified:
+        _check_scipy_survives(path, names)
     try:
         return loadmat(str(path), variable_names=names)
     except Exception as exc:  # noqa: BLE001 - scipy raises many kinds on a bad file
         raise _fail(path, f"unreadable MATLAB file: {type(exc).__name__}: {exc}") from None
+
+
+def _check_scipy_survives(path: Path, names: Tuple[str, ...]) -> None:
+    """Read ``path`` with scipy in a child process; one line if that process dies of a
+    signal (its exceptions are left to the caller's own read, which reports them)."""
+    code = ("import sys; from scipy.io import loadmat\n"
+            "try: loadmat(sys.argv[1], variable_names=sys.argv[2:])\n"
+            "except Exception: pass")
+    done = subprocess.run([sys.executable, "-c", code, str(path), *names],
+                          capture_output=True)
+    if done.returncode < 0:
+        raise _fail(path, f"damaged MATLAB file: scipy's reader crashed on it "
+                          f"({signal.Signals(-done.returncode).name})")
 
 
 # --------------------------------------------------------------------------- affNIST
@@ -669,7 +702,7 @@ def read_affnist(folder: PathLike, limit: Optional[int] = None) -> Arrays:
     if not path.is_file():
         raise DataNotFoundError(f"{path}: no such file (affNIST's transformed test set, "
                                 f"from {AFFNIST_URL})")
-    mat = _loadmat(path, ("affNISTdata",), "affNIST")
+    mat = _loadmat(path, ("affNISTdata",), "affNIST", verified=False)
     data = mat.get("affNISTdata")
     fields = getattr(getattr(data, "dtype", None), "names", None) or ()
     if data is None or not {"image", "label_int"} <= set(fields) or data.size != 1:
@@ -866,25 +899,47 @@ def _is_image(path: Path) -> bool:
 
 
 def _image_files(folder: Path) -> List[Path]:
-    """Image files under ``folder`` (recursively, hidden ones skipped), sorted. Linked
-    folders are followed, each real folder once, and never a folder that holds
-    ``folder``: a link back up the tree would be walked again and again (a loop), and
-    count the other classes' images under this one."""
+    """Image files under ``folder`` (recursively, hidden ones skipped), sorted. Only
+    regular files count (opening a pipe named x.png would wait forever). Linked folders
+    are followed, each real folder once, and never a folder that holds ``folder``: a link
+    back up the tree would be walked again and again (a loop), and count the other
+    classes' images under this one. The walk keeps its own stack: os.walk recurses, and
+    a tree a thousand folders deep would exhaust Python's."""
     found = []
     seen = {(s.st_dev, s.st_ino) for s in map(os.stat, Path(folder).resolve().parents)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        where = os.stat(dirpath)
-        if (where.st_dev, where.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((where.st_dev, where.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if _is_image(Path(f)))
+    stack = [Path(folder)]
+    while stack:
+        where = stack.pop()
+        try:
+            here = os.stat(where)
+            if (here.st_dev, here.st_ino) in seen:
+                continue
+            seen.add((here.st_dev, here.st_ino))
+            with os.scandir(where) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir():  # follows links, as is_file below
+                        stack.append(Path(entry.path))
+                    elif _is_image(Path(entry.name)):
+                        if not entry.is_file():
+                            raise _fail(entry.path, "not a regular file (a pipe, device, "
+                                                    "socket or broken link)")
+                        found.append(Path(entry.path))
+        except OSError as exc:
+            raise _fail(where, f"cannot read the folder: {exc.strerror or exc}") from None
     return sorted(found)
 
 
 def _class_folders(split_dir: Path) -> List[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = sorted(d.name for d in split_dir.iterdir()
+                   if d.is_dir() and not d.name.startswith("."))
+    for name in names:  # the names go into checkpoints, which must read them back
+        problem = class_name_problem(name)
+        if problem:
+            raise _fail(split_dir, f"class folder {name[:40]!r}{'...' if len(name) > 40 else ''} "
+                                   f"{problem}; rename it")
+    return names
 
 
 class _Header:

@@ -172,6 +172,20 @@ def test_a_gzip_bomb_is_refused_before_it_inflates(tmp_path, monkeypatch):
     assert peak < 8 << 20, f"peak {peak:,} bytes"
 
 
+def test_a_sparse_raw_idx_file_is_refused_before_its_float32_copy(tmp_path, monkeypatch):
+    """A raw file is mapped, not read, but its float32 copy is made whole: a sparse file
+    declaring 32 MiB of pixels on a pretend 16 MiB machine is one line (the gzip form of
+    the check, above), not a 128 MiB allocation."""
+    lp = _write(tmp_path / "labels", _idx_bytes(np.zeros(32, np.uint8)))
+    ip = tmp_path / "images"
+    ip.write_bytes(struct.pack(">IIII", 0x803, 32, 1024, 1024))
+    os.truncate(ip, 16 + 32 * 1024 * 1024)
+    monkeypatch.setattr("capsflow.core.memory.physical_memory", lambda: 2**24)
+    peak = _refused_idx_peak(ip, lp, r"the header declares 32 x 1024 x 1024 bytes \(128\.0 "
+                                     r"MiB as float32\), more than this machine's 16\.0 MiB")
+    assert peak < 8 << 20, f"peak {peak:,} bytes"
+
+
 def test_missing_idx_file(tmp_path):
     with pytest.raises(DataError, match="cannot open") as err:
         read_idx_pair(tmp_path / "nope", tmp_path / "nope2")
@@ -305,6 +319,27 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
         read_cifar10(tmp_path, "test", verify=False)
     _error(err, "test_batch")
     assert not marker.exists()
+
+
+def test_cifar10_refuses_arrays_larger_than_the_file(tmp_path):
+    """numpy.ndarray(shape, uint8, b"\\0", 0, strides 0): a pickle of 200 bytes that
+    unpickles to any number of images (the reader copied them all to float32)."""
+    _cifar_fixture(tmp_path)
+
+    class Zeros:
+        def __init__(self, shape):
+            self.shape = shape
+
+        def __reduce__(self):
+            return (np.ndarray, (self.shape, np.dtype("u1"), b"\0", 0, (0,) * len(self.shape)))
+
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({"data": Zeros((50_000, 3072)), "labels": [0] * 3},
+                                   protocol=2))
+    with pytest.raises(DataError, match="'data' claims 153,600,000 bytes, more than the "
+                                        "file holds") as err:
+        read_cifar10(tmp_path, "test", verify=False)
+    _error(err, "test_batch")
 
 
 def test_cifar10_bad_batches(tmp_path):
@@ -519,6 +554,24 @@ def test_affnist_round_trip(affnist):
     first, labels, _ = read_affnist(folder, limit=2)
     assert first.shape == (2, 1, 40, 40) and labels.tolist() == [7, 0]
     np.testing.assert_array_equal(first, images[:2])
+
+
+def test_a_mat_file_that_crashes_scipy_is_one_line(affnist):
+    """One byte of a data type set to 0 makes scipy's C reader die of a segmentation
+    fault (scipy 1.17): the file is read in a child process first, and that death is one
+    line here, not the end of capsflow."""
+    folder, x, y, sio = affnist
+    path = folder / "test.mat"
+    sio.savemat(path, {"affNISTdata": {"image": np.ones((1600, 12), np.uint8),
+                                       "label_int": np.zeros((1, 12), np.uint8)}})
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(bytes([2, 0, 0, 0, 0, 0x4b, 0, 0]))] = 0   # miUINT8 -> 0, the image data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError) as err:
+        read_affnist(folder)
+    message = _error(err, "test.mat")
+    assert "damaged MATLAB file: scipy's reader crashed on it (SIG" in message or \
+        "unreadable MATLAB file" in message, message
 
 
 def test_affnist_bad_files(affnist):
@@ -786,6 +839,39 @@ def test_image_folder_float_and_32_bit_grey(tmp_path):
     with pytest.raises(DataError, match="f.tif: F image has pixels from 0 to 255; capsflow "
                                         r"reads this mode within 0..1$"):
         read_image_folder(tmp_path, "train")
+
+
+def test_image_folder_class_names_pipes_and_deep_trees(tmp_path):
+    """Class names a checkpoint could not read back (a tab, more than 200 characters)
+    are refused before training; a pipe named x.png is refused, not opened (it would
+    wait forever); a class folder 1,200 folders deep is walked (os.walk's recursion
+    ended in a RecursionError)."""
+    pytest.importorskip("PIL")
+    grey = np.full((4, 4), 128, np.uint8)
+    for split in ("train", "test"):
+        _png(tmp_path / "ok" / split / "a" / "0.png", grey)
+        _png(tmp_path / "ok" / split / "b" / "0.png", grey)
+    for bad, said in (("b\tc", r"holds a character that does not print \(a tab, a newline, "
+                                r"\.\.\.\)"),
+                      ("x" * 220, "is 220 characters long, more than 200")):
+        root = tmp_path / f"bad{len(bad)}"
+        for split in ("train", "test"):
+            _png(root / split / "a" / "0.png", grey)
+            _png(root / split / bad / "0.png", grey)
+        with pytest.raises(DataError, match=f"class folder .* {said}; rename it") as err:
+            read_image_folder(root, "train")
+        _error(err, "train")
+    os.mkfifo(tmp_path / "ok" / "train" / "b" / "f.png")
+    with pytest.raises(DataError, match="f.png: not a regular file") as err:
+        read_image_folder(tmp_path / "ok", "train")
+    (tmp_path / "ok" / "train" / "b" / "f.png").unlink()
+    deep = tmp_path / "ok" / "train" / "b"
+    for _ in range(1200):  # one level at a time: mkdir(parents=True) recurses too
+        deep = deep / "d"
+        deep.mkdir()
+    _png(deep / "1.png", grey)
+    x, y, classes = read_image_folder(tmp_path / "ok", "train")
+    assert x.shape == (3, 1, 4, 4) and y.tolist() == [0, 1, 1] and classes == ["a", "b"]
 
 
 def test_image_folder_layout_errors(folder_tree):
