@@ -3,6 +3,8 @@ capsflow's NumPy forward in onnxruntime, for every graph in graphs/, keeps the Y
 names and a symbolic batch, and classifies like capsflow once trained."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import CAPSNET, REPO, SHARED_DATA
@@ -161,6 +163,46 @@ def test_the_other_ops_and_attributes_match_too(tmp_path):
     assert graph.run(params, inputs)["tied"][:, 0].all()  # ties: the first class
 
 
+# squash and squash_exp at every eps that decides a branch in ops/, on capsules that are
+# zero, tiny (|s|^2 underflows float32), ordinary, long enough that sinh(r/2) overflows
+# float32 (r > 178), and long enough that (1 + |s|^2) sqrt(|s|^2 + eps) does (|s| > 7e12).
+SQUASH_EDGES = """\
+name: squash-edges
+inputs: {x: {shape: [N, 4]}}
+nodes:
+  - {id: sq_0, op: squash, in: [x]}
+  - {id: sq_tiny, op: squash, in: [x], attrs: {eps: 1.0e-50}}   # 0 in float32: the paper's
+  - {id: sq_eps, op: squash, in: [x], attrs: {eps: 1.0e-7}}
+  - {id: exp_0, op: squash_exp, in: [x], attrs: {eps: 0.0}}
+  - {id: exp_tiny, op: squash_exp, in: [x], attrs: {eps: 1.0e-50}}
+  - {id: exp_eps, op: squash_exp, in: [x], attrs: {eps: 1.0e-7}}
+outputs: {sq_0: sq_0, sq_tiny: sq_tiny, sq_eps: sq_eps, exp_0: exp_0, exp_tiny: exp_tiny,
+          exp_eps: exp_eps}
+"""
+
+
+def test_squash_and_squash_exp_match_at_zero_tiny_and_huge_capsules(tmp_path):
+    """Exported squash_exp was inf/NaN from |s| of 178 (Sinh overflowed); squash with an
+    eps that float32 rounds to 0 was NaN at a zero capsule, as squash_exp was with eps 0;
+    squash with eps 1e-7 gave 0 for |s| >= 7e12 instead of the unit vector."""
+    graph, params, model = exported(tmp_path, SQUASH_EDGES, seed=0)
+    rows = [[0, 0, 0, 0], [1e-23, 0, 0, 0], [1e-23, -2e-23, 1e-23, 0], [1e-5, 0, 2e-5, 0],
+            [0.3, -1.0, 2.0, 0.5], [100, 0, 0, 0], [178, 0, 0, 0], [180, 10, 0, 0],
+            [1e3, 0, 0, 0], [1e13, 0, 0, 0], [1e13, -1e13, 3e12, 0], [3e18, 0, 0, 0]]
+    x = np.array(rows, np.float32)
+    want = graph.run(params, {"x": x})
+    sess = session(model)
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x})))
+    for name, w in want.items():
+        w = np.asarray(w)
+        assert np.isfinite(w).all() and np.isfinite(got[name]).all(), name
+        # atol: 1e-30 (values float32 holds only as subnormals) against unit-sized outputs
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-30, err_msg=name)
+    for name in want:  # a zero capsule stays zero; a huge one is the unit vector
+        assert not got[name][0].any(), name
+        np.testing.assert_allclose(got[name][9], [1, 0, 0, 0], rtol=1e-6, err_msg=name)
+
+
 def test_the_decoder_is_masked_by_the_predicted_class():
     """At init every capsule is about as short as the others and the reconstruction
     hardly depends on the mask; with longer class capsules it does, and the exported
@@ -240,6 +282,16 @@ nodes:
 outputs: {out: s/n2}
 """
 
+PARAM_CLASH = """\
+name: param-clash
+inputs: {a: {shape: [N, 4]}}
+params: {s/n2: {shape: [4], init: {normal: 1.0}}}
+nodes:
+  - {id: s, op: squash, in: [a]}
+  - {id: h, op: add, in: [s, s/n2]}
+outputs: {h: h}
+"""
+
 NO_OUTPUT = """\
 name: no-output
 inputs: {x: {shape: [N, 4]}, y: {shape: [N, 4], optional: true}}
@@ -261,10 +313,12 @@ outputs: {a: b, b: a}
     (LOSS_ONLY, "{path}:5: node 'err': op 'sum_squared_error' cannot be exported to ONNX "
                 "(a training loss); exportable ops: add, conv2d, "),
     (CLASH, "{path}:5: node 's/n2': two values of the ONNX model would be named 's/n2': "),
+    (PARAM_CLASH, "{path}:3: parameter 's/n2': two values of the ONNX model would be named "
+                  "'s/n2': "),
     (NO_OUTPUT, "{path}: no output of no-output can be computed without its optional inputs "
                 "(y)"),
     (SWAP, "{path}: output 'a' (value 'b'): two values of the ONNX model would be named 'a'"),
-], ids=["unexported-op", "name-clash", "no-output", "swapped-outputs"])
+], ids=["unexported-op", "name-clash", "param-clash", "no-output", "swapped-outputs"])
 def test_what_cannot_be_exported_is_one_line(tmp_path, capsys, spec, message):
     path, out = tmp_path / "g.yaml", tmp_path / "g.onnx"
     path.write_text(spec)
@@ -309,7 +363,7 @@ def test_the_model_file_is_whole_or_absent(tmp_path, capsys):
     graph.write_text(CLASH.replace("  - {id: s/n2, op: relu, in: [s]}\n", "")
                      .replace("{out: s/n2}", "{out: s}"))
     assert cli_main(["export", str(graph), "-o", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.endswith(f"Is a directory: {tmp_path}\n")
+    assert capsys.readouterr().err.endswith(f"-o {tmp_path} is a folder; name a file\n")
     out = tmp_path / "m.onnx"
     assert cli_main(["export", str(graph), "-o", str(out), "--draw",
                      str(graph / "under-a-file.svg")]) == 2
@@ -337,6 +391,176 @@ def test_a_parameter_file_exports_its_weights_and_draws(tmp_path, capsys):
     # The drawing: squash's ONNX nodes in one box, edges labelled with shapes.
     dot = picture.read_text()
     assert "squash u" in dot and "ReduceSumSquare" in dot and "N\u00d71152\u00d78" in dot
+
+
+TINY = """\
+name: tiny
+inputs: {x: {shape: [N, 4]}}
+params: {w: {shape: [4, 3], init: {normal: 1.0}}}
+nodes:
+  - {id: h, op: matmul, in: [x, w]}
+outputs: {h: h}
+"""
+
+
+def test_outputs_that_are_inputs_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """-o equal to the checkpoint or the graph replaced it with the model (exit 0), and
+    --draw equal to any of them overwrote it; -o or --draw that cannot be written was
+    said only after the export. Each is one line before the weights are made or read,
+    and every file keeps its bytes."""
+    from capsflow.core.graph import Graph
+    from capsflow.runners import export as runner
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    base.write_text(TINY)
+    child.write_text("extends: base.yaml\nname: child\n")
+    graph = capsflow.compile(base)
+    ckpt = tmp_path / "p.npz"
+    capsflow.save_params(ckpt, graph.init_params(seed=0))
+    (tmp_path / "sub").mkdir()
+    link = tmp_path / "sub" / "link.npz"
+    link.symlink_to(ckpt)
+    drawn_graph, drawn_ckpt = tmp_path / "sub" / "g.dot", tmp_path / "sub" / "p.svg"
+    drawn_graph.symlink_to(child)  # a picture is written through a link
+    drawn_ckpt.symlink_to(ckpt)
+    before = {p: p.read_bytes() for p in (base, child, ckpt)}
+    monkeypatch.setattr(Graph, "init_params", lambda *a, **k: pytest.fail("weights made"))
+    monkeypatch.setattr(runner, "load_npz", lambda *a, **k: pytest.fail("weights read"))
+    model, picture = tmp_path / "m.onnx", tmp_path / "m.dot"
+    for argv, message in [
+        ([child, "--checkpoint", ckpt, "-o", ckpt],
+         f"-o {ckpt} is the --checkpoint file, which writing it would replace; "),
+        ([child, "--checkpoint", ckpt, "-o", link],   # another name for it
+         f"-o {link} is the --checkpoint file, which writing it would replace; "),
+        ([child, "-o", child], f"-o {child} is the graph file, which writing it would replace; "),
+        ([child, "--checkpoint", ckpt, "-o", tmp_path / "sub" / ".." / "p.npz"],
+         f"-o {tmp_path / 'sub' / '..' / 'p.npz'} is the --checkpoint file, "),
+        ([child, "-o", model, "--draw", drawn_graph], f"--draw {drawn_graph} is the graph file, "),
+        ([child, "--checkpoint", ckpt, "-o", model, "--draw", drawn_ckpt],
+         f"--draw {drawn_ckpt} is the --checkpoint file, "),
+        ([child, "-o", picture, "--draw", picture], f"--draw {picture} is the -o file; "),
+        ([child, "-o", tmp_path], f"-o {tmp_path} is a folder; name a file"),
+        ([child, "-o", model, "--draw", child / "m.svg"], f"--draw {child} is not a folder"),
+    ]:
+        assert cli_main(["export", *map(str, argv)]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    # a base the graph extends: known once the graph is read, still before the weights
+    assert cli_main(["export", str(child), "-o", str(base)]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"-o {base} is a file of the graph, which writing it would replace; name another file\n")
+    assert {p: p.read_bytes() for p in (base, child, ckpt)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.yaml", "child.yaml", "p.npz",
+                                                          "sub"]
+
+
+def test_a_parameter_file_of_another_graph_is_named(tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.replace("name: tiny", "name: other").replace("w:", "v:")
+                     .replace("[x, w]", "[x, v]"))
+    capsflow.save_params(tmp_path / "p.npz", capsflow.compile(other).init_params(seed=0))
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    assert cli_main(["export", str(tmp_path / "tiny.yaml"), "--checkpoint",
+                     str(tmp_path / "p.npz"), "-o", str(tmp_path / "m.onnx")]) == 2
+    assert capsys.readouterr().err == (
+        f"capsflow export: error: {tmp_path / 'p.npz'}: parameter 'w' is missing (1 of 1 "
+        f"missing): it is not a parameter file of tiny\n")
+
+
+def test_a_model_that_cannot_be_written_leaves_no_picture(tmp_path, capsys, monkeypatch):
+    """The picture was drawn before the model was written, and stayed when writing it
+    failed (a full disk); now it is drawn once the model's bytes are down, and removed
+    if the model does not take its name after all."""
+    import contextlib
+    import errno
+    import io
+    from capsflow.runners import export as runner
+    graph, out, picture = tmp_path / "g.yaml", tmp_path / "m.onnx", tmp_path / "m.dot"
+    graph.write_text(TINY)
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device", str(out))
+
+    @contextlib.contextmanager
+    def full_disk(path):
+        yield Full()
+
+    @contextlib.contextmanager
+    def failed_rename(path):
+        yield io.BytesIO()
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(path))
+
+    for fake, why in ((full_disk, "No space left on device"),
+                      (failed_rename, "Invalid cross-device link")):
+        monkeypatch.setattr(runner, "atomic_file", fake)
+        assert cli_main(["export", str(graph), "-o", str(out), "--draw", str(picture)]) == 2
+        assert capsys.readouterr().err.startswith(f"capsflow export: error: {why}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml"]
+
+
+def test_shape_inference_and_the_checker_see_no_weight_bytes(tmp_path, monkeypatch):
+    """Both serialise and parse the model they get: with the weights in it, the export's
+    peak memory was 8 times the weights. They now get the weights as typed inputs, and
+    the model that comes back holds the weights and checks (with full_check)."""
+    import onnx.checker
+    import onnx.shape_inference
+    seen = []
+    for module, name in ((onnx.shape_inference, "infer_shapes"), (onnx.checker, "check_model")):
+        def spy(model, *args, _real=getattr(module, name), **kwargs):
+            seen.append(model.ByteSize())
+            return _real(model, *args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    spec = TINY.replace("[4, 3]", "[4, 250000]")  # 4 MB of weights
+    graph, params, model = exported(tmp_path, spec, seed=0)
+    assert len(seen) == 2 and max(seen) < 10_000, seen
+    monkeypatch.undo()
+    onnx.checker.check_model(model, full_check=True)
+    assert [v.name for v in model.graph.input] == ["x"]
+    assert [t.name for t in model.graph.initializer] == ["w"]
+    assert_matches(graph, params, model, {"x": np.ones((2, 4), np.float32)})
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
+def test_the_export_peak_memory_is_about_three_times_the_weights(tmp_path):
+    """Measured in a process of its own: baseline-cnn at 14x14 (43 MB of weights) took
+    8 times its weights more than before the export; it takes about 3 times now."""
+    import subprocess
+    import sys
+    # VmHWM, not ru_maxrss: that one starts at the forking parent's peak (pytest's).
+    script = (
+        "import sys\n"
+        "from capsflow.cli import main\n"
+        "import capsflow.export.onnx, capsflow.runners.export\n"
+        "from capsflow.core import memory\n"
+        "memory.memory_room = lambda: None  # this measures; a busy machine must not refuse\n"
+        "before = memory.proc_status('VmHWM')\n"
+        "assert main(sys.argv[1:]) == 0\n"
+        "print(memory.proc_status('VmHWM') - before)\n")
+    out = tmp_path / "m.onnx"
+    result = subprocess.run([sys.executable, "-c", script, "export",
+                             str(REPO / "graphs" / "baseline-cnn.yaml"), "--set", "height=14",
+                             "--set", "width=14", "-o", str(out)],
+                            capture_output=True, text=True, check=True)
+    grew = int(result.stdout.splitlines()[-1])
+    weights = sum(t.ByteSize() for t in onnx.load(out).graph.initializer)
+    assert 40e6 < weights < 50e6
+    assert grew < 4 * weights, f"{grew / weights:.1f} times the weights"
+
+
+def test_an_export_that_needs_more_memory_than_there_is_is_refused(tmp_path, capsys,
+                                                                   monkeypatch):
+    from capsflow.core import memory
+    from capsflow.core.graph import Graph
+    monkeypatch.setattr(memory, "physical_memory", lambda: 300 * 2**20)
+    monkeypatch.setattr(memory, "available_memory", lambda: None)
+    monkeypatch.setattr(Graph, "init_params", lambda *a, **k: pytest.fail("weights made"))
+    out = tmp_path / "m.onnx"
+    assert cli_main(["export", str(REPO / "graphs" / "baseline-cnn.yaml"), "-o", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "capsflow export: error: exporting baseline-cnn takes about 405.6 MiB of memory "
+        "(3 times its 135.2 MiB of float32 weights), more than this machine's 300.0 MiB of "
+        "memory\n")
+    assert not out.exists()
 
 
 @needs_mnist

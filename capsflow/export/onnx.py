@@ -26,8 +26,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 import capsflow
 from capsflow.backends import to_numpy
+from capsflow.core import memory
 from capsflow.core.opdef import OPS
 from capsflow.errors import CapsflowError, SpecError
+from capsflow.ops.caps import _has_eps
 
 # Softmax over one axis needs opset 13; up to 17, ReduceMean, ReduceMax and ReduceSumSquare
 # still take `axes` as an attribute (ReduceSum as an input, from 13).
@@ -37,6 +39,11 @@ IR_VERSION = 8  # the IR of opset 17, so that older runtimes and viewers read th
 #: What one ONNX file can hold is under 2 GiB (protobuf's message limit); the nodes of a
 #: model take some of it, so weights are refused a little below.
 MAX_WEIGHT_BYTES = 2**31 - 64 * 2**20
+
+#: Peak memory of an export in copies of the float32 weights: the weights themselves, the
+#: model's copy and the bytes of one weight on their way in (then the model and its
+#: serialised bytes). Measured: 3.1 with graphs/baseline-cnn.yaml.
+EXPORT_COPIES = 3
 
 #: Ops that have no place in an inference model, and why.
 NOT_EXPORTED = {"margin_loss": "a training loss", "sum_squared_error": "a training loss"}
@@ -196,33 +203,50 @@ def _norm(b: Builder, c: Call) -> None:
         b.op("Sqrt", [n2], c.id)
 
 
+def _eps_applies(c: Call) -> bool:
+    """Whether squash's eps formula applies: as ops/caps.py decides it, by the float32
+    value of eps (1e-50 is 0 there, and the paper's formula runs)."""
+    return _has_eps(np.zeros(0, np.float32), c.attrs["eps"])
+
+
 @exports("squash")
 def _squash(b: Builder, c: Call) -> None:
     # In the order of ops/caps.py: s * (sqrt(n2) / (1 + n2)), the paper's exact
-    # |s|^2 / (1 + |s|^2) * s / |s|; with an eps, s * (n2 / ((1 + n2) * sqrt(n2 + eps))).
+    # |s|^2 / (1 + |s|^2) * s / |s| (0 at s = 0); with an eps, s * (n2 / (1 + n2) /
+    # sqrt(n2 + eps)), one factor at a time: (1 + n2) * sqrt(n2 + eps) overflows float32
+    # from |s| of about 7e12, which made long capsules 0.
     n2 = _squared_norm(b, c, keepdims=1)
     one_plus = b.op("Add", [b.const(c.name("one"), 1.0), n2], c.name("one_plus_n2"))
-    if not c.attrs["eps"]:
+    if not _eps_applies(c):
         n = b.op("Sqrt", [n2], c.name("n"))
         b.op("Mul", [c.inputs[0], b.op("Div", [n, one_plus], c.name("factor"))], c.id)
         return
     r = _sqrt_plus_eps(b, c, n2, c.name("r"))
-    den = b.op("Mul", [one_plus, r], c.name("den"))
-    b.op("Mul", [c.inputs[0], b.op("Div", [n2, den], c.name("factor"))], c.id)
+    share = b.op("Div", [n2, one_plus], c.name("n2_share"))
+    b.op("Mul", [c.inputs[0], b.op("Div", [share, r], c.name("factor"))], c.id)
 
 
 @exports("squash_exp")
 def _squash_exp(b: Builder, c: Call) -> None:
-    # s * (1 - exp(-r)) / r with r = sqrt(|s|^2 + eps). ONNX has no expm1, and 1 - exp(-r)
-    # loses digits at the small r of unused capsules; 2 sinh(r/2) exp(-r/2) is the same
-    # number without the cancellation.
-    r = _sqrt_plus_eps(b, c, _squared_norm(b, c, keepdims=1), c.name("r"))
+    # s * (1 - exp(-r)) / r with r = sqrt(|s|^2 + eps), and 1 at r = 0, as ops/routing.py.
+    # ONNX has no expm1, and 1 - exp(-r) loses digits at the small r of unused capsules;
+    # tanh(r/2) (1 + exp(-r)) is the same number with no cancellation, and nothing in it
+    # overflows (sinh(r/2) does from r of about 178).
+    n2 = _squared_norm(b, c, keepdims=1)
+    if np.float32(c.attrs["eps"]):
+        r = _sqrt_plus_eps(b, c, n2, c.name("r"))
+    else:  # n2 + eps adds nothing in float32
+        r = b.op("Sqrt", [n2], c.name("r"))
+    one = b.const(c.name("one"), 1.0)
     half = b.op("Mul", [r, b.const(c.name("half"), 0.5)], c.name("half_r"))
-    decay = b.op("Exp", [b.op("Neg", [half], c.name("neg_half_r"))], c.name("exp_neg_half_r"))
-    sinh = b.op("Sinh", [half], c.name("sinh_half_r"))
-    prod = b.op("Mul", [sinh, decay], c.name("sinh_exp"))
-    one_minus = b.op("Add", [prod, prod], c.name("one_minus_exp"))  # 2 sinh(r/2) e^(-r/2)
-    b.op("Mul", [c.inputs[0], b.op("Div", [one_minus, r], c.name("factor"))], c.id)
+    tanh = b.op("Tanh", [half], c.name("tanh_half_r"))
+    decay = b.op("Exp", [b.op("Neg", [r], c.name("neg_r"))], c.name("exp_neg_r"))
+    one_minus = b.op("Mul", [tanh, b.op("Add", [one, decay], c.name("one_plus_exp"))],
+                     c.name("one_minus_exp"))  # 1 - e^-r
+    ratio = b.op("Div", [one_minus, r], c.name("ratio"))  # 0/0 at r = 0, not chosen below
+    positive = b.op("Greater", [r, b.const(c.name("zero"), 0.0)], c.name("positive"))
+    factor = b.op("Where", [positive, ratio, one], c.name("factor"))
+    b.op("Mul", [c.inputs[0], factor], c.id)
 
 
 @exports("softmax")
@@ -290,11 +314,11 @@ def _zeros(b: Builder, c: Call) -> None:
 
 
 # -- the model ---------------------------------------------------------------------------
-def inference_plan(graph) -> tuple:
+def inference_plan(graph, weights_made: bool = False) -> tuple:
     """(the required inputs, the plan of graph.run without the optional ones, the
     parameters the model holds), after the checks that need no weights: some output
-    computable, and weights that fit in one ONNX file (callers check before making or
-    loading 2 GiB of weights only to be refused)."""
+    computable, weights that fit in one ONNX file, and memory for the export (callers
+    check before making or loading 2 GiB of weights only to be refused)."""
     dag = graph.dag
     required = {n for n, d in dag.nodes(data=True) if d["kind"] == "input" and not d["optional"]}
     plan = graph.plan(required)
@@ -312,6 +336,13 @@ def inference_plan(graph) -> tuple:
         raise CapsflowError(f"{graph.spec.name}'s weights are {size / 2**30:.2f} GiB in float32; "
                             f"an ONNX file holds at most 2 GiB (protobuf's limit), so this "
                             f"graph cannot be exported as one file")
+    need = (EXPORT_COPIES - weights_made) * size  # made weights are out of the room already
+    room = memory.memory_room()
+    if room is not None and need > room[0]:  # rather than the system killing the process
+        raise CapsflowError(f"exporting {graph.spec.name} takes about {memory.bytes_text(need)} "
+                            f"of memory ({EXPORT_COPIES} times its "
+                            f"{memory.bytes_text(size)} of float32 weights), more than "
+                            f"{room[1]}")
     return required, plan, held
 
 
@@ -319,14 +350,18 @@ def export_model(graph, params: dict) -> onnx.ModelProto:
     """The inference forward pass of ``graph`` with ``params`` (float32) as a checked
     ONNX model. An op without an ONNX mapping raises one line naming it and its node."""
     dag = graph.dag
-    required, plan, held = inference_plan(graph)
+    required, plan, held = inference_plan(graph, weights_made=True)
     input_names = [n for n in graph.spec.inputs if n in required]
     weights = {name: _float32_weight(name, params[name]) for name in held}
     b = Builder(input_names)
     for node in plan.steps:
         _export_node(b, dag, node, plan.absent)
-    for name, weight in weights.items():
-        b.const(name, weight)
+    for name in weights:
+        try:
+            b._claim(name)
+        except CapsflowError as exc:  # e.g. a parameter 's/n2' beside a squash 's'
+            p = graph.spec.params[name]
+            raise SpecError(f"parameter '{name}': {exc}", file=p.file, line=p.line) from None
     outputs = []
     for out_name, node in plan.outputs.items():
         if out_name != node:  # e.g. digitcaps -> routing/2/v: the output keeps its own name
@@ -337,10 +372,15 @@ def export_model(graph, params: dict) -> onnx.ModelProto:
                                     f"'{node}'): {exc}") from None
         outputs.append(_value_info(out_name, dag.nodes[node]["shape"]))
     inputs = [_value_info(n, dag.nodes[n]["shape"]) for n in input_names]
+    # While ONNX infers the helper values' shapes and checks the model, the weights are
+    # graph inputs of their shapes: both serialise and parse the model they are given, and
+    # with the weight bytes in it that made the peak memory 8 times the weights.
+    stand_ins = [_value_info(name, weight.shape) for name, weight in weights.items()]
     shapes = [_value_info(n, dag.nodes[n]["shape"]) for n in plan.steps
               if n not in plan.outputs]
-    body = helper.make_graph(b.nodes, graph.spec.name, inputs, outputs, b.initializers,
-                             doc_string=graph.spec.description, value_info=shapes)
+    body = helper.make_graph(b.nodes, graph.spec.name, inputs + stand_ins, outputs,
+                             b.initializers, doc_string=graph.spec.description,
+                             value_info=shapes)
     model = helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="capsflow", producer_version=capsflow.__version__,
                               ir_version=IR_VERSION, doc_string=graph.spec.description)
@@ -348,7 +388,20 @@ def export_model(graph, params: dict) -> onnx.ModelProto:
                                    "capsflow.vars": json.dumps(graph.spec.vars)})
     model = onnx.shape_inference.infer_shapes(model)  # shapes of the helper values too
     onnx.checker.check_model(model)
+    del model.graph.input[len(inputs):]  # the stand-ins become the weights
+    for name, weight in weights.items():
+        _add_initializer(model.graph, name, weight)
     return model
+
+
+def _add_initializer(graph, name: str, weight: np.ndarray) -> None:
+    """``weight`` as an initializer of ``graph``, its bytes copied once into the model
+    (numpy_helper.from_array's tensor would be a second copy, made while appending)."""
+    tensor = graph.initializer.add()
+    tensor.name = name
+    tensor.data_type = TensorProto.FLOAT
+    tensor.dims.extend(weight.shape)
+    tensor.raw_data = weight.astype("<f4", copy=False).tobytes()  # ONNX's is little-endian
 
 
 def _float32_weight(name: str, value) -> np.ndarray:
