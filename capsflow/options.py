@@ -45,6 +45,10 @@ class Options:
         if self.precision not in PRECISIONS:
             raise BackendError(f"unknown precision '{self.precision}'; choose one of: "
                                f"{', '.join(PRECISIONS)}")
+        for name in SWITCHES:  # "off" or "false" is a true string: it would leave it on
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise BackendError(f"Options {name} must be True or False, got {value!r:.40}")
 
     def replace(self, **changes) -> "Options":
         return dataclasses.replace(self, **changes)

@@ -5,8 +5,9 @@ the kernel kills it (no message, nothing saved). So ``train``, ``compare``, ``re
 ``bench``, ``eval``, ``predict`` and ``visualize`` check their batch first, in two stages:
 
 1. **A lower bound, known without running anything**: for a training step, the
-   activations its backward pass reads (``saved_for_backward_bytes``); for a forward
-   pass, the largest value it makes. A batch whose bound exceeds memory could never run.
+   activations its backward pass reads (``saved_for_backward_bytes``) or the largest
+   value it makes, whichever is more (a huge product that is summed at once is saved by
+   no VJP); for a forward pass, the largest value it makes. A batch whose bound exceeds memory could never run.
 2. **A measurement, where the bound passes a tenth of memory** (smaller batches never
    pay for it): the same step or forward pass runs on zeros at two small batches under
    ``tracemalloc`` (which sees every NumPy allocation, op temporaries and workspaces
@@ -42,7 +43,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from capsflow.core import memory
-from capsflow.core.memory import bytes_text, proc_status, saved_for_backward_bytes, value_bytes
+from capsflow.core.memory import (bytes_text, largest_value_bytes, proc_status,
+                                  saved_for_backward_bytes)
 from capsflow.core.shapes import at_batch
 from capsflow.errors import CapsflowError
 
@@ -77,7 +79,14 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
     itemsize = np.dtype(dtype).itemsize
 
     def bound(b: int) -> int:
-        return saved_for_backward_bytes(dag, plan, b, itemsize)
+        return max(saved_for_backward_bytes(dag, plan, b, itemsize),
+                   largest_value_bytes(dag, plan, b, itemsize))
+
+    def kept(b: int) -> str:
+        saved = saved_for_backward_bytes(dag, plan, b, itemsize)
+        return ("of activations for its backward pass"
+                if saved >= largest_value_bytes(dag, plan, b, itemsize)
+                else "in its largest value")
 
     def measure(b: int, params: dict) -> int:
         inputs = _zero_inputs(graph, b, list(graph.spec.inputs), dtype)
@@ -90,8 +99,8 @@ def check_step_fits(graph: Any, options: Any, batch: int, dtype: str,
         params = graph.init_params(0, dtype)
         return params, 3 * sum(p.nbytes for p in params.values())
 
-    _check(f"training step of {graph.spec.name}", "of activations for its backward pass",
-           batch, bound, measure, probe_params, log, processes_here)
+    _check(f"training step of {graph.spec.name}", kept, batch, bound, measure, probe_params,
+           log, processes_here)
 
 
 def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outputs: list,
@@ -106,7 +115,7 @@ def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outpu
     itemsize = np.dtype(dtype).itemsize
 
     def bound(b: int) -> int:  # the largest single value the pass makes
-        return max((value_bytes(dag, name, b, itemsize) for name in plan.steps), default=0)
+        return largest_value_bytes(dag, plan, b, itemsize)
 
     def measure(b: int, params: dict) -> int:
         inputs = _zero_inputs(graph, b, feeds, dtype)
@@ -116,10 +125,11 @@ def check_forward_fits(graph: Any, params: dict, options: Any, batch: int, outpu
            batch, bound, measure, lambda: (params, 0), log)
 
 
-def _check(what: str, kept: str, batch: int, bound: Callable[[int], int],
+def _check(what: str, kept: Any, batch: int, bound: Callable[[int], int],
            measure: Callable[[int, dict], int], probe_params: Callable[[], tuple],
            log: Callable[[str], None], processes_here: int = 1) -> None:
-    """The two stages (module docstring). ``bound(b)``: the lower bound at batch b;
+    """The two stages (module docstring). ``kept``: words for what the bound counts (or
+    a function of the batch giving them); ``bound(b)``: the lower bound at batch b;
     ``measure(b, params)``: the traced peak of one run at batch b; ``probe_params()``:
     (the parameters to measure with, bytes the run will hold beyond this process's
     resident memory now)."""
@@ -131,6 +141,7 @@ def _check(what: str, kept: str, batch: int, bound: Callable[[int], int],
             else f"{bytes_text(have)}, the share of each of the {processes_here} processes "
                  f"training on this machine of its {bytes_text(total)} of memory")
     need = bound(batch)
+    kept = kept(batch) if callable(kept) else kept
     if need > have:
         raise CapsflowError(f"a {what} at batch {batch} keeps at least "
                             f"{bytes_text(need)} {kept}, more than {room}; use a "

@@ -498,3 +498,19 @@ def test_pinned_copies_step_aside_on_the_emulator(emu):
     np.testing.assert_array_equal(dst, [1.0, 2.0])
     assert not isinstance(writer, HostToDevice)
 
+
+
+def test_the_live_bytes_meter_counts_the_cuda_variants_as_its_walk(emu, capsnet):
+    """`capsflow bench` reads a step's live-bytes peak on CuPy too: with every CUDA
+    variant on, the counted bytes equal a walk over what the executor holds at every op."""
+    from test_engine_review import CheckingMeter
+
+    from capsflow.core.executor import execute
+    be = get_backend(FAST)
+    rng = np.random.default_rng(0)
+    params = capsnet.init_params(0)
+    inputs = {"x": rng.random((3, 1, 28, 28)).astype("f4"), "y": np.eye(10, dtype="f4")[:3]}
+    values = {k: be.asarray(v) for k, v in {**params, **inputs}.items()}
+    meter = CheckingMeter()
+    execute(capsnet.dag, capsnet.plan({"x", "y"}, None, "loss"), values, be, meter)
+    assert meter.samples > 50 and meter.peak > 0

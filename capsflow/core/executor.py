@@ -56,8 +56,9 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, be: Any, meter: LiveBytes
     """Evaluate ``plan`` given ``values`` (inputs and parameters as arrays of backend
     ``be``, whose options choose fusion, op variants and factored gradients).
 
-    With a ``meter``, the bytes of live arrays are counted after every op (its peak is
-    the result's ``peak_bytes``); without one, nothing is counted.
+    With a ``meter``, the bytes of live arrays are counted as they are made and freed and
+    read after every op (its peak is the result's ``peak_bytes``); without one, nothing
+    is counted.
 
     ``grad_hook(consumer, value, slot, gradient)``, if given, sees every gradient
     contribution of the reverse pass (what flows along one DAG edge), e.g. to draw
@@ -76,6 +77,7 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, be: Any, meter: LiveBytes
     values = dict(values)
     for name in plan.absent:
         values[name] = None
+    meter.add(values)
     saved: dict = {}
     shapes: dict = {}
     for i, name in enumerate(plan.steps):
@@ -85,11 +87,13 @@ def execute(dag: nx.DiGraph, plan: Plan, values: dict, be: Any, meter: LiveBytes
         result, variant = _call(prof, "forward", name, node, op.run_forward, be, args, node["attrs"])
         out, extras = _split(result)
         values[name] = out
+        meter.add(out)
         if name in plan.needs:
             saved[name] = (variant, _saves(op, node, args, out, extras))
+            meter.add(saved[name][1])
             shapes.update({ref: getattr(values[ref], "shape", None) for ref in node["inputs"]})
         for dead in plan.free_after.get(i, ()):
-            values.pop(dead, None)
+            meter.remove(values.pop(dead, None))
         meter.sample(values, saved)
         del args, result, out, extras  # nothing but values and saved may hold an array on
     outputs = {k: values[v] for k, v in plan.outputs.items()}
@@ -118,6 +122,12 @@ def _saves(op, node: dict, args: list, out: Any, extras: dict) -> dict:
 class _NoMeter:
     peak = 0
 
+    def add(self, obj: Any) -> None:
+        pass
+
+    def remove(self, obj: Any) -> None:
+        pass
+
     def sample(self, *containers: Any) -> int:
         return 0
 
@@ -125,11 +135,12 @@ class _NoMeter:
 def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, be, meter, values,
              grad_hook, prof=None) -> dict:
     xp = be.xp
-    grads = GradientAccumulator(be)
+    grads = GradientAccumulator(be, meter)
     grads.add(plan.loss, xp.ones_like(loss_value))
     for name in plan.backward:
         node = dag.nodes[name]
         variant, kept = saved.pop(name)
+        meter.remove(kept)
         g = grads.pop(name)
         if g is None:  # every path from here to the loss was cut (stop_gradient)
             continue
@@ -148,5 +159,5 @@ def _reverse(dag, plan: Plan, loss_value, saved: dict, shapes: dict, be, meter, 
                     grad_hook(name, ref, slot, gk)
             grads.add(ref, gk)
         del contributions, gk
-        meter.sample(values, saved, grads.arrays())
+        meter.sample(values, saved, grads)
     return {p: grads.pop(p) for p in plan.wrt}

@@ -26,7 +26,7 @@ import weakref
 
 import networkx as nx
 
-from capsflow.core.schedule import Plan
+from capsflow.core.schedule import Plan, last_uses
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -112,7 +112,8 @@ def lower(dag: nx.DiGraph, plan: Plan) -> tuple:
     per_dag = _cache.setdefault(dag, {})
     if fusions not in per_dag:
         per_dag[fusions] = _lowered_dag(dag, fusions)
-    return per_dag[fusions], _lowered_plan(plan, fusions)
+    lowered = per_dag[fusions]
+    return lowered, _lowered_plan(lowered, plan, fusions)
 
 
 def _lowered_dag(dag: nx.DiGraph, fusions: tuple) -> nx.DiGraph:
@@ -127,7 +128,7 @@ def _lowered_dag(dag: nx.DiGraph, fusions: tuple) -> nx.DiGraph:
     return lowered
 
 
-def _lowered_plan(plan: Plan, fusions: tuple) -> Plan:
+def _lowered_plan(lowered: nx.DiGraph, plan: Plan, fusions: tuple) -> Plan:
     removed = {n for f in fusions for n in (f.expand, f.mul)}
     needs = dict(plan.needs)
     for f in fusions:
@@ -137,19 +138,13 @@ def _lowered_plan(plan: Plan, fusions: tuple) -> Plan:
         if any(fused_needs):
             needs[f.sum] = fused_needs
     steps = [n for n in plan.steps if n not in removed]
-    index = {n: k for k, n in enumerate(steps)}
-    free_after: dict = {}
-    for i, dead in plan.free_after.items():
-        here = plan.steps[i]  # what died after a removed step now dies after its sum
-        at = index[here] if here in index else index[_fusion_of(fusions, here).sum]
-        free_after.setdefault(at, []).extend(d for d in dead if d not in removed)
+    # Last uses are recomputed on the lowered DAG: the einsum reads c and the mul's other
+    # operand at the sum's step, later than expand_dims and mul read them, so a value
+    # that the unfused plan frees after a node declared between them must live longer.
+    free_after = last_uses(lowered, steps, set(plan.outputs.values()) | {plan.loss})
     backward = [n for n in reversed(steps) if n in needs]  # as schedule.make_plan orders it
     return dataclasses.replace(plan, steps=steps, free_after=free_after, needs=needs,
                                backward=backward)
-
-
-def _fusion_of(fusions: tuple, node: str) -> Fusion:
-    return next(f for f in fusions if node in (f.expand, f.mul))
 
 
 def _wants_gradient(plan: Plan, f: Fusion, slot: int) -> bool:

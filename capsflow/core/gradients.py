@@ -172,9 +172,15 @@ class _Sum:
 class GradientAccumulator:
     """Per value, the sum of its gradient contributions (see the module docstring)."""
 
-    def __init__(self, be: Any) -> None:
+    def __init__(self, be: Any, meter: Any = None) -> None:
         self.be = be
         self._sums: dict = {}
+        self._meter = meter  # a LiveBytes: told of every array taken and let go
+
+    def _held(self, add: Any = None, remove: Any = None) -> None:
+        if self._meter is not None:
+            self._meter.add(add)
+            self._meter.remove(remove)
 
     def __contains__(self, name: str) -> bool:
         return name in self._sums
@@ -184,19 +190,23 @@ class GradientAccumulator:
         entry = self._sums.setdefault(name, _Sum())
         if isinstance(g, Outer):
             entry.terms.append(g)
+            self._held(add=(g.left, g.right))
         elif entry.dense is None:
             entry.dense = g                      # not ours: may be shared, never written
+            self._held(add=g)
         elif entry.owned:
             entry.dense += g
         else:
-            entry.dense = entry.dense + g        # a new array, ours from now on
+            old, entry.dense = entry.dense, entry.dense + g   # a new array, ours from now on
             entry.owned = True
+            self._held(add=entry.dense, remove=old)
 
     def pop(self, name: str) -> Any:
         """The value's total gradient as one array (None if nothing arrived); forgets it."""
         entry = self._sums.pop(name, None)
         if entry is None:
             return None
+        self._held(remove=([a for t in entry.terms for a in (t.left, t.right)], entry.dense))
         if not entry.terms:
             return entry.dense
         # Terms sum in one pass when their factors have the same shapes; two einsums may

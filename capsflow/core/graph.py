@@ -17,6 +17,7 @@ from capsflow.errors import CapsflowError, SpecError
 from capsflow.core.executor import RunResult, execute
 from capsflow.core.memory import LiveBytes
 from capsflow.core.schedule import Plan, make_plan, unavailable_nodes
+from capsflow.core.shapes import split_dim
 from capsflow.lang.limits import Limits
 from capsflow.lang.spec import ParamSpec, Spec, load_spec
 
@@ -86,7 +87,7 @@ class Graph:
              wrt: list | None = None, fed: frozenset = frozenset()) -> Plan:
         chosen = self._choose_outputs(given, outputs)
         return make_plan(self.dag, self.order, given, chosen,
-                         self.spec.outputs[loss] if loss else None, wrt, fed)
+                         self.spec.outputs[loss] if loss else None, wrt, fed, loss)
 
     def run(self, params: dict, inputs: dict, backend: Any = "numpy",
             outputs: list | None = None, return_peak: bool = False,
@@ -133,7 +134,7 @@ class Graph:
         given = {k for k, v in inputs.items() if v is not None}
         fed = {self._fed_node(k): v for k, v in (feed or {}).items()}
         plan = self.plan(given, outputs, loss, fed=frozenset(fed))
-        dtype = _value(params[next(iter(params))], be.xp).dtype if params else np.float32
+        dtype = self._run_dtype(params, be.xp)
         values = {n: be.asarray(params[n], dtype=dtype) for n in self.spec.params}
         sizes: dict = {}   # batch symbol -> (size, the input that set it)
         for name in sorted(given, key=list(self.spec.inputs).index):
@@ -142,9 +143,23 @@ class Graph:
         for node, value in fed.items():
             values[node] = be.asarray(value, dtype=dtype)
             _check_shape(f"fed value '{node}'", self.dag.nodes[node]["shape"], values[node].shape)
-        # Counting live bytes walks every held array after each op: only when asked.
+            _check_fed_sizes(node, self.dag.nodes[node]["shape"], values[node].shape, sizes)
+        # Counting live bytes costs a little at every op: only when asked.
         return execute(self.dag, plan, values, be, LiveBytes() if track_memory else None,
                        grad_hook)
+
+    def _run_dtype(self, params: dict, xp: Any) -> Any:
+        """The run's dtype: the spec's own parameters' (an extra entry in ``params``, such
+        as a step counter, is ignored and must not make the run int64); float32 without
+        parameters."""
+        dtype = None
+        for name in self.spec.params:
+            this = _value(params[name], xp).dtype
+            if str(this) not in DTYPES:
+                raise CapsflowError(f"parameter '{name}' has dtype {this}, the graph runs in "
+                                    f"{' or '.join(DTYPES)}")
+            dtype = dtype or this
+        return dtype or np.float32
 
     def _choose_outputs(self, given: set, outputs: list | None) -> dict:
         names = list(self.spec.outputs) if outputs is None else list(outputs)
@@ -190,6 +205,27 @@ def _check_shape(what: str, declared: tuple, shape: tuple) -> None:
     if not ok:
         raise CapsflowError(f"{what} has shape {tuple(shape)}, the graph expects "
                             f"({', '.join(map(str, declared))})")
+
+
+def _check_fed_sizes(node: str, declared: tuple, shape: tuple, sizes: dict) -> None:
+    """A fed value's batch dims (``N``, or ``N*36`` after a reshape) must have the sizes
+    the inputs gave their symbols: else the run meets them in a broadcast error."""
+    for d, s in zip(declared, shape):
+        if not isinstance(d, str):
+            continue
+        symbols, factor = split_dim(d)
+        if list(symbols.values()) == [1] and factor == 1:  # a plain symbol no input set
+            sizes.setdefault(d, (s, f"fed value '{node}'"))
+        if any(sym not in sizes for sym in symbols):
+            continue
+        expected = factor * math.prod(sizes[sym][0] ** k for sym, k in symbols.items())
+        if expected != s:
+            sym = next(iter(symbols))
+            size, first = sizes[sym]
+            first = first if first.startswith("fed value") else f"input '{first}'"
+            why = "" if d == sym else f" ({sym} is {size})"
+            raise CapsflowError(f"fed value '{node}' has shape {tuple(shape)}: {d} is {s} "
+                                f"here but {expected}{why} in {first}")
 
 
 def _value(a: Any, xp: Any) -> Any:

@@ -34,25 +34,27 @@ class Plan:
 
 def make_plan(dag: nx.DiGraph, order: list, given: set, outputs: dict,
               loss: str | None = None, wrt: list | None = None,
-              fed: frozenset = frozenset()) -> Plan:
+              fed: frozenset = frozenset(), loss_name: str | None = None) -> Plan:
     """Plan a forward pass for ``outputs`` (and a reverse pass for ``loss`` w.r.t. ``wrt``).
 
     ``outputs`` maps names to node ids; ``None`` as a value would be an error upstream.
     ``fed``: op nodes whose values the caller supplies; they and whatever only they
-    need are not run. Raises CapsflowError naming what is missing when a requested
-    output cannot run.
+    need are not run. ``loss_name``: the output name of ``loss``, for messages. Raises
+    CapsflowError naming what is missing when a requested output (or the loss) cannot run.
     """
     absent = _absent_inputs(dag, given)
     unavailable = unavailable_nodes(dag, order, absent, fed)
     wanted = dict(outputs)
-    for name, node in wanted.items():
+    # The loss too: a reverse pass without its inputs would fail inside an op.
+    checked = list(wanted.items()) + ([(loss_name or loss, loss)] if loss else [])
+    for name, node in checked:
         if node in unavailable:
             missing = sorted(unavailable[node])
             raise CapsflowError(f"output '{name}' needs input '{missing[0]}', which was not given")
     targets = set(wanted.values()) | ({loss} if loss else set())
     needed = _upstream(dag, targets, fed)
     steps = [n for n in order if n in needed and dag.nodes[n]["kind"] == "op" and n not in fed]
-    plan = Plan(steps, _last_uses(dag, steps, targets), absent, wanted, loss)
+    plan = Plan(steps, last_uses(dag, steps, targets), absent, wanted, loss)
     if loss:
         _plan_reverse(dag, order, plan, wrt)
     return plan
@@ -99,7 +101,8 @@ def unavailable_nodes(dag: nx.DiGraph, order: list, absent: set,
     return missing
 
 
-def _last_uses(dag: nx.DiGraph, steps: list, keep: set) -> dict:
+def last_uses(dag: nx.DiGraph, steps: list, keep: set) -> dict:
+    """Step index -> the op values (not in ``keep``) that ``steps`` last read there."""
     last: dict = {}
     for i, n in enumerate(steps):
         for ref in dag.nodes[n]["inputs"]:
