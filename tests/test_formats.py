@@ -870,7 +870,13 @@ def test_image_folder_class_names_pipes_and_deep_trees(tmp_path):
         deep = deep / "d"
         deep.mkdir()
     _png(deep / "1.png", grey)
-    x, y, classes = read_image_folder(tmp_path / "ok", "train")
+    try:
+        x, y, classes = read_image_folder(tmp_path / "ok", "train")
+    finally:  # bottom up: shutil.rmtree (pytest's clean-up) recurses as os.walk did
+        (deep / "1.png").unlink()
+        for _ in range(1200):
+            deep.rmdir()
+            deep = deep.parent
     assert x.shape == (3, 1, 4, 4) and y.tolist() == [0, 1, 1] and classes == ["a", "b"]
 
 
