@@ -47,9 +47,9 @@ from typing import Any, BinaryIO, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from capsflow.core import memory
+from capsflow.lang.limits import show
 from capsflow.runners.data import (AFFNIST_URL, DataArgumentError, DataError, DataNotFoundError,
-                                   class_name_problem,
-                                   check_fits_in_memory)
+                                   check_fits_in_memory, class_name_problem)
 
 PathLike = Union[str, Path]
 Size = Union[int, Tuple[int, int], Sequence[int]]
@@ -230,10 +230,9 @@ class _Binary:
         would refuse, and a sparse raw file can declare any size."""
         room = memory.memory_room()
         if room is not None and held + copy > room[0]:
-            inflated = f"{memory.bytes_text(held)} decompressed, " if held else ""
-            more = "more " if held else ""
-            raise _fail(self.path, f"the header declares {what} ({inflated}"
-                                   f"{memory.bytes_text(copy)} {more}as float32), more than "
+            sizes = (f"{memory.bytes_text(held)} decompressed, {memory.bytes_text(copy)} "
+                     f"more as float32" if held else f"{memory.bytes_text(copy)} as float32")
+            raise _fail(self.path, f"the header declares {what} ({sizes}), more than "
                                    f"{room[1]}; is it the right file?")
 
     def _size_error(self, have: int, need: int, what: str) -> DataError:
@@ -881,9 +880,8 @@ _GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"
 # (divisor, largest pixel read): 16-bit grey (Pillow opens some 16-bit PNGs as "I") by
 # 65535, refusing 32-bit integers beyond 16 bits (their scale is unknown); float ("F")
 # pixels as they are, within [0, 1] (convert("L") would make 0.7 black).
-_WIDE_MODES = {"I": (65535.0, 65535.0), "I;16": (65535.0, 65535.0),
-               "I;16B": (65535.0, 65535.0), "I;16L": (65535.0, 65535.0),
-               "I;16N": (65535.0, 65535.0), "F": (1.0, 1.0)}
+_WIDE_MODES = {**dict.fromkeys(("I", "I;16", "I;16B", "I;16L", "I;16N"), (65535.0, 65535.0)),
+               "F": (1.0, 1.0)}
 
 
 def _pil() -> Any:
@@ -937,8 +935,7 @@ def _class_folders(split_dir: Path) -> List[str]:
     for name in names:  # the names go into checkpoints, which must read them back
         problem = class_name_problem(name)
         if problem:
-            raise _fail(split_dir, f"class folder {name[:40]!r}{'...' if len(name) > 40 else ''} "
-                                   f"{problem}; rename it")
+            raise _fail(split_dir, f"class folder {show(name)} {problem}; rename it")
     return names
 
 

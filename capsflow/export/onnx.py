@@ -29,7 +29,6 @@ from capsflow.backends import to_numpy
 from capsflow.core import memory
 from capsflow.core.opdef import OPS
 from capsflow.errors import CapsflowError, SpecError
-from capsflow.ops.caps import _has_eps
 
 # Softmax over one axis needs opset 13; up to 17, ReduceMean, ReduceMax and ReduceSumSquare
 # still take `axes` as an attribute (ReduceSum as an input, from 13).
@@ -73,16 +72,17 @@ class Builder:
         self.names = set(inputs)
 
     def op(self, op_type: str, inputs: list, out: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op_type, inputs, [self._claim(out)], name=out,
+        self.nodes.append(helper.make_node(op_type, inputs, [self.claim(out)], name=out,
                                            **attrs))
         return out
 
     def const(self, name: str, value, dtype=np.float32) -> str:
         array = np.asarray(value, dtype=dtype)
-        self.initializers.append(numpy_helper.from_array(array, self._claim(name)))
+        self.initializers.append(numpy_helper.from_array(array, self.claim(name)))
         return name
 
-    def _claim(self, name: str) -> str:
+    def claim(self, name: str) -> str:
+        """Reserve ``name`` in the model's one namespace, or one line if it is taken."""
         if name in self.names:
             raise CapsflowError(f"two values of the ONNX model would be named '{name}': "
                                 "inputs, parameters, node ids, output names and the "
@@ -204,9 +204,9 @@ def _norm(b: Builder, c: Call) -> None:
 
 
 def _eps_applies(c: Call) -> bool:
-    """Whether squash's eps formula applies: as ops/caps.py decides it, by the float32
-    value of eps (1e-50 is 0 there, and the paper's formula runs)."""
-    return _has_eps(np.zeros(0, np.float32), c.attrs["eps"])
+    """Whether an eps changes the float32 model: as ops/caps.py's _has_eps decides it, by
+    the float32 value of eps (1e-50 is 0 there, and the paper's formula runs)."""
+    return bool(np.float32(c.attrs["eps"]))
 
 
 @exports("squash")
@@ -233,7 +233,7 @@ def _squash_exp(b: Builder, c: Call) -> None:
     # tanh(r/2) (1 + exp(-r)) is the same number with no cancellation, and nothing in it
     # overflows (sinh(r/2) does from r of about 178).
     n2 = _squared_norm(b, c, keepdims=1)
-    if np.float32(c.attrs["eps"]):
+    if _eps_applies(c):
         r = _sqrt_plus_eps(b, c, n2, c.name("r"))
     else:  # n2 + eps adds nothing in float32
         r = b.op("Sqrt", [n2], c.name("r"))
@@ -358,7 +358,7 @@ def export_model(graph, params: dict) -> onnx.ModelProto:
         _export_node(b, dag, node, plan.absent)
     for name in weights:
         try:
-            b._claim(name)
+            b.claim(name)
         except CapsflowError as exc:  # e.g. a parameter 's/n2' beside a squash 's'
             p = graph.spec.params[name]
             raise SpecError(f"parameter '{name}': {exc}", file=p.file, line=p.line) from None

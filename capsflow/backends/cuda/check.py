@@ -232,7 +232,7 @@ def bench_table(repeats: int) -> None:
         try:
             fig = run_bench(bench_args(options, repeats))
         except Exception as exc:  # the rows after it still run
-            print(f"{label:<20} FAILED: {_error_line(exc)}", flush=True)
+            _say_failed(f"{label:<20}", exc)
             continue
         cf, pt = fig["frameworks"]["capsflow"], fig["frameworks"]["pytorch"]
         if not header:
@@ -250,10 +250,12 @@ def bench_table(repeats: int) -> None:
           "reference code (--no-fast-paths)")
 
 
-def _error_line(exc: BaseException) -> str:
-    """An exception as one line, its traceback printed before it (the log keeps both)."""
+def _say_failed(label: str, exc: BaseException) -> None:
+    """The traceback of ``exc``, then 'LABEL FAILED: Type: message' on one line (the log
+    keeps both)."""
     traceback.print_exception(exc, file=sys.stdout)
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    first = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    print(f"{label} FAILED: {first}", flush=True)
 
 
 def guarded(check) -> bool:
@@ -262,7 +264,7 @@ def guarded(check) -> bool:
     try:
         return check()
     except Exception as exc:
-        print(f"[{check.__name__}] FAILED: {_error_line(exc)}", flush=True)
+        _say_failed(f"[{check.__name__}]", exc)
         return False
 
 
